@@ -1,0 +1,1 @@
+"""The `ditf` command line (installed as the `ditf_cli` package)."""

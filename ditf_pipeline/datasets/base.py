@@ -1,0 +1,79 @@
+"""What every dataset reader hands to the rest of the pipeline.
+
+Readers parse the benchmark's own on-disk layout and return plain records; nothing downstream
+knows where a dataset came from. Readers import neither torch nor zarr, so the scorer can use
+them on a machine with no DiT and no GPU.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image the extractor must run through the DiT.
+
+    `key` is unique within the dataset and stable across runs (it is the row label in the
+    store), e.g. ``"aeroplane/2008_000033"`` for SPair-71k.
+    """
+
+    key: str
+    path: Path
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One annotated correspondence pair, in original pixel coordinates.
+
+    Keypoints are float arrays of shape (N, 2) holding (x, y); row i of `src_kps` corresponds to
+    row i of `trg_kps`. `threshold_base` is the length alpha multiplies for PCK (max side of
+    the target bbox for SPair-71k / AP-10K, of the target image for PF-Pascal).
+    """
+
+    pair_id: str
+    category: str
+    src_key: str
+    trg_key: str
+    src_kps: np.ndarray
+    trg_kps: np.ndarray
+    src_size: tuple[int, int]  # (width, height) of the original source image
+    trg_size: tuple[int, int]  # (width, height) of the original target image
+    threshold_base: float
+    trg_bbox: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+class Dataset(ABC):
+    """A benchmark split: the images to extract and, for correspondence sets, the pairs to score."""
+
+    #: registry name (``--dataset``)
+    name: str = ""
+    #: PCK alphas the benchmark reports by default
+    alphas: tuple[float, ...] = (0.01, 0.05, 0.1)
+    #: human-readable rule for the PCK threshold, printed with every score
+    threshold_rule: str = ""
+
+    def __init__(self, root: Path | str, split: str | None = None) -> None:
+        self.root = Path(root)
+        self.split = split
+
+    @abstractmethod
+    def images(self) -> list[ImageRecord]:
+        """All images the split needs, in a deterministic order."""
+
+    def pairs(self) -> list[Pair]:
+        """Annotated pairs of the split (empty for unannotated image folders)."""
+        return []
+
+    def category_of(self, key: str) -> str | None:
+        """Category of an image, used to build the per-image prompt."""
+        for record in self.images():
+            if record.key == key:
+                return record.category
+        return None

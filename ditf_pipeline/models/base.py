@@ -1,0 +1,206 @@
+"""The one small interface every DiT family implements.
+
+An adapter answers four questions about its family and nothing else (it knows nothing of Zarr,
+datasets or matching):
+
+* which blocks exist (`num_blocks`, `block_kind`),
+* how an image becomes noisy latents at timestep t (`encode_images`, `add_noise`),
+* how a prompt becomes the conditioning the DiT takes (`encode_prompts`),
+* where the pre-AdaLN feature z and the block's AdaLN (shift, scale, gate) are captured
+  (`forward_intermediates`, modelled on timm's ``forward_intermediates(indices, stop_early)``),
+  and what the modulation would be under the conditioning ablation (`modulation`).
+
+Weights come from a diffusers pipeline folder or hub id through ``from_pretrained``; the tiny
+variants are built from config with seeded random weights. Text encoders are loaded lazily,
+only to encode prompts not cached yet, and freed with `release_text_encoders` before the DiT
+runs.
+"""
+
+from __future__ import annotations
+
+import gc
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Conditioning = Literal["tc", "t", "c"]
+#: Prompt conditioning as the family's DiT consumes it, e.g. {"prompt_embeds": [L, C],
+#: "pooled_prompt_embeds": [C']}: CPU tensors without batch dimension (cacheable in the store).
+PromptEmbedding = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Registry entry: a name users type and the paper's defaults for it."""
+
+    name: str
+    family: str
+    hub_id: str | None  # None for tiny models built from config
+    num_blocks: int
+    hidden_size: int
+    default_k: int
+    default_t: int
+    img_size: int  # long side in pixels, default preprocessing
+    guidance: float | None = None
+    description: str = ""
+    tiny: bool = False
+    #: extra constructor arguments for the adapter (e.g. the tiny config)
+    options: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class Modulation:
+    """The AdaLN vectors of one block, each (B, D) float32."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+
+@dataclass
+class BlockFeatures:
+    """What one block contributes to the cache.
+
+    pre_adaln: (B, h, w, D) the raw residual stream the block's AdaLN normalises (image tokens
+    only, on the h x w token grid); modulation: that block's own (shift, scale, gate).
+    """
+
+    pre_adaln: torch.Tensor
+    modulation: Modulation
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the deepest requested block to end the forward early."""
+
+
+class DiTAdapter(ABC):
+    """Base class of the per-family adapters (`flux`, `sd3`, `pixart`)."""
+
+    #: pixels per token side (VAE factor 8 x patch 2)
+    patch_stride: int = 16
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: str | None = None,
+        revision: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.spec = spec
+        #: hub id or local folder; None means build the tiny model from config
+        self.source = weights if weights is not None else spec.hub_id
+        self.revision = revision
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    # ---- blocks ---------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.spec.num_blocks
+
+    def block_kind(self, block_index: int) -> str:
+        """A short label for the block type ("double", "single", "joint", ...)."""
+        return "block"
+
+    def check_indices(self, indices: Sequence[int]) -> list[int]:
+        from ..errors import DitfError
+
+        bad = [k for k in indices if not 0 <= k < self.num_blocks]
+        if bad:
+            raise DitfError(
+                f"block index {bad[0]} is out of range for {self.spec.name} "
+                f"(it has blocks 0..{self.num_blocks - 1})"
+            )
+        return sorted(set(int(k) for k in indices))
+
+    # ---- prompts --------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> list[PromptEmbedding]:
+        """Encode prompts with the family's text encoders (loaded on first use)."""
+
+    def release_text_encoders(self) -> None:
+        """Free the text encoders so they are never resident while the DiT runs."""
+        for name in ("_text_pipe",):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ---- images ---------------------------------------------------------------------------
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """VAE-encode (B, 3, H, W) pixels in [-1, 1] to the latents x0 the DiT denoises.
+
+        The posterior is *sampled* with `generator` (as the public script does), so each
+        ensemble member may get its own sample when the image is repeated in the batch.
+        """
+
+    @abstractmethod
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+        """Noise x0 to x_t as the family's training schedule defines it (t in 0..999)."""
+
+    # ---- the DiT --------------------------------------------------------------------------
+    @abstractmethod
+    def forward_intermediates(
+        self,
+        noisy_latents: torch.Tensor,
+        prompt: PromptEmbedding,
+        timestep: int,
+        indices: Sequence[int],
+        stop_early: bool = True,
+    ) -> dict[int, BlockFeatures]:
+        """Run the DiT on a batch (one prompt shared by the batch) and capture the blocks.
+
+        One forward serves all requested blocks; with `stop_early` nothing after the deepest
+        one is computed.
+        """
+
+    @abstractmethod
+    def modulation(
+        self,
+        prompt: PromptEmbedding,
+        timestep: int,
+        indices: Sequence[int],
+        conditioning: Conditioning = "tc",
+    ) -> dict[int, Modulation]:
+        """The AdaLN vectors regressed from (t, c), t alone or c alone (paper Table 5).
+
+        These depend only on (t, c), not on the image, so they are computed without a forward.
+        For "tc" they equal what `forward_intermediates` captures. Families whose AdaLN sees t
+        only (PixArt) raise `DitfError` for "c".
+        """
+
+    # ---- helpers shared by the families -----------------------------------------------------
+    @staticmethod
+    def _run_until(modules_and_hooks, call) -> None:
+        """Run `call()` with forward(-pre) hooks installed; `_StopForward` ends it cleanly."""
+        handles = []
+        try:
+            for module, kind, hook in modules_and_hooks:
+                if kind == "pre":
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            try:
+                call()
+            except _StopForward:
+                pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def layer_norm(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The affine-free LayerNorm every DiT block applies before its AdaLN modulation."""
+    return torch.nn.functional.layer_norm(z, z.shape[-1:], eps=eps)
+
+
+def modulate(z: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(1 + scale) * LayerNorm(z) + shift for z (B, ..., D) and per-sample vectors (B, D)."""
+    view = (shift.shape[0],) + (1,) * (z.ndim - 2) + (shift.shape[-1],)
+    return layer_norm(z, eps) * (1 + scale.reshape(view)) + shift.reshape(view)
