@@ -1,0 +1,202 @@
+"""Loading shared by the diffusers-backed adapters.
+
+A model is a diffusers pipeline folder (hub id or local directory, as `save_pretrained` writes
+it). The text side (tokenizers + encoders) and the DiT side (transformer + VAE) are loaded
+separately, so the text encoders can be freed before the DiT is put on the device. Tiny models
+are built from config with seeded random weights and go through the same code afterwards;
+`save_pipeline` writes them as an ordinary pipeline folder that `--weights DIR` loads back.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import DitfError
+from .base import DiTAdapter, ModelSpec, PromptEmbedding
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+class DiffusersAdapter(DiTAdapter):
+    """Adapter whose weights live in a diffusers pipeline folder."""
+
+    #: diffusers pipeline class of the family (text encoding and the folder layout)
+    pipeline_cls: type
+    #: pipeline components needed to encode prompts
+    text_components: tuple[str, ...] = ()
+
+    def __init__(self, spec: ModelSpec, **kwargs) -> None:
+        super().__init__(spec, **kwargs)
+        self._text_pipe = None
+        self._transformer = None
+        self._vae = None
+        self._tiny_components: dict | None = None
+
+    # ---- tiny models ------------------------------------------------------------------------
+    def build_tiny_components(self) -> dict:
+        """All pipeline components at toy size, seeded (tiny specs only)."""
+        raise NotImplementedError
+
+    def _tiny(self) -> dict:
+        if self._tiny_components is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.spec.options.get("seed", 0))
+                components = self.build_tiny_components()
+            for module in components.values():
+                if isinstance(module, torch.nn.Module):
+                    module.eval().requires_grad_(False)
+            self._tiny_components = components
+        return self._tiny_components
+
+    def save_pipeline(self, directory: str | Path) -> Path:
+        """Write the model as a diffusers pipeline folder (used to test `--weights DIR`)."""
+        components = self._tiny() if self.source is None else self._load_all_from_source()
+        pipe = self.pipeline_cls(**components)
+        pipe.save_pretrained(str(directory))
+        return Path(directory)
+
+    # ---- loading ----------------------------------------------------------------------------
+    def _from_pretrained_kwargs(self) -> dict:
+        return {"revision": self.revision, "torch_dtype": self.dtype, "local_files_only": _offline()}
+
+    def _check_source(self) -> None:
+        if self.source is None:
+            return
+        path = Path(self.source)
+        looks_local = path.is_absolute() or self.source.startswith(".") or path.exists()
+        if looks_local and not (path / "model_index.json").is_file():
+            raise DitfError(f"--weights {self.source}: not a diffusers pipeline folder (no model_index.json)")
+
+    def _load_all_from_source(self) -> dict:
+        self._check_source()
+        pipe = self.pipeline_cls.from_pretrained(self.source, **self._from_pretrained_kwargs())
+        return dict(pipe.components)
+
+    def _load(self, loader, what: str):
+        try:
+            return loader()
+        except DitfError:
+            raise
+        except (OSError, ValueError, EnvironmentError) as exc:
+            hint = " (offline: HF_HUB_OFFLINE is set)" if _offline() else ""
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DitfError(f"cannot load the {what} of {self.spec.name} from {self.source}{hint}: {first}") from exc
+
+    def text_pipe(self):
+        """The pipeline holding only the text side, on the device, loaded on first use."""
+        if self._text_pipe is None:
+            if self.source is None:
+                tiny = self._tiny()
+                parts = {name: tiny[name] for name in self.text_components}
+            else:
+                self._check_source()
+                parts = self._load(
+                    lambda: {
+                        name: component
+                        for name, component in self.pipeline_cls.from_pretrained(
+                            self.source,
+                            **self._from_pretrained_kwargs(),
+                            **{name: None for name in self.dit_components()},
+                        ).components.items()
+                        if name in self.text_components
+                    },
+                    "text encoders",
+                )
+            empty = {name: None for name in self.dit_components()}
+            pipe = self.pipeline_cls(**parts, **empty)
+            pipe.to(self.device)
+            self._text_pipe = pipe
+        return self._text_pipe
+
+    def dit_components(self) -> tuple[str, ...]:
+        """Pipeline components that are not on the text side."""
+        import inspect
+
+        names = [p for p in inspect.signature(self.pipeline_cls.__init__).parameters if p != "self"]
+        return tuple(n for n in names if n not in self.text_components)
+
+    def release_text_encoders(self) -> None:
+        self._text_pipe = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _load_dit_part(self, name: str):
+        if self.source is None:
+            module = self._tiny()[name].to(self.device)
+            return module if module.dtype == self.dtype else module.to(self.dtype)
+        self._check_source()
+        cls = self.dit_classes()[name]
+        module = self._load(
+            lambda: cls.from_pretrained(self.source, subfolder=name, **self._from_pretrained_kwargs()), name
+        )
+        return module.to(self.device).eval().requires_grad_(False)
+
+    def dit_classes(self) -> dict[str, type]:
+        """diffusers classes of the transformer and the VAE."""
+        raise NotImplementedError
+
+    @property
+    def transformer(self):
+        if self._transformer is None:
+            self._transformer = self._load_dit_part("transformer")
+        return self._transformer
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            self._vae = self._load_dit_part("vae")
+        return self._vae
+
+    # ---- shared image side ------------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        vae = self.vae
+        pixels = pixels.to(device=self.device, dtype=vae.dtype)
+        with torch.no_grad():
+            posterior = vae.encode(pixels).latent_dist
+            latents = posterior.sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).to(self.dtype)
+
+    @staticmethod
+    def stack_prompt(prompt: PromptEmbedding, batch: int, device, dtype) -> dict[str, torch.Tensor]:
+        """Repeat one prompt's embeddings over the batch (the ensemble shares the prompt)."""
+        return {
+            name: value.to(device=device, dtype=dtype).unsqueeze(0).expand(batch, *value.shape).contiguous()
+            for name, value in prompt.items()
+            if value.is_floating_point()
+        }
+
+
+def time_text_parts(
+    time_text_embed: torch.nn.Module,
+    timestep: torch.Tensor,
+    pooled: torch.Tensor,
+    guidance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split diffusers' Combined*TextProjEmbeddings into its t part and its c part.
+
+    temb = timestep_embedder(t) [+ guidance_embedder(g)] + text_embedder(pooled): the sum the
+    block AdaLNs see. The conditioning ablation (paper Table 5) feeds the AdaLN one part alone;
+    guidance is a sampling setting, not the condition, so it stays with t.
+    """
+    proj = time_text_embed.time_proj(timestep)
+    t_part = time_text_embed.timestep_embedder(proj.to(pooled.dtype))
+    if guidance is not None and hasattr(time_text_embed, "guidance_embedder"):
+        g_proj = time_text_embed.time_proj(guidance)
+        t_part = t_part + time_text_embed.guidance_embedder(g_proj.to(pooled.dtype))
+    c_part = time_text_embed.text_embedder(pooled)
+    return t_part, c_part
+
+
+def chunk_modulation(linear_output: torch.Tensor, parts: int, take: Sequence[int]):
+    """(shift, scale, gate) from an AdaLN linear output split `parts` ways, items `take`."""
+    chunks = linear_output.float().chunk(parts, dim=-1)
+    return tuple(chunks[i] for i in take)

@@ -1,0 +1,66 @@
+"""Toy text encoders and tokenizers, built offline from in-memory vocabularies.
+
+The tiny models must run the same prompt-encoding code as the real ones (tokenize, encode,
+pool) without any download, so CLIP and T5 are built here at toy width with a character-level
+vocabulary. Call under a fixed torch seed (the adapters do).
+"""
+
+from __future__ import annotations
+
+import string
+
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+_LETTERS = string.ascii_lowercase + string.digits
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in _LETTERS:
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_clip(hidden_size: int = 32, projection_dim: int = 32, with_projection: bool = False):
+    config = CLIPTextConfig(
+        vocab_size=2 + 2 * len(_LETTERS),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=projection_dim,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def tiny_t5_tokenizer() -> T5Tokenizer:
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + char, -1.0) for char in _LETTERS] + [(char, -2.0) for char in _LETTERS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def tiny_t5(d_model: int = 32) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=3 + 2 * len(_LETTERS),
+        d_model=d_model,
+        d_ff=2 * d_model,
+        d_kv=8,
+        num_heads=4,
+        num_layers=2,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config)
