@@ -64,7 +64,7 @@ class DiffusersAdapter(DiTAdapter):
 
     # ---- loading ----------------------------------------------------------------------------
     def _from_pretrained_kwargs(self) -> dict:
-        return {"revision": self.revision, "torch_dtype": self.dtype, "local_files_only": _offline()}
+        return {"revision": self.revision, "dtype": self.dtype, "local_files_only": _offline()}
 
     def _check_source(self) -> None:
         if self.source is None:

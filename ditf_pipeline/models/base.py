@@ -167,12 +167,14 @@ class DiTAdapter(ABC):
         timestep: int,
         indices: Sequence[int],
         conditioning: Conditioning = "tc",
+        image_size: tuple[int, int] | None = None,
     ) -> dict[int, Modulation]:
         """The AdaLN vectors regressed from (t, c), t alone or c alone (paper Table 5).
 
         These depend only on (t, c), not on the image, so they are computed without a forward.
         For "tc" they equal what `forward_intermediates` captures. Families whose AdaLN sees t
-        only (PixArt) raise `DitfError` for "c".
+        only (PixArt) raise `DitfError` for "c". `image_size` (H, W of the model input in pixels)
+        matters only to families with size micro-conditioning (PixArt-XL-1024).
         """
 
     # ---- helpers shared by the families -----------------------------------------------------

@@ -161,6 +161,7 @@ class FluxAdapter(DiffusersAdapter):
         timestep: int,
         indices: Sequence[int],
         conditioning: Conditioning = "tc",
+        image_size: tuple[int, int] | None = None,
     ) -> dict[int, Modulation]:
         indices = self.check_indices(indices)
         transformer = self.transformer

@@ -1,0 +1,175 @@
+"""Image loading and model-input preprocessing (PIL + numpy only, no torch).
+
+Every benchmark image goes through `load_rgb` so that what the DiT sees never depends on how a
+file happens to be stored: EXIF rotation, grayscale, CMYK, palette, alpha and 16-bit files all
+become plain 8-bit RGB of the size a viewer would show. Keypoint annotations are given in that
+displayed frame, so applying EXIF orientation matters for correctness, not just looks.
+
+Problems the user can fix (missing, truncated or corrupt files, zero-size or oversized images)
+raise `DitfError("cannot read image <path>: <reason>")` on one line.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import DitfError
+
+#: Resampling filter for `preprocess`. DIFT's public eval (`eval_spair.py` ->
+#: `SDFeaturizer4Eval.forward`) calls ``img.resize(img_size)`` with PIL's default filter, which
+#: is BICUBIC for RGB images since Pillow 7; DiTF's SPair script is a fork of that code. We name
+#: the filter explicitly so a Pillow default change cannot silently alter features.
+RESAMPLE = Image.Resampling.BICUBIC
+
+#: Background that transparent pixels are composited onto. White, because that is what image
+#: viewers (and annotators) show for transparent regions; dropping alpha instead would expose
+#: whatever colour the encoder left under transparent pixels (often black or garbage).
+ALPHA_BACKGROUND = (255, 255, 255)
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def _fail(path: Path | str, reason: str) -> DitfError:
+    reason = " ".join(str(reason).split()) or "unknown error"
+    return DitfError(f"cannot read image {path}: {reason}")
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer / float grayscale -> 8-bit L, scaling instead of clipping.
+
+    PIL's own ``convert("L")`` clips 16-bit values at 255, which turns almost every 16-bit image
+    white. We map the full 16-bit range onto 0..255 (divide by 257). Mode "I" (32-bit int) is
+    what older Pillow versions give for 16-bit PNGs, so it is treated as 16-bit too. Mode "F" is
+    taken as [0, 1] when its maximum is <= 1, else as [0, 255].
+    """
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = arr.astype(np.float64)
+        finite_max = float(np.nanmax(arr)) if arr.size else 0.0
+        scale = 255.0 if finite_max <= 1.0 else 1.0
+        out = np.clip(np.nan_to_num(arr * scale), 0, 255)
+    else:
+        out = np.clip(arr.astype(np.float64), 0, 65535) / 257.0
+    return Image.fromarray(np.rint(out).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha composited on `ALPHA_BACKGROUND`)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
+        img = _high_bit_depth_to_l(img)
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: Path | str) -> Image.Image:
+    """Fully decode an image file into an 8-bit RGB image in its displayed orientation.
+
+    The whole file is decoded here (not lazily) so that a truncated or corrupt file fails now,
+    with its path, instead of deep inside a batch. The decompression-bomb limit is PIL's
+    ``Image.MAX_IMAGE_PIXELS`` (None disables it); anything above it is rejected, not warned.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "no such file" if not path.exists() else "not a regular file")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns between 1x and 2x the limit and raises above 2x; we reject both.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width <= 0 or height <= 0:
+                    raise _fail(path, f"zero-size image ({width}x{height})")
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit is not None and width * height > limit:
+                    raise _fail(
+                        path,
+                        f"{width}x{height} = {width * height} pixels exceeds the "
+                        f"decompression-bomb limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)",
+                    )
+                img.load()
+                oriented = ImageOps.exif_transpose(img)
+                rgb = to_rgb(oriented)
+                if rgb is img:  # keep nothing that refers to the open file
+                    rgb = rgb.copy()
+    except DitfError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise _fail(path, f"decompression-bomb limit exceeded ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "bad file"
+        raise _fail(path, f"{type(exc).__name__}: {exc}") from exc
+    if rgb.width <= 0 or rgb.height <= 0:
+        raise _fail(path, f"zero-size image ({rgb.width}x{rgb.height})")
+    return rgb
+
+
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATIONS_SWAPPING_AXES = {5, 6, 7, 8}  # transpose / rotate 90 / transverse / rotate 270
+
+
+def image_size(path: Path | str) -> tuple[int, int]:
+    """(width, height) as `load_rgb` will return it (EXIF orientation applied), header only.
+
+    Cheap (no pixel decoding), so a whole split can be sized up front; a file that is corrupt
+    further in still fails later, in `load_rgb`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "no such file" if not path.exists() else "not a regular file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Image.DecompressionBombError as exc:
+        raise _fail(path, f"decompression-bomb limit exceeded ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "bad file"
+        raise _fail(path, f"{type(exc).__name__}: {exc}") from exc
+    if width <= 0 or height <= 0:
+        raise _fail(path, f"zero-size image ({width}x{height})")
+    return (height, width) if orientation in _ORIENTATIONS_SWAPPING_AXES else (width, height)
+
+
+def _round_to_multiple(value: float, multiple: int) -> int:
+    """Nearest multiple (halves round up, unlike Python's banker's `round`), at least one."""
+    return max(multiple, int(math.floor(value / multiple + 0.5)) * multiple)
+
+
+def model_size(width: int, height: int, long_side: int, multiple: int = 16) -> tuple[int, int]:
+    """Model input size: long side -> `long_side`, aspect kept, each side to the nearest multiple.
+
+    Matches the public DiTF Flux script (long side 640, both sides rounded to multiples of 16,
+    no padding). The long side itself is rounded too when `long_side` is not a multiple.
+    """
+    for name, value in (("width", width), ("height", height), ("long_side", long_side), ("multiple", multiple)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise DitfError(f"model_size: {name} must be a positive integer, got {value!r}")
+    scale = long_side / max(width, height)
+    return _round_to_multiple(width * scale, multiple), _round_to_multiple(height * scale, multiple)
+
+
+def preprocess(img: Image.Image, long_side: int, multiple: int = 16) -> np.ndarray:
+    """Resize (bicubic, see `RESAMPLE`) to `model_size` and scale pixels to [-1, 1].
+
+    Returns float32 of shape (3, H, W), computed as DIFT does: ``(x / 255 - 0.5) * 2``.
+    """
+    img = to_rgb(img)
+    new_w, new_h = model_size(img.width, img.height, long_side, multiple)
+    if (new_w, new_h) != img.size:
+        img = img.resize((new_w, new_h), resample=RESAMPLE)
+    arr = np.asarray(img, dtype=np.float32)
+    arr = (arr / np.float32(255.0) - np.float32(0.5)) * np.float32(2.0)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
