@@ -15,7 +15,7 @@ import torch
 import zarr
 
 from ditf_pipeline.datasets import get_dataset
-from ditf_pipeline.demo_data import make_spair_demo
+from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.errors import DitfError
 from ditf_pipeline.extract import Extractor, ExtractSettings
 from ditf_pipeline.models import load_adapter

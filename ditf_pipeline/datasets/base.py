@@ -54,6 +54,11 @@ class Dataset(ABC):
 
     #: registry name (``--dataset``)
     name: str = ""
+    #: what the benchmark evaluates: "pairs" (keypoint PCK through `pairs()`), "video" (mask
+    #: propagation, DAVIS), "homography" (HPatches); the match and score stages dispatch on it
+    task: str = "pairs"
+    #: paper defaults that override the model's (e.g. DAVIS: k=24, t=90, ensemble 1)
+    defaults: dict = {}
     #: PCK alphas the benchmark reports by default
     alphas: tuple[float, ...] = (0.01, 0.05, 0.1)
     #: human-readable rule for the PCK threshold, printed with every score
