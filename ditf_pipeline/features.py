@@ -1,0 +1,152 @@
+"""Feature variants computed at match time from the cached raw stream and AdaLN vectors.
+
+The cache holds the pre-AdaLN residual stream z of block k and that block's modulation
+vectors (they depend on (t, c) only, not on the image). Every ablation of the paper (original,
++AdaLN, +channel discard in either order, AdaLN conditioned on t or c alone) is therefore a
+cheap per-token function of cached arrays, named here so that a score can record exactly which
+one produced it.
+
+Variants (stable names, written into every result):
+
+* ``raw``            z itself (the paper's "original" features)
+* ``adaln``          (1 + scale) * LayerNorm(z) + shift
+* ``adaln+cd``       zero the discarded channels of z, THEN LayerNorm + modulation
+                     (the order of the authors' public script; our default)
+* ``adaln+cd-post``  LayerNorm + modulation, then zero the channels (the paper's wording)
+* ``adaln-t``        AdaLN with (shift_t, scale_t), regressed from the timestep only
+* ``adaln-c``        AdaLN with (shift_c, scale_c), regressed from the condition only
+
+LayerNorm is affine-free with eps 1e-6, as in every DiT block (`models.base.layer_norm`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .errors import DitfError
+from .models.base import layer_norm
+
+#: Modulation vectors as they come out of the store: name -> (D,) array or tensor.
+ModulationVectors = Mapping[str, "np.ndarray | torch.Tensor"]
+
+#: The paper's massive-activation criterion: mean |z| over tokens above 100x the median.
+MASSIVE_RATIO = 100.0
+
+
+def _vector(modulation: ModulationVectors, name: str, dim: int) -> torch.Tensor:
+    """Fetch one (D,) modulation vector as float32, with an error that says what is missing."""
+    if name not in modulation:
+        raise DitfError(
+            f"modulation vector {name!r} is missing (have: {', '.join(sorted(modulation)) or 'none'})"
+        )
+    vector = torch.as_tensor(modulation[name]).to(torch.float32).reshape(-1)
+    if vector.numel() != dim:
+        raise DitfError(f"modulation vector {name!r} has {vector.numel()} entries, the feature has {dim} channels")
+    return vector
+
+
+def _adaln(pre_adaln: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(1 + scale) * LayerNorm(z) + shift over the last axis, float32."""
+    return layer_norm(pre_adaln.to(torch.float32)) * (1 + scale) + shift
+
+
+def _check_channels(channels: Sequence[int], dim: int) -> list[int]:
+    channels = [int(c) for c in channels]
+    bad = [c for c in channels if not 0 <= c < dim]
+    if bad:
+        raise DitfError(f"discarded channel {bad[0]} is out of range (the feature has channels 0..{dim - 1})")
+    return channels
+
+
+def _zero_channels(feature: torch.Tensor, channels: Sequence[int]) -> torch.Tensor:
+    """A copy of `feature` with `channels` set to zero (never modifies the cached array)."""
+    out = feature.to(torch.float32, copy=True)
+    if len(channels):
+        out[..., list(channels)] = 0
+    return out
+
+
+def _raw(z, modulation, channels):
+    return z.to(torch.float32)
+
+
+def _adaln_tc(z, modulation, channels):
+    d = z.shape[-1]
+    return _adaln(z, _vector(modulation, "shift", d), _vector(modulation, "scale", d))
+
+
+def _adaln_cd_pre(z, modulation, channels):
+    d = z.shape[-1]
+    return _adaln(_zero_channels(z, channels), _vector(modulation, "shift", d), _vector(modulation, "scale", d))
+
+
+def _adaln_cd_post(z, modulation, channels):
+    return _zero_channels(_adaln_tc(z, modulation, channels), channels)
+
+
+def _adaln_t(z, modulation, channels):
+    d = z.shape[-1]
+    return _adaln(z, _vector(modulation, "shift_t", d), _vector(modulation, "scale_t", d))
+
+
+def _adaln_c(z, modulation, channels):
+    d = z.shape[-1]
+    return _adaln(z, _vector(modulation, "shift_c", d), _vector(modulation, "scale_c", d))
+
+
+VariantFn = Callable[[torch.Tensor, ModulationVectors, Sequence[int]], torch.Tensor]
+
+#: name -> function(pre_adaln, modulation, discarded_channels) -> float32 feature
+VARIANTS: dict[str, VariantFn] = {
+    "raw": _raw,
+    "adaln": _adaln_tc,
+    "adaln+cd": _adaln_cd_pre,
+    "adaln+cd-post": _adaln_cd_post,
+    "adaln-t": _adaln_t,
+    "adaln-c": _adaln_c,
+}
+
+#: variants that read the discarded-channel list
+USES_CHANNELS = frozenset({"adaln+cd", "adaln+cd-post"})
+
+
+def variant_names() -> list[str]:
+    return list(VARIANTS)
+
+
+def compute_feature(
+    variant: str,
+    pre_adaln: torch.Tensor | np.ndarray,
+    modulation: ModulationVectors | None = None,
+    channels: Sequence[int] = (),
+) -> torch.Tensor:
+    """The matching feature of one image: (h, w, D) (or (n, D)) float32 tensor.
+
+    `pre_adaln` is the valid region of the cached raw stream z (float16 or float32);
+    `modulation` maps "shift", "scale", "gate", "shift_t", "scale_t", "shift_c", "scale_c"
+    to (D,) vectors (only those the variant needs are read); `channels` lists the discarded
+    channels (used by the ``+cd`` variants only).
+    """
+    if variant not in VARIANTS:
+        raise DitfError(f"unknown feature variant {variant!r}; known variants: {', '.join(VARIANTS)}")
+    z = torch.as_tensor(pre_adaln)
+    if z.ndim < 2:
+        raise DitfError(f"pre-AdaLN feature must be (h, w, D) or (n, D), got shape {tuple(z.shape)}")
+    channels = _check_channels(channels, z.shape[-1])
+    return VARIANTS[variant](z, modulation or {}, channels)
+
+
+def detect_massive_channels(pre_adaln: torch.Tensor | np.ndarray, ratio: float = MASSIVE_RATIO) -> list[int]:
+    """Channels whose mean |z| over all tokens exceeds `ratio` x the median of those means.
+
+    This is the paper's criterion for massive activations (a few channels ~100x the median, on
+    every token); `--channels auto` uses it on the raw stream of the image(s) at hand.
+    """
+    z = torch.as_tensor(pre_adaln).to(torch.float32)
+    per_channel = z.reshape(-1, z.shape[-1]).abs().mean(dim=0)
+    # torch.median returns the lower middle value for an even count; use numpy's true median
+    median = float(np.median(per_channel.numpy()))
+    return [int(c) for c in torch.nonzero(per_channel > ratio * median).flatten().tolist()]

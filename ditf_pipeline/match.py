@@ -1,0 +1,561 @@
+"""Keypoint transfer between two cached feature maps, under the benchmarks' two matching rules.
+
+``dift`` (DIFT / DiTF public scripts): both feature maps are upsampled bilinearly
+(align_corners=False) to their ORIGINAL image sizes, the source vector is the upsampled source
+feature at the integer keypoint (row y, column x), the prediction is the target pixel of highest
+cosine (first maximum in row-major order, as ``torch.argmax``), in original target pixels.
+
+    Materialising a 3072 x 500 x 375 upsampled map costs 2.3 GB and seconds per pair, so
+    `DiftMatcher` never builds it. Bilinear upsampling is linear, hence
+    (a) the source vector is a 4-tap weighted sum of low-resolution cells,
+    (b) the numerators <s, t_p> are the upsampled map of the low-resolution dot products
+        <s, g_j> (one ``F.interpolate`` of an (N, 1, h, w) map: the very same weights), and
+    (c) |t_p|^2 is a quadratic form of the bilinear weights over Gram entries of neighbouring
+        cells (self, right, down, down-right, anti-diagonal), computed once per TARGET image
+        and cached, since many pairs share a target.
+    `match_dift_reference` is the naive computation, kept for tests and the benchmark.
+
+``geoaware`` (GeoAware-SC, github.com/Junyi42/GeoAware-SC): see `GeoAwareMatcher`.
+
+All arithmetic is float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DitfError
+
+#: (width, height) of an original image, as in `datasets.base.Pair`
+ImageSize = tuple[int, int]
+
+#: protocol name -> the PCK comparison its public code uses (see `score.RULES`)
+PROTOCOL_RULES = {"dift": "<=", "geoaware": "<"}
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_grid(feature: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
+    """A (h, w, D) float32 contiguous tensor (accepts float16 caches and numpy arrays)."""
+    grid = torch.as_tensor(feature)
+    if grid.ndim != 3:
+        raise DitfError(f"{what} feature map must be (h, w, D), got shape {tuple(grid.shape)}")
+    return grid.to(torch.float32).contiguous()
+
+
+def _check_size(size: ImageSize, what: str) -> tuple[int, int]:
+    width, height = (int(v) for v in size)
+    if width <= 0 or height <= 0:
+        raise DitfError(f"{what} image size must be positive (width, height), got {tuple(size)}")
+    return width, height
+
+
+def _integer_keypoints(keypoints: np.ndarray, size: ImageSize) -> tuple[np.ndarray, np.ndarray]:
+    """Round (N, 2) (x, y) keypoints to pixels and check they lie inside the source image.
+
+    SPair-71k keypoints are integers already; others are rounded to the nearest pixel.
+    """
+    kps = np.asarray(keypoints, dtype=np.float64).reshape(-1, 2)
+    width, height = size
+    xs, ys = np.rint(kps[:, 0]), np.rint(kps[:, 1])
+    bad = ~(np.isfinite(kps).all(axis=1) & (xs >= 0) & (xs <= width - 1) & (ys >= 0) & (ys <= height - 1))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DitfError(
+            f"source keypoint {i} at (x={kps[i, 0]:g}, y={kps[i, 1]:g}) lies outside the source image "
+            f"of {width}x{height} pixels"
+        )
+    return xs.astype(np.int64), ys.astype(np.int64)
+
+
+class _LRU:
+    """A small least-recently-used cache for per-target precomputations."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(0, int(capacity))
+        self._items: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: Hashable | None, compute):
+        if key is None or self.capacity == 0:
+            return compute()
+        if key in self._items:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return self._items[key]
+        self.misses += 1
+        value = compute()
+        self._items[key] = value
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# dift protocol
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearTaps:
+    """1-D bilinear taps of ``F.interpolate(..., mode="bilinear", align_corners=False)``.
+
+    Output index i reads ``weight0[i] * x[index0[i]] + weight1[i] * x[index1[i]]``.
+    """
+
+    index0: torch.Tensor  # (out,) int64
+    index1: torch.Tensor  # (out,) int64, index0 + 1 except at the last input cell
+    weight0: torch.Tensor  # (out,) float32
+    weight1: torch.Tensor  # (out,) float32
+
+
+def linear_taps(in_size: int, out_size: int, device: torch.device | str = "cpu") -> LinearTaps:
+    """Taps exactly as PyTorch's CPU kernel computes them, in float32.
+
+    scale = in/out (float32); real = max(fma(scale, i + 0.5, -0.5), 0); index0 = min(floor(real), in - 1);
+    weight1 = clamp(real - index0, 0, 1); index1 = index0 + (index0 < in - 1).
+    """
+    dst = torch.arange(out_size, dtype=torch.float32, device=device)
+    if in_size == out_size:  # PyTorch copies in this case
+        index0 = torch.arange(out_size, device=device)
+        return LinearTaps(index0, index0, torch.ones(out_size, device=device), torch.zeros(out_size, device=device))
+    scale = torch.tensor(float(in_size), dtype=torch.float32, device=device) / torch.tensor(float(out_size), dtype=torch.float32, device=device)
+    # PyTorch's kernel evaluates scale * (i + 0.5) - 0.5 as one fused multiply-add (a single
+    # rounding to float32); in float64 the product and difference are exact, so rounding once
+    # at the end reproduces its weights bit for bit.
+    real = (scale.double() * (dst.double() + 0.5) - 0.5).to(torch.float32).clamp_min(0)
+    index0 = real.floor().to(torch.int64).clamp_max(in_size - 1)
+    weight1 = (real - index0.to(torch.float32)).clamp(0, 1)
+    index1 = index0 + (index0 < in_size - 1).to(torch.int64)
+    return LinearTaps(index0, index1, 1 - weight1, weight1)
+
+
+def upsampled_vectors(grid: torch.Tensor, size: ImageSize, xs: np.ndarray, ys: np.ndarray) -> torch.Tensor:
+    """Rows of the bilinearly upsampled map at integer pixels (ys, xs): (N, D), 4 taps each."""
+    width, height = size
+    h, w, _ = grid.shape
+    rows, cols = linear_taps(h, height, grid.device), linear_taps(w, width, grid.device)
+    ys, xs = torch.as_tensor(ys, device=grid.device), torch.as_tensor(xs, device=grid.device)
+    r0, r1, a0, a1 = rows.index0[ys], rows.index1[ys], rows.weight0[ys, None], rows.weight1[ys, None]
+    c0, c1, b0, b1 = cols.index0[xs], cols.index1[xs], cols.weight0[xs, None], cols.weight1[xs, None]
+    return a0 * (b0 * grid[r0, c0] + b1 * grid[r0, c1]) + a1 * (b0 * grid[r1, c0] + b1 * grid[r1, c1])
+
+
+def _neighbour_taps(taps: LinearTaps, in_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rewrite taps as ``w0 * x[i] + w1 * x[i + 1]`` with i + 1 always a real neighbour.
+
+    PyTorch clamps the neighbour of the last cell onto itself (index1 == index0 == in - 1);
+    that is the same vector as weight 0 on cell in - 2 and w0 + w1 on cell in - 1. Sizes of 1
+    keep their taps (the caller repeats the single cell).
+    """
+    if in_size == 1:
+        return taps.index0, taps.weight0, taps.weight1
+    at_end = taps.index0 == in_size - 1
+    index = torch.where(at_end, in_size - 2, taps.index0)
+    weight0 = torch.where(at_end, torch.zeros_like(taps.weight0), taps.weight0)
+    weight1 = torch.where(at_end, taps.weight0 + taps.weight1, taps.weight1)
+    return index, weight0, weight1
+
+
+def upsampled_norms(grid: torch.Tensor, size: ImageSize) -> torch.Tensor:
+    """|t_p| of the bilinearly upsampled map at every pixel, (H, W), without building the map.
+
+    With t_p = sum_ij a_i b_j g[r + i, c + j] (i, j in {0, 1}; `_neighbour_taps`),
+    |t_p|^2 = a0^2 P[r] + a1^2 P[r+1] + 2 a0 a1 Q[r], where per grid row r and output column x
+    P[r] = b0^2 |g[r,c]|^2 + b1^2 |g[r,c+1]|^2 + 2 b0 b1 <g[r,c], g[r,c+1]>  and
+    Q[r] = b0^2 <g[r,c], g[r+1,c]> + b1^2 <g[r,c+1], g[r+1,c+1]>
+           + b0 b1 (<g[r,c], g[r+1,c+1]> + <g[r,c+1], g[r+1,c]>):
+    five Gram maps of neighbouring cells (self, right, down, diagonal, anti-diagonal).
+    """
+    width, height = size
+    h, w, _ = grid.shape
+    r, a0, a1 = _neighbour_taps(linear_taps(h, height, grid.device), h)
+    c, b0, b1 = _neighbour_taps(linear_taps(w, width, grid.device), w)
+    if h == 1:
+        grid = grid.expand(2, -1, -1)
+    if w == 1:
+        grid = grid.expand(-1, 2, -1)
+    top, bottom = grid[:-1], grid[1:]
+    self_dot = torch.linalg.vecdot(grid, grid)  # (h, w)
+    right = torch.linalg.vecdot(grid[:, :-1], grid[:, 1:])  # (h, w-1)
+    down = torch.linalg.vecdot(top, bottom)  # (h-1, w)
+    diagonal = torch.linalg.vecdot(top[:, :-1], bottom[:, 1:])  # (h-1, w-1)  <g[r,c], g[r+1,c+1]>
+    anti_diagonal = torch.linalg.vecdot(top[:, 1:], bottom[:, :-1])  # (h-1, w-1)  <g[r,c+1], g[r+1,c]>
+
+    row_quad = b0**2 * self_dot[:, c] + b1**2 * self_dot[:, c + 1] + 2 * b0 * b1 * right[:, c]  # (h, W)
+    cross = b0**2 * down[:, c] + b1**2 * down[:, c + 1] + b0 * b1 * (diagonal[:, c] + anti_diagonal[:, c])  # (h-1, W)
+    a0, a1 = a0[:, None], a1[:, None]
+    squared = a0**2 * row_quad[r] + a1**2 * row_quad[r + 1] + 2 * a0 * a1 * cross[r]
+    return squared.clamp_min(0).sqrt()
+
+
+class DiftMatcher:
+    """The ``dift`` protocol for a driver that loops over pairs.
+
+    Per target image it caches 1 / max(|t_p|, 1e-12) at full resolution (keyed by
+    `trg_key`; None disables caching), which is the only per-pixel quantity that does not
+    depend on the source keypoint.
+    """
+
+    protocol = "dift"
+    threshold_rule = PROTOCOL_RULES["dift"]
+
+    def __init__(self, cache_size: int = 256) -> None:
+        self._inverse_norms = _LRU(cache_size)
+
+    def _target_inverse_norm(self, trg: torch.Tensor, trg_size: ImageSize, trg_key: Hashable | None) -> torch.Tensor:
+        key = None if trg_key is None else (trg_key, tuple(trg.shape), trg_size)
+        return self._inverse_norms.get(key, lambda: 1.0 / upsampled_norms(trg, trg_size).clamp_min(1e-12))
+
+    @torch.inference_mode()
+    def match(
+        self,
+        src_feat: torch.Tensor | np.ndarray,
+        src_img_size: ImageSize,
+        trg_feat: torch.Tensor | np.ndarray,
+        trg_img_size: ImageSize,
+        src_kps: np.ndarray,
+        trg_key: Hashable | None = None,
+    ) -> np.ndarray:
+        """(N, 2) float64 predicted (x, y) in original target pixels for (N, 2) source (x, y)."""
+        src, trg = _as_grid(src_feat, "source"), _as_grid(trg_feat, "target")
+        src_size, trg_size = _check_size(src_img_size, "source"), _check_size(trg_img_size, "target")
+        if src.shape[-1] != trg.shape[-1]:
+            raise DitfError(f"source and target features differ in width ({src.shape[-1]} vs {trg.shape[-1]})")
+        xs, ys = _integer_keypoints(src_kps, src_size)
+        if len(xs) == 0:
+            return np.zeros((0, 2))
+        source_vectors = upsampled_vectors(src, src_size, xs, ys)  # (N, D)
+        h, w, d = trg.shape
+        width, height = trg_size
+        dots = (source_vectors @ trg.reshape(h * w, d).T).reshape(-1, 1, h, w)
+        numerators = F.interpolate(dots, size=(height, width), mode="bilinear", align_corners=False)
+        scores = numerators.reshape(len(xs), -1) * self._target_inverse_norm(trg, trg_size, trg_key).reshape(1, -1)
+        best = scores.argmax(dim=1).cpu().numpy()
+        return np.stack([best % width, best // width], axis=1).astype(np.float64)
+
+    def clear_cache(self) -> None:
+        self._inverse_norms.clear()
+
+
+@torch.inference_mode()
+def dift_reference_similarity(
+    src_feat: torch.Tensor | np.ndarray,
+    src_img_size: ImageSize,
+    trg_feat: torch.Tensor | np.ndarray,
+    trg_img_size: ImageSize,
+    src_kps: np.ndarray,
+    channel_chunk: int | None = 256,
+) -> torch.Tensor:
+    """Naive cosine maps (N, H, W): F.interpolate both maps to full size, normalise, dot.
+
+    `channel_chunk` bounds memory by upsampling a slice of channels at a time (None: all at
+    once, 2.3 GB per 3072 x 500 x 375 map); numerators and squared norms are accumulated.
+    """
+    src, trg = _as_grid(src_feat, "source"), _as_grid(trg_feat, "target")
+    src_size, trg_size = _check_size(src_img_size, "source"), _check_size(trg_img_size, "target")
+    xs, ys = _integer_keypoints(src_kps, src_size)
+    d = src.shape[-1]
+    chunk = d if channel_chunk is None else channel_chunk
+    (sw, sh), (tw, th) = src_size, trg_size
+    numerators = torch.zeros(len(xs), th * tw)
+    source_sq = torch.zeros(len(xs))
+    target_sq = torch.zeros(th * tw)
+    ys_t, xs_t = torch.as_tensor(ys), torch.as_tensor(xs)
+    for start in range(0, d, chunk):
+        part = slice(start, min(start + chunk, d))
+        src_up = F.interpolate(src[..., part].permute(2, 0, 1)[None], size=(sh, sw), mode="bilinear", align_corners=False)[0]
+        vectors = src_up[:, ys_t, xs_t].T  # (N, C)
+        del src_up
+        trg_up = F.interpolate(trg[..., part].permute(2, 0, 1)[None], size=(th, tw), mode="bilinear", align_corners=False)[0]
+        flat = trg_up.reshape(trg_up.shape[0], -1)
+        numerators += vectors @ flat
+        source_sq += (vectors * vectors).sum(1)
+        target_sq += (flat * flat).sum(0)
+        del trg_up, flat
+    cosine = numerators / source_sq.sqrt().clamp_min(1e-12)[:, None] / target_sq.sqrt().clamp_min(1e-12)[None]
+    return cosine.reshape(len(xs), th, tw)
+
+
+def match_dift_reference(
+    src_feat: torch.Tensor | np.ndarray,
+    src_img_size: ImageSize,
+    trg_feat: torch.Tensor | np.ndarray,
+    trg_img_size: ImageSize,
+    src_kps: np.ndarray,
+    channel_chunk: int | None = 256,
+) -> np.ndarray:
+    """The naive ``dift`` matcher: (N, 2) predicted (x, y), first maximum in row-major order."""
+    cosine = dift_reference_similarity(src_feat, src_img_size, trg_feat, trg_img_size, src_kps, channel_chunk)
+    width = int(trg_img_size[0])
+    best = cosine.reshape(cosine.shape[0], -1).argmax(dim=1).numpy()
+    return np.stack([best % width, best // width], axis=1).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# nearest neighbours (exact; FAISS or a matmul)
+# ---------------------------------------------------------------------------------------------
+
+#: CPU backend for plain cosine NN; benchmarks/bench_match.py measured torch faster for the
+#: 60x60 geoaware grid (FAISS' numpy round trip costs more than the search itself).
+CPU_NN_BACKEND = "torch"
+
+
+def nearest_neighbours(queries: torch.Tensor, database: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Index (N,) of the largest inner product of each query row against the database rows.
+
+    Both are exact. ``auto``: FAISS on the GPU when faiss sees one, else `CPU_NN_BACKEND`.
+    Ties: torch returns the first maximum; FAISS does not promise an order among equal scores.
+    """
+    if backend == "auto":
+        backend = "faiss" if _faiss_gpus() > 0 else CPU_NN_BACKEND
+    if backend == "torch":
+        return (queries @ database.T).argmax(dim=1)
+    if backend != "faiss":
+        raise DitfError(f"unknown nearest-neighbour backend {backend!r}; choose auto, torch or faiss")
+    import faiss
+
+    xq = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
+    xb = np.ascontiguousarray(database.cpu().numpy(), dtype=np.float32)
+    if faiss.get_num_gpus() > 0:
+        _, index = faiss.knn_gpu(faiss.StandardGpuResources(), xq, xb, 1, metric=faiss.METRIC_INNER_PRODUCT)
+    else:
+        _, index = faiss.knn(xq, xb, 1, metric=faiss.METRIC_INNER_PRODUCT)
+    return torch.from_numpy(index[:, 0].astype(np.int64)).to(queries.device)
+
+
+def _faiss_gpus() -> int:
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# geoaware protocol
+# ---------------------------------------------------------------------------------------------
+
+GEOAWARE_FRAME = 840  # pixels, square
+GEOAWARE_GRID = 60  # cells per side
+GEOAWARE_STRIDE = GEOAWARE_FRAME // GEOAWARE_GRID  # 14
+GEOAWARE_TEMPERATURE = 0.02
+
+
+@dataclass(frozen=True)
+class GeoAwareFrame:
+    """Where an image sits in the 840 x 840 frame (GeoAware-SC `resize` / `preprocess_kps_pad`).
+
+    The long side is resized to 840 (scale = 840 / max(W, H)), the short side to
+    round(840 * short / long), and the image is centred with zero padding:
+    frame = original * scale + offset.
+    """
+
+    scale: float
+    offset_x: int
+    offset_y: int
+    content_width: int
+    content_height: int
+
+    def to_frame(self, points: np.ndarray) -> np.ndarray:
+        """Original (x, y) -> frame (x, y), in float32 as GeoAware-SC computes it."""
+        points = np.asarray(points, dtype=np.float32)
+        return points * np.float32(self.scale) + np.array([self.offset_x, self.offset_y], dtype=np.float32)
+
+    def to_original(self, points: np.ndarray) -> np.ndarray:
+        points = np.asarray(points, dtype=np.float64)
+        return (points - np.array([self.offset_x, self.offset_y])) / self.scale
+
+
+def geoaware_frame(size: ImageSize, frame: int = GEOAWARE_FRAME) -> GeoAwareFrame:
+    width, height = _check_size(size, "image")
+    scale = frame / max(width, height)
+    if height < width:
+        content_h = int(np.around(frame * height / width))
+        return GeoAwareFrame(scale, 0, int((frame - content_h) / 2), frame, content_h)
+    if width < height:
+        content_w = int(np.around(frame * width / height))
+        return GeoAwareFrame(scale, int((frame - content_w) / 2), 0, content_w, frame)
+    return GeoAwareFrame(scale, 0, 0, frame, frame)
+
+
+def geoaware_threshold_scale(trg_size: ImageSize) -> float:
+    """Factor GeoAware-SC applies to the PCK threshold (alpha * bbox max side) in its frame.
+
+    Predictions and ground truth are mapped into the frame by the same uniform scale, so
+    error_frame < alpha * base * scale  <=>  error_original < alpha * base: scoring in
+    original pixels with the strict rule is the same test (exact in real arithmetic; the two
+    float computations could only disagree within an ulp of the boundary).
+    """
+    return geoaware_frame(trg_size).scale
+
+
+def frame_cell_features(grid: torch.Tensor, size: ImageSize, cells_y: torch.Tensor, cells_x: torch.Tensor) -> torch.Tensor:
+    """Our feature map resampled at 60 x 60 frame cells (cells_y, cells_x): (M, D) float32.
+
+    Our cache holds the feature map of the un-padded image on its own token grid, GeoAware-SC
+    has one descriptor per 14-pixel cell of the padded 840 frame. A cell's centre 14 * idx + 7
+    (a continuous frame coordinate: GeoAware assigns pixel coordinate x to cell floor(x / 14))
+    is mapped back into the original image, X = (centre - offset) / scale, and the map is
+    sampled bilinearly there with the align_corners=False convention (cell j of w covers
+    [j W / w, (j + 1) W / w)), clamped at the border as F.interpolate does. A cell whose whole
+    14-pixel span lies in the zero padding gets a zero vector (cosine 0 with everything); a
+    cell straddling the image edge is sampled at its clamped centre, so a keypoint near the
+    border never gets an empty descriptor.
+    """
+    frame = geoaware_frame(size)
+    width, height = size
+    cy = cells_y.to(grid.device, torch.float64)
+    cx = cells_x.to(grid.device, torch.float64)
+    centre_x = cx * GEOAWARE_STRIDE + GEOAWARE_STRIDE / 2
+    centre_y = cy * GEOAWARE_STRIDE + GEOAWARE_STRIDE / 2
+    orig_x = (centre_x - frame.offset_x) / frame.scale
+    orig_y = (centre_y - frame.offset_y) / frame.scale
+    sample = torch.stack([2 * orig_x / width - 1, 2 * orig_y / height - 1], dim=-1).to(torch.float32)
+    sampled = F.grid_sample(
+        grid.permute(2, 0, 1)[None], sample[None, None], mode="bilinear", padding_mode="border", align_corners=False
+    )[0, :, 0].T  # (M, D)
+    span_x0, span_y0 = cx * GEOAWARE_STRIDE, cy * GEOAWARE_STRIDE
+    overlaps = (
+        (span_x0 + GEOAWARE_STRIDE > frame.offset_x)
+        & (span_x0 < frame.offset_x + frame.content_width)
+        & (span_y0 + GEOAWARE_STRIDE > frame.offset_y)
+        & (span_y0 < frame.offset_y + frame.content_height)
+    )
+    return sampled * overlaps[:, None].to(torch.float32)
+
+
+def _normalise(vectors: torch.Tensor) -> torch.Tensor:
+    """GeoAware-SC's normalisation: x / (|x| + 1e-10) (zero vectors stay zero)."""
+    return vectors / (torch.linalg.vector_norm(vectors, dim=-1, keepdim=True) + 1e-10)
+
+
+def window_soft_argmax(
+    similarity: torch.Tensor, window: int = 0, temperature: float = GEOAWARE_TEMPERATURE, grid: int = GEOAWARE_GRID
+) -> torch.Tensor:
+    """GeoAware-SC's soft evaluation (`get_flow` + `soft_argmax`), (N, 2) cell coordinates (x, y).
+
+    For a window w > 0 (full width, odd: GeoAware's SOFT_EVAL_WINDOW=7 is w=15), similarities
+    outside the w x w square around the hard argmax are MULTIPLIED BY ZERO (not removed: they
+    still enter the softmax with value 0, as in their code); then softmax(sim / temperature)
+    over all cells, expected x and y over linspace(-1, 1, grid), mapped back by
+    (v + 1) * (grid - 1) / 2 and clamped to [0, grid - 1]. w = 0 is the plain soft-argmax.
+    """
+    n = similarity.shape[0]
+    if window > 0:
+        half = window // 2
+        best = similarity.argmax(dim=1)
+        offsets = torch.arange(-half, half + 1, device=similarity.device)
+        ys = ((best // grid)[:, None] + offsets).clamp(0, grid - 1)
+        xs = ((best % grid)[:, None] + offsets).clamp(0, grid - 1)
+        mask = torch.zeros(n, grid, grid, device=similarity.device)
+        mask[torch.arange(n, device=similarity.device)[:, None, None], ys[:, :, None], xs[:, None, :]] = 1
+        similarity = similarity * mask.reshape(n, -1)
+    shifted = similarity - similarity.max(dim=1, keepdim=True).values
+    weights = torch.exp(shifted / temperature)
+    weights = (weights / weights.sum(dim=1, keepdim=True)).reshape(n, grid, grid)
+    coords = torch.linspace(-1, 1, grid, dtype=torch.float64).to(similarity.device, torch.float32)
+    x = (weights.sum(dim=1) * coords).sum(dim=1)
+    y = (weights.sum(dim=2) * coords).sum(dim=1)
+    cells = torch.stack([x, y], dim=1)
+    return ((cells + 1) * (grid - 1) / 2).clamp(0, grid - 1)
+
+
+class GeoAwareMatcher:
+    """The ``geoaware`` protocol (GeoAware-SC's `compute_pck` / `calculate_keypoint_transformation`).
+
+    Source keypoints go into the 840 frame (x * scale + offset, float32) and to the cell
+    floor(60 / 840 * x); its descriptor is matched against the 60 x 60 target descriptors
+    (`frame_cell_features`, normalised as GeoAware does) by hard cosine argmax or, with
+    `soft_window` (11 or 15; 0 = no window), by the window soft-argmax at `temperature`. The
+    cell (x, y) becomes the frame point 14 * cell + 7 and is mapped back to ORIGINAL target
+    pixels (it may fall in the padding, i.e. outside the image). Score with the strict rule
+    "<" (see `geoaware_threshold_scale`). Normalised target descriptors are cached per
+    `trg_key` (3600 x D float32 each: 44 MB at D = 3072).
+    """
+
+    protocol = "geoaware"
+    threshold_rule = PROTOCOL_RULES["geoaware"]
+
+    def __init__(
+        self,
+        soft_window: int | None = None,
+        temperature: float = GEOAWARE_TEMPERATURE,
+        nn_backend: str = "auto",
+        cache_size: int = 32,
+    ) -> None:
+        if soft_window is not None and (soft_window < 0 or (soft_window > 0 and soft_window % 2 == 0)):
+            raise DitfError(f"soft_window must be an odd window width (e.g. 11 or 15) or 0, got {soft_window}")
+        self.soft_window = soft_window
+        self.temperature = temperature
+        self.nn_backend = nn_backend
+        self._targets = _LRU(cache_size)
+
+    def _target_descriptors(self, trg: torch.Tensor, trg_size: ImageSize, trg_key: Hashable | None) -> torch.Tensor:
+        def compute() -> torch.Tensor:
+            cells = torch.arange(GEOAWARE_GRID * GEOAWARE_GRID, device=trg.device)
+            return _normalise(frame_cell_features(trg, trg_size, cells // GEOAWARE_GRID, cells % GEOAWARE_GRID))
+
+        key = None if trg_key is None else (trg_key, tuple(trg.shape), trg_size)
+        return self._targets.get(key, compute)
+
+    def source_cells(self, src_img_size: ImageSize, src_kps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """GeoAware's `kpts_to_patch_idx`: cell = int(60 / 840 * frame coordinate), in float32."""
+        size = _check_size(src_img_size, "source")
+        kps = np.asarray(src_kps, dtype=np.float64).reshape(-1, 2)
+        _integer_keypoints(kps, size)  # validation only: geoaware keeps sub-pixel keypoints
+        in_frame = geoaware_frame(size).to_frame(kps)
+        cells = (in_frame * np.float32(GEOAWARE_GRID / GEOAWARE_FRAME)).astype(np.int32).clip(0, GEOAWARE_GRID - 1)
+        return torch.from_numpy(cells[:, 1].astype(np.int64)), torch.from_numpy(cells[:, 0].astype(np.int64))
+
+    @torch.inference_mode()
+    def match(
+        self,
+        src_feat: torch.Tensor | np.ndarray,
+        src_img_size: ImageSize,
+        trg_feat: torch.Tensor | np.ndarray,
+        trg_img_size: ImageSize,
+        src_kps: np.ndarray,
+        trg_key: Hashable | None = None,
+    ) -> np.ndarray:
+        """(N, 2) float64 predicted (x, y) in original target pixels."""
+        src, trg = _as_grid(src_feat, "source"), _as_grid(trg_feat, "target")
+        src_size, trg_size = _check_size(src_img_size, "source"), _check_size(trg_img_size, "target")
+        cells_y, cells_x = self.source_cells(src_size, src_kps)
+        if len(cells_y) == 0:
+            return np.zeros((0, 2))
+        queries = _normalise(frame_cell_features(src, src_size, cells_y, cells_x))
+        targets = self._target_descriptors(trg, trg_size, trg_key)
+        if self.soft_window is None:
+            best = nearest_neighbours(queries, targets, self.nn_backend)
+            cells = torch.stack([best % GEOAWARE_GRID, best // GEOAWARE_GRID], dim=1).to(torch.float32)
+        else:
+            cells = window_soft_argmax(queries @ targets.T, self.soft_window, self.temperature)
+        in_frame = cells.cpu().numpy().astype(np.float64) * GEOAWARE_STRIDE + GEOAWARE_STRIDE // 2
+        return geoaware_frame(trg_size).to_original(in_frame)
+
+    def clear_cache(self) -> None:
+        self._targets.clear()
+
+
+Matcher = DiftMatcher | GeoAwareMatcher
+
+
+def make_matcher(protocol: str, **options) -> Matcher:
+    """The matcher of a protocol by name (``dift`` or ``geoaware``)."""
+    if protocol == "dift":
+        return DiftMatcher(**options)
+    if protocol == "geoaware":
+        return GeoAwareMatcher(**options)
+    raise DitfError(f"unknown matching protocol {protocol!r}; known protocols: {', '.join(PROTOCOL_RULES)}")
