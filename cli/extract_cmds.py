@@ -109,16 +109,26 @@ def demo(
     model: ModelOpt = "tiny-flux",
     progress: ProgressOpt = True,
 ) -> None:
-    """Generate a small SPair-71k-layout dataset and run the pipeline on a tiny model, end to end."""
-    import shutil
+    """Generate a small SPair-71k-layout dataset and run extract, match, score and the ablation on a tiny model."""
+    from ditf_pipeline.demo import make_demo
 
-    from ditf_pipeline.demo import make_spair_demo
+    from .pairs_cmds import default_ablation_variants, match_options, score_results
 
-    data_root = out / "SPair-demo"
-    if data_root.exists():
-        shutil.rmtree(data_root)
-    make_spair_demo(data_root)
+    data_root = make_demo("spair", out / "SPair-demo", overwrite=True)
     typer.echo(f"demo: generated an SPair-71k-layout dataset at {data_root}")
     store = out / "ditf.zarr"
-    extract_options(model, "spair", data_root, "test", store, None, None, None, 4, None, 0, "template", None, None,
-                    "fp32", "auto", progress)
+    report = extract_options(model, "spair", data_root, "test", store, None, None, None, 4, None, 0, "template", None,
+                             None, "fp32", "auto", progress)
+    from ditf_pipeline.report import render, render_comparison
+
+    k, t = (int(part[1:]) for part in report.keys[0].split("/")[-2:])
+    variants = default_ablation_variants(model, "spair", data_root, "test", store, [k], [t])
+    data, feature_store, k, t, names = match_options(model, "spair", data_root, "test", store, [k], [t], variants,
+                                                     "dift", "auto", None, False, progress)
+    results = score_results(data, feature_store, model, k, t, names, None)
+    typer.echo("")
+    typer.echo(render(results[names.index("adaln+cd/dift")], "table").rstrip())
+    typer.echo("")
+    typer.echo("ablation (random tiny weights: the numbers show the pipeline works, not what DiTF reaches):")
+    typer.echo(render_comparison(results, "table").rstrip())
+    typer.echo(f"\ndemo: store at {store}; rerun any stage with --store {store} --data-root {data_root} --model {model}")

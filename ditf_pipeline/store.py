@@ -177,6 +177,21 @@ class FeatureStore:
                             found.append((ds_name, model_name, int(k_name[1:]), int(t_name[1:])))
         return sorted(found)
 
+    def find_feature_key(self, dataset: str, model: str, k: int | None = None, t: int | None = None) -> tuple[int, int]:
+        """(k, t) to use when the user gave none: the only one stored for (dataset, model)."""
+        keys = [(kk, tt) for ds, m, kk, tt in self.feature_keys(dataset) if m == model]
+        matching = [(kk, tt) for kk, tt in keys if (k is None or kk == k) and (t is None or tt == t)]
+        if len(matching) == 1:
+            return matching[0]
+        if not matching:
+            wanted = f"{dataset}/{model}" + (f"/k{k}" if k is not None else "") + (f"/t{t}" if t is not None else "")
+            have = ", ".join(f"k{kk}/t{tt}" for kk, tt in keys) or "nothing"
+            raise DitfError(f"store {self.path} has no features for {wanted} (it has {have} for {dataset}/{model}): run `ditf extract`")
+        raise DitfError(
+            f"store {self.path} holds several keys for {dataset}/{model} ("
+            + ", ".join(f"k{kk}/t{tt}" for kk, tt in matching) + "): pass --k and --t"
+        )
+
     # ---- prompt cache -----------------------------------------------------------------------
     def prompt_cache(self, model: str, identity: Mapping) -> "PromptCache":
         digest = hashlib.sha256(json.dumps(_jsonable(identity), sort_keys=True).encode()).hexdigest()[:10]
