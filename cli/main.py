@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from . import extract_cmds, pairs_cmds  # noqa: F401  (each registers its commands)
+from . import doctor_cmds, extract_cmds, pairs_cmds  # noqa: F401  (each registers its commands)
 from .app import app
 
 

@@ -243,6 +243,18 @@ class FeatureStore:
         group.attrs["config"] = attrs
         return PredictionArrays(group)
 
+    def prediction_groups(self, dataset: str, model: str, k: int, t: int) -> list[tuple[str, "PredictionArrays"]]:
+        """Every stored predictions group of a feature key, as ("variant/protocol", arrays)."""
+        group = self._group(f"{feature_path(dataset, model, k, t)}/predictions", create=False)
+        if group is None:
+            return []
+        return [
+            (f"{variant_name}/{protocol_name}", PredictionArrays(protocol_group))
+            for variant_name, variant_group in sorted(group.groups())
+            for protocol_name, protocol_group in sorted(variant_group.groups())
+            if "done" in protocol_group
+        ]
+
     def delete(self, path: str) -> None:
         if self.has(path):
             del self.root[path]
@@ -288,6 +300,15 @@ class FeatureArrays:
         for name in self.modulation_names:
             self.group[name][row] = np.asarray(modulation[name], dtype=np.float32)
         self.group["complete"][row] = True
+
+    def set_massive_channels(self, channels: Sequence[int], info: Mapping | None = None) -> None:
+        """Record the detected massive channels (attribute `massive_channels`, read by `--channels auto`).
+
+        `info` (e.g. the criterion and the images it was computed on) goes to `massive_channels_info`.
+        """
+        self.group.attrs["massive_channels"] = sorted(int(c) for c in channels)
+        if info is not None:
+            self.group.attrs["massive_channels_info"] = _jsonable(info)
 
     def read_image(self, row: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(pre_adaln of the valid grid, float16 (rows, cols, D); modulation name -> (D,))."""

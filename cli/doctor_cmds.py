@@ -1,0 +1,49 @@
+"""`ditf doctor`: validate a dataset root and a store without modifying anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import DEFAULT_STORE, DatasetOpt, SplitOpt, app, user_errors
+
+
+@app.command()
+@user_errors
+def doctor(
+    dataset: DatasetOpt = "spair",
+    data_root: Annotated[Optional[Path], typer.Option(help="Dataset root to check (skipped if not given).")] = None,
+    split: SplitOpt = None,
+    store: Annotated[Optional[Path], typer.Option(help="Store to check (default stores/ditf.zarr if it exists).")] = None,
+    quick: Annotated[bool, typer.Option(help="Read image headers and skip reading every stored chunk.")] = False,
+) -> None:
+    """Report what is missing, corrupt or inconsistent in a dataset root and a store (read-only)."""
+    from ditf_pipeline.doctor import Findings, check_dataset, check_store
+
+    findings = Findings()
+    keys = None
+    if data_root is not None:
+        keys = check_dataset(dataset, data_root, split, findings, decode=not quick)
+    store = store if store is not None else (DEFAULT_STORE if DEFAULT_STORE.exists() else None)
+    if store is not None:
+        name = None
+        if data_root is not None:
+            from ditf_pipeline.datasets import get_dataset
+
+            try:
+                name = get_dataset(dataset, data_root, split).name
+            except Exception:
+                name = dataset
+        check_store(store, findings, name, keys, read_chunks=not quick)
+    if data_root is None and store is None:
+        typer.echo("nothing to check: pass --data-root and/or --store", err=True)
+        raise typer.Exit(2)
+    for line in findings.ok:
+        typer.echo(f"ok       {line}")
+    for line in findings.problems:
+        typer.echo(f"PROBLEM  {line}")
+    typer.echo(f"doctor: {len(findings.problems)} problem(s)")
+    if findings.problems:
+        raise typer.Exit(1)
