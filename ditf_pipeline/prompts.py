@@ -1,4 +1,4 @@
-"""Which text each image is conditioned on (`--prompt template | captions:FILE | none`).
+"""Which text each image is conditioned on (`--prompt template | captions:FILE | text:STRING | none`).
 
 The authors condition Flux on a per-image MLLM caption read from a JSON file keyed by
 category + image name; the category template is the documented alternative (~0.3 PCK lower).
@@ -21,12 +21,14 @@ TEMPLATE = "a photo of a {category}"
 def parse_prompt_mode(mode: str) -> tuple[str, Path | None]:
     if mode in ("template", "none"):
         return mode, None
+    if mode.startswith("text:"):
+        return "text", None
     if mode.startswith("captions:"):
         path = Path(mode.split(":", 1)[1])
         if not path.is_file():
             raise DitfError(f"caption file {path} does not exist")
         return "captions", path
-    raise DitfError(f"unknown --prompt {mode!r}: use template, captions:FILE or none")
+    raise DitfError(f"unknown --prompt {mode!r}: use template, captions:FILE, text:STRING or none")
 
 
 def _caption_keys(record: ImageRecord) -> list[str]:
@@ -40,6 +42,9 @@ def prompts_for(records: Sequence[ImageRecord], mode: str) -> dict[str, str]:
     kind, path = parse_prompt_mode(mode)
     if kind == "none":
         return {record.key: "" for record in records}
+    if kind == "text":  # one literal prompt for every image (DiTF's DAVIS script: "a photo of a image")
+        text = mode.split(":", 1)[1]
+        return {record.key: text for record in records}
     if kind == "template":
         return {record.key: TEMPLATE.format(category=(record.category or "object").replace("_", " ")) for record in records}
     try:
@@ -62,6 +67,8 @@ def prompts_for(records: Sequence[ImageRecord], mode: str) -> dict[str, str]:
 def prompt_identity(mode: str) -> str:
     """A stable description of the prompt setting for the store config (file content hashed)."""
     kind, path = parse_prompt_mode(mode)
+    if kind == "text":
+        return mode
     if path is None:
         return kind
     return f"captions:{path.name}:sha256={hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
