@@ -1,0 +1,122 @@
+"""`ditf probe`: linear-probe semantic segmentation (ADE20K, paper Table 6) from cached features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import (
+    DEFAULT_STORE,
+    DataRootOpt,
+    DatasetOpt,
+    KOpt,
+    ModelOpt,
+    ProgressOpt,
+    TOpt,
+    app,
+    user_errors,
+)
+
+ProbeStoreOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--store", "-s", help="Feature store; repeat for several image scales (one store per --img-size "
+                 "used at extract; the first is the training scale)."),
+]
+
+
+def _single(values: list[int] | None, name: str) -> int | None:
+    from ditf_pipeline.errors import DitfError
+
+    if values and len(values) > 1:
+        raise DitfError(f"probe takes one --{name}")
+    return values[0] if values else None
+
+
+def _table(report) -> str:
+    lines = [f"probe {report.key} variant {report.variant}: {report.steps} steps, scales {report.scales}"]
+    lines.append(f"{'':<24} {'mIoU':>7} {'mAcc':>7} {'aAcc':>7}")
+    rows = [("single-scale", report.single_scale)]
+    if report.multi_scale is not None:
+        rows.append((f"multi-scale ({len(report.scales)})", report.multi_scale))
+    for name, result in rows:
+        lines.append(f"{name:<24} {result['miou']:>7.2f} {result['macc']:>7.2f} {result['aacc']:>7.2f}")
+    return "\n".join(lines)
+
+
+def _per_class(report) -> str:
+    lines = [f"{'class':<22} {'IoU':>7}" + (f" {'IoU ms':>7}" if report.multi_scale else "")]
+    for name, iou in report.single_scale["per_class_iou"].items():
+        cells = [iou] + ([report.multi_scale["per_class_iou"][name]] if report.multi_scale else [])
+        lines.append(f"{name:<22} " + " ".join(f"{'-':>7}" if v is None else f"{v:>7.2f}" for v in cells))
+    return "\n".join(lines)
+
+
+@app.command()
+@user_errors
+def probe(
+    model: ModelOpt = "flux",
+    dataset: DatasetOpt = "ade20k",
+    data_root: DataRootOpt = Path("data/ADEChallengeData2016"),
+    store: ProbeStoreOpt = None,
+    k: KOpt = None,
+    t: TOpt = None,
+    variant: Annotated[str, typer.Option("--variant", "-v", help="raw | adaln | adaln-t | adaln-c (no channel "
+                                         "discard for segmentation; models without AdaLN: raw).")] = "adaln",
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 30,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate (linear warmup, then poly decay to 0).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    warmup_steps: Annotated[int | None, typer.Option(help="Warmup steps (default min(1500, 5% of all)).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the head initialisation and the per-epoch shuffles.")] = 0,
+    train_label_side: Annotated[int | None, typer.Option(help="Train the loss on labels nearest-resized to this long "
+                                                            "side (default: full label size).")] = None,
+    train_split: Annotated[str, typer.Option(help="Split the head is trained on.")] = "training",
+    val_split: Annotated[str, typer.Option(help="Split mIoU is reported on.")] = "validation",
+    ms_average: Annotated[str, typer.Option(help="Multi-scale fusion: softmax (mmseg aug_test) or logits.")] = "softmax",
+    out: Annotated[Path | None, typer.Option(help="Folder for head.safetensors, head.json and the checkpoint "
+                                                "(default: <store>.probe/<dataset>-<model>-k<k>-t<t>-<variant>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out (settings must match).")] = True,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at each epoch end).")] = 200,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    workers: Annotated[int, typer.Option(help="Threads reading features and labels ahead.")] = 2,
+    per_class: Annotated[bool, typer.Option(help="Also print the per-class IoU table.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+    progress: ProgressOpt = True,
+) -> None:
+    """Train a linear head (BatchNorm + 1x1) on cached features and report mIoU (DINOv2 linear protocol).
+
+    Features stream from the store (the DiT never runs). Extract both splits first, e.g.
+    `ditf extract --dataset ade20k --split training` and `--split validation`; for multi-scale
+    mIoU, extract into one store per --img-size and pass each with --store.
+    """
+    import json
+
+    from ditf_pipeline.datasets import get_dataset
+    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.probe import ProbeSettings, run_probe
+    from ditf_pipeline.store import FeatureStore
+
+    if fmt not in ("table", "json"):
+        raise DitfError(f"--format must be table or json, got {fmt!r}")
+    train = get_dataset(dataset, data_root, train_split)
+    val = get_dataset(dataset, data_root, val_split)
+    stores = [FeatureStore(path, read_only=True) for path in (store or [DEFAULT_STORE])]
+    k_, t_ = stores[0].find_feature_key(train.name, model, _single(k, "k"), _single(t, "t"))
+    settings = ProbeSettings(variant=variant, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                             warmup_steps=warmup_steps, seed=seed, train_label_side=train_label_side)
+    report = run_probe(stores, train, val, model, k_, t_, settings, out_dir=out, resume=resume, device=device,
+                       workers=workers, progress=progress, checkpoint_every=checkpoint_every, ms_average=ms_average)
+    if report.resumed_from is not None:
+        typer.echo(f"probe: resumed at step {report.resumed_from} of {report.total_steps}")
+    if not report.finished:  # pragma: no cover - only when stopped early through the API
+        typer.echo(f"probe: stopped at step {report.steps}; rerun to continue")
+        return
+    if fmt == "json":
+        typer.echo(json.dumps(report.to_json(), indent=1))
+    else:
+        typer.echo(_table(report))
+        if per_class:
+            typer.echo(_per_class(report))
+    typer.echo(f"probe: head and results in {report.out_dir} ({report.seconds:.1f} s)")
