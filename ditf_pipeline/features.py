@@ -117,6 +117,15 @@ def variant_names() -> list[str]:
     return list(VARIANTS)
 
 
+def check_variant_applies(variant: str, has_modulation: bool) -> None:
+    """Every variant but ``raw`` needs AdaLN vectors; keys of models without AdaLN have none."""
+    if variant != "raw" and not has_modulation:
+        raise DitfError(
+            f"feature variant {variant!r} needs the AdaLN modulation vectors, and these features have none "
+            "(a model without AdaLN, e.g. DINOv2 or the SD UNet of DIFT): use variant 'raw'"
+        )
+
+
 def compute_feature(
     variant: str,
     pre_adaln: torch.Tensor | np.ndarray,
@@ -135,6 +144,7 @@ def compute_feature(
     z = torch.as_tensor(pre_adaln)
     if z.ndim < 2:
         raise DitfError(f"pre-AdaLN feature must be (h, w, D) or (n, D), got shape {tuple(z.shape)}")
+    check_variant_applies(variant, bool(modulation))
     channels = _check_channels(channels, z.shape[-1])
     return VARIANTS[variant](z, modulation or {}, channels)
 

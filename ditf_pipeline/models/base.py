@@ -65,11 +65,13 @@ class BlockFeatures:
     """What one block contributes to the cache.
 
     pre_adaln: (B, h, w, D) the raw residual stream the block's AdaLN normalises (image tokens
-    only, on the h x w token grid); modulation: that block's own (shift, scale, gate).
+    only, on the h x w token grid); modulation: that block's own (shift, scale, gate), or None
+    for models without AdaLN (DINOv2, the SD UNet: `pre_adaln` is then simply the layer's
+    output feature map and only the ``raw`` variant applies).
     """
 
     pre_adaln: torch.Tensor
-    modulation: Modulation
+    modulation: Modulation | None
 
 
 class _StopForward(Exception):
@@ -81,6 +83,12 @@ class DiTAdapter(ABC):
 
     #: pixels per token side (VAE factor 8 x patch 2)
     patch_stride: int = 16
+    #: False for models without AdaLN: no modulation is captured or stored, only variant ``raw``
+    has_adaln: bool = True
+    #: False for deterministic models (no noise): the extractor uses an ensemble of one
+    stochastic: bool = True
+    #: False for models without text conditioning: the extractor uses the prompt mode ``none``
+    conditioned: bool = True
 
     def __init__(
         self,
@@ -132,6 +140,29 @@ class DiTAdapter(ABC):
             torch.cuda.empty_cache()
 
     # ---- images ---------------------------------------------------------------------------
+    def prepare_image(self, img, img_size: int):
+        """PIL image -> model input pixels, float32 (3, H, W) numpy.
+
+        Default (the DiTs): long side to `img_size`, sides rounded to multiples of
+        `patch_stride`, aspect kept, then `normalise_pixels`.
+        """
+        from ..images import preprocess
+
+        return self.normalise_pixels(preprocess(img, img_size, multiple=self.patch_stride))
+
+    def normalise_pixels(self, pixels):
+        """Pixels in [-1, 1] (what `images.preprocess` returns) -> what the model takes (VAE: as is)."""
+        return pixels
+
+    def input_config(self) -> dict:
+        """Store-config entries describing `prepare_image` (they must match to reuse a key)."""
+        return {"resize": f"long side to img_size, sides rounded to multiples of {self.patch_stride}, aspect kept"}
+
+    def feature_shape(self, img_size: int, block_index: int) -> tuple[int, int, int]:
+        """(rows, cols, channels) the store must hold for block k at `img_size` (largest grid)."""
+        side = max(1, round(img_size / self.patch_stride))
+        return side, side, self.spec.hidden_size
+
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """VAE-encode (B, 3, H, W) pixels in [-1, 1] to the latents x0 the DiT denoises.
