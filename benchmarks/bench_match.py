@@ -13,7 +13,7 @@ Reports:
 * full scoring of 12,234 pairs (target < 5 s);
 * FAISS vs torch matmul for the geoaware 60x60 nearest-neighbour search.
 
-    python benchmarks/bench_match.py [--pairs N] [--naive-pairs M] [--quick] [--json PATH]
+    python benchmarks/bench_match.py [--pairs N] [--naive-pairs M] [--quick | --smoke] [--json PATH]
 """
 
 from __future__ import annotations
@@ -149,8 +149,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--naive-pairs", type=int, default=20, help="pairs to run through the naive reference")
     parser.add_argument("--pool", type=int, default=8, help="distinct random maps per grid shape")
     parser.add_argument("--quick", action="store_true", help="a < 60 s run: 150 fast pairs, 2 naive pairs")
+    parser.add_argument("--smoke", action="store_true", help="CI check that the benchmark runs (~20 s): 20 pairs, 1 naive")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.quick, args.pairs, args.naive_pairs, args.pool = True, min(args.pairs, 20), 1, min(args.pool, 2)
     if args.quick:
         args.pairs, args.naive_pairs, args.pool = min(args.pairs, 150), min(args.naive_pairs, 2), min(args.pool, 4)
     args.pairs = max(1, min(args.pairs, N_PAIRS))

@@ -11,6 +11,11 @@ from .app import (
     DEFAULT_STORE, DataRootOpt, DatasetOpt, KOpt, ModelOpt, ProgressOpt, SplitOpt, StoreOpt, TOpt, app, user_errors,
 )
 
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", help="Spread the work over N local dask worker processes (one per GPU, pinned, when there are GPUs).")]
+SchedulerOpt = Annotated[Optional[str], typer.Option(
+    "--scheduler", help="Spread the work over an existing dask cluster, e.g. tcp://HOST:8786 (store and data on shared paths).")]
+
 
 def extract_options(
     model: str,
@@ -30,6 +35,8 @@ def extract_options(
     dtype: str,
     device: str,
     progress: bool,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ):
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.extract import Extractor, ExtractSettings
@@ -45,8 +52,14 @@ def extract_options(
         ks=list(k or [spec.default_k]), ts=list(t or [spec.default_t]), img_size=img_size or spec.img_size,
         ensemble_size=ensemble_size, batch_size=batch_size, seed=seed, prompt=prompt,
     )
-    extractor = Extractor(adapter, FeatureStore(store), settings)
-    report = extractor.run(data, progress=progress)
+    if workers or scheduler:  # the same run with the images spread over dask workers
+        from ditf_pipeline.distributed import AdapterArgs, extract_distributed, shared_client
+
+        report = extract_distributed(shared_client(workers, scheduler), AdapterArgs(model, weights, revision, dtype, device),
+                                     store, settings, data, progress=progress)
+    else:
+        extractor = Extractor(adapter, FeatureStore(store), settings)
+        report = extractor.run(data, progress=progress)
     typer.echo(
         f"extract: {report.extracted} image(s) extracted, {report.skipped} already complete, "
         f"{report.seconds:.1f} s ({report.images_per_second:.2f} img/s) -> {report.store} "
@@ -92,6 +105,8 @@ def extract(
     dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32 (auto: bf16 on GPU, fp32 on CPU).")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     progress: ProgressOpt = True,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Run the DiT once per image and cache raw pre-AdaLN features + AdaLN vectors.
 
@@ -99,7 +114,7 @@ def extract(
     different settings is refused.
     """
     extract_options(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
-                    prompt, weights, revision, dtype, device, progress)
+                    prompt, weights, revision, dtype, device, progress, workers, scheduler)
 
 
 @app.command()

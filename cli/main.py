@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from . import doctor_cmds, extract_cmds, pairs_cmds  # noqa: F401  (each registers its commands)
+from . import analysis_cmds, baseline_cmds, doctor_cmds, extract_cmds, pairs_cmds, probe_cmds  # noqa: F401  (each registers its commands)
 from .app import app
 
 

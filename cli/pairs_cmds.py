@@ -10,7 +10,7 @@ import typer
 from .app import (
     DEFAULT_STORE, DataRootOpt, DatasetOpt, KOpt, ModelOpt, ProgressOpt, SplitOpt, StoreOpt, TOpt, app, user_errors,
 )
-from .extract_cmds import extract_options
+from .extract_cmds import SchedulerOpt, WorkersOpt, extract_options
 
 VariantOpt = Annotated[
     Optional[list[str]],
@@ -42,7 +42,8 @@ def _emit(text: str, out: Path | None) -> None:
         typer.echo(f"written to {out}")
 
 
-def match_options(model, dataset, data_root, split, store, k, t, variants, protocol, channels, soft_window, overwrite, progress):
+def match_options(model, dataset, data_root, split, store, k, t, variants, protocol, channels, soft_window, overwrite, progress,
+                  workers=None, scheduler=None):
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.predict import MatchSettings, predict
     from ditf_pipeline.store import FeatureStore
@@ -53,7 +54,13 @@ def match_options(model, dataset, data_root, split, store, k, t, variants, proto
     names = []
     for variant in variants or ["adaln+cd"]:
         settings = MatchSettings(variant=variant, protocol=protocol, channels=channels, soft_window=soft_window)
-        report = predict(feature_store, data, model, k, t, settings, overwrite=overwrite, progress=progress)
+        if workers or scheduler:  # blocks of pairs spread over dask workers
+            from ditf_pipeline.distributed import predict_distributed, shared_client
+
+            report = predict_distributed(shared_client(workers, scheduler), feature_store, data, model, k, t, settings,
+                                         overwrite=overwrite, progress=progress)
+        else:
+            report = predict(feature_store, data, model, k, t, settings, overwrite=overwrite, progress=progress)
         channel_note = f", discarded channels {report.channels}" if variant.startswith("adaln+cd") else ""
         typer.echo(
             f"match: {report.matched} pair(s) matched, {report.skipped} already done, {report.seconds:.1f} s"
@@ -85,12 +92,15 @@ def match(
     soft_window: SoftWindowOpt = None,
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Nearest-neighbour predictions for every pair, from cached features (incremental).
 
     k and t default to the only key extracted for (dataset, model) in the store.
     """
-    match_options(model, dataset, data_root, split, store, k, t, variant, protocol, channels, soft_window, overwrite, progress)
+    match_options(model, dataset, data_root, split, store, k, t, variant, protocol, channels, soft_window, overwrite, progress,
+                  workers, scheduler)
 
 
 @app.command()
@@ -159,18 +169,20 @@ def run(
     fmt: FormatOpt = "table",
     out: OutOpt = None,
     progress: ProgressOpt = True,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """extract + match + score in one command (each stage resumes from the cache)."""
     from ditf_pipeline.report import render
 
     report = extract_options(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
-                             prompt, weights, revision, dtype, device, progress)
+                             prompt, weights, revision, dtype, device, progress, workers, scheduler)
     results = []
     for key in report.keys:
         _, _, k_name, t_name = key.split("/")[-4:]
         data, feature_store, k_, t_, names = match_options(
             model, dataset, data_root, split, store, [int(k_name[1:])], [int(t_name[1:])], variant, protocol,
-            channels, soft_window, False, progress,
+            channels, soft_window, False, progress, workers, scheduler,
         )
         results += score_results(data, feature_store, model, k_, t_, names, alpha)
     _emit("\n".join(render(r, fmt) for r in results), out)

@@ -27,7 +27,7 @@ import torch
 from . import SCHEMA_VERSION, __version__
 from .datasets.base import Dataset, ImageRecord
 from .errors import DitfError
-from .images import image_size, load_rgb, preprocess
+from .images import image_size, load_rgb
 from .models.base import DiTAdapter, PromptEmbedding
 from .prompts import prompt_identity, prompts_for
 from .store import FeatureArrays, FeatureStore
@@ -75,7 +75,7 @@ def store_config(adapter: DiTAdapter, settings: ExtractSettings) -> dict:
         "revision": adapter.revision,
         "dtype": str(adapter.dtype).replace("torch.", ""),
         "img_size": settings.img_size,
-        "resize": "long side to img_size, sides rounded to multiples of 16, aspect kept",
+        **adapter.input_config(),  # "resize" (and the pixel normalisation where not [-1, 1])
         "patch_stride": adapter.patch_stride,
         "ensemble_size": settings.ensemble_size,
         "seed": settings.seed,
@@ -120,6 +120,8 @@ def _conditioning_variants(
 
 
 def modulation_names(adapter: DiTAdapter) -> list[str]:
+    if not adapter.has_adaln:
+        return []
     names = ["shift_t", "scale_t", "gate_t"]
     if adapter.spec.family != "pixart":
         names += ["shift_c", "scale_c", "gate_c"]
@@ -134,6 +136,10 @@ class Extractor:
         self.store = store
         self.settings = settings
         settings.ks = adapter.check_indices(settings.ks)
+        if not adapter.stochastic:
+            settings.ensemble_size = 1  # no noise: every ensemble member would be identical
+        if not adapter.conditioned:
+            settings.prompt = "none"
         if settings.ensemble_size < 1:
             raise DitfError("--ensemble-size must be at least 1")
         if any(not 0 <= t < 1000 for t in settings.ts):
@@ -172,18 +178,19 @@ class Extractor:
             noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
             noisy = adapter.add_noise(latents, noise, timestep)
             for k, block in adapter.forward_intermediates(noisy, prompt, timestep, ks).items():
-                parts = {
-                    "pre_adaln": block.pre_adaln.float().sum(0),
-                    "shift": block.modulation.shift.float().sum(0),
-                    "scale": block.modulation.scale.float().sum(0),
-                    "gate": block.modulation.gate.float().sum(0),
-                }
+                parts = {"pre_adaln": block.pre_adaln.float().sum(0)}
+                if block.modulation is not None:  # None: a model without AdaLN
+                    for name in ("shift", "scale", "gate"):
+                        parts[name] = getattr(block.modulation, name).float().sum(0)
                 if k not in sums:
                     sums[k] = parts
                 else:
                     for name, value in parts.items():
                         sums[k][name] += value
-        extra = _conditioning_variants(adapter, prompt, timestep, ks, image_size=tuple(pixels.shape[1:]))
+        extra = (
+            _conditioning_variants(adapter, prompt, timestep, ks, image_size=tuple(pixels.shape[1:]))
+            if adapter.has_adaln else {k: {} for k in ks}
+        )
         out = {}
         for k, parts in sums.items():
             means = {name: (value / ensemble).cpu().numpy() for name, value in parts.items()}
@@ -205,15 +212,15 @@ class Extractor:
         sizes = [image_size(record.path) for record in records]
         rows = store.register_images(dataset.name, [r.key for r in records], sizes)
         n_rows = len(rows)
-        grid_side = max(1, round(settings.img_size / adapter.patch_stride))
         config = store_config(adapter, settings)
         arrays: dict[tuple[int, int], FeatureArrays] = {}
         for t in settings.ts:
             for k in settings.ks:
+                rows_max, cols_max, channels = adapter.feature_shape(settings.img_size, k)
                 arrays[(k, t)] = store.open_features(
                     dataset.name, adapter.spec.name, k, t, config=config, provenance=provenance(adapter, settings),
-                    n_images=n_rows, grid_max=(grid_side, grid_side), hidden_size=adapter.spec.hidden_size,
-                    modulation_names=modulation_names(adapter),
+                    n_images=n_rows, grid_max=(rows_max, cols_max), hidden_size=channels,
+                    modulation_names=modulation_names(adapter), adaln=adapter.has_adaln,
                 )
         complete = {key: array.complete() for key, array in arrays.items()}
         todo = [r for r in records if not all(complete[key][rows[r.key]] for key in arrays)]
@@ -231,7 +238,7 @@ class Extractor:
     def _decoded(self, records: Sequence[ImageRecord]) -> Iterator[tuple[ImageRecord, np.ndarray]]:
         """Decode and preprocess images ahead of the DiT (bounded lookahead)."""
         def load(record: ImageRecord) -> np.ndarray:
-            return preprocess(load_rgb(record.path), self.settings.img_size)
+            return self.adapter.prepare_image(load_rgb(record.path), self.settings.img_size)
 
         with ThreadPoolExecutor(max_workers=max(1, self.settings.workers)) as pool:
             lookahead = 2 * max(1, self.settings.workers)

@@ -18,7 +18,13 @@ import torch
 
 from .datasets.base import Dataset, Pair
 from .errors import DitfError
-from .features import USES_CHANNELS, compute_feature, detect_massive_channels, variant_names
+from .features import (
+    USES_CHANNELS,
+    check_variant_applies,
+    compute_feature,
+    detect_massive_channels,
+    variant_names,
+)
 from .match import make_matcher
 from .store import FeatureArrays, FeatureStore
 
@@ -33,12 +39,21 @@ class MatchSettings:
     channels: str = "auto"  # "auto" or comma-separated channel indices
     soft_window: int | None = None  # geoaware only
     channel_sample: int = 32  # images used to detect massive channels for "auto"
+    fuse: str | None = None  # partner model (e.g. "dinov2-b14"), concatenated per pair (`fusion`)
+    pca_dim: int = 1280  # PCA of the DiT part over each pair before fusing (0: none)
+
+    @property
+    def label(self) -> str:
+        """The variant as results name it: with `fuse`, ``<variant>+<model>-pca<dim>``."""
+        from .fusion import fusion_label
+
+        return fusion_label(self.variant, self.fuse, self.pca_dim)
 
     @property
     def name(self) -> str:
         """Store key of these predictions: variant/protocol (soft-argmax window appended)."""
         protocol = self.protocol if not self.soft_window else f"{self.protocol}-soft{self.soft_window}"
-        return f"{self.variant}/{protocol}"
+        return f"{self.label}/{protocol}"
 
 
 @dataclass
@@ -83,6 +98,10 @@ class FeatureCache:
         self.size = size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
+    def pair(self, src_key: str, trg_key: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """The pair-level hook of the driver: (source map, target map, target cache key)."""
+        return self(src_key), self(trg_key), trg_key
+
     def __call__(self, key: str) -> torch.Tensor:
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -114,8 +133,13 @@ def predict(
     settings: MatchSettings,
     overwrite: bool = False,
     progress: bool = True,
+    block_runner=None,
 ) -> MatchReport:
-    """Predict every pair of `dataset` from the cached features of (model, k, t)."""
+    """Predict every pair of `dataset` from the cached features of (model, k, t).
+
+    `block_runner(todo_blocks, pairs, rows, channels) -> n_matched`, when given, predicts the
+    blocks elsewhere once the prediction arrays exist (`ditf_pipeline.distributed`: dask workers).
+    """
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -130,6 +154,7 @@ def predict(
     if not pairs:
         raise DitfError(f"dataset {dataset.name} at {dataset.root} has no pairs")
     check_features(pairs, rows, arrays)
+    check_variant_applies(settings.variant, bool(arrays.modulation_names))
     channels = resolve_channels(settings.channels, arrays, settings.channel_sample) if settings.variant in USES_CHANNELS else []
     attrs = {
         "variant": settings.variant,
@@ -138,6 +163,14 @@ def predict(
         "channels": channels,
         "features": arrays.config,
     }
+    fusion = None
+    if settings.fuse:
+        from .fusion import PairFusion
+
+        if block_runner is not None:
+            raise DitfError("--fuse is not supported by the distributed match runner yet")
+        fusion = PairFusion.open(store, dataset, rows, pairs, settings.fuse, settings.pca_dim)
+        attrs.update(variant=settings.label, fuse=fusion.describe())
     feature_key = (dataset.name, model, k, t)
     if overwrite:
         store.delete(f"{arrays.path}/predictions/{settings.name}")
@@ -146,8 +179,12 @@ def predict(
     done = predictions.done()
     matcher = make_matcher(settings.protocol, **({"soft_window": settings.soft_window} if settings.protocol == "geoaware" else {}))
     features = FeatureCache(arrays, rows, settings.variant, channels)
+    pair_features = features.pair if fusion is None else fusion.bind(features)
     todo_blocks = [s for s in range(0, len(pairs), BLOCK) if not done[s : s + BLOCK].all()]
     matched = 0
+    if block_runner is not None:
+        matched = block_runner(todo_blocks, pairs, rows, channels)
+        todo_blocks = []
     with tqdm(total=sum(len(pairs[s : s + BLOCK]) for s in todo_blocks), desc=f"match {settings.name}", unit="pair",
               disable=not progress) as bar:
         for block_start in todo_blocks:
@@ -155,12 +192,8 @@ def predict(
             out = []
             for pair in block:
                 try:
-                    out.append(
-                        matcher.match(
-                            features(pair.src_key), pair.src_size, features(pair.trg_key), pair.trg_size, pair.src_kps,
-                            trg_key=pair.trg_key,
-                        )
-                    )
+                    src, trg, trg_key = pair_features(pair.src_key, pair.trg_key)
+                    out.append(matcher.match(src, pair.src_size, trg, pair.trg_size, pair.src_kps, trg_key=trg_key))
                 except DitfError as exc:
                     raise DitfError(f"pair {pair.pair_id}: {exc}") from exc
                 bar.update(1)

@@ -19,8 +19,12 @@ kill at any moment leaves image i either complete or redone on the next run.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,26 @@ from .errors import DitfError
 
 _COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 _INDEX_CHUNK = 4096
+
+
+def _writes(method):
+    """Turn an OS-level write failure (disk full, read-only, permissions) into one clear line.
+
+    Whatever was committed before stays readable: chunks are written atomically and an image
+    is committed only by its `complete` flag, so a failed write leaves at most an uncommitted
+    image behind.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            where = getattr(self, "path", None) or getattr(getattr(self, "group", None), "store_path", "the store")
+            reason = exc.strerror or str(exc)
+            raise DitfError(f"cannot write to store {where}: {reason}; data committed so far is intact, rerun to resume") from exc
+
+    return wrapper
 
 
 def feature_path(dataset: str, model: str, k: int, t: int) -> str:
@@ -65,7 +89,10 @@ class FeatureStore:
             raise DitfError(f"cannot open store {self.path}: {exc}") from exc
         version = self.root.attrs.get("ditf_schema_version")
         if version is None and not read_only:
-            self.root.attrs["ditf_schema_version"] = SCHEMA_VERSION
+            try:
+                self.root.attrs["ditf_schema_version"] = SCHEMA_VERSION
+            except OSError as exc:
+                raise DitfError(f"cannot write to store {self.path}: {exc.strerror or exc}") from exc
         elif version is not None and version > SCHEMA_VERSION:
             raise DitfError(
                 f"store {self.path} uses schema version {version}; this ditf reads up to {SCHEMA_VERSION}: upgrade ditf"
@@ -86,6 +113,7 @@ class FeatureStore:
             return False
 
     # ---- image index --------------------------------------------------------------------------
+    @_writes
     def register_images(self, dataset: str, keys: Sequence[str], sizes: Sequence[tuple[int, int]]) -> dict[str, int]:
         """Add images to the dataset's index (existing rows keep their position); key -> row."""
         group = self.root.require_group(f"{dataset}/images")
@@ -111,6 +139,7 @@ class FeatureStore:
         return {str(key): row for row, key in enumerate(group["key"][:])}
 
     # ---- features -----------------------------------------------------------------------------
+    @_writes
     def open_features(
         self,
         dataset: str,
@@ -123,11 +152,14 @@ class FeatureStore:
         grid_max: tuple[int, int] | None = None,
         hidden_size: int | None = None,
         modulation_names: Iterable[str] = (),
+        adaln: bool = True,
     ) -> "FeatureArrays":
         """Open (or, with `config`, create/validate) the arrays of one (dataset, model, k, t).
 
         Writing into an existing key with a different `config` is refused, naming the settings
         that differ: silently mixing two configurations in one key would corrupt every score.
+        With `adaln=False` (models without AdaLN: DINOv2, the SD UNet) no shift/scale/gate arrays
+        are created, only `modulation_names` (normally none).
         """
         path = feature_path(dataset, model, k, t)
         group = self._group(path, create=False)
@@ -149,7 +181,7 @@ class FeatureStore:
         group = self.root.require_group(path)
         if "complete" not in group:
             rows, cols = grid_max
-            names = ["shift", "scale", "gate", *modulation_names]
+            names = (["shift", "scale", "gate"] if adaln else []) + [*modulation_names]
             group.create_array(
                 "pre_adaln", shape=(n_images, rows, cols, hidden_size), chunks=(1, rows, cols, hidden_size),
                 dtype="float16", fill_value=0, compressors=_COMPRESSOR, dimension_names=("image", "row", "col", "channel"),
@@ -163,6 +195,28 @@ class FeatureStore:
         if n_images is not None and n_images > arrays.n_images:
             arrays.grow(n_images)
         return arrays
+
+    @contextlib.contextmanager
+    def writer_lock(self, dataset: str, model: str, k: int, t: int):
+        """Exclusive right to extract into one key: a second writer is refused, not interleaved.
+
+        An advisory `flock` on the key's directory (zarr never replaces directories); the OS
+        drops it when the process dies, so a crashed run never leaves a stale lock.
+        """
+        path = self.path / feature_path(dataset, model, k, t)
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DitfError(
+                    f"another process is extracting {feature_path(dataset, model, k, t)} into {self.path}: "
+                    "wait for it to finish (then rerun: completed images are skipped) or use another --store"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
 
     def feature_keys(self, dataset: str | None = None) -> list[tuple[str, str, int, int]]:
         """Every (dataset, model, k, t) holding features."""
@@ -202,6 +256,7 @@ class FeatureStore:
         return PromptCache(group, read_only=self.read_only)
 
     # ---- predictions --------------------------------------------------------------------------
+    @_writes
     def open_predictions(
         self,
         feature_key: tuple[str, str, int, int],
@@ -210,8 +265,14 @@ class FeatureStore:
         max_kps: int | None = None,
         attrs: Mapping | None = None,
         block: int = 256,
+        value_shape: tuple[int, ...] | None = None,
     ) -> "PredictionArrays":
-        """Predictions of one variant/protocol next to the features they came from."""
+        """Predictions of one variant/protocol next to the features they came from.
+
+        One row per pair id: (max_kps, 2) keypoints by default, or `value_shape` (e.g. a 3x3
+        homography for HPatches).
+        """
+        value_shape = tuple(value_shape) if value_shape is not None else (max_kps, 2)
         path = f"{feature_path(*feature_key)}/predictions/{name}"
         group = self._group(path, create=False)
         if pair_ids is None:
@@ -222,7 +283,7 @@ class FeatureStore:
         if group is not None and "done" in group:
             differences = config_differences(group.attrs.get("config", {}), attrs)
             stored_ids = [str(p) for p in group["pair_id"][:]]
-            if differences or stored_ids != list(pair_ids) or group["pred"].shape[1] < max_kps:
+            if differences or stored_ids != list(pair_ids) or group["pred"].shape[1:] != value_shape:
                 if differences:
                     reason = "; ".join(differences)
                 else:
@@ -235,13 +296,19 @@ class FeatureStore:
         n = len(pair_ids)
         group.create_array("pair_id", shape=(n,), chunks=(max(n, 1),), dtype=str, fill_value="", dimension_names=("pair",))
         group["pair_id"][:] = np.array(list(pair_ids), dtype=object).astype(str)
+        dims = ("pair", "keypoint", "xy") if len(value_shape) == 2 and value_shape[1] == 2 else (
+            "pair", *(f"axis{i}" for i in range(len(value_shape))))
         group.create_array(
-            "pred", shape=(n, max_kps, 2), chunks=(block, max_kps, 2), dtype="float32", fill_value=np.nan,
-            compressors=_COMPRESSOR, dimension_names=("pair", "keypoint", "xy"),
+            "pred", shape=(n, *value_shape), chunks=(block, *value_shape), dtype="float32", fill_value=np.nan,
+            compressors=_COMPRESSOR, dimension_names=dims,
         )
         group.create_array("done", shape=(n,), chunks=(block,), dtype=bool, fill_value=False, dimension_names=("pair",))
         group.attrs["config"] = attrs
         return PredictionArrays(group)
+
+    def results_dir(self, feature_key: tuple[str, str, int, int], name: str) -> Path:
+        """Folder for results that are files, not arrays (DAVIS masks): beside the store."""
+        return self.path.with_suffix(".results") / feature_path(*feature_key) / name
 
     def prediction_groups(self, dataset: str, model: str, k: int, t: int) -> list[tuple[str, "PredictionArrays"]]:
         """Every stored predictions group of a feature key, as ("variant/protocol", arrays)."""
@@ -287,6 +354,7 @@ class FeatureArrays:
     def complete(self) -> np.ndarray:
         return np.asarray(self.group["complete"][:], dtype=bool)
 
+    @_writes
     def write_image(self, row: int, pre_adaln: np.ndarray, modulation: Mapping[str, np.ndarray]) -> None:
         """Write one image's features, then mark it complete (the commit point)."""
         rows, cols = pre_adaln.shape[:2]
@@ -301,6 +369,7 @@ class FeatureArrays:
             self.group[name][row] = np.asarray(modulation[name], dtype=np.float32)
         self.group["complete"][row] = True
 
+    @_writes
     def set_massive_channels(self, channels: Sequence[int], info: Mapping | None = None) -> None:
         """Record the detected massive channels (attribute `massive_channels`, read by `--channels auto`).
 
@@ -344,6 +413,7 @@ class PromptCache:
         names = self.group.attrs["names"] if self.group is not None and "names" in self.group.attrs else []
         return {text: {name: self.group[name][rows[text]] for name in names} for text in texts if text in rows}
 
+    @_writes
     def put(self, text: str, embedding: Mapping[str, np.ndarray]) -> None:
         group = self.group
         if "text" not in group:
@@ -377,6 +447,7 @@ class PredictionArrays:
     def done(self) -> np.ndarray:
         return np.asarray(self.group["done"][:], dtype=bool)
 
+    @_writes
     def write(self, start: int, predictions: Sequence[np.ndarray]) -> None:
         """Write a block of consecutive pairs, then mark them done."""
         block = np.full((len(predictions), *self.group["pred"].shape[1:]), np.nan, dtype=np.float32)
@@ -384,6 +455,12 @@ class PredictionArrays:
             block[i, : len(pred)] = pred
         self.group["pred"][start : start + len(predictions)] = block
         self.group["done"][start : start + len(predictions)] = True
+
+    def read_values(self) -> dict[str, np.ndarray]:
+        """pair_id -> stored value as written (NaN padding kept), for pairs that are done."""
+        done = self.done()
+        values = self.group["pred"][:]
+        return {pair_id: values[i] for i, pair_id in enumerate(self.pair_ids) if done[i]}
 
     def read(self) -> dict[str, np.ndarray]:
         """pair_id -> (N, 2) predictions (NaN rows stripped), for pairs that are done."""

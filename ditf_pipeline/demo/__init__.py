@@ -19,6 +19,13 @@ def register_generator(dataset: str, module: str, function: str) -> None:
     _GENERATORS[dataset] = (module, function)
 
 
+register_generator("pfpascal", "pfpascal", "make_pfpascal_demo")
+register_generator("ap10k", "ap10k", "make_ap10k_demo")
+register_generator("davis", "davis", "make_davis_demo")
+register_generator("hpatches", "hpatches", "make_hpatches_demo")
+register_generator("ade20k", "ade20k", "make_ade20k_demo")
+
+
 def demo_names() -> list[str]:
     return sorted(_GENERATORS)
 
