@@ -23,23 +23,25 @@ def extract_options(
     data_root: Path,
     split: str | None,
     store: Path,
-    k: list[int] | None,
-    t: list[int] | None,
-    img_size: int | None,
-    ensemble_size: int,
-    batch_size: int | None,
-    seed: int,
-    prompt: str,
-    weights: str | None,
-    revision: str | None,
-    dtype: str,
-    device: str,
-    progress: bool,
+    k: list[int] | None = None,
+    t: list[int] | None = None,
+    img_size: int | None = None,
+    ensemble_size: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    prompt: str | None = None,
+    weights: str | None = None,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    progress: bool = True,
     workers: int | None = None,
     scheduler: str | None = None,
+    resize: str | None = None,
 ):
+    """Run the extract stage; unset settings come from the benchmark's and the model's defaults."""
     from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.extract import Extractor, ExtractSettings
+    from ditf_pipeline.extract import Extractor, default_settings
     from ditf_pipeline.models import get_spec, load_adapter, resolve_device
     from ditf_pipeline.store import FeatureStore
 
@@ -47,19 +49,16 @@ def extract_options(
     data = get_dataset(dataset, data_root, split)
     if dtype == "auto":
         dtype = "bf16" if resolve_device(device).type == "cuda" else "fp32"
-    adapter = load_adapter(model, weights=weights, revision=revision, dtype=dtype, device=device)
-    settings = ExtractSettings(
-        ks=list(k or [spec.default_k]), ts=list(t or [spec.default_t]), img_size=img_size or spec.img_size,
-        ensemble_size=ensemble_size, batch_size=batch_size, seed=seed, prompt=prompt,
-    )
+    settings = default_settings(spec, data, ks=k, ts=t, img_size=img_size, ensemble_size=ensemble_size,
+                                batch_size=batch_size, seed=seed, prompt=prompt, resize=resize)
     if workers or scheduler:  # the same run with the images spread over dask workers
         from ditf_pipeline.distributed import AdapterArgs, extract_distributed, shared_client
 
         report = extract_distributed(shared_client(workers, scheduler), AdapterArgs(model, weights, revision, dtype, device),
                                      store, settings, data, progress=progress)
     else:
-        extractor = Extractor(adapter, FeatureStore(store), settings)
-        report = extractor.run(data, progress=progress)
+        adapter = load_adapter(model, weights=weights, revision=revision, dtype=dtype, device=device)
+        report = Extractor(adapter, FeatureStore(store), settings).run(data, progress=progress)
     typer.echo(
         f"extract: {report.extracted} image(s) extracted, {report.skipped} already complete, "
         f"{report.seconds:.1f} s ({report.images_per_second:.2f} img/s) -> {report.store} "
@@ -95,11 +94,12 @@ def extract(
     store: StoreOpt = DEFAULT_STORE,
     k: KOpt = None,
     t: TOpt = None,
-    img_size: Annotated[Optional[int], typer.Option(help="Long side in pixels (default: the model's).")] = None,
-    ensemble_size: Annotated[int, typer.Option(help="Noise draws averaged per image (batched together).")] = 8,
+    img_size: Annotated[Optional[int], typer.Option(help="Target size in pixels of the --resize side (default: the benchmark's for Flux, else the model's).")] = None,
+    resize: Annotated[Optional[str], typer.Option(help="Side set to --img-size: long (SPair script) or short (DAVIS script; long side floored to /32).")] = None,
+    ensemble_size: Annotated[Optional[int], typer.Option(help="Noise draws averaged per image, batched together (default 8; DAVIS 1).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Split the ensemble into batches of this size.")] = None,
     seed: Annotated[int, typer.Option(help="Base seed; noise is seeded per image and t.")] = 0,
-    prompt: Annotated[str, typer.Option(help="template | captions:FILE | none")] = "template",
+    prompt: Annotated[Optional[str], typer.Option(help="template (\"a photo of a {category}\", default) | captions:FILE | text:STRING | none")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Local diffusers pipeline folder or hub id overriding the model's.")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
     dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32 (auto: bf16 on GPU, fp32 on CPU).")] = "auto",
@@ -114,36 +114,52 @@ def extract(
     different settings is refused.
     """
     extract_options(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
-                    prompt, weights, revision, dtype, device, progress, workers, scheduler)
+                    prompt, weights, revision, dtype, device, progress, workers, scheduler, resize)
 
 
 @app.command()
 @user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the generated dataset and the store.")] = Path("demo_out"),
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Benchmark layout: spair, pfpascal, ap10k, davis, hpatches.")] = "spair",
     model: ModelOpt = "tiny-flux",
     progress: ProgressOpt = True,
 ) -> None:
-    """Generate a small SPair-71k-layout dataset and run extract, match, score and the ablation on a tiny model."""
+    """Generate a small dataset in a benchmark's real layout and run extract, match and score on a tiny model.
+
+    For spair it also prints the ablation table and writes the `ditf analyze` / `ditf show` views.
+    """
     from ditf_pipeline.demo import make_demo
-
-    from .pairs_cmds import default_ablation_variants, match_options, score_results
-
-    data_root = make_demo("spair", out / "SPair-demo", overwrite=True)
-    typer.echo(f"demo: generated an SPair-71k-layout dataset at {data_root}")
-    store = out / "ditf.zarr"
-    report = extract_options(model, "spair", data_root, "test", store, None, None, None, 4, None, 0, "template", None,
-                             None, "fp32", "auto", progress)
     from ditf_pipeline.report import render, render_comparison
 
+    from .pairs_cmds import default_variants, match_options, score_results
+
+    data_root = make_demo(dataset, out / f"{dataset}-demo", overwrite=True)
+    typer.echo(f"demo: generated a {dataset}-layout dataset at {data_root}")
+    store = out / "ditf.zarr"
+    report = extract_options(model, dataset, data_root, None, store, img_size=128 if dataset != "davis" else 64,
+                             ensemble_size=2, dtype="fp32", progress=progress)
     k, t = (int(part[1:]) for part in report.keys[0].split("/")[-2:])
-    variants = default_ablation_variants(model, "spair", data_root, "test", store, [k], [t])
-    data, feature_store, k, t, names = match_options(model, "spair", data_root, "test", store, [k], [t], variants,
-                                                     "dift", "auto", None, False, progress)
-    results = score_results(data, feature_store, model, k, t, names, None)
+    from ditf_pipeline.datasets import get_dataset
+
+    every = get_dataset(dataset, data_root).task == "pairs"  # the ablation table is a PCK comparison
+    variants = default_variants(model, dataset, data_root, None, store, [k], [t], every=every)
+    data, feature_store, k, t, settings = match_options(model, dataset, data_root, None, store, [k], [t], variants,
+                                                        progress=progress)
+    results = score_results(data, feature_store, model, k, t, settings, None)
     typer.echo("")
-    typer.echo(render(results[names.index("adaln+cd/dift")], "table").rstrip())
-    typer.echo("")
-    typer.echo("ablation (random tiny weights: the numbers show the pipeline works, not what DiTF reaches):")
-    typer.echo(render_comparison(results, "table").rstrip())
-    typer.echo(f"\ndemo: store at {store}; rerun any stage with --store {store} --data-root {data_root} --model {model}")
+    main = next((r for r, s in zip(results, settings) if s.variant == "adaln+cd"), results[0])
+    typer.echo(render(main, "table").rstrip())
+    if len(results) > 1 and data.task == "pairs":
+        typer.echo("\nablation (random tiny weights: the numbers show the pipeline works, not what DiTF reaches):")
+        typer.echo(render_comparison(results, "table").rstrip())
+    if dataset == "spair":
+        from .analysis_cmds import analyze_options, show_options
+
+        views = out / "analysis"
+        analyze_options(model, dataset, data_root, None, store, [k], [t], out=views)
+        first = data.pairs()[0].pair_id
+        show_options([first], model, dataset, data_root, None, store, [k], [t], out=views / "show.png")
+        typer.echo(f"demo: analysis views (PNG) in {views}")
+    typer.echo(f"\ndemo: store at {store}; rerun any stage with --dataset {dataset} --data-root {data_root} "
+               f"--store {store} --model {model}")

@@ -1,4 +1,8 @@
-"""`ditf match`, `ditf score`, `ditf run`, `ditf ablate`: the keypoint-pair benchmarks."""
+"""`ditf match`, `ditf score`, `ditf run`, `ditf ablate`: every benchmark, through `stages`.
+
+The dataset decides the task: keypoint pairs (SPair-71k, PF-Pascal, AP-10K: PCK), video
+(DAVIS: label propagation, J&F) or homography (HPatches: corner accuracy).
+"""
 
 from __future__ import annotations
 
@@ -15,15 +19,19 @@ from .extract_cmds import SchedulerOpt, WorkersOpt, extract_options
 VariantOpt = Annotated[
     Optional[list[str]],
     typer.Option("--variant", "-v", help="Feature variant: raw, adaln, adaln+cd, adaln+cd-post, adaln-t, adaln-c "
-                 "(repeat for several; default adaln+cd)."),
+                 "(repeat for several; default adaln+cd, raw for models without AdaLN)."),
 ]
-ProtocolOpt = Annotated[str, typer.Option(help="Matching/scoring protocol: dift (upsample to image size, <=) or geoaware (840 frame, 60x60, <).")]
+ProtocolOpt = Annotated[str, typer.Option(help="Pairs: dift (upsample to image size, <=) or geoaware (840 frame, 60x60, <).")]
 ChannelsOpt = Annotated[str, typer.Option(help="Channels to discard for +cd variants: auto (100x-median rule on cached z), none, or e.g. 154,1446.")]
 SoftWindowOpt = Annotated[Optional[int], typer.Option(help="geoaware only: window soft-argmax width (11 or 15), temperature 0.02.")]
+FuseOpt = Annotated[Optional[str], typer.Option(help="Pairs: concatenate another cached model per pair, e.g. dinov2-b14 (DiT part PCA'd over the pair).")]
+PcaOpt = Annotated[int, typer.Option(help="With --fuse: PCA dimension of the DiT part over each pair (0: none).")]
 AlphaOpt = Annotated[Optional[list[float]], typer.Option("--alpha", help="PCK alpha; repeat for several (default: the dataset's).")]
 FormatOpt = Annotated[str, typer.Option("--format", help="table | json | csv | markdown")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Also write the result to this file.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Recompute predictions stored with other settings.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (matching and propagation)")]
+ALL_VARIANTS = ["raw", "adaln", "adaln+cd", "adaln+cd-post", "adaln-t", "adaln-c"]
 
 
 def _single_k_t(k: list[int] | None, t: list[int] | None) -> tuple[int | None, int | None]:
@@ -42,38 +50,71 @@ def _emit(text: str, out: Path | None) -> None:
         typer.echo(f"written to {out}")
 
 
-def match_options(model, dataset, data_root, split, store, k, t, variants, protocol, channels, soft_window, overwrite, progress,
-                  workers=None, scheduler=None):
+def _modulation_names(feature_store, data, model, k, t) -> list[str]:
+    return feature_store.open_features(data.name, model, k, t).modulation_names
+
+
+def default_variants(model, dataset, data_root, split, store, k, t, every: bool = True) -> list[str]:
+    """Every variant the stored vectors support (`every`), or the default one.
+
+    Models without AdaLN (DINOv2, DIFT) support `raw` only; PixArt has no c-only variant.
+    """
     from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.predict import MatchSettings, predict
+    from ditf_pipeline.store import FeatureStore
+
+    data = get_dataset(dataset, data_root, split)
+    feature_store = FeatureStore(store, read_only=True)
+    k_, t_ = feature_store.find_feature_key(data.name, model, *_single_k_t(k, t))
+    stored = _modulation_names(feature_store, data, model, k_, t_)
+    if "shift" not in stored:
+        return ["raw"]
+    supported = [v for v in ALL_VARIANTS if not v.startswith("adaln-") or f"shift_{v[-1]}" in stored]
+    return supported if every else ["adaln+cd"]
+
+
+def match_options(model, dataset, data_root, split, store, k, t, variants=None, protocol="dift", channels="auto",
+                  soft_window=None, overwrite=False, progress=True, workers=None, scheduler=None, fuse=None,
+                  pca_dim=1280, device="auto"):
+    """Run the match stage for each variant; returns what `score_results` needs."""
+    from ditf_pipeline.datasets import get_dataset
+    from ditf_pipeline.stages import StageSettings, match
     from ditf_pipeline.store import FeatureStore
 
     data = get_dataset(dataset, data_root, split)
     feature_store = FeatureStore(store)
     k, t = feature_store.find_feature_key(data.name, model, *_single_k_t(k, t))
-    names = []
-    for variant in variants or ["adaln+cd"]:
-        settings = MatchSettings(variant=variant, protocol=protocol, channels=channels, soft_window=soft_window)
-        if workers or scheduler:  # blocks of pairs spread over dask workers
-            from ditf_pipeline.distributed import predict_distributed, shared_client
+    client = None
+    if workers or scheduler:  # blocks of pairs spread over dask workers
+        from ditf_pipeline.distributed import shared_client
 
-            report = predict_distributed(shared_client(workers, scheduler), feature_store, data, model, k, t, settings,
-                                         overwrite=overwrite, progress=progress)
-        else:
-            report = predict(feature_store, data, model, k, t, settings, overwrite=overwrite, progress=progress)
-        channel_note = f", discarded channels {report.channels}" if variant.startswith("adaln+cd") else ""
-        typer.echo(
-            f"match: {report.matched} pair(s) matched, {report.skipped} already done, {report.seconds:.1f} s"
-            f"{channel_note} -> {report.key}"
-        )
-        names.append(settings.name)
-    return data, feature_store, k, t, names
+        client = shared_client(workers, scheduler)
+    variants = variants or default_variants(model, dataset, data_root, split, store, [k], [t], every=False)
+    chosen = []
+    for variant in variants:
+        settings = StageSettings(variant=variant, protocol=protocol, channels=channels, soft_window=soft_window,
+                                 fuse=fuse, pca_dim=pca_dim, device=device)
+        typer.echo(match(feature_store, data, model, k, t, settings, overwrite=overwrite, progress=progress,
+                         client=client).line())
+        chosen.append(settings)
+    return data, feature_store, k, t, chosen
 
 
-def score_results(data, feature_store, model, k, t, names, alphas):
-    from ditf_pipeline.evaluate import score_pairs
+def score_results(data, feature_store, model, k, t, settings, alphas) -> list[dict]:
+    from ditf_pipeline.stages import score as score_stage
 
-    return [score_pairs(feature_store, data, model, k, t, name, alphas) for name in names]
+    return [score_stage(feature_store, data, model, k, t, s, alphas) for s in settings]
+
+
+def _render_all(results: list[dict], fmt: str) -> str:
+    from ditf_pipeline.report import render
+
+    if fmt == "json" and len(results) == 1:
+        return render(results[0], "json")
+    if fmt == "json":
+        import json
+
+        return json.dumps(results, indent=2) + "\n"
+    return "\n".join(render(r, fmt) for r in results)
 
 
 @app.command()
@@ -90,17 +131,20 @@ def match(
     protocol: ProtocolOpt = "dift",
     channels: ChannelsOpt = "auto",
     soft_window: SoftWindowOpt = None,
+    fuse: FuseOpt = None,
+    pca_dim: PcaOpt = 1280,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "auto",
     progress: ProgressOpt = True,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
 ) -> None:
-    """Nearest-neighbour predictions for every pair, from cached features (incremental).
+    """Predictions from cached features, written next to them (incremental; the DiT never runs).
 
     k and t default to the only key extracted for (dataset, model) in the store.
     """
-    match_options(model, dataset, data_root, split, store, k, t, variant, protocol, channels, soft_window, overwrite, progress,
-                  workers, scheduler)
+    match_options(model, dataset, data_root, split, store, k, t, variant, protocol, channels, soft_window, overwrite,
+                  progress, workers, scheduler, fuse, pca_dim, device)
 
 
 @app.command()
@@ -116,30 +160,27 @@ def score(
     variant: VariantOpt = None,
     protocol: ProtocolOpt = "dift",
     soft_window: SoftWindowOpt = None,
+    fuse: FuseOpt = None,
+    pca_dim: PcaOpt = 1280,
     alpha: AlphaOpt = None,
     fmt: FormatOpt = "table",
     out: OutOpt = None,
 ) -> None:
-    """PCK per image, per point and category mean from cached predictions (no GPU, no torch)."""
+    """Benchmark metrics from cached predictions: PCK per image / per point / category mean, J&F, or
+    homography accuracy. No GPU and no torch needed."""
     from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.report import render
+    from ditf_pipeline.stages import StageSettings
     from ditf_pipeline.store import FeatureStore
 
     data = get_dataset(dataset, data_root, split)
     feature_store = FeatureStore(store, read_only=True)
     k_, t_ = feature_store.find_feature_key(data.name, model, *_single_k_t(k, t))
-    names = [_prediction_name(v, protocol, soft_window) for v in (variant or ["adaln+cd"])]
-    results = score_results(data, feature_store, model, k_, t_, names, alpha)
-    if fmt == "json" and len(results) == 1:
-        _emit(render(results[0], "json"), out)
-    else:
-        _emit("\n".join(render(r, fmt) for r in results), out)
-
-
-def _prediction_name(variant: str, protocol: str, soft_window: int | None) -> str:
-    # same rule as ditf_pipeline.predict.MatchSettings.name, without importing torch
-    protocol_key = protocol if not soft_window else f"{protocol}-soft{soft_window}"
-    return f"{variant}/{protocol_key}"
+    if variant is None:
+        stored = _modulation_names(feature_store, data, model, k_, t_)
+        variant = ["adaln+cd"] if "shift" in stored else ["raw"]
+    settings = [StageSettings(variant=v, protocol=protocol, soft_window=soft_window, fuse=fuse, pca_dim=pca_dim)
+                for v in variant]
+    _emit(_render_all(score_results(data, feature_store, model, k_, t_, settings, alpha), fmt), out)
 
 
 @app.command()
@@ -152,15 +193,16 @@ def run(
     store: StoreOpt = DEFAULT_STORE,
     k: KOpt = None,
     t: TOpt = None,
-    img_size: Annotated[Optional[int], typer.Option(help="Long side in pixels (default: the model's).")] = None,
-    ensemble_size: Annotated[int, typer.Option(help="Noise draws averaged per image.")] = 8,
+    img_size: Annotated[Optional[int], typer.Option(help="Size of the --resize side (default: benchmark's/model's).")] = None,
+    resize: Annotated[Optional[str], typer.Option(help="long | short (which side goes to --img-size).")] = None,
+    ensemble_size: Annotated[Optional[int], typer.Option(help="Noise draws averaged per image (default 8; DAVIS 1).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Split the ensemble into batches of this size.")] = None,
     seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
-    prompt: Annotated[str, typer.Option(help="template | captions:FILE | none")] = "template",
+    prompt: Annotated[Optional[str], typer.Option(help="template | captions:FILE | text:STRING | none")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Local pipeline folder or hub id.")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
     dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device: DeviceOpt = "auto",
     variant: VariantOpt = None,
     protocol: ProtocolOpt = "dift",
     channels: ChannelsOpt = "auto",
@@ -173,32 +215,17 @@ def run(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """extract + match + score in one command (each stage resumes from the cache)."""
-    from ditf_pipeline.report import render
-
     report = extract_options(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
-                             prompt, weights, revision, dtype, device, progress, workers, scheduler)
+                             prompt, weights, revision, dtype, device, progress, workers, scheduler, resize)
     results = []
     for key in report.keys:
-        _, _, k_name, t_name = key.split("/")[-4:]
-        data, feature_store, k_, t_, names = match_options(
+        k_name, t_name = key.split("/")[-2:]
+        data, feature_store, k_, t_, settings = match_options(
             model, dataset, data_root, split, store, [int(k_name[1:])], [int(t_name[1:])], variant, protocol,
-            channels, soft_window, False, progress, workers, scheduler,
+            channels, soft_window, False, progress, workers, scheduler, device=device,
         )
-        results += score_results(data, feature_store, model, k_, t_, names, alpha)
-    _emit("\n".join(render(r, fmt) for r in results), out)
-
-
-def default_ablation_variants(model, dataset, data_root, split, store, k, t) -> list[str]:
-    """Every variant the stored vectors support (no c-only variant for PixArt, whose AdaLN sees t only)."""
-    from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.store import FeatureStore
-
-    name = get_dataset(dataset, data_root, split).name
-    feature_store = FeatureStore(store, read_only=True)
-    k_, t_ = feature_store.find_feature_key(name, model, *_single_k_t(k, t))
-    stored = feature_store.open_features(name, model, k_, t_).modulation_names
-    variants = ["raw", "adaln", "adaln+cd", "adaln+cd-post", "adaln-t", "adaln-c"]
-    return [v for v in variants if not v.startswith("adaln-") or f"shift_{v[-1]}" in stored]
+        results += score_results(data, feature_store, model, k_, t_, settings, alpha)
+    _emit(_render_all(results, fmt), out)
 
 
 @app.command()
@@ -213,7 +240,7 @@ def ablate(
     t: TOpt = None,
     variant: Annotated[
         Optional[list[str]],
-        typer.Option("--variant", "-v", help="Variants to compare (default: raw adaln adaln+cd adaln+cd-post adaln-t adaln-c)."),
+        typer.Option("--variant", "-v", help="Variants to compare (default: every one the store supports)."),
     ] = None,
     protocol: ProtocolOpt = "dift",
     channels: ChannelsOpt = "auto",
@@ -223,12 +250,15 @@ def ablate(
     out: OutOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
-    """Table 4 / Table 5 style comparison of feature variants, all from the cache."""
+    """Table 4 / Table 5 style comparison of feature variants on a pair benchmark, all from the cache."""
+    from ditf_pipeline.errors import DitfError
     from ditf_pipeline.report import render_comparison
 
-    variants = variant or default_ablation_variants(model, dataset, data_root, split, store, k, t)
-    data, feature_store, k_, t_, names = match_options(
+    variants = variant or default_variants(model, dataset, data_root, split, store, k, t)
+    data, feature_store, k_, t_, settings = match_options(
         model, dataset, data_root, split, store, k, t, variants, protocol, channels, None, False, progress
     )
-    results = score_results(data, feature_store, model, k_, t_, names, alpha)
+    if data.task != "pairs":
+        raise DitfError(f"ablate compares PCK tables; for {data.name} run `ditf score --variant ...` per variant")
+    results = score_results(data, feature_store, model, k_, t_, settings, alpha)
     _emit(render_comparison(results, fmt, aggregation=aggregation), out)

@@ -12,6 +12,7 @@ resumable after a crash at any point.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import platform
 import queue
@@ -44,6 +45,7 @@ class ExtractSettings:
     seed: int = 0
     prompt: str = "template"
     batch_size: int | None = None  # split the ensemble; None = whole ensemble in one batch
+    resize: str = "long"  # which side goes to img_size: "long" (SPair script) or "short" (DAVIS script)
     workers: int = 2  # image decoding threads
 
 
@@ -62,6 +64,30 @@ class ExtractReport:
         return self.extracted / self.seconds if self.seconds > 0 else float("nan")
 
 
+def default_settings(spec, dataset: Dataset, **given) -> ExtractSettings:
+    """Settings from what the user gave, else the benchmark's paper defaults, else the model's.
+
+    A dataset's block/timestep/size defaults (DAVIS: k=24, t=90, short side 960) are the
+    paper's for full-size Flux, so they apply to it only; ensemble size and prompt apply to
+    every model.
+    """
+    data = dataset.defaults
+    flux = spec.family == "flux" and not spec.tiny
+    prompt = given.get("prompt") or data.get("prompt") or "template"
+    if prompt not in ("template", "none") and not prompt.startswith(("captions:", "text:")):
+        prompt = f"text:{prompt}"  # a dataset's literal prompt, e.g. DAVIS's "a photo of a image"
+    return ExtractSettings(
+        ks=list(given.get("ks") or [data["k"] if flux and "k" in data else spec.default_k]),
+        ts=list(given.get("ts") or [data["t"] if flux and "t" in data else spec.default_t]),
+        img_size=given.get("img_size") or (data["img_size"] if flux and "img_size" in data else spec.img_size),
+        resize=given.get("resize") or (data["resize"] if flux and "resize" in data else "long"),
+        ensemble_size=given.get("ensemble_size") or data.get("ensemble_size", 8),
+        batch_size=given.get("batch_size"),
+        seed=given.get("seed") or 0,
+        prompt=prompt,
+    )
+
+
 def image_seed(seed: int, key: str, timestep: int) -> int:
     digest = hashlib.sha256(f"{seed}:{key}:{timestep}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -75,6 +101,7 @@ def store_config(adapter: DiTAdapter, settings: ExtractSettings) -> dict:
         "revision": adapter.revision,
         "dtype": str(adapter.dtype).replace("torch.", ""),
         "img_size": settings.img_size,
+        "resize_side": settings.resize,
         **adapter.input_config(),  # "resize" (and the pixel normalisation where not [-1, 1])
         "patch_stride": adapter.patch_stride,
         "ensemble_size": settings.ensemble_size,
@@ -214,14 +241,24 @@ class Extractor:
         n_rows = len(rows)
         config = store_config(adapter, settings)
         arrays: dict[tuple[int, int], FeatureArrays] = {}
-        for t in settings.ts:
-            for k in settings.ks:
-                rows_max, cols_max, channels = adapter.feature_shape(settings.img_size, k)
-                arrays[(k, t)] = store.open_features(
-                    dataset.name, adapter.spec.name, k, t, config=config, provenance=provenance(adapter, settings),
-                    n_images=n_rows, grid_max=(rows_max, cols_max), hidden_size=channels,
-                    modulation_names=modulation_names(adapter), adaln=adapter.has_adaln,
-                )
+        with contextlib.ExitStack() as locks:
+            for t in settings.ts:
+                for k in settings.ks:
+                    rows_max, cols_max, channels = adapter.feature_shape(settings.img_size, k)
+                    if settings.resize != "long":  # the grid's extent follows each image's aspect ratio
+                        grids = [adapter.grid_size(w, h, settings.img_size, settings.resize) for w, h in sizes]
+                        rows_max, cols_max = max(g[0] for g in grids), max(g[1] for g in grids)
+                    # one writer per key: a second extract into the same key is refused, not interleaved
+                    locks.enter_context(store.writer_lock(dataset.name, adapter.spec.name, k, t))
+                    arrays[(k, t)] = store.open_features(
+                        dataset.name, adapter.spec.name, k, t, config=config, provenance=provenance(adapter, settings),
+                        n_images=n_rows, grid_max=(rows_max, cols_max), hidden_size=channels,
+                        modulation_names=modulation_names(adapter), adaln=adapter.has_adaln,
+                    )
+            return self._run_locked(dataset, records, rows, arrays, start_time, progress)
+
+    def _run_locked(self, dataset, records, rows, arrays, start_time, progress) -> ExtractReport:
+        settings, store = self.settings, self.store
         complete = {key: array.complete() for key, array in arrays.items()}
         todo = [r for r in records if not all(complete[key][rows[r.key]] for key in arrays)]
         report = ExtractReport(
@@ -238,7 +275,7 @@ class Extractor:
     def _decoded(self, records: Sequence[ImageRecord]) -> Iterator[tuple[ImageRecord, np.ndarray]]:
         """Decode and preprocess images ahead of the DiT (bounded lookahead)."""
         def load(record: ImageRecord) -> np.ndarray:
-            return self.adapter.prepare_image(load_rgb(record.path), self.settings.img_size)
+            return self.adapter.prepare_image(load_rgb(record.path), self.settings.img_size, side=self.settings.resize)
 
         with ThreadPoolExecutor(max_workers=max(1, self.settings.workers)) as pool:
             lookahead = 2 * max(1, self.settings.workers)

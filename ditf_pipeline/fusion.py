@@ -35,11 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DitfError
+from .naming import DEFAULT_PCA_DIM, fusion_label  # noqa: F401  (re-exported: results name fused variants)
 
 #: GeoAware-SC's epsilon in ``normalize_feats``
 EPS = 1e-10
-#: the paper's DiT part after PCA ("+PCA of the DiT part to 1280 dims over the pair")
-DEFAULT_PCA_DIM = 1280
 #: seed of the randomised low-rank PCA (forked RNG: the global RNG is untouched)
 PCA_SEED = 0
 
@@ -108,13 +107,6 @@ def fuse_pair(
     if pca_dim:
         dit_src, dit_trg = co_pca(dit_src, dit_trg, pca_dim, seed)
     return concat_parts([dit_src, other_src]), concat_parts([dit_trg, other_trg])
-
-
-def fusion_label(variant: str, fuse: str | None, pca_dim: int = DEFAULT_PCA_DIM) -> str:
-    """How results name a fused variant: ``<variant>+<model>-pca<dim>`` (``-nopca`` for 0)."""
-    if not fuse:
-        return variant
-    return f"{variant}+{fuse.replace('/', '-')}-" + (f"pca{pca_dim}" if pca_dim else "nopca")
 
 
 def parse_fuse(spec: str) -> tuple[str, int | None, int | None]:

@@ -148,26 +148,36 @@ def _round_to_multiple(value: float, multiple: int) -> int:
     return max(multiple, int(math.floor(value / multiple + 0.5)) * multiple)
 
 
-def model_size(width: int, height: int, long_side: int, multiple: int = 16) -> tuple[int, int]:
-    """Model input size: long side -> `long_side`, aspect kept, each side to the nearest multiple.
+def model_size(width: int, height: int, size: int, multiple: int = 16, side: str = "long") -> tuple[int, int]:
+    """Model input size, aspect kept.
 
-    Matches the public DiTF Flux script (long side 640, both sides rounded to multiples of 16,
-    no padding). The long side itself is rounded too when `long_side` is not a multiple.
+    side="long" (default; the public DiTF Flux script): long side -> `size`, both sides rounded
+    to the nearest multiple of `multiple`, no padding. side="short" (DiTF's DAVIS script): short
+    side -> `size` (rounded to `multiple`), long side scaled alike and floored to a multiple of
+    2 * `multiple` (854x480 at 960 -> 1696x960 for Flux).
     """
-    for name, value in (("width", width), ("height", height), ("long_side", long_side), ("multiple", multiple)):
+    for name, value in (("width", width), ("height", height), ("size", size), ("multiple", multiple)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise DitfError(f"model_size: {name} must be a positive integer, got {value!r}")
-    scale = long_side / max(width, height)
-    return _round_to_multiple(width * scale, multiple), _round_to_multiple(height * scale, multiple)
+    if side == "long":
+        scale = size / max(width, height)
+        return _round_to_multiple(width * scale, multiple), _round_to_multiple(height * scale, multiple)
+    if side == "short":
+        scale = size / min(width, height)
+        coarse = 2 * multiple
+        long_side = max(coarse, int(math.floor(max(width, height) * scale / coarse)) * coarse)
+        short_side = _round_to_multiple(min(width, height) * scale, multiple)
+        return (long_side, short_side) if width >= height else (short_side, long_side)
+    raise DitfError(f"resize side must be 'long' or 'short', got {side!r}")
 
 
-def preprocess(img: Image.Image, long_side: int, multiple: int = 16) -> np.ndarray:
+def preprocess(img: Image.Image, long_side: int, multiple: int = 16, side: str = "long") -> np.ndarray:
     """Resize (bicubic, see `RESAMPLE`) to `model_size` and scale pixels to [-1, 1].
 
     Returns float32 of shape (3, H, W), computed as DIFT does: ``(x / 255 - 0.5) * 2``.
     """
     img = to_rgb(img)
-    new_w, new_h = model_size(img.width, img.height, long_side, multiple)
+    new_w, new_h = model_size(img.width, img.height, long_side, multiple, side)
     if (new_w, new_h) != img.size:
         img = img.resize((new_w, new_h), resample=RESAMPLE)
     arr = np.asarray(img, dtype=np.float32)

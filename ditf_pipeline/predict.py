@@ -26,6 +26,7 @@ from .features import (
     variant_names,
 )
 from .match import make_matcher
+from .naming import fusion_label, prediction_name
 from .store import FeatureArrays, FeatureStore
 
 #: pairs committed together (one zarr chunk of predictions)
@@ -45,15 +46,12 @@ class MatchSettings:
     @property
     def label(self) -> str:
         """The variant as results name it: with `fuse`, ``<variant>+<model>-pca<dim>``."""
-        from .fusion import fusion_label
-
         return fusion_label(self.variant, self.fuse, self.pca_dim)
 
     @property
     def name(self) -> str:
         """Store key of these predictions: variant/protocol (soft-argmax window appended)."""
-        protocol = self.protocol if not self.soft_window else f"{self.protocol}-soft{self.soft_window}"
-        return f"{self.label}/{protocol}"
+        return prediction_name(self.variant, self.protocol, self.soft_window, self.fuse, self.pca_dim)
 
 
 @dataclass
@@ -64,10 +62,6 @@ class MatchReport:
     skipped: int
     channels: list[int]
     seconds: float
-
-
-def prediction_name(variant: str, protocol: str, soft_window: int | None = None) -> str:
-    return MatchSettings(variant=variant, protocol=protocol, soft_window=soft_window).name
 
 
 def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list[int]:

@@ -66,11 +66,32 @@ def _title(result: dict) -> str:
     )
 
 
+def _render_metrics(result: dict, fmt: str) -> str:
+    """DAVIS (J&F globally and per sequence) and HPatches (accuracy at 1/3/5 px) results."""
+    if "global" in result:  # DAVIS
+        rows = [["global", *(_fmt(result["global"].get(n)) for n in ("J&F-Mean", "J-Mean", "F-Mean"))]]
+        rows += [[name, *(_fmt(v.get(n)) for n in ("J&F-Mean", "J-Mean", "F-Mean"))]
+                 for name, v in result.get("per_sequence", {}).items()]
+        header = ["sequence", "J&F-Mean", "J-Mean", "F-Mean"]
+    else:  # HPatches
+        groups = result["accuracy"]
+        columns = [c for c in next(iter(groups.values())) if c != "n"]
+        header = ["sequences", "pairs", *columns]
+        rows = [[name, str(v["n"]), *(_fmt(v.get(c)) for c in columns)] for name, v in groups.items()]
+    body = _grid(header, rows, fmt)
+    if fmt != "table":
+        return body
+    title = " ".join(f"{key}={result.get(key)}" for key in ("dataset", "model", "k", "t", "variant"))
+    return f"{title}\nprotocol {result.get('protocol')}\n" + body
+
+
 def render(result: dict, fmt: str = "table") -> str:
     """One result: rows (aggregation, alpha), columns categories..., Mean, All."""
     _check_format(fmt)
     if fmt == "json":
         return json.dumps(result, indent=2) + "\n"
+    if "pck" not in result:
+        return _render_metrics(result, fmt)
     categories = _categories(result)
     header = ["aggregation", "alpha", *categories, "Mean", "All"]
     rows = []

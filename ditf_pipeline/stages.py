@@ -18,6 +18,7 @@ import numpy as np
 
 from .datasets.base import Dataset
 from .errors import DitfError
+from .naming import DEFAULT_PCA_DIM, prediction_name
 from .store import FeatureStore
 
 
@@ -30,12 +31,21 @@ class StageSettings:
     channels: str = "auto"
     soft_window: int | None = None
     device: str = "auto"
+    fuse: str | None = None  # pairs only: partner model concatenated per pair (DiTF + DINOv2)
+    pca_dim: int = DEFAULT_PCA_DIM
 
     def prediction_name(self, task: str) -> str:
         if task == "pairs":
-            protocol = self.protocol if not self.soft_window else f"{self.protocol}-soft{self.soft_window}"
-            return f"{self.variant}/{protocol}"
+            return prediction_name(self.variant, self.protocol, self.soft_window, self.fuse, self.pca_dim)
+        if self.fuse:
+            raise DitfError(f"--fuse applies to keypoint-pair benchmarks only, not {task}")
         return f"{self.variant}/{task}"
+
+    def match_settings(self):
+        from .predict import MatchSettings
+
+        return MatchSettings(variant=self.variant, protocol=self.protocol, channels=self.channels,
+                             soft_window=self.soft_window, fuse=self.fuse, pca_dim=self.pca_dim)
 
 
 @dataclass
@@ -71,14 +81,20 @@ def _features(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int,
 
 
 def match(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings: StageSettings,
-          overwrite: bool = False, progress: bool = True) -> StageReport:
-    """The match stage of any benchmark."""
+          overwrite: bool = False, progress: bool = True, client=None) -> StageReport:
+    """The match stage of any benchmark (pairs: spread over a dask `client` when given)."""
     if dataset.task == "pairs":
-        from .predict import MatchSettings, predict
+        if client is not None:
+            from .distributed import predict_distributed
 
-        report = predict(store, dataset, model, k, t, MatchSettings(variant=settings.variant, protocol=settings.protocol,
-                         channels=settings.channels, soft_window=settings.soft_window), overwrite=overwrite, progress=progress)
+            report = predict_distributed(client, store, dataset, model, k, t, settings.match_settings(),
+                                         overwrite=overwrite, progress=progress)
+        else:
+            from .predict import predict
+
+            report = predict(store, dataset, model, k, t, settings.match_settings(), overwrite=overwrite, progress=progress)
         return StageReport(report.key, report.n_pairs, report.matched, report.skipped, report.channels, report.seconds)
+    settings.prediction_name(dataset.task)  # refuses --fuse here
     if dataset.task == "video":
         return _match_video(store, dataset, model, k, t, settings, overwrite, progress)
     if dataset.task == "homography":

@@ -117,6 +117,10 @@ class FeatureStore:
     def register_images(self, dataset: str, keys: Sequence[str], sizes: Sequence[tuple[int, int]]) -> dict[str, int]:
         """Add images to the dataset's index (existing rows keep their position); key -> row."""
         group = self.root.require_group(f"{dataset}/images")
+        with self.lock(f"{dataset}/images", f"another process is registering {dataset} images in {self.path}: retry"):
+            return self._register_images(group, dataset, keys, sizes)
+
+    def _register_images(self, group, dataset, keys, sizes) -> dict[str, int]:
         if "key" not in group:
             group.create_array("key", shape=(0,), chunks=(_INDEX_CHUNK,), dtype=str, fill_value="", dimension_names=("image",))
             group.create_array("size", shape=(0, 2), chunks=(_INDEX_CHUNK, 2), dtype="int32", fill_value=0, dimension_names=("image", "wh"))
@@ -197,26 +201,29 @@ class FeatureStore:
         return arrays
 
     @contextlib.contextmanager
-    def writer_lock(self, dataset: str, model: str, k: int, t: int):
-        """Exclusive right to extract into one key: a second writer is refused, not interleaved.
+    def lock(self, node: str, refusal: str):
+        """Exclusive, non-blocking right to write one node; `refusal` is the error if taken.
 
-        An advisory `flock` on the key's directory (zarr never replaces directories); the OS
+        An advisory `flock` on the node's directory (zarr never replaces directories); the OS
         drops it when the process dies, so a crashed run never leaves a stale lock.
         """
-        path = self.path / feature_path(dataset, model, k, t)
+        path = self.path / node
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDONLY)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise DitfError(
-                    f"another process is extracting {feature_path(dataset, model, k, t)} into {self.path}: "
-                    "wait for it to finish (then rerun: completed images are skipped) or use another --store"
-                ) from None
+                raise DitfError(refusal) from None
             yield
         finally:
             os.close(fd)
+
+    def writer_lock(self, dataset: str, model: str, k: int, t: int):
+        """One extract per key at a time: a second writer is refused, not interleaved."""
+        key = feature_path(dataset, model, k, t)
+        return self.lock(key, f"another process is extracting {key} into {self.path}: wait for it to finish "
+                              "(then rerun: completed images are skipped) or use another --store")
 
     def feature_keys(self, dataset: str | None = None) -> list[tuple[str, str, int, int]]:
         """Every (dataset, model, k, t) holding features."""

@@ -93,7 +93,7 @@ class _ImageAnnotation:
 
     def __init__(self, path: Path, family: str, species: str) -> None:
         self.path, self.family, self.species = path, family, species
-        self.data = data = _load_json(path, "image annotation")
+        self.data = _load_json(path, "image annotation")
         self.size = (self._positive_int("width"), self._positive_int("height"))
         bbox = self._get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):

@@ -140,15 +140,23 @@ class DiTAdapter(ABC):
             torch.cuda.empty_cache()
 
     # ---- images ---------------------------------------------------------------------------
-    def prepare_image(self, img, img_size: int):
+    def prepare_image(self, img, img_size: int, side: str = "long"):
         """PIL image -> model input pixels, float32 (3, H, W) numpy.
 
-        Default (the DiTs): long side to `img_size`, sides rounded to multiples of
-        `patch_stride`, aspect kept, then `normalise_pixels`.
+        Default (the DiTs): the `side` ("long", or "short" for DiTF's DAVIS rule) to
+        `img_size`, sides rounded to multiples of `patch_stride`, aspect kept (see
+        `images.model_size`), then `normalise_pixels`.
         """
         from ..images import preprocess
 
-        return self.normalise_pixels(preprocess(img, img_size, multiple=self.patch_stride))
+        return self.normalise_pixels(preprocess(img, img_size, multiple=self.patch_stride, side=side))
+
+    def grid_size(self, width: int, height: int, img_size: int, side: str = "long") -> tuple[int, int]:
+        """(rows, cols) of the token grid `prepare_image` leads to for an image of this size."""
+        from ..images import model_size
+
+        new_w, new_h = model_size(width, height, img_size, self.patch_stride, side)
+        return new_h // self.patch_stride, new_w // self.patch_stride
 
     def normalise_pixels(self, pixels):
         """Pixels in [-1, 1] (what `images.preprocess` returns) -> what the model takes (VAE: as is)."""
