@@ -208,8 +208,11 @@ class FeatureStore:
         drops it when the process dies, so a crashed run never leaves a stale lock.
         """
         path = self.path / node
-        path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise DitfError(f"cannot write to store {self.path}: {exc.strerror or exc}") from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import gc
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -216,24 +216,64 @@ class DiTAdapter(ABC):
         matters only to families with size micro-conditioning (PixArt-XL-1024).
         """
 
-    # ---- helpers shared by the families -----------------------------------------------------
-    @staticmethod
-    def _run_until(modules_and_hooks, call) -> None:
-        """Run `call()` with forward(-pre) hooks installed; `_StopForward` ends it cleanly."""
+    # ---- capture shared by the families ------------------------------------------------------
+    def capture(self, taps: dict[int, "BlockTap"], forward, stop_early: bool = True) -> dict[int, BlockFeatures]:
+        """Run `forward()` once with every block's taps installed; stop after the deepest block.
+
+        Each family only says *where* its tensors live (`BlockTap`); hooking, ordering and the
+        early exit (an exception from the deepest block's feature hook, caught here: independent
+        of the diffusers version) are written once.
+        """
+        captured: dict[int, BlockFeatures] = {}
+        modulation: dict[int, Modulation] = {}
+        deepest = max(taps)
+        hooks = []
+        for k, tap in taps.items():
+            if tap.modulation_module is not None:
+                def on_modulation(module, args, kwargs, *output, k=k, tap=tap):
+                    modulation[k] = tap.read_modulation(args, kwargs, output[0] if output else None)
+
+                hooks.append((tap.modulation_module, tap.modulation_hook, on_modulation))
+
+            def on_feature(module, args, kwargs, *output, k=k, tap=tap):
+                feature = tap.read_feature(args, kwargs, output[0] if output else None)
+                captured[k] = BlockFeatures(pre_adaln=feature, modulation=modulation.get(k))
+                if stop_early and k == deepest:
+                    raise _StopForward
+
+            hooks.append((tap.feature_module, tap.feature_hook, on_feature))
         handles = []
         try:
-            for module, kind, hook in modules_and_hooks:
-                if kind == "pre":
-                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-                else:
-                    handles.append(module.register_forward_hook(hook, with_kwargs=True))
-            try:
-                call()
-            except _StopForward:
-                pass
+            for module, kind, hook in hooks:
+                register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+                handles.append(register(hook, with_kwargs=True))
+            with torch.no_grad():
+                try:
+                    forward()
+                except _StopForward:
+                    pass
         finally:
             for handle in handles:
                 handle.remove()
+        return captured
+
+
+@dataclass
+class BlockTap:
+    """Where block k's tensors are read during a forward.
+
+    `read_feature(args, kwargs, output)` of `feature_module`'s forward ("pre" hook: output is
+    None) returns the pre-AdaLN z as (B, h, w, D) image tokens; for AdaLN blocks,
+    `read_modulation(args, kwargs, output)` of `modulation_module` returns the block's own
+    (shift, scale, gate) and must fire before the feature hook.
+    """
+
+    feature_module: torch.nn.Module
+    feature_hook: str
+    read_feature: Callable
+    modulation_module: torch.nn.Module | None = None
+    modulation_hook: str = "post"
+    read_modulation: Callable | None = None
 
 
 def layer_norm(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -33,12 +33,12 @@ from ..errors import DitfError
 from . import register
 from .base import (
     BlockFeatures,
+    BlockTap,
     Conditioning,
     DiTAdapter,
     ModelSpec,
     Modulation,
     PromptEmbedding,
-    _StopForward,
 )
 
 #: ImageNet statistics, as in their extractor's ``transforms.Normalize``
@@ -138,23 +138,13 @@ class Dinov2Adapter(DiTAdapter):
         pixels = noisy_latents.to(self.device, model.dtype)
         batch, _, height, width = pixels.shape
         grid_h, grid_w = height // self.patch_stride, width // self.patch_stride
-        deepest = indices[-1]
-        captured: dict[int, BlockFeatures] = {}
-        hooks = []
-        for k in indices:
-            def on_block(module, args, kwargs, output, k=k):
-                tokens = output[0] if isinstance(output, (tuple, list)) else output
-                patches = tokens[:, 1:]  # drop CLS (DINOv2 has no register tokens)
-                captured[k] = BlockFeatures(
-                    pre_adaln=patches.reshape(batch, grid_h, grid_w, patches.shape[-1]), modulation=None
-                )
-                if stop_early and k == deepest:
-                    raise _StopForward
 
-            hooks.append((model.encoder.layer[k], "post", on_block))
-        with torch.no_grad():
-            self._run_until(hooks, lambda: model(pixel_values=pixels))
-        return captured
+        def patch_tokens(args, kwargs, output) -> torch.Tensor:
+            tokens = output[0] if isinstance(output, (tuple, list)) else output
+            return tokens[:, 1:].reshape(batch, grid_h, grid_w, -1)  # drop CLS (DINOv2 has no register tokens)
+
+        taps = {k: BlockTap(model.encoder.layer[k], "post", patch_tokens) for k in indices}
+        return self.capture(taps, lambda: model(pixel_values=pixels), stop_early)
 
     def modulation(
         self,

@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from . import register
 from ._diffusers import DiffusersAdapter, chunk_modulation, time_text_parts
 from ._tiny_text import tiny_clip, tiny_clip_tokenizer, tiny_t5, tiny_t5_tokenizer
-from .base import BlockFeatures, Conditioning, ModelSpec, Modulation, PromptEmbedding, _StopForward
+from .base import BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding
 
 
 def tiny_vae(latent_channels: int, **config) -> AutoencoderKL:
@@ -123,37 +123,27 @@ class FluxAdapter(DiffusersAdapter):
         grid_h, grid_w = noisy_latents.shape[2] // 2, noisy_latents.shape[3] // 2
         n_text = inputs["encoder_hidden_states"].shape[1]
         transformer = self.transformer
-        deepest = indices[-1]
-        captured: dict[int, BlockFeatures] = {}
-        modulation: dict[int, Modulation] = {}
-        hooks = []
 
+        def grid(z: torch.Tensor) -> torch.Tensor:
+            return z.reshape(z.shape[0], grid_h, grid_w, z.shape[-1])
+
+        taps = {}
         for k in indices:
             if self.block_kind(k) == "double":
+                # norm2 runs after norm1.linear, on the image stream after attention
                 block = transformer.transformer_blocks[k]
-                ada_linear, z_module, parts, take, image_slice = block.norm1.linear, block.norm2, 6, (3, 4, 5), slice(None)
-            else:
-                block = transformer.single_transformer_blocks[k - self.num_double]
-                ada_linear, z_module, parts, take, image_slice = block.norm.linear, block.norm, 3, (0, 1, 2), slice(n_text, None)
-
-            def on_linear(module, args, kwargs, output, k=k, parts=parts, take=take):
-                modulation[k] = Modulation(*chunk_modulation(output, parts, take))
-
-            def on_z(module, args, kwargs, *rest, k=k, image_slice=image_slice):
-                z = args[0][:, image_slice]
-                captured[k] = BlockFeatures(
-                    pre_adaln=z.reshape(z.shape[0], grid_h, grid_w, z.shape[-1]), modulation=modulation[k]
+                taps[k] = BlockTap(
+                    block.norm2, "pre", lambda args, kwargs, out: grid(args[0]),
+                    block.norm1.linear, "post", lambda args, kwargs, out: Modulation(*chunk_modulation(out, 6, (3, 4, 5))),
                 )
-                if stop_early and k == deepest:
-                    raise _StopForward
-
-            hooks.append((ada_linear, "post", on_linear))
-            # the double block's norm2 runs after norm1.linear; the single block's norm runs its linear inside
-            hooks.append((z_module, "pre" if self.block_kind(k) == "double" else "post", on_z))
-
-        with torch.no_grad():
-            self._run_until(hooks, lambda: transformer(**inputs))
-        return captured
+            else:
+                # the single block's norm sees [text; image] and runs its linear inside
+                block = transformer.single_transformer_blocks[k - self.num_double]
+                taps[k] = BlockTap(
+                    block.norm, "post", lambda args, kwargs, out: grid(args[0][:, n_text:]),
+                    block.norm.linear, "post", lambda args, kwargs, out: Modulation(*chunk_modulation(out, 3, (0, 1, 2))),
+                )
+        return self.capture(taps, lambda: transformer(**inputs), stop_early)
 
     def modulation(
         self,

@@ -39,7 +39,7 @@ from ..errors import DitfError
 from . import register
 from ._diffusers import DiffusersAdapter
 from ._tiny_text import tiny_t5, tiny_t5_tokenizer
-from .base import BlockFeatures, Conditioning, ModelSpec, Modulation, PromptEmbedding, _StopForward
+from .base import BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding
 from .flux import tiny_vae
 
 #: PixArt-alpha's training noise schedule (IDDPM, linear betas); the pipeline's DPM-Solver
@@ -149,32 +149,16 @@ class PixArtAdapter(DiffusersAdapter):
         patch = self.transformer.config.patch_size
         grid_h, grid_w = noisy_latents.shape[2] // patch, noisy_latents.shape[3] // patch
         transformer = self.transformer
-        deepest = indices[-1]
-        captured: dict[int, BlockFeatures] = {}
-        modulation: dict[int, Modulation] = {}
-        hooks = []
-
+        taps = {}
         for k in indices:
             block = transformer.transformer_blocks[k]
-
-            def on_block(module, args, kwargs, k=k):
-                modulation[k] = _mlp_modulation(module, kwargs["timestep"])
-
-            def on_z(module, args, kwargs, k=k):
-                z = args[0]
-                captured[k] = BlockFeatures(
-                    pre_adaln=z.reshape(z.shape[0], grid_h, grid_w, z.shape[-1]), modulation=modulation[k]
-                )
-                if stop_early and k == deepest:
-                    raise _StopForward
-
-            hooks.append((block, "pre", on_block))
-            # with ada_norm_single, norm2 is called once per block: on the stream feeding ff
-            hooks.append((block.norm2, "pre", on_z))
-
-        with torch.no_grad():
-            self._run_until(hooks, lambda: transformer(**inputs))
-        return captured
+            # the block receives adaln_single's output as `timestep`; with ada_norm_single, norm2
+            # is called once per block, on the stream feeding ff
+            taps[k] = BlockTap(
+                block.norm2, "pre", lambda args, kwargs, out: args[0].reshape(args[0].shape[0], grid_h, grid_w, -1),
+                block, "pre", lambda args, kwargs, out, block=block: _mlp_modulation(block, kwargs["timestep"]),
+            )
+        return self.capture(taps, lambda: transformer(**inputs), stop_early)
 
     def modulation(
         self,

@@ -34,7 +34,7 @@ from ..errors import DitfError
 from . import register
 from ._diffusers import DiffusersAdapter, chunk_modulation, time_text_parts
 from ._tiny_text import tiny_clip, tiny_clip_tokenizer, tiny_t5, tiny_t5_tokenizer
-from .base import BlockFeatures, Conditioning, ModelSpec, Modulation, PromptEmbedding, _StopForward
+from .base import BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding
 from .flux import tiny_vae
 
 #: shift_mlp, scale_mlp, gate_mlp in both AdaLayerNormZero (6-way) and SD35AdaLayerNormZeroX (9-way)
@@ -124,33 +124,17 @@ class SD3Adapter(DiffusersAdapter):
         patch = self.transformer.config.patch_size
         grid_h, grid_w = noisy_latents.shape[2] // patch, noisy_latents.shape[3] // patch
         transformer = self.transformer
-        deepest = indices[-1]
-        captured: dict[int, BlockFeatures] = {}
-        modulation: dict[int, Modulation] = {}
-        hooks = []
-
+        taps = {}
         for k in indices:
             block = transformer.transformer_blocks[k]
             parts = self._norm1_parts(block)
-
-            def on_linear(module, args, kwargs, output, k=k, parts=parts):
-                modulation[k] = Modulation(*chunk_modulation(output, parts, _MLP_CHUNKS))
-
-            def on_z(module, args, kwargs, k=k):
-                z = args[0]
-                captured[k] = BlockFeatures(
-                    pre_adaln=z.reshape(z.shape[0], grid_h, grid_w, z.shape[-1]), modulation=modulation[k]
-                )
-                if stop_early and k == deepest:
-                    raise _StopForward
-
-            hooks.append((block.norm1.linear, "post", on_linear))
             # norm2 runs after norm1 (and after both attentions), on the image stream only
-            hooks.append((block.norm2, "pre", on_z))
-
-        with torch.no_grad():
-            self._run_until(hooks, lambda: transformer(**inputs))
-        return captured
+            taps[k] = BlockTap(
+                block.norm2, "pre", lambda args, kwargs, out: args[0].reshape(args[0].shape[0], grid_h, grid_w, -1),
+                block.norm1.linear, "post",
+                lambda args, kwargs, out, parts=parts: Modulation(*chunk_modulation(out, parts, _MLP_CHUNKS)),
+            )
+        return self.capture(taps, lambda: transformer(**inputs), stop_early)
 
     @staticmethod
     def _norm1_parts(block) -> int:

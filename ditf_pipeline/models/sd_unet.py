@@ -38,11 +38,11 @@ from ._diffusers import DiffusersAdapter
 from ._tiny_text import tiny_clip, tiny_clip_tokenizer
 from .base import (
     BlockFeatures,
+    BlockTap,
     Conditioning,
     ModelSpec,
     Modulation,
     PromptEmbedding,
-    _StopForward,
 )
 from .flux import tiny_vae
 
@@ -174,24 +174,18 @@ class SDUNetAdapter(DiffusersAdapter):
         dtype, device = unet.dtype, self.device
         batch = noisy_latents.shape[0]
         cond = self.stack_prompt(prompt, batch, device, dtype)
-        deepest = indices[-1]
-        captured: dict[int, BlockFeatures] = {}
-        hooks = []
-        for k in indices:
-            def on_block(module, args, kwargs, output, k=k):
-                feature = output[0] if isinstance(output, (tuple, list)) else output
-                captured[k] = BlockFeatures(pre_adaln=feature.permute(0, 2, 3, 1), modulation=None)
-                if stop_early and k == deepest:
-                    raise _StopForward
 
-            hooks.append((unet.up_blocks[k], "post", on_block))
+        def up_block_output(args, kwargs, output) -> torch.Tensor:
+            feature = output[0] if isinstance(output, (tuple, list)) else output
+            return feature.permute(0, 2, 3, 1)
+
+        taps = {k: BlockTap(unet.up_blocks[k], "post", up_block_output) for k in indices}
         t = torch.full((batch,), int(timestep), dtype=torch.long, device=device)
-        with torch.no_grad():
-            self._run_until(
-                hooks,
-                lambda: unet(noisy_latents.to(device, dtype), t, encoder_hidden_states=cond["prompt_embeds"], return_dict=False),
-            )
-        return captured
+        return self.capture(
+            taps,
+            lambda: unet(noisy_latents.to(device, dtype), t, encoder_hidden_states=cond["prompt_embeds"], return_dict=False),
+            stop_early,
+        )
 
     def modulation(
         self,
