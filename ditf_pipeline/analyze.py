@@ -154,7 +154,7 @@ def analyze_key(
     rows = sample_rows(arrays.complete(), sample)
     if not rows:
         raise DitfError(f"{arrays.path} has no complete image yet: run `ditf extract` first")
-    dim = int(arrays.group["pre_adaln"].shape[-1])
+    dim = arrays.hidden_size
     has_adaln = {"shift", "scale"} <= set(arrays.modulation_names)
     has_gate = "gate" in arrays.modulation_names
     stages = STAGES if has_adaln else STAGES[:1]  # models without AdaLN (DINOv2, UNets): raw only

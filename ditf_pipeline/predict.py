@@ -68,13 +68,12 @@ def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list
     """`--channels`: explicit indices, or "auto": the 100x-median criterion on cached z."""
     spec = spec.strip()
     if spec == "auto":
-        stored = arrays.group.attrs.get("massive_channels")
-        if stored is not None:
-            return [int(c) for c in stored]
+        if arrays.massive_channels is not None:
+            return arrays.massive_channels
         rows = np.flatnonzero(arrays.complete())[:sample]
         if len(rows) == 0:
             return []
-        tokens = np.concatenate([arrays.read_image(int(r))[0].reshape(-1, arrays.group["pre_adaln"].shape[-1]) for r in rows])
+        tokens = np.concatenate([arrays.read_image(int(r))[0].reshape(-1, arrays.hidden_size) for r in rows])
         return detect_massive_channels(tokens)
     if spec in ("", "none"):
         return []

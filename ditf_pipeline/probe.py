@@ -175,7 +175,7 @@ class FeatureSource:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.arrays.group["pre_adaln"].shape[-1])
+        return self.arrays.hidden_size
 
     def feature(self, key: str, variant: str) -> torch.Tensor:
         pre_adaln, modulation = self.arrays.read_image(self.rows[key])

@@ -353,6 +353,11 @@ class FeatureArrays:
         return dict(self.group.attrs.get("config", {}))
 
     @property
+    def hidden_size(self) -> int:
+        """Channels of the cached features (D)."""
+        return int(self.group["pre_adaln"].shape[-1])
+
+    @property
     def modulation_names(self) -> list[str]:
         return list(self.group.attrs.get("modulation", ["shift", "scale", "gate"]))
 
@@ -378,6 +383,12 @@ class FeatureArrays:
         for name in self.modulation_names:
             self.group[name][row] = np.asarray(modulation[name], dtype=np.float32)
         self.group["complete"][row] = True
+
+    @property
+    def massive_channels(self) -> list[int] | None:
+        """The channel set `ditf analyze` recorded, if any."""
+        stored = self.group.attrs.get("massive_channels")
+        return None if stored is None else [int(c) for c in stored]
 
     @_writes
     def set_massive_channels(self, channels: Sequence[int], info: Mapping | None = None) -> None:

@@ -39,7 +39,6 @@ Image sizes come from the annotation (``width``/``height``), so `pairs()` needs 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ import numpy as np
 
 from ..errors import DitfError
 from . import register
-from .base import Dataset, ImageRecord, Pair
+from .base import Dataset, ImageRecord, Pair, load_json_object
 
 #: ``--split`` names (GeoAware's AP10K_EVAL_SUBSET) -> PairAnnotation folder.
 SPLITS = {"intra-species": "test", "cross-species": "test_cross_species", "cross-family": "test_cross_family"}
@@ -69,19 +68,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _load_json(path: Path, what: str) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DitfError(f"AP-10K {what} {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DitfError(f"cannot read AP-10K {what} {path}: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DitfError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise DitfError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return load_json_object(path, f"AP-10K {what}")
 
 
 def _plain_name(name: str) -> bool:

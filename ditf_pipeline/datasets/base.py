@@ -7,11 +7,34 @@ them on a machine with no DiT and no GPU.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import DitfError
+
+
+def load_json_object(path: Path, what: str) -> dict:
+    """A JSON object from an annotation file, or one `DitfError` line naming the file.
+
+    Annotations are data: parsed with `json` only, never evaluated or unpickled.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DitfError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DitfError(f"cannot read {what} {path}: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DitfError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise DitfError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 @dataclass(frozen=True)

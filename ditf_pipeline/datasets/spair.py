@@ -11,7 +11,6 @@ field is type-checked, and names taken from them can never point outside the dat
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 
 from ..errors import DitfError
 from . import register
-from .base import Dataset, ImageRecord, Pair
+from .base import Dataset, ImageRecord, Pair, load_json_object
 
 SPLITS = ("trn", "val", "test")
 CATEGORIES = (
@@ -43,19 +42,7 @@ class _PairFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise DitfError(f"SPair-71k pair annotation {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DitfError(f"cannot read SPair-71k pair annotation {path}: {exc}") from exc
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DitfError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise DitfError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        self.data = data
+        self.data = load_json_object(path, "SPair-71k pair annotation")
 
     def error(self, field: str, problem: str) -> DitfError:
         return DitfError(f"{self.path}: field {field!r} {problem}")
