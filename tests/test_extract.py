@@ -183,3 +183,18 @@ def test_corrupt_image_and_malformed_pair_leave_store_intact(tmp_path):
     after = _tree(store)
     for name, content in before.items():
         assert after[name] == content, name
+
+
+def test_short_side_resize_sizes_the_grid_from_the_images(demo_root, tmp_path):
+    extractor, report = _extract(demo_root, tmp_path / "s.zarr", ks=[1], img_size=64, ensemble_size=1, resize="short")
+    store = FeatureStore(tmp_path / "s.zarr", read_only=True)
+    arrays = store.open_features("spair", "tiny-flux", 1, 260)
+    assert arrays.config["resize_side"] == "short"
+    from ditf_pipeline.images import image_size, model_size
+
+    dataset = get_dataset("spair", demo_root, "test")
+    rows = store.image_rows("spair")
+    for record in dataset.images():
+        width, height = model_size(*image_size(record.path), 64, 16, side="short")
+        pre_adaln, _ = arrays.read_image(rows[record.key])
+        assert pre_adaln.shape[:2] == (height // 16, width // 16) and min(height, width) == 64

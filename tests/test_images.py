@@ -193,3 +193,12 @@ def test_image_size_header_only(tmp_path):
         image_size(tmp_path / "bad.jpg")
     with pytest.raises(DitfError, match="no such file"):
         image_size(tmp_path / "missing.png")
+
+
+def test_short_side_rule_of_the_davis_script():
+    # DiTF's DAVIS script: short side -> 960, long side floored to a multiple of 32
+    assert model_size(854, 480, 960, 16, side="short") == (1696, 960)
+    assert model_size(480, 854, 960, 16, side="short") == (960, 1696)
+    assert model_size(100, 100, 64, 16, side="short") == (64, 64)
+    with pytest.raises(DitfError, match="resize side"):
+        model_size(100, 100, 64, 16, side="middle")
