@@ -160,7 +160,7 @@ def demo(
                                                     progress=progress)
             results += score_results(data, feature_store, baseline, bk, bt, bsettings, None)
         typer.echo(f"\nablation{' and baseline' if baseline else ''} {note}:")
-        typer.echo(render_comparison(results, "table").rstrip())
+        typer.echo(render_comparison(results, "table", aggregation=data.primary_aggregation).rstrip())
     if dataset == "spair" and views:
         _demo_views(model, data, data_root, store, k, t, out / "analysis", progress)
     typer.echo(f"\ndemo: store at {store}; rerun any stage with --dataset {dataset} --data-root {data_root} "

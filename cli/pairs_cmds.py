@@ -244,7 +244,7 @@ def ablate(
     ] = None,
     protocol: ProtocolOpt = "dift",
     channels: ChannelsOpt = "auto",
-    aggregation: Annotated[str, typer.Option(help="per_point (paper Table 2/4) or per_image (Table 3).")] = "per_point",
+    aggregation: Annotated[Optional[str], typer.Option(help="per_point (paper Table 2/4) or per_image (Table 3); default: the benchmark's (AP-10K per image).")] = None,
     alpha: AlphaOpt = None,
     fmt: FormatOpt = "table",
     out: OutOpt = None,
@@ -261,4 +261,4 @@ def ablate(
     if data.task != "pairs":
         raise DitfError(f"ablate compares PCK tables; for {data.name} run `ditf score --variant ...` per variant")
     results = score_results(data, feature_store, model, k_, t_, settings, alpha)
-    _emit(render_comparison(results, fmt, aggregation=aggregation), out)
+    _emit(render_comparison(results, fmt, aggregation=aggregation or data.primary_aggregation), out)

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,7 +57,6 @@ class ExtractReport:
     extracted: int
     skipped: int
     seconds: float
-    per_key: dict = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -325,7 +324,3 @@ class Extractor:
             thread.join()
         if failure:
             raise failure[0]
-
-
-def settings_dict(settings: ExtractSettings) -> dict:
-    return asdict(settings)

@@ -86,6 +86,8 @@ class Dataset(ABC):
     alphas: tuple[float, ...] = (0.01, 0.05, 0.1)
     #: human-readable rule for the PCK threshold, printed with every score
     threshold_rule: str = ""
+    #: the aggregation the benchmark's papers report (comparison tables default to it)
+    primary_aggregation: str = "per_point"
 
     def __init__(self, root: Path | str, split: str | None = None) -> None:
         self.root = Path(root)

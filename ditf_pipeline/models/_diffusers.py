@@ -9,7 +9,6 @@ are built from config with seeded random weights and go through the same code af
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,9 +123,7 @@ class DiffusersAdapter(DiTAdapter):
 
     def release_text_encoders(self) -> None:
         self._text_pipe = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        super().release_text_encoders()
 
     def _load_dit_part(self, name: str):
         if self.source is None:

@@ -131,10 +131,10 @@ class DiTAdapter(ABC):
         """Encode prompts with the family's text encoders (loaded on first use)."""
 
     def release_text_encoders(self) -> None:
-        """Free the text encoders so they are never resident while the DiT runs."""
-        for name in ("_text_pipe",):
-            if getattr(self, name, None) is not None:
-                setattr(self, name, None)
+        """Free the text encoders so they are never resident while the DiT runs.
+
+        Subclasses drop their references first, then call this to return the memory.
+        """
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
