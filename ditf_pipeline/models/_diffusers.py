@@ -172,6 +172,14 @@ class DiffusersAdapter(DiTAdapter):
         }
 
 
+class RectifiedFlowNoise:
+    """Noise of the rectified-flow families (Flux, SD3): x_t = s * noise + (1 - s) * x0, s = t / 1000."""
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+        sigma = timestep / 1000.0
+        return sigma * noise + (1.0 - sigma) * latents
+
+
 def time_text_parts(
     time_text_embed: torch.nn.Module,
     timestep: torch.Tensor,

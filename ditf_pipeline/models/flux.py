@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from . import register
-from ._diffusers import DiffusersAdapter, chunk_modulation, time_text_parts
+from ._diffusers import DiffusersAdapter, RectifiedFlowNoise, chunk_modulation, time_text_parts
 from ._tiny_text import tiny_clip, tiny_clip_tokenizer, tiny_t5, tiny_t5_tokenizer
 from .base import BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding
 
@@ -42,7 +42,7 @@ def tiny_vae(latent_channels: int, **config) -> AutoencoderKL:
     )
 
 
-class FluxAdapter(DiffusersAdapter):
+class FluxAdapter(RectifiedFlowNoise, DiffusersAdapter):
     pipeline_cls = FluxPipeline
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
@@ -81,11 +81,6 @@ class FluxAdapter(DiffusersAdapter):
                 )
                 out.append({"prompt_embeds": embeds[0].float().cpu(), "pooled_prompt_embeds": pooled[0].float().cpu()})
         return out
-
-    # ---- noise ------------------------------------------------------------------------------
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
-        sigma = timestep / 1000.0
-        return sigma * noise + (1.0 - sigma) * latents
 
     # ---- the DiT ----------------------------------------------------------------------------
     def _inputs(self, noisy_latents: torch.Tensor, prompt: PromptEmbedding, timestep: int) -> dict:

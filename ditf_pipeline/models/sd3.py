@@ -32,7 +32,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 
 from ..errors import DitfError
 from . import register
-from ._diffusers import DiffusersAdapter, chunk_modulation, time_text_parts
+from ._diffusers import DiffusersAdapter, RectifiedFlowNoise, chunk_modulation, time_text_parts
 from ._tiny_text import tiny_clip, tiny_clip_tokenizer, tiny_t5, tiny_t5_tokenizer
 from .base import BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding
 from .flux import tiny_vae
@@ -41,7 +41,7 @@ from .flux import tiny_vae
 _MLP_CHUNKS = (3, 4, 5)
 
 
-class SD3Adapter(DiffusersAdapter):
+class SD3Adapter(RectifiedFlowNoise, DiffusersAdapter):
     pipeline_cls = StableDiffusion3Pipeline
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
@@ -82,11 +82,6 @@ class SD3Adapter(DiffusersAdapter):
                 )
                 out.append({"prompt_embeds": embeds[0].float().cpu(), "pooled_prompt_embeds": pooled[0].float().cpu()})
         return out
-
-    # ---- noise ------------------------------------------------------------------------------
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
-        sigma = timestep / 1000.0
-        return sigma * noise + (1.0 - sigma) * latents
 
     # ---- the DiT ----------------------------------------------------------------------------
     def _inputs(self, noisy_latents: torch.Tensor, prompt: PromptEmbedding, timestep: int) -> dict:
