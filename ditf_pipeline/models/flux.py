@@ -124,21 +124,30 @@ class FluxAdapter(RectifiedFlowNoise, DiffusersAdapter):
 
         taps = {}
         for k in indices:
+            norm, parts, take = self._adaln(k)
+
+            def read_modulation(args, kwargs, out, parts=parts, take=take) -> Modulation:
+                return Modulation(*chunk_modulation(out, parts, take))
+
             if self.block_kind(k) == "double":
                 # norm2 runs after norm1.linear, on the image stream after attention
-                block = transformer.transformer_blocks[k]
-                taps[k] = BlockTap(
-                    block.norm2, "pre", lambda args, kwargs, out: grid(args[0]),
-                    block.norm1.linear, "post", lambda args, kwargs, out: Modulation(*chunk_modulation(out, 6, (3, 4, 5))),
-                )
+                feature = (transformer.transformer_blocks[k].norm2, "pre", lambda args, kwargs, out: grid(args[0]))
             else:
                 # the single block's norm sees [text; image] and runs its linear inside
-                block = transformer.single_transformer_blocks[k - self.num_double]
-                taps[k] = BlockTap(
-                    block.norm, "post", lambda args, kwargs, out: grid(args[0][:, n_text:]),
-                    block.norm.linear, "post", lambda args, kwargs, out: Modulation(*chunk_modulation(out, 3, (0, 1, 2))),
-                )
+                feature = (norm, "post", lambda args, kwargs, out: grid(args[0][:, n_text:]))
+            taps[k] = BlockTap(*feature, norm.linear, "post", read_modulation)
         return self.capture(taps, lambda: transformer(**inputs), stop_early)
+
+    def _adaln(self, k: int) -> tuple[torch.nn.Module, int, tuple[int, int, int]]:
+        """Block k's AdaLN module, the split of its linear, and which chunks are (shift, scale, gate).
+
+        Double blocks: the MLP-side items 3, 4, 5 of norm1's 6-way split; single blocks: the
+        only modulation, items 0, 1, 2 of the 3-way split.
+        """
+        transformer = self.transformer
+        if self.block_kind(k) == "double":
+            return transformer.transformer_blocks[k].norm1, 6, (3, 4, 5)
+        return transformer.single_transformer_blocks[k - self.num_double].norm, 3, (0, 1, 2)
 
     def modulation(
         self,
@@ -162,10 +171,7 @@ class FluxAdapter(RectifiedFlowNoise, DiffusersAdapter):
             temb = {"tc": t_part + c_part, "t": t_part, "c": c_part}[conditioning]
             out = {}
             for k in indices:
-                if self.block_kind(k) == "double":
-                    norm, parts, take = transformer.transformer_blocks[k].norm1, 6, (3, 4, 5)
-                else:
-                    norm, parts, take = transformer.single_transformer_blocks[k - self.num_double].norm, 3, (0, 1, 2)
+                norm, parts, take = self._adaln(k)
                 out[k] = Modulation(*(v[0] for v in chunk_modulation(norm.linear(norm.silu(temb)), parts, take)))
         return out
 
