@@ -15,8 +15,12 @@ ChannelsOpt = Annotated[str, typer.Option(help="Channels to discard for +cd vari
 
 
 def _selected_keys(feature_store, dataset: str, model: str, k, t) -> list[tuple[int, int]]:
+    """Every stored key within the --k/--t given; with neither, the one `select_key` picks."""
     from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.validate import select_key
 
+    if not k and not t:
+        return [select_key(feature_store, dataset, model)]
     stored = [(kk, tt) for _, m, kk, tt in feature_store.feature_keys(dataset) if m == model]
     keys = [(kk, tt) for kk, tt in stored if (not k or kk in k) and (not t or tt in t)]
     if not keys:
@@ -92,6 +96,14 @@ def analyze_options(
         raise DitfError(f"--aggregation must be per_point or per_image, got {aggregation!r}")
     if sample < 0 or pca_images < 0:
         raise DitfError("--sample and --pca-images must be >= 0")
+    from ditf_pipeline.validate import check_alphas, check_output_folder, check_protocol, check_variants
+
+    check_variants([variant])
+    check_protocol(protocol)
+    check_alphas([alpha])
+    check_output_folder(out)
+    if not ratio > 0:
+        raise DitfError(f"--ratio must be a positive number, got {ratio}")
     data = get_dataset(dataset, data_root, split)
     if not Path(store).exists():
         raise DitfError(f"store {store} does not exist: run `ditf extract` first")
@@ -211,13 +223,21 @@ def show_options(
         raise DitfError(f"--out must be a .png file, got {out}")
     if grid < 1:
         raise DitfError("--grid must be >= 1")
+    from ditf_pipeline.validate import check_alphas, check_output_file, check_protocol, check_variants
+
+    check_variants([variant])
+    check_protocol(protocol)
+    check_alphas([alpha])
+    check_output_file(out, suffix=".png")
     data = get_dataset(dataset, data_root, split)
     if data.task != "pairs":
         raise DitfError(f"dataset {data.name} is a {data.task} benchmark, not keypoint pairs")
     feature_store = FeatureStore(store, read_only=True)
     if len(k or []) > 1 or len(t or []) > 1:
         raise DitfError("show takes one --k and one --t")
-    kk, tt = feature_store.find_feature_key(data.name, model, k[0] if k else None, t[0] if t else None)
+    from .pairs_cmds import _checked_key
+
+    kk, tt = _checked_key(feature_store, data, model, k, t, [variant])
     chosen = an.find_pairs(data.pairs(), pair)
     paths = {record.key: record.path for record in data.images()}
     name = f"{variant}/{protocol}"

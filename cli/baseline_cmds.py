@@ -32,7 +32,7 @@ RowOpt = Annotated[
     Optional[list[str]],
     typer.Option(
         "--row", "-r",
-        help="One table row: MODEL[/kK/tT][:VARIANT[:FUSE]], e.g. sd2.1:raw, dinov2-b14, flux:adaln+cd, "
+        help="One table row: MODEL\\[/kK/tT]\\[:VARIANT\\[:FUSE]], e.g. sd2.1:raw, dinov2-b14, flux:adaln+cd, "
         "flux:adaln+cd:dinov2-b14 (fused with DINOv2). VARIANT defaults to raw for models without AdaLN, "
         "else adaln+cd. Repeat for several rows (default: every model stored for the dataset).",
     ),
@@ -95,12 +95,23 @@ def compare(
     from ditf_pipeline.report import render_comparison
     from ditf_pipeline.store import FeatureStore
 
-    from .pairs_cmds import _emit
+    from ditf_pipeline.validate import check_alphas, check_choice, check_output_file, check_protocol, check_variants
 
+    from .pairs_cmds import _checked_key, _emit
+
+    check_protocol(protocol)
+    check_choice("aggregation", aggregation, ("per_point", "per_image"))
+    check_alphas(alpha)
+    check_output_file(out)
+    specs = [parse_row(spec) for spec in row or []]
+    check_variants([variant for _, _, _, variant, _ in specs if variant])
     data = get_dataset(dataset, data_root, split)
+    checked = FeatureStore(store, read_only=True)
+    keys = [_checked_key(checked, data, model, [k] if k is not None else None, [t] if t is not None else None,
+                         [variant] if variant else []) for model, k, t, variant, _ in specs]
     feature_store = FeatureStore(store)
     if row:
-        specs = [parse_row(spec) for spec in row]
+        specs = [(model, kk, tt, variant, fuse) for (model, _, _, variant, fuse), (kk, tt) in zip(specs, keys)]
     else:
         models = sorted({model for _, model, _, _ in feature_store.feature_keys(data.name)})
         if not models:
@@ -108,7 +119,8 @@ def compare(
         specs = [(model, None, None, None, None) for model in models]
     results, labels = [], []
     for model, k, t, variant, fuse in specs:
-        k, t = feature_store.find_feature_key(data.name, model, k, t)
+        if k is None or t is None:
+            k, t = _checked_key(feature_store, data, model, None, None, [])
         if variant is None:
             has_adaln = bool(feature_store.open_features(data.name, model, k, t).modulation_names)
             variant = "adaln+cd" if has_adaln else "raw"

@@ -41,23 +41,26 @@ def extract_options(
 ):
     """Run the extract stage; unset settings come from the benchmark's and the model's defaults."""
     from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.extract import Extractor, default_settings
+    from ditf_pipeline.extract import Extractor, check_run, default_settings
     from ditf_pipeline.models import get_spec, load_adapter, resolve_device
     from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.validate import check_at_least
 
     spec = get_spec(model)
+    check_at_least("--workers", workers)
     data = get_dataset(dataset, data_root, split)
     if dtype == "auto":
         dtype = "bf16" if resolve_device(device).type == "cuda" else "fp32"
     settings = default_settings(spec, data, ks=k, ts=t, img_size=img_size, ensemble_size=ensemble_size,
                                 batch_size=batch_size, seed=seed, prompt=prompt, resize=resize)
+    adapter = load_adapter(model, weights=weights, revision=revision, dtype=dtype, device=device)  # lazy: no weights yet
+    check_run(adapter, settings, data)  # every argument and the annotations, before the store is opened
     if workers or scheduler:  # the same run with the images spread over dask workers
         from ditf_pipeline.distributed import AdapterArgs, extract_distributed, shared_client
 
         report = extract_distributed(shared_client(workers, scheduler), AdapterArgs(model, weights, revision, dtype, device),
                                      store, settings, data, progress=progress)
     else:
-        adapter = load_adapter(model, weights=weights, revision=revision, dtype=dtype, device=device)
         report = Extractor(adapter, FeatureStore(store), settings).run(data, progress=progress)
     typer.echo(
         f"extract: {report.extracted} image(s) extracted, {report.skipped} already complete, "

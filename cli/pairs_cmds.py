@@ -31,7 +31,6 @@ FormatOpt = Annotated[str, typer.Option("--format", help="table | json | csv | m
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Also write the result to this file.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Recompute predictions stored with other settings.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (matching and propagation)")]
-ALL_VARIANTS = ["raw", "adaln", "adaln+cd", "adaln+cd-post", "adaln-t", "adaln-c"]
 
 
 def _single_k_t(k: list[int] | None, t: list[int] | None) -> tuple[int | None, int | None]:
@@ -45,8 +44,13 @@ def _single_k_t(k: list[int] | None, t: list[int] | None) -> tuple[int | None, i
 def _emit(text: str, out: Path | None) -> None:
     typer.echo(text.rstrip("\n"))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            from ditf_pipeline.errors import DitfError
+
+            raise DitfError(f"cannot write --out {out}: {exc.strerror or exc}") from None
         typer.echo(f"written to {out}")
 
 
@@ -61,15 +65,36 @@ def default_variants(model, dataset, data_root, split, store, k, t, every: bool 
     """
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.validate import select_key, supported_variants
 
     data = get_dataset(dataset, data_root, split)
     feature_store = FeatureStore(store, read_only=True)
-    k_, t_ = feature_store.find_feature_key(data.name, model, *_single_k_t(k, t))
+    k_, t_ = select_key(feature_store, data.name, model, *_single_k_t(k, t))
+    supported = supported_variants(_modulation_names(feature_store, data, model, k_, t_))
+    return supported if every or supported == ["raw"] else ["adaln+cd"]
+
+
+def _checked_key(feature_store, data, model, k, t, variants) -> tuple[int, int]:
+    """The (k, t) to use (see `select_key`) after checking that its features give `variants`."""
+    from ditf_pipeline.validate import check_variant_supported, select_key
+
+    k_, t_ = select_key(feature_store, data.name, model, *_single_k_t(k, t))
     stored = _modulation_names(feature_store, data, model, k_, t_)
-    if "shift" not in stored:
-        return ["raw"]
-    supported = [v for v in ALL_VARIANTS if not v.startswith("adaln-") or f"shift_{v[-1]}" in stored]
-    return supported if every else ["adaln+cd"]
+    for variant in variants or []:
+        check_variant_supported(variant, model, stored)
+    return k_, t_
+
+
+def _check_pair_arguments(variants=None, protocol="dift", alphas=None, out=None, device="auto", workers=None) -> None:
+    """The arguments match, score, run and ablate share, checked before anything is read or written."""
+    from ditf_pipeline.validate import check_alphas, check_at_least, check_device, check_output_file, check_protocol, check_variants
+
+    check_variants(variants or [])
+    check_protocol(protocol)
+    check_alphas(alphas)
+    check_output_file(out)
+    check_device(device)
+    check_at_least("--workers", workers)
 
 
 def match_options(model, dataset, data_root, split, store, k, t, variants=None, protocol="dift", channels="auto",
@@ -80,9 +105,10 @@ def match_options(model, dataset, data_root, split, store, k, t, variants=None, 
     from ditf_pipeline.stages import StageSettings, match
     from ditf_pipeline.store import FeatureStore
 
+    _check_pair_arguments(variants, protocol, device=device, workers=workers)
     data = get_dataset(dataset, data_root, split)
+    k, t = _checked_key(FeatureStore(store, read_only=True), data, model, k, t, variants)
     feature_store = FeatureStore(store)
-    k, t = feature_store.find_feature_key(data.name, model, *_single_k_t(k, t))
     client = None
     if workers or scheduler:  # blocks of pairs spread over dask workers
         from ditf_pipeline.distributed import shared_client
@@ -172,9 +198,10 @@ def score(
     from ditf_pipeline.stages import StageSettings
     from ditf_pipeline.store import FeatureStore
 
+    _check_pair_arguments(variant, protocol, alpha, out)
     data = get_dataset(dataset, data_root, split)
     feature_store = FeatureStore(store, read_only=True)
-    k_, t_ = feature_store.find_feature_key(data.name, model, *_single_k_t(k, t))
+    k_, t_ = _checked_key(feature_store, data, model, k, t, variant)
     if variant is None:
         stored = _modulation_names(feature_store, data, model, k_, t_)
         variant = ["adaln+cd"] if "shift" in stored else ["raw"]
@@ -215,6 +242,7 @@ def run(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """extract + match + score in one command (each stage resumes from the cache)."""
+    _check_pair_arguments(variant, protocol, alpha, out, device, workers)
     report = extract_options(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
                              prompt, weights, revision, dtype, device, progress, workers, scheduler, resize)
     results = []
@@ -253,7 +281,11 @@ def ablate(
     """Table 4 / Table 5 style comparison of feature variants on a pair benchmark, all from the cache."""
     from ditf_pipeline.errors import DitfError
     from ditf_pipeline.report import render_comparison
+    from ditf_pipeline.validate import check_choice
 
+    _check_pair_arguments(variant, protocol, alpha, out)
+    if aggregation is not None:
+        check_choice("aggregation", aggregation, ("per_point", "per_image"))
     variants = variant or default_variants(model, dataset, data_root, split, store, k, t)
     data, feature_store, k_, t_, settings = match_options(
         model, dataset, data_root, split, store, k, t, variants, protocol, channels, None, False, progress

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import SCHEMA_VERSION, __version__
-from .datasets.base import Dataset, ImageRecord
+from .datasets.base import Dataset, ImageRecord, check_annotated_sizes
 from .errors import DitfError
 from .images import image_size, load_rgb
 from .models.base import DiTAdapter, PromptEmbedding
@@ -72,19 +72,45 @@ def default_settings(spec, dataset: Dataset, **given) -> ExtractSettings:
     """
     data = dataset.defaults
     flux = spec.family == "flux" and not spec.tiny
+    given = {name: value for name, value in given.items() if value is not None}  # 0 is a value, not "unset"
     prompt = given.get("prompt") or data.get("prompt") or "template"
     if prompt not in ("template", "none") and not prompt.startswith(("captions:", "text:")):
         prompt = f"text:{prompt}"  # a dataset's literal prompt, e.g. DAVIS's "a photo of a image"
     return ExtractSettings(
         ks=list(given.get("ks") or [data["k"] if flux and "k" in data else spec.default_k]),
         ts=list(given.get("ts") or [data["t"] if flux and "t" in data else spec.default_t]),
-        img_size=given.get("img_size") or (data["img_size"] if flux and "img_size" in data else spec.img_size),
-        resize=given.get("resize") or (data["resize"] if flux and "resize" in data else "long"),
-        ensemble_size=given.get("ensemble_size") or data.get("ensemble_size", 8),
+        img_size=given.get("img_size", data["img_size"] if flux and "img_size" in data else spec.img_size),
+        resize=given.get("resize", data["resize"] if flux and "resize" in data else "long"),
+        ensemble_size=given.get("ensemble_size", data.get("ensemble_size", 8)),
         batch_size=given.get("batch_size"),
-        seed=given.get("seed") or 0,
+        seed=given.get("seed", 0),
         prompt=prompt,
     )
+
+
+def check_settings(settings: ExtractSettings, patch_stride: int) -> None:
+    """Every extract setting in range, before the store is opened: a key configured with a bad
+    value would refuse every later valid run."""
+    from .validate import check_at_least, check_blocks, check_choice, check_img_size, check_timesteps
+
+    check_img_size(settings.img_size, patch_stride)
+    check_choice("--resize side", settings.resize, ("long", "short"))
+    check_at_least("--ensemble-size", settings.ensemble_size)
+    check_at_least("--batch-size", settings.batch_size)
+    check_at_least("decoding workers", settings.workers)
+    check_blocks(settings.ks)
+    check_timesteps(settings.ts)
+    if not settings.ks or not settings.ts:
+        raise DitfError("extract needs at least one --k and one --t")
+
+
+def check_run(adapter: DiTAdapter, settings: ExtractSettings, dataset: Dataset | None = None) -> None:
+    """Everything an extract can check before it opens the store: settings, block indices
+    for this model and, with `dataset`, the annotations (parsed and checked by the reader)."""
+    check_settings(settings, adapter.patch_stride)
+    adapter.check_indices(settings.ks)
+    if dataset is not None:
+        dataset.images()
 
 
 def image_seed(seed: int, key: str, timestep: int) -> int:
@@ -161,15 +187,12 @@ class Extractor:
         self.adapter = adapter
         self.store = store
         self.settings = settings
+        check_settings(settings, adapter.patch_stride)
         settings.ks = adapter.check_indices(settings.ks)
         if not adapter.stochastic:
             settings.ensemble_size = 1  # no noise: every ensemble member would be identical
         if not adapter.conditioned:
             settings.prompt = "none"
-        if settings.ensemble_size < 1:
-            raise DitfError("--ensemble-size must be at least 1")
-        if any(not 0 <= t < 1000 for t in settings.ts):
-            raise DitfError("timesteps must be in 0..999")
 
     # ---- prompts ------------------------------------------------------------------------------
     def encode_prompts(self, texts: set[str]) -> dict[str, PromptEmbedding]:
@@ -236,6 +259,9 @@ class Extractor:
         if not records:
             raise DitfError(f"dataset {dataset.name} at {dataset.root} has no images")
         sizes = [image_size(record.path) for record in records]
+        if dataset.task == "pairs":
+            check_annotated_sizes(dataset.pairs(), records, sizes)
+        self._check_decodable(self._pending(dataset, records))  # a bad file fails before the index grows
         rows = store.register_images(dataset.name, [r.key for r in records], sizes)
         n_rows = len(rows)
         config = store_config(adapter, settings)
@@ -255,6 +281,30 @@ class Extractor:
                         modulation_names=modulation_names(adapter), adaln=adapter.has_adaln,
                     )
             return self._run_locked(dataset, records, rows, arrays, start_time, progress)
+
+    def _pending(self, dataset: Dataset, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+        """The records this run will decode: not yet complete in every requested key (read-only)."""
+        rows = self.store.image_rows(dataset.name)
+        pending = set()
+        for t in self.settings.ts:
+            for k in self.settings.ks:
+                try:
+                    complete = self.store.open_features(dataset.name, self.adapter.spec.name, k, t).complete()
+                except DitfError:  # key not created yet: every image is pending
+                    return list(records)
+                pending.update(r.key for r in records
+                               if r.key not in rows or rows[r.key] >= len(complete) or not complete[rows[r.key]])
+        return [r for r in records if r.key in pending]
+
+    def _check_decodable(self, records: Sequence[ImageRecord]) -> None:
+        """Fully decode every image about to be extracted, before anything is written.
+
+        Headers alone miss truncated files; a file that fails mid-run would otherwise leave a new
+        index row and grown arrays behind. Decoding twice costs far less than one DiT forward.
+        """
+        with ThreadPoolExecutor(max_workers=max(1, self.settings.workers)) as pool:
+            for _ in pool.map(lambda record: load_rgb(record.path).size, records):
+                pass
 
     def _run_locked(self, dataset, records, rows, arrays, start_time, progress) -> ExtractReport:
         settings, store = self.settings, self.store

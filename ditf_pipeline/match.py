@@ -558,4 +558,6 @@ def make_matcher(protocol: str, **options) -> Matcher:
         return DiftMatcher(**options)
     if protocol == "geoaware":
         return GeoAwareMatcher(**options)
-    raise DitfError(f"unknown matching protocol {protocol!r}; known protocols: {', '.join(PROTOCOL_RULES)}")
+    from .validate import unknown
+
+    raise unknown("matching protocol", protocol, list(PROTOCOL_RULES), "protocols")

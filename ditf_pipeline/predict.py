@@ -28,6 +28,7 @@ from .features import (
 from .match import make_matcher
 from .naming import fusion_label, prediction_name
 from .store import FeatureArrays, FeatureStore
+from .validate import unknown
 
 #: pairs committed together (one zarr chunk of predictions)
 BLOCK = 256
@@ -78,9 +79,13 @@ def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list
     if spec in ("", "none"):
         return []
     try:
-        return sorted({int(part) for part in spec.split(",") if part.strip()})
+        channels = sorted({int(part) for part in spec.split(",") if part.strip()})
     except ValueError:
         raise DitfError(f"--channels must be 'auto', 'none' or comma-separated integers, got {spec!r}") from None
+    bad = [c for c in channels if not 0 <= c < arrays.hidden_size]
+    if bad:  # checked here, before a rerun with --overwrite deletes anything
+        raise DitfError(f"--channels {bad[0]} is out of range: the features have channels 0..{arrays.hidden_size - 1}")
+    return channels
 
 
 class FeatureCache:
@@ -137,7 +142,7 @@ def predict(
 
     start = time.perf_counter()
     if settings.variant not in variant_names():
-        raise DitfError(f"unknown variant {settings.variant!r}; known variants: {', '.join(variant_names())}")
+        raise unknown("variant", settings.variant, variant_names())
     make_matcher(settings.protocol)  # validates the protocol name before any work
     if dataset.task != "pairs":
         raise DitfError(f"dataset {dataset.name} is a {dataset.task} benchmark, not keypoint pairs")

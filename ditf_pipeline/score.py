@@ -48,7 +48,9 @@ PROTOCOL_RULES = {"dift": "<=", "geoaware": "<"}
 
 def rule_for(protocol: str) -> str:
     if protocol not in PROTOCOL_RULES:
-        raise DitfError(f"unknown protocol {protocol!r}; known protocols: {', '.join(PROTOCOL_RULES)}")
+        from .validate import unknown
+
+        raise unknown("protocol", protocol, list(PROTOCOL_RULES))
     return PROTOCOL_RULES[protocol]
 
 

@@ -69,7 +69,9 @@ def _features(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int,
     from .predict import FeatureCache, resolve_channels
 
     if settings.variant not in variant_names():
-        raise DitfError(f"unknown variant {settings.variant!r}; known variants: {', '.join(variant_names())}")
+        from .validate import unknown
+
+        raise unknown("variant", settings.variant, variant_names())
     arrays = store.open_features(dataset.name, model, k, t)
     rows = store.image_rows(dataset.name)
     complete = arrays.complete()

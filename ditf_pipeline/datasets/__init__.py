@@ -55,7 +55,9 @@ def get_dataset(name: str, root: Path | str, split: str | None = None, **options
     """
     _discover()
     if name not in _REGISTRY:
-        raise DitfError(f"unknown dataset {name!r}; known datasets: {', '.join(dataset_names())}")
+        from ..validate import unknown
+
+        raise unknown("dataset", name, dataset_names())
     root = Path(root)
     if not root.exists():
         raise DitfError(f"dataset root {root} does not exist")

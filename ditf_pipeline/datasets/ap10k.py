@@ -47,7 +47,7 @@ import numpy as np
 
 from ..errors import DitfError
 from . import register
-from .base import Dataset, ImageRecord, Pair, load_json_object
+from .base import Dataset, ImageRecord, Pair, check_pair_geometry, load_json_object
 
 #: ``--split`` names (GeoAware's AP10K_EVAL_SUBSET) -> PairAnnotation folder.
 SPLITS = {"intra-species": "test", "cross-species": "test_cross_species", "cross-family": "test_cross_family"}
@@ -238,6 +238,8 @@ class AP10K(Dataset):
             if not files:
                 raise DitfError(f"no AP-10K {self.folder} pairs found in {self.pair_dir}")
             self._pairs = [self._parse_pair(path) for path in files]
+            for pair in self._pairs:
+                check_pair_geometry(pair)
         return list(self._pairs)
 
     def images(self) -> list[ImageRecord]:

@@ -37,6 +37,49 @@ def load_json_object(path: Path, what: str) -> dict:
     return data
 
 
+def check_pair_geometry(pair: "Pair", where: str | None = None) -> None:
+    """Keypoints inside their images and boxes with x1 < x2, y1 < y2 inside the target image.
+
+    An annotation that breaks this is wrong for the image at hand (another file, a resized copy,
+    swapped fields): matching would run and every PCK built on it would be silently wrong.
+    """
+    where = where or pair.extra.get("annotation", pair.pair_id)
+    for side, kps, (width, height) in (("source", pair.src_kps, pair.src_size), ("target", pair.trg_kps, pair.trg_size)):
+        outside = np.flatnonzero((kps[:, 0] < 0) | (kps[:, 0] > width) | (kps[:, 1] < 0) | (kps[:, 1] > height))
+        if outside.size:
+            x, y = kps[outside[0]]
+            raise DitfError(f"{where}: {side} keypoint {int(outside[0])} ({x:g}, {y:g}) lies outside the "
+                            f"{width}x{height} {side} image")
+    boxes = [("target box", pair.trg_bbox, pair.trg_size)]
+    if isinstance(pair.extra.get("src_bndbox"), list) and len(pair.extra["src_bndbox"]) == 4:
+        boxes.append(("source box", tuple(pair.extra["src_bndbox"]), pair.src_size))
+    for name, box, (width, height) in boxes:
+        if box is None:
+            continue
+        x1, y1, x2, y2 = box
+        if not (x1 < x2 and y1 < y2):
+            raise DitfError(f"{where}: {name} {list(box)} needs x1 < x2 and y1 < y2")
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            raise DitfError(f"{where}: {name} {list(box)} lies outside the {width}x{height} image")
+
+
+def check_annotated_sizes(pairs: "list[Pair]", records: "list[ImageRecord]", sizes: "list[tuple[int, int]]") -> None:
+    """The size an annotation states for an image must be the size of the decoded file.
+
+    Keypoints and PCK thresholds are in the annotated frame: a file of another size (a resized
+    copy, the wrong image) would be scored silently wrong, so it is refused, naming both files.
+    """
+    actual = {record.key: (record.path, size) for record, size in zip(records, sizes)}
+    for pair in pairs:
+        for key, stated in ((pair.src_key, pair.src_size), (pair.trg_key, pair.trg_size)):
+            if key in actual and tuple(actual[key][1]) != tuple(stated):
+                path, (width, height) = actual[key]
+                raise DitfError(
+                    f"image {path} is {width}x{height} but {pair.extra.get('annotation', pair.pair_id)} says "
+                    f"{stated[0]}x{stated[1]}: use the benchmark's original images"
+                )
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One image the extractor must run through the DiT.

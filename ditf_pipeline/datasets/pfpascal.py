@@ -51,7 +51,7 @@ import numpy as np
 from ..errors import DitfError
 from ..images import image_size
 from . import register
-from .base import Dataset, ImageRecord, Pair
+from .base import Dataset, ImageRecord, Pair, check_pair_geometry
 
 CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -242,6 +242,8 @@ class PFPascal(Dataset):
         """
         if self._pairs is None:
             pairs = [self._parse_row(i, lineno, row) for i, (lineno, row) in enumerate(self._rows(), 1)]
+            for pair in pairs:
+                check_pair_geometry(pair)
             if not pairs:
                 raise DitfError(f"no PF-Pascal {self.split} pairs in {self.csv_file}")
             if self.category is not None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import DitfError
 from . import register
-from .base import Dataset, ImageRecord, Pair, load_json_object
+from .base import Dataset, ImageRecord, Pair, check_pair_geometry, load_json_object
 
 SPLITS = ("trn", "val", "test")
 CATEGORIES = (
@@ -156,7 +156,7 @@ class SPair71k(Dataset):
             raise f.error("kps_ids", f"must be a list of {len(src_kps)} ids, got {kps_ids!r}")
         extra = {key: f.data[key] for key in EXTRA_FIELDS if key in f.data}
         extra["annotation"] = str(path)
-        return Pair(
+        pair = Pair(
             pair_id=path.stem,
             category=category,
             src_key=f"{category}/{Path(src_name).stem}",
@@ -169,6 +169,8 @@ class SPair71k(Dataset):
             trg_bbox=(x1, y1, x2, y2),
             extra=extra,
         )
+        check_pair_geometry(pair, str(path))
+        return pair
 
     # -- Dataset API --------------------------------------------------------------------------
     def pairs(self) -> list[Pair]:

@@ -41,13 +41,18 @@ def model_names() -> list[str]:
 def get_spec(name: str) -> ModelSpec:
     _discover()
     if name not in _REGISTRY:
-        raise DitfError(f"unknown model {name!r}; known models: {', '.join(model_names())}")
+        from ..validate import unknown
+
+        raise unknown("model", name, model_names())
     return _REGISTRY[name][0]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    from ..validate import check_device
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)  # one error line for "tpu" or a GPU this machine lacks
     return torch.device(device)
 
 

@@ -1,0 +1,221 @@
+"""Checks of user input that run before anything is written.
+
+Every command validates all of its arguments first, so a bad value costs one `error:` line
+and leaves the store exactly as it was (a run that writes half its work and then refuses
+would leave a key configured with the bad value, refusing every later valid run).
+
+Torch-free and zarr-free: the scorer uses these checks too. Names the user types (models,
+datasets, variants, protocols) get a "did you mean" from `difflib`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .errors import DitfError
+
+#: the feature variants `features.VARIANTS` computes (kept here, torch-free; a test pins equality)
+VARIANTS = ("raw", "adaln", "adaln+cd", "adaln+cd-post", "adaln-t", "adaln-c")
+#: the pair protocols `match.make_matcher` and `score.PROTOCOL_RULES` know
+PROTOCOLS = ("dift", "geoaware")
+
+
+# ---- names -------------------------------------------------------------------------------------
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown(what: str, value: str, choices: Sequence[str], plural: str | None = None) -> DitfError:
+    """The error for a name that is not one of `choices`: value, suggestion, every choice."""
+    return DitfError(f"unknown {what} {value!r}{did_you_mean(value, choices)}; "
+                     f"known {plural or what + 's'}: {', '.join(choices)}")
+
+
+def check_choice(what: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise unknown(what, value, choices)
+    return value
+
+
+def check_variants(variants: Iterable[str]) -> list[str]:
+    return [check_choice("variant", v, VARIANTS) for v in variants]
+
+
+def supported_variants(modulation_names: Sequence[str]) -> list[str]:
+    """The variants stored vectors allow: `raw` only without AdaLN; `adaln-t`/`adaln-c` only
+    when the t-only / c-only vectors were stored (PixArt's AdaLN sees t only)."""
+    if "shift" not in modulation_names:
+        return ["raw"]
+    return [v for v in VARIANTS if not v.startswith("adaln-") or f"shift_{v[-1]}" in modulation_names]
+
+
+def check_variant_supported(variant: str, model: str, modulation_names: Sequence[str]) -> None:
+    """A known variant the key's features cannot produce (e.g. adaln of DINOv2): say why."""
+    supported = supported_variants(modulation_names)
+    if variant in supported:
+        return
+    if supported == ["raw"]:
+        why = f"{model} has no AdaLN, so its features support variant 'raw' only"
+    else:
+        why = f"{model} stored no {variant[-1]}-only AdaLN vectors; its features support {', '.join(supported)}"
+    raise DitfError(f"variant {variant!r} is not available: {why}")
+
+
+def check_protocol(protocol: str) -> str:
+    return check_choice("protocol", protocol, PROTOCOLS)
+
+
+# ---- numbers -----------------------------------------------------------------------------------
+def check_at_least(flag: str, value: int | None, minimum: int = 1) -> None:
+    """`None` means "not given" (the default applies); anything given must be >= minimum."""
+    if value is not None and value < minimum:
+        raise DitfError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def check_alphas(alphas: Iterable[float] | None, flag: str = "--alpha") -> None:
+    for alpha in alphas or ():
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0 < alpha <= 1):
+            raise DitfError(f"{flag} must be a number with 0 < alpha <= 1 (a fraction of the threshold length), got {alpha}")
+
+
+def check_timesteps(ts: Iterable[int] | None) -> None:
+    for t in ts or ():
+        if not 0 <= t < 1000:
+            raise DitfError(f"--t must be a timestep in 0..999, got {t}")
+
+
+def check_blocks(ks: Iterable[int] | None) -> None:
+    """Only the sign here; the model's block count is checked by its adapter."""
+    for k in ks or ():
+        if k < 0:
+            raise DitfError(f"--k must be a block index >= 0, got {k}")
+
+
+def check_img_size(img_size: int | None, patch_stride: int) -> None:
+    """At least one patch; sides are rounded to the nearest multiple of the patch stride."""
+    if img_size is not None and img_size < patch_stride:
+        raise DitfError(
+            f"--img-size must be at least the model's patch stride {patch_stride} "
+            f"(sides are rounded to multiples of {patch_stride}), got {img_size}"
+        )
+
+
+def check_device(device: str) -> None:
+    """`auto`, or a device torch can parse and this machine has (torch imported only here)."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DitfError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DitfError(f"device {device!r}: no CUDA GPU is available here; use auto or cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise DitfError(f"device {device!r}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    elif parsed.type not in ("cpu", "mps"):
+        raise DitfError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+# ---- files -------------------------------------------------------------------------------------
+def _writable_folder(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` if files can be created in it, else None.
+
+    Probed with a temporary file that is removed at once: permission bits say nothing for root
+    or on read-only and pseudo file systems (/proc).
+    """
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                return None
+            try:
+                with tempfile.TemporaryFile(dir=parent):
+                    return parent
+            except OSError:
+                return None
+    return None
+
+
+def check_output_file(path: Path | None, flag: str = "--out", suffix: str | None = None) -> None:
+    """A file we will write later: not a folder, its folder creatable and writable."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise DitfError(f"{flag} {path} is a directory; give a file name")
+    if suffix and path.suffix.lower() != suffix:
+        raise DitfError(f"{flag} must be a {suffix} file, got {path}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise DitfError(f"{flag} {path} is not writable")
+    if _writable_folder(path.parent) is None:
+        raise DitfError(f"{flag} {path}: cannot write into {path.parent} (not a writable folder)")
+
+
+def check_output_folder(path: Path | None, flag: str = "--out") -> None:
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DitfError(f"{flag} {path} is a file; give a folder")
+    if _writable_folder(path) is None:
+        raise DitfError(f"{flag} {path}: not a writable folder")
+
+
+# ---- keys --------------------------------------------------------------------------------------
+def _model_default(model: str) -> tuple[int, int] | None:
+    """The model's default (k, t), or None for a name the registry does not know (imports torch)."""
+    from .models import get_spec
+
+    try:
+        spec = get_spec(model)
+    except DitfError:
+        return None
+    return spec.default_k, spec.default_t
+
+
+def check_model_name(model: str) -> None:
+    """Unknown model names (only called on the error path: the registry imports torch)."""
+    from .models import model_names
+
+    names = model_names()
+    if model not in names:
+        raise unknown("model", model, names)
+
+
+def select_key(store, dataset: str, model: str, k: int | None = None, t: int | None = None) -> tuple[int, int]:
+    """(k, t) of (dataset, model) in `store` when the user gave --k/--t partly or not at all.
+
+    Among the stored keys that match what was given: the model's default key if stored, else
+    the only one, else an error listing them. A model name the store does not hold is checked
+    against the registry first, so a typo reads as a typo and not as "run extract first".
+    """
+    stored = sorted((kk, tt) for _, m, kk, tt in store.feature_keys(dataset) if m == model)
+    if not stored:
+        check_model_name(model)
+        models = sorted({m for _, m, _, _ in store.feature_keys(dataset)})
+        have = f"it has {dataset} features of {', '.join(models)}" if models else f"it has no {dataset} features"
+        raise DitfError(f"store {store.path} has no {dataset} features of {model} ({have}): "
+                        f"run `ditf extract --model {model}` first")
+    matching = [(kk, tt) for kk, tt in stored if (k is None or kk == k) and (t is None or tt == t)]
+    listing = ", ".join(f"k{kk}/t{tt}" for kk, tt in stored)
+    if not matching:
+        wanted = "".join([f" k{k}" if k is not None else "", f" t{t}" if t is not None else ""])
+        raise DitfError(f"store {store.path} has no key{wanted} for {dataset}/{model} (it has {listing}): "
+                        "pass one of those with --k/--t, or run `ditf extract` with them")
+    if len(matching) == 1:
+        return matching[0]
+    default = _model_default(model)
+    if default in matching:
+        return default
+    raise DitfError(f"store {store.path} holds several keys for {dataset}/{model} "
+                    f"({', '.join(f'k{kk}/t{tt}' for kk, tt in matching)}): pick one with --k and --t")
