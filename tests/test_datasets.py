@@ -20,7 +20,7 @@ PAIR = {
     "src_imsize": [500, 333, 3],
     "trg_imsize": [480, 360, 3],
     "src_bndbox": [210, 34, 475, 250],
-    "trg_bndbox": [36, 92, 500, 200],
+    "trg_bndbox": [36, 92, 470, 200],
     "category": "aeroplane",
     "src_kps": [[212, 153], [300, 40]],
     "trg_kps": [[39, 145], [400, 199]],
@@ -56,7 +56,7 @@ def _spair(root: Path, pairs: dict[str, dict | str], split: str = "test", layout
 
 def test_registry_names_and_unknown():
     assert {"spair", "folder"} <= set(dataset_names())
-    with pytest.raises(DitfError, match=r"unknown dataset 'spiar'; known datasets: .*folder.*spair"):
+    with pytest.raises(DitfError, match=r"unknown dataset 'spiar' \(did you mean 'spair'\?\); known datasets: .*folder.*spair"):
         get_dataset("spiar", ".")
 
 
@@ -86,8 +86,8 @@ def test_spair_fixture_exact(tmp_path):
     np.testing.assert_array_equal(pair.src_kps, [[212, 153], [300, 40]])
     np.testing.assert_array_equal(pair.trg_kps, [[39, 145], [400, 199]])
     assert pair.src_size == (500, 333) and pair.trg_size == (480, 360)
-    assert pair.threshold_base == 464.0  # max(500 - 36, 200 - 92): DIFT's rule, no +1
-    assert pair.trg_bbox == (36, 92, 500, 200)
+    assert pair.threshold_base == 434.0  # max(470 - 36, 200 - 92): DIFT's rule, no +1
+    assert pair.trg_bbox == (36, 92, 470, 200)
     assert pair.extra["kps_ids"] == ["0", "7"] and pair.extra["occlusion"] == 3
     assert pair.extra["viewpoint_variation"] == 1 and pair.extra["pair_id"] == 7
     keys = [r.key for r in ds.images()]

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +45,8 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 # -- reader and demo ----------------------------------------------------------------------------
-def test_demo_fast_deterministic_and_registered(tmp_path):
-    start = time.perf_counter()
+def test_demo_deterministic_and_registered(tmp_path):
     a = make_davis_demo(tmp_path / "a")
-    assert time.perf_counter() - start < 2.0
     b = make_demo("davis", tmp_path / "b")
     assert _files(a) == _files(b)
     assert (a / "ImageSets" / "2017" / "val.txt").read_text().split() == [

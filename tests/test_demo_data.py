@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +28,8 @@ def _patch(img: np.ndarray, x: float, y: float) -> np.ndarray:
     return img[y - 1 : y + 2, x - 1 : x + 2].reshape(-1, 3).astype(float).mean(0)
 
 
-def test_fast_and_deterministic(tmp_path):
-    start = time.perf_counter()
+def test_demo_deterministic(tmp_path):
     a = make_spair_demo(tmp_path / "a")
-    assert time.perf_counter() - start < 1.0
     b = make_spair_demo(tmp_path / "b")
     c = make_spair_demo(tmp_path / "c", seed=1)
     files_a, files_b, files_c = _files(a), _files(b), _files(c)

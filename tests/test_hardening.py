@@ -178,11 +178,21 @@ def test_second_writer_on_the_same_key_is_refused_without_damage(demo, tmp_path)
     root, clean, _ = demo
     store_path = tmp_path / "s.zarr"
     _extract(root, store_path, ks=[1], img_size=64, ensemble_size=1)
-    store = FeatureStore(store_path)
     before = _arrays(store_path, "spair/tiny-flux/k1/t260")
-    with store.writer_lock("spair", "tiny-flux", 1, 90):  # another run holds the key
+    # another process holds the key (as a running extract does) until told to stop
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from ditf_pipeline.store import FeatureStore\n"
+         f"with FeatureStore({str(store_path)!r}).writer_lock('spair', 'tiny-flux', 1, 90):\n"
+         "    print('locked', flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(DitfError, match="another process is extracting spair/tiny-flux/k1/t90"):
             _extract(root, store_path, ks=[1], ts=[90], img_size=64, ensemble_size=1)
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert holder.returncode == 0
     for name, value in _arrays(store_path, "spair/tiny-flux/k1/t260").items():
         assert np.array_equal(value, before[name])
     report = _extract(root, store_path, ks=[1], ts=[90], img_size=64, ensemble_size=1)  # lock released: works

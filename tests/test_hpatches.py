@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -39,10 +38,8 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_demo_fast_deterministic_and_registered(tmp_path):
-    start = time.perf_counter()
+def test_demo_deterministic_and_registered(tmp_path):
     a = make_hpatches_demo(tmp_path / "a")
-    assert time.perf_counter() - start < 2.0
     assert _files(a) == _files(make_demo("hpatches", tmp_path / "b"))
     assert _files(a) != _files(make_hpatches_demo(tmp_path / "c", seed=1))
     with pytest.raises(DitfError, match="not empty"):

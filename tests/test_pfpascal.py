@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +58,8 @@ def test_registered_and_demo_dispatch(tmp_path):
     assert [p.category for p in get_dataset("pfpascal", root).pairs()] == ["dog"]
 
 
-def test_demo_fast_and_deterministic(tmp_path):
-    start = time.perf_counter()
+def test_demo_deterministic(tmp_path):
     a = make_pfpascal_demo(tmp_path / "a")
-    assert time.perf_counter() - start < 1.0
     files_a, files_b = _files(a), _files(make_pfpascal_demo(tmp_path / "b"))
     files_c = _files(make_pfpascal_demo(tmp_path / "c", seed=1))
     assert files_a == files_b and files_a.keys() == files_c.keys() and files_a != files_c

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -86,7 +85,7 @@ def test_bad_inputs_are_clear():
         describe_rule("<<")
 
 
-def test_scoring_spair_sized_workload_is_fast():
+def test_scoring_spair_sized_workload():
     rng = np.random.default_rng(0)
     categories = [f"c{i}" for i in range(18)]
     pairs, predictions = [], []
@@ -95,11 +94,8 @@ def test_scoring_spair_sized_workload_is_fast():
         truth = rng.uniform(0, 500, (n, 2))
         pairs.append(Pair(str(i), categories[i % 18], "s", "t", truth, truth, (500, 375), (500, 375), float(rng.uniform(50, 400))))
         predictions.append(truth + rng.normal(0, 20, (n, 2)))
-    start = time.perf_counter()
-    result = pck(predictions, pairs)
-    elapsed = time.perf_counter() - start
+    result = pck(predictions, pairs)  # its time is measured by benchmarks/bench_inputs.py, not asserted here
     assert result["n_pairs"] == 12_234 and len(result["pck"]["0.1"]["per_image"]) == 20
-    assert elapsed < 5.0, elapsed
 
 
 def test_score_imports_no_torch():
