@@ -55,6 +55,6 @@ DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="Dataset reader
 DataRootOpt = Annotated[Path, typer.Option("--data-root", help="Dataset root folder in the benchmark's own layout.")]
 SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Dataset split (SPair: test, val, trn; default test).")]
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Zarr feature store (created if missing).")]
-KOpt = Annotated[Optional[list[int]], typer.Option("--k", help="Block index k; repeat for several (default: the model's).")]
-TOpt = Annotated[Optional[list[int]], typer.Option("--t", help="Timestep t in 0..999; repeat for several (default: the model's).")]
+KOpt = Annotated[Optional[list[int]], typer.Option("--k", help="Block index k; repeat for several (default: the model's; reading commands: the model's key if stored, else the only one).")]
+TOpt = Annotated[Optional[list[int]], typer.Option("--t", help="Timestep t in 0..999; repeat for several (default: as for --k).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars with ETA.")]

@@ -97,7 +97,7 @@ def extract(
     store: StoreOpt = DEFAULT_STORE,
     k: KOpt = None,
     t: TOpt = None,
-    img_size: Annotated[Optional[int], typer.Option(help="Target size in pixels of the --resize side (default: the benchmark's for Flux, else the model's).")] = None,
+    img_size: Annotated[Optional[int], typer.Option(help="Target size in pixels of the --resize side, at least the model's patch stride; sides are rounded to multiples of it (default: the benchmark's for Flux, else the model's).")] = None,
     resize: Annotated[Optional[str], typer.Option(help="Side set to --img-size: long (SPair script) or short (DAVIS script; long side floored to /32).")] = None,
     ensemble_size: Annotated[Optional[int], typer.Option(help="Noise draws averaged per image, batched together (default 8; DAVIS 1).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Split the ensemble into batches of this size.")] = None,

@@ -163,7 +163,8 @@ def test_massive_rule_matches_the_feature_module():
 def test_analyze_cli_stores_channels_plots_and_grid(demo, tmp_path):
     root, store_path = demo
     out = tmp_path / "analysis"
-    result = _cli("analyze", *_common(root, store_path), "--match", "--out", out)
+    grid = ["--k", 1, "--k", 2, "--t", 90, "--t", 260]  # every stored key: without --k/--t, analyze takes one
+    result = _cli("analyze", *_common(root, store_path), *grid, "--match", "--out", out)
     assert result.exit_code == 0, result.output
     assert "c13 " in result.output and "massive channels" in result.output and "|gate| rank" in result.output
     store = FeatureStore(store_path)

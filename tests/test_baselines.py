@@ -258,4 +258,4 @@ def test_compare_command_prints_one_table(baseline_store):
     assert any("raw+tiny-dinov2-pca8" in line for line in lines)
     bad = CliRunner().invoke(app, ["compare", "--store", str(store.path), "--data-root", str(root), "--split", "test",
                                    "-r", "tiny-dinov2:adaln", "--no-progress"])
-    assert bad.exit_code == 1 and "use variant 'raw'" in bad.output
+    assert bad.exit_code == 1 and "variant 'raw' only" in bad.output
