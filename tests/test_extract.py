@@ -107,6 +107,7 @@ def _run_cli(*args, cwd=None, check=False):
     return subprocess.run([*DITF, *args], capture_output=True, text=True, env=env, cwd=cwd, check=check)
 
 
+@pytest.mark.slow
 def test_kill_mid_run_then_resume_equals_uninterrupted_run(tmp_path):
     root = make_spair_demo(tmp_path / "SPair", categories=("cat", "car", "dog"), pairs_per_category=10)
     common = ["extract", "--model", "tiny-flux", "--dataset", "spair", "--data-root", str(root), "--k", "1",
@@ -143,6 +144,7 @@ def test_kill_mid_run_then_resume_equals_uninterrupted_run(tmp_path):
             assert np.array_equal(a[name][:], b[name][:]), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -165,6 +167,7 @@ def test_bad_arguments_get_one_line_and_nonzero_exit(demo_root, tmp_path, args, 
     assert not (tmp_path / "s.zarr").exists()  # refused before the store was created
 
 
+@pytest.mark.slow
 def test_corrupt_image_and_malformed_pair_leave_store_intact(tmp_path):
     root = make_spair_demo(tmp_path / "SPair", pairs_per_category=2)
     store = tmp_path / "s.zarr"

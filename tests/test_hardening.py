@@ -50,10 +50,20 @@ def _extract(root, store, **overrides):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    base = tmp_path_factory.mktemp("hard")
-    root = make_spair_demo(base / "SPair", categories=("cat", "car", "dog"), pairs_per_category=6)
-    clean = base / "clean.zarr"
+def root(tmp_path_factory):
+    return make_spair_demo(tmp_path_factory.mktemp("hard") / "SPair", categories=("cat", "car", "dog"), pairs_per_category=6)
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory):
+    """Three images: enough for the in-process writer tests, cheap to extract."""
+    return make_spair_demo(tmp_path_factory.mktemp("hard-small") / "SPair", categories=("cat",), pairs_per_category=2)
+
+
+@pytest.fixture(scope="module")
+def demo(root, tmp_path_factory):
+    """The data and a store extracted by the CLI (a subprocess: the expensive part)."""
+    clean = tmp_path_factory.mktemp("hard-store") / "clean.zarr"
     args = ["--model", "tiny-flux", "--data-root", root, "--k", "1", "--k", "3", "--img-size", "128",
             "--ensemble-size", "4", "--dtype", "fp32", "--no-progress"]
     assert _cli("extract", *args, "--store", clean).returncode == 0
@@ -61,6 +71,7 @@ def demo(tmp_path_factory):
 
 
 # ---- crashes -------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("trial", range(3))
 def test_kill_at_random_points_then_resume_equals_clean_run(demo, tmp_path, trial):
     """kill -9 at a seeded random moment (metadata creation, mid-chunk, between images, ...)."""
@@ -87,6 +98,7 @@ def test_kill_at_random_points_then_resume_equals_clean_run(demo, tmp_path, tria
     assert doctor.returncode == 0, doctor.stdout
 
 
+@pytest.mark.slow
 def test_kill_during_match_then_resume_equals_clean_run(demo, tmp_path):
     root, clean, _ = demo
     import shutil
@@ -124,6 +136,7 @@ def _umount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_store_stays_readable_and_rerun_completes(demo, tmp_path):
     root, clean, args = demo
     mount = tmp_path / "small"
@@ -151,6 +164,7 @@ def test_disk_full_is_one_line_store_stays_readable_and_rerun_completes(demo, tm
         assert np.array_equal(_arrays(moved, "spair/tiny-flux/k3/t260")[name], want), name
 
 
+@pytest.mark.slow
 def test_read_only_store_is_refused_in_one_line_and_can_be_scored(demo, tmp_path):
     root, clean, args = demo
     import shutil
@@ -174,8 +188,8 @@ def test_read_only_store_is_refused_in_one_line_and_can_be_scored(demo, tmp_path
         _umount(mount)
 
 
-def test_second_writer_on_the_same_key_is_refused_without_damage(demo, tmp_path):
-    root, clean, _ = demo
+def test_second_writer_on_the_same_key_is_refused_without_damage(small_root, tmp_path):
+    root = small_root
     store_path = tmp_path / "s.zarr"
     _extract(root, store_path, ks=[1], img_size=64, ensemble_size=1)
     before = _arrays(store_path, "spair/tiny-flux/k1/t260")
@@ -199,6 +213,7 @@ def test_second_writer_on_the_same_key_is_refused_without_damage(demo, tmp_path)
     assert report.extracted == report.n_images
 
 
+@pytest.mark.slow
 # ---- odd paths, stores from elsewhere ---------------------------------------------------------------
 def test_unicode_and_spaces_in_paths(tmp_path):
     base = tmp_path / "données ü" / "with space"
@@ -220,9 +235,9 @@ def test_store_from_a_newer_schema_is_refused(tmp_path):
         FeatureStore(store, read_only=True)
 
 
-def test_same_key_written_by_another_model_source_is_refused(demo, tmp_path):
+def test_same_key_written_by_another_model_source_is_refused(small_root, tmp_path):
     """Same model name and key, other weights (a saved copy with another seed): refused, named."""
-    root, _, _ = demo
+    root = small_root
     store_path = tmp_path / "s.zarr"
     _extract(root, store_path, ks=[1], img_size=64, ensemble_size=1)
     other = load_adapter("tiny-flux", device="cpu")
@@ -233,6 +248,7 @@ def test_same_key_written_by_another_model_source_is_refused(demo, tmp_path):
         extractor.run(get_dataset("spair", root, "test"), progress=False)
 
 
+@pytest.mark.slow
 def test_missing_features_for_pairs_and_mismatched_dataset_are_one_line(demo, tmp_path):
     root, clean, _ = demo
     other = make_spair_demo(tmp_path / "Other", categories=("bird",), pairs_per_category=2)
