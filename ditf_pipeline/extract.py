@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import platform
 import queue
 import threading
@@ -31,7 +32,7 @@ from .errors import DitfError
 from .images import image_size, load_rgb
 from .models.base import DiTAdapter, PromptEmbedding
 from .prompts import prompt_identity, prompts_for
-from .store import FeatureArrays, FeatureStore
+from .store import FeatureArrays, FeatureStore, config_differences
 
 
 @dataclass
@@ -283,18 +284,28 @@ class Extractor:
             return self._run_locked(dataset, records, rows, arrays, start_time, progress)
 
     def _pending(self, dataset: Dataset, records: Sequence[ImageRecord]) -> list[ImageRecord]:
-        """The records this run will decode: not yet complete in every requested key (read-only)."""
+        """The records this run will decode: not yet complete in every requested key (read-only).
+
+        Also refuses a key written with other settings here, before the image index grows.
+        """
         rows = self.store.image_rows(dataset.name)
-        pending = set()
+        config = json.loads(json.dumps(store_config(self.adapter, self.settings), default=str))
+        pending, missing_key = set(), False
         for t in self.settings.ts:
             for k in self.settings.ks:
                 try:
-                    complete = self.store.open_features(dataset.name, self.adapter.spec.name, k, t).complete()
+                    arrays = self.store.open_features(dataset.name, self.adapter.spec.name, k, t)
                 except DitfError:  # key not created yet: every image is pending
-                    return list(records)
+                    missing_key = True
+                    continue
+                differences = config_differences(arrays.config, config)
+                if differences:
+                    raise DitfError(f"store {self.store.path} key {arrays.path} was written with another configuration ("
+                                    + "; ".join(differences) + "): use another --store or the stored settings")
+                complete = arrays.complete()
                 pending.update(r.key for r in records
                                if r.key not in rows or rows[r.key] >= len(complete) or not complete[rows[r.key]])
-        return [r for r in records if r.key in pending]
+        return list(records) if missing_key else [r for r in records if r.key in pending]
 
     def _check_decodable(self, records: Sequence[ImageRecord]) -> None:
         """Fully decode every image about to be extracted, before anything is written.

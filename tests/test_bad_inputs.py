@@ -92,6 +92,7 @@ def world(tmp_path_factory) -> SimpleNamespace:
     roots = {name: broken(name, change) for name, change in [
         ("kp-outside", kp_outside), ("box-inverted", box_inverted), ("box-negative", box_negative),
         ("size-mismatch", size_mismatch), ("truncated", None)]}
+    roots["more-images"] = make_spair_demo(base / "More", categories=("cat", "dog"), pairs_per_category=2)
     image = sorted((roots["truncated"] / "JPEGImages").rglob("*.jpg"))[0]
     image.write_bytes(image.read_bytes()[: image.stat().st_size * 2 // 3])  # header intact, pixels cut off
     (base / "out-dir").mkdir()
@@ -131,6 +132,7 @@ CASES = {
     "extract-dataset-typo": (f"{EXTRACT} --dataset spiar", "unknown dataset 'spiar' (did you mean 'spair'?)"),
     "extract-no-root": (f"{EXTRACT} --data-root /no/such/dir", "dataset root /no/such/dir does not exist"),
     "extract-config-conflict": (f"{EXTRACT} --ensemble-size 2", "ensemble_size: 1 -> 2"),
+    "extract-config-conflict-new-images": (f"{EXTRACT} --data-root {{more_images}} --ensemble-size 2", "ensemble_size: 1 -> 2"),
     # annotations and images
     "extract-keypoint-outside": (f"{EXTRACT} --data-root {{kp_outside}}", "lies outside the"),
     "extract-image-size-mismatch": (f"{EXTRACT} --data-root {{size_mismatch}}", "but"),
