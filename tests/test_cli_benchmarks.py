@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 from ditf_cli.main import app
 from ditf_pipeline.demo import make_demo
 
+pytestmark = pytest.mark.slow  # end-to-end: runs whole commands/scripts/clusters (`-m "not slow"` skips them)
+
 
 def _invoke(*args):
     result = CliRunner().invoke(app, [str(a) for a in args])

@@ -23,6 +23,8 @@ from ditf_pipeline.models import load_adapter  # noqa: E402
 from ditf_pipeline.predict import MatchSettings, predict  # noqa: E402
 from ditf_pipeline.store import FeatureStore  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end: runs whole commands/scripts/clusters (`-m "not slow"` skips them)
+
 ARGS = AdapterArgs("tiny-flux", dtype="fp32", device="cpu")
 KEY = "spair/tiny-flux/k{k}/t260"
 ARRAYS = ("pre_adaln", "grid", "shift", "scale", "gate", "shift_t", "scale_t", "gate_t", "shift_c", "complete")

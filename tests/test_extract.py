@@ -27,7 +27,7 @@ DITF = [sys.executable, "-m", "ditf_cli.main"]
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory) -> Path:
-    return make_spair_demo(tmp_path_factory.mktemp("data") / "SPair", pairs_per_category=2)
+    return make_spair_demo(tmp_path_factory.mktemp("data") / "SPair", categories=("cat",), pairs_per_category=2)  # 3 images
 
 
 def _extract(root, store_path, model="tiny-flux", **overrides):

@@ -85,6 +85,7 @@ def _compare(cases):
     return n, mismatches
 
 
+@pytest.mark.slow
 def test_fast_dift_equals_reference_at_spair_size():
     """40x30 grids, 500x375 and 375x500 images, 3072 channels (the Flux cache at 640 px)."""
     cases = []

@@ -158,6 +158,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "ditf_cli.main", *args], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_cli_run_then_score_without_torch(tmp_path):
     root = make_spair_demo(tmp_path / "SPair", pairs_per_category=2)
     store = tmp_path / "s.zarr"
