@@ -160,6 +160,7 @@ def test_massive_rule_matches_the_feature_module():
     assert an.massive_from_means(means, 100) == detect_massive_channels(z)
 
 
+@pytest.mark.slow
 def test_analyze_cli_stores_channels_plots_and_grid(demo, tmp_path):
     root, store_path = demo
     out = tmp_path / "analysis"

@@ -162,6 +162,7 @@ def _datasets(root):
     return get_dataset("ade20k", root, "training"), get_dataset("ade20k", root, "validation")
 
 
+@pytest.mark.slow
 def test_head_on_colour_features_segments_the_demo_single_and_multi_scale(ade, stores, tmp_path):
     train, val = _datasets(ade)
     report = run_probe(list(stores), train, val, MODEL, 0, 0, SETTINGS, out_dir=tmp_path / "head", progress=False)
