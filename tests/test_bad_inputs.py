@@ -290,3 +290,29 @@ def test_the_rerun_hint_printed_by_the_demo_works_when_pasted(tmp_path):
     assert json.loads(scored.stdout)["variant"] == "adaln+cd"
     _ok("ablate", *args, "--no-progress")
     _ok("show", *args, "--pair", "1", "--out", tmp_path / "hint.png")
+
+
+def test_pair_geometry_and_annotated_sizes_are_checked_for_every_reader():
+    """The shared checks the SPair, PF-Pascal and AP-10K readers call on every pair."""
+    import numpy as np
+
+    from ditf_pipeline.datasets.base import ImageRecord, Pair, check_annotated_sizes, check_pair_geometry
+
+    def pair(trg_kps=((5.0, 5.0),), bbox=(1.0, 1.0, 30.0, 20.0)):
+        return Pair("p", "cat", "cat/a", "cat/b", np.array([[1.0, 2.0]]), np.array(trg_kps), (40, 30), (40, 30), 29.0,
+                    bbox, {"annotation": "p.json"})
+
+    check_pair_geometry(pair())
+    check_pair_geometry(pair(trg_kps=((40.0, 30.0),), bbox=(0.0, 0.0, 40.0, 30.0)))  # the far edge is inside
+    for bad, message in [(pair(trg_kps=((41.0, 5.0),)), "target keypoint 0 (41, 5) lies outside the 40x30"),
+                         (pair(trg_kps=((5.0, -1.0),)), "lies outside"),
+                         (pair(bbox=(30.0, 1.0, 1.0, 20.0)), "needs x1 < x2 and y1 < y2"),
+                         (pair(bbox=(1.0, 20.0, 30.0, 20.0)), "needs x1 < x2 and y1 < y2"),
+                         (pair(bbox=(-2.0, 1.0, 30.0, 20.0)), "lies outside the 40x30 image"),
+                         (pair(bbox=(1.0, 1.0, 30.0, 31.0)), "lies outside the 40x30 image")]:
+        with pytest.raises(DitfError, match=r"^p\.json: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+            check_pair_geometry(bad)
+    records = [ImageRecord("cat/a", Path("a.jpg")), ImageRecord("cat/b", Path("b.jpg"))]
+    check_annotated_sizes([pair()], records, [(40, 30), (40, 30)])
+    with pytest.raises(DitfError, match=r"image b\.jpg is 40x32 but p\.json says 40x30"):
+        check_annotated_sizes([pair()], records, [(40, 30), (40, 32)])
