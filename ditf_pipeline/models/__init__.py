@@ -6,11 +6,14 @@ Adding a DiT family is one file here that defines a `DiTAdapter` subclass and ca
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
+from collections.abc import Iterator
 
 import torch
 
+from ..devices import resolve_device  # noqa: F401  (re-exported: `models.resolve_device`)
 from ..errors import DitfError
 from .base import DiTAdapter, ModelSpec
 
@@ -24,12 +27,34 @@ def register(spec: ModelSpec, adapter_cls: type[DiTAdapter]) -> None:
     _REGISTRY[spec.name] = (spec, adapter_cls)
 
 
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """transformers' and diffusers' loggers at error level for the calls inside, then as before.
+
+    Importing the diffusers pipelines (at model discovery) makes transformers log advice that is
+    not for our users, e.g. "`CLIPImageProcessor` requires torchvision ... falling back"; the
+    levels are restored afterwards, so a caller's own logging settings are left alone.
+    """
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    saved = transformers_logging.get_verbosity(), diffusers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(saved[0])
+        diffusers_logging.set_verbosity(saved[1])
+
+
 def _discover() -> None:
     global _DISCOVERED
     if not _DISCOVERED:
-        for module in pkgutil.iter_modules(__path__):
-            if module.name not in ("base",) and not module.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{module.name}")
+        with quiet_libraries():
+            for module in pkgutil.iter_modules(__path__):
+                if module.name not in ("base",) and not module.name.startswith("_"):
+                    importlib.import_module(f"{__name__}.{module.name}")
         _DISCOVERED = True
 
 
@@ -43,12 +68,6 @@ def get_spec(name: str) -> ModelSpec:
     if name not in _REGISTRY:
         raise DitfError(f"unknown model {name!r}; known models: {', '.join(model_names())}")
     return _REGISTRY[name][0]
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_adapter(
