@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+__all__ = ["run_extract", "single_key"]
+
 if TYPE_CHECKING:
     from .datasets.base import Dataset
     from .extract import ExtractReport

@@ -29,23 +29,28 @@ def register(spec: ModelSpec, adapter_cls: type[DiTAdapter]) -> None:
 
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """transformers' and diffusers' loggers at error level for the calls inside, then as before.
+    """transformers' and diffusers' loggers at error level, and their progress bars off, for the calls inside.
 
     Importing the diffusers pipelines (at model discovery) makes transformers log advice that is
-    not for our users, e.g. "`CLIPImageProcessor` requires torchvision ... falling back"; the
-    levels are restored afterwards, so a caller's own logging settings are left alone.
+    not for our users, e.g. "`CLIPImageProcessor` requires torchvision ... falling back", and
+    loading a checkpoint draws per-component bars; the settings are restored afterwards, so a
+    caller's own logging settings are left alone.
     """
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
-    saved = transformers_logging.get_verbosity(), diffusers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    diffusers_logging.set_verbosity_error()
+    libraries = (transformers_logging, diffusers_logging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    for lib in libraries:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
     try:
         yield
     finally:
-        transformers_logging.set_verbosity(saved[0])
-        diffusers_logging.set_verbosity(saved[1])
+        for lib, (verbosity, bars) in zip(libraries, saved):
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
 
 
 def _discover() -> None:
