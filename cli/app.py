@@ -8,17 +8,12 @@ stay light.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ditf_pipeline.errors import DitfError
-
-# library chatter (e.g. "CLIPImageProcessor requires torchvision") is not for the user
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 app = typer.Typer(
     help="DiTF: Diffusion Transformer Features for visual correspondence.\n\n"
@@ -58,3 +53,43 @@ StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Zarr feature stor
 KOpt = Annotated[Optional[list[int]], typer.Option("--k", help="Block index k; repeat for several (default: the model's; reading commands: the model's key if stored, else the only one).")]
 TOpt = Annotated[Optional[list[int]], typer.Option("--t", help="Timestep t in 0..999; repeat for several (default: as for --k).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars with ETA.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", help="Spread the work over N local dask worker processes (one per GPU, pinned, when there are GPUs).")]
+SchedulerOpt = Annotated[Optional[str], typer.Option(
+    "--scheduler", help="Spread the work over an existing dask cluster, e.g. tcp://HOST:8786 (store and data on shared paths).")]
+
+# extract settings (`ditf extract`, `ditf run`)
+ImgSizeOpt = Annotated[Optional[int], typer.Option(help="Target size in pixels of the --resize side, at least the model's patch stride; sides are rounded to multiples of it (default: the benchmark's for Flux, else the model's).")]
+ResizeOpt = Annotated[Optional[str], typer.Option(help="Side set to --img-size: long (SPair script) or short (DAVIS script; long side floored to /32).")]
+EnsembleOpt = Annotated[Optional[int], typer.Option(help="Noise draws averaged per image, batched together (default 8; DAVIS 1).")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option(help="Split the ensemble into batches of this size.")]
+SeedOpt = Annotated[int, typer.Option(help="Base seed; noise is seeded per image and t.")]
+PromptOpt = Annotated[Optional[str], typer.Option(help="template (\"a photo of a {category}\", default) | captions:FILE | text:STRING | none")]
+WeightsOpt = Annotated[Optional[str], typer.Option(help="Local diffusers pipeline folder or hub id overriding the model's.")]
+RevisionOpt = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")]
+DtypeOpt = Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32 (auto: bf16 on GPU, fp32 on CPU).")]
+
+# match / score settings
+VariantOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--variant", "-v", help="Feature variant: raw, adaln, adaln+cd, adaln+cd-post, adaln-t, adaln-c "
+                 "(repeat for several; default adaln+cd, raw for models without AdaLN)."),
+]
+ChannelsOpt = Annotated[str, typer.Option(help="Channels to discard for +cd variants: auto (stored set or 100x-median rule on cached z), none, or e.g. 154,1446.")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ditf_pipeline import __version__
+
+        typer.echo(f"ditf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the ditf version and exit.")] = False,
+) -> None:
+    """DiTF: Diffusion Transformer Features for visual correspondence."""

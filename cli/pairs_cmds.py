@@ -12,17 +12,12 @@ from typing import Annotated, Optional
 import typer
 
 from .app import (
-    DEFAULT_STORE, DataRootOpt, DatasetOpt, KOpt, ModelOpt, ProgressOpt, SplitOpt, StoreOpt, TOpt, app, user_errors,
+    DEFAULT_STORE, BatchSizeOpt, ChannelsOpt, DataRootOpt, DatasetOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
+    ProgressOpt, PromptOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt, TOpt, VariantOpt, WeightsOpt,
+    WorkersOpt, app, user_errors,
 )
-from .extract_cmds import SchedulerOpt, WorkersOpt, extract_options
 
-VariantOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--variant", "-v", help="Feature variant: raw, adaln, adaln+cd, adaln+cd-post, adaln-t, adaln-c "
-                 "(repeat for several; default adaln+cd, raw for models without AdaLN)."),
-]
 ProtocolOpt = Annotated[str, typer.Option(help="Pairs: dift (upsample to image size, <=) or geoaware (840 frame, 60x60, <).")]
-ChannelsOpt = Annotated[str, typer.Option(help="Channels to discard for +cd variants: auto (100x-median rule on cached z), none, or e.g. 154,1446.")]
 SoftWindowOpt = Annotated[Optional[int], typer.Option(help="geoaware only: window soft-argmax width (11 or 15), temperature 0.02.")]
 FuseOpt = Annotated[Optional[str], typer.Option(help="Pairs: concatenate another cached model per pair, e.g. dinov2-b14 (DiT part PCA'd over the pair).")]
 PcaOpt = Annotated[int, typer.Option(help="With --fuse: PCA dimension of the DiT part over each pair (0: none).")]
@@ -220,15 +215,15 @@ def run(
     store: StoreOpt = DEFAULT_STORE,
     k: KOpt = None,
     t: TOpt = None,
-    img_size: Annotated[Optional[int], typer.Option(help="Size of the --resize side (default: benchmark's/model's).")] = None,
-    resize: Annotated[Optional[str], typer.Option(help="long | short (which side goes to --img-size).")] = None,
-    ensemble_size: Annotated[Optional[int], typer.Option(help="Noise draws averaged per image (default 8; DAVIS 1).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Split the ensemble into batches of this size.")] = None,
-    seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
-    prompt: Annotated[Optional[str], typer.Option(help="template | captions:FILE | text:STRING | none")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Local pipeline folder or hub id.")] = None,
-    revision: Annotated[Optional[str], typer.Option(help="Hub revision.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")] = "auto",
+    img_size: ImgSizeOpt = None,
+    resize: ResizeOpt = None,
+    ensemble_size: EnsembleOpt = None,
+    batch_size: BatchSizeOpt = None,
+    seed: SeedOpt = 0,
+    prompt: PromptOpt = None,
+    weights: WeightsOpt = None,
+    revision: RevisionOpt = None,
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     variant: VariantOpt = None,
     protocol: ProtocolOpt = "dift",
@@ -242,9 +237,12 @@ def run(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """extract + match + score in one command (each stage resumes from the cache)."""
+    from ditf_pipeline.pipeline import run_extract
+
     _check_pair_arguments(variant, protocol, alpha, out, device, workers)
-    report = extract_options(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
-                             prompt, weights, revision, dtype, device, progress, workers, scheduler, resize)
+    report = run_extract(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
+                         prompt, weights, revision, dtype, device, progress, workers, scheduler, resize)
+    typer.echo(report.line())
     results = []
     for key in report.keys:
         k_name, t_name = key.split("/")[-2:]

@@ -63,6 +63,13 @@ class ExtractReport:
     def images_per_second(self) -> float:
         return self.extracted / self.seconds if self.seconds > 0 else float("nan")
 
+    def line(self) -> str:
+        """The one-line summary `ditf extract` prints."""
+        return (
+            f"extract: {self.extracted} image(s) extracted, {self.skipped} already complete, "
+            f"{self.seconds:.1f} s ({self.images_per_second:.2f} img/s) -> {self.store} [{', '.join(self.keys)}]"
+        )
+
 
 def default_settings(spec, dataset: Dataset, **given) -> ExtractSettings:
     """Settings from what the user gave, else the benchmark's paper defaults, else the model's.

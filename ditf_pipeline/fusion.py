@@ -132,8 +132,9 @@ def parse_fuse(spec: str) -> tuple[str, int | None, int | None]:
 class PairFusion:
     """The pair-level feature hook of the match driver for ``--fuse MODEL``.
 
-    `open` finds the partner's features in the same store (its own key, variant ``raw``) and
-    checks every image of the pairs has them; `bind(features)` wraps the driver's per-image
+    `predict.open_fusion` finds the partner's features in the same store (its own key, variant
+    ``raw``) and checks every image of the pairs has them (it lives there, so this module
+    imports nothing of the match driver); `bind(features)` wraps the driver's per-image
     variant cache into ``(src_key, trg_key) -> (src_map, trg_map, cache_key)``.
     """
 
@@ -143,18 +144,6 @@ class PairFusion:
     pca_dim: int
     other: object  # predict.FeatureCache of the partner (variant raw)
     config: dict
-
-    @classmethod
-    def open(cls, store, dataset, rows: dict[str, int], pairs, fuse: str, pca_dim: int) -> PairFusion:
-        from .predict import FeatureCache, check_features
-
-        if pca_dim < 0:
-            raise DitfError(f"--pca-dim must be 0 (no PCA) or positive, got {pca_dim}")
-        model, k, t = parse_fuse(fuse)
-        k, t = store.find_feature_key(dataset.name, model, k, t)
-        arrays = store.open_features(dataset.name, model, k, t)
-        check_features(pairs, rows, arrays)
-        return cls(model=model, k=k, t=t, pca_dim=pca_dim, other=FeatureCache(arrays, rows, "raw", []), config=arrays.config)
 
     def describe(self) -> dict:
         return {

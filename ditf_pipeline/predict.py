@@ -25,6 +25,7 @@ from .features import (
     detect_massive_channels,
     variant_names,
 )
+from .fusion import PairFusion, parse_fuse
 from .match import make_matcher
 from .naming import fusion_label, prediction_name
 from .store import FeatureArrays, FeatureStore
@@ -122,6 +123,19 @@ def check_features(pairs: Sequence[Pair], rows: dict[str, int], arrays: FeatureA
         )
 
 
+def open_fusion(store: FeatureStore, dataset: Dataset, rows: dict[str, int], pairs: Sequence[Pair], fuse: str,
+                pca_dim: int) -> PairFusion:
+    """The `--fuse MODEL` partner: its raw features in the same store, checked for every image of the pairs."""
+    if pca_dim < 0:
+        raise DitfError(f"--pca-dim must be 0 (no PCA) or positive, got {pca_dim}")
+    model, k, t = parse_fuse(fuse)
+    k, t = store.find_feature_key(dataset.name, model, k, t)
+    arrays = store.open_features(dataset.name, model, k, t)
+    check_features(pairs, rows, arrays)
+    return PairFusion(model=model, k=k, t=t, pca_dim=pca_dim, other=FeatureCache(arrays, rows, "raw", []),
+                      config=arrays.config)
+
+
 def predict(
     store: FeatureStore,
     dataset: Dataset,
@@ -163,11 +177,9 @@ def predict(
     }
     fusion = None
     if settings.fuse:
-        from .fusion import PairFusion
-
         if block_runner is not None:
             raise DitfError("--fuse is not supported by the distributed match runner yet")
-        fusion = PairFusion.open(store, dataset, rows, pairs, settings.fuse, settings.pca_dim)
+        fusion = open_fusion(store, dataset, rows, pairs, settings.fuse, settings.pca_dim)
         attrs.update(variant=settings.label, fuse=fusion.describe())
     feature_key = (dataset.name, model, k, t)
     if overwrite:

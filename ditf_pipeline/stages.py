@@ -108,7 +108,7 @@ def _match_video(store, dataset, model, k, t, settings, overwrite, progress) -> 
     from tqdm.auto import tqdm
 
     from .davis_metrics import RUN_MARKER
-    from .models import resolve_device
+    from .devices import resolve_device
     from .video import PropagationSettings, propagate_davis
 
     start = time.perf_counter()

@@ -6,11 +6,14 @@ Adding a DiT family is one file here that defines a `DiTAdapter` subclass and ca
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
+from collections.abc import Iterator
 
 import torch
 
+from ..devices import resolve_device  # noqa: F401  (re-exported: `models.resolve_device`)
 from ..errors import DitfError
 from .base import DiTAdapter, ModelSpec
 
@@ -24,12 +27,39 @@ def register(spec: ModelSpec, adapter_cls: type[DiTAdapter]) -> None:
     _REGISTRY[spec.name] = (spec, adapter_cls)
 
 
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """transformers' and diffusers' loggers at error level, and their progress bars off, for the calls inside.
+
+    Importing the diffusers pipelines (at model discovery) makes transformers log advice that is
+    not for our users, e.g. "`CLIPImageProcessor` requires torchvision ... falling back", and
+    loading a checkpoint draws per-component bars; the settings are restored afterwards, so a
+    caller's own logging settings are left alone.
+    """
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    libraries = (transformers_logging, diffusers_logging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    for lib in libraries:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, (verbosity, bars) in zip(libraries, saved):
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
+
+
 def _discover() -> None:
     global _DISCOVERED
     if not _DISCOVERED:
-        for module in pkgutil.iter_modules(__path__):
-            if module.name not in ("base",) and not module.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{module.name}")
+        with quiet_libraries():
+            for module in pkgutil.iter_modules(__path__):
+                if module.name not in ("base",) and not module.name.startswith("_"):
+                    importlib.import_module(f"{__name__}.{module.name}")
         _DISCOVERED = True
 
 
@@ -45,15 +75,6 @@ def get_spec(name: str) -> ModelSpec:
 
         raise unknown("model", name, model_names())
     return _REGISTRY[name][0]
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    from ..validate import check_device
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(device)  # one error line for "tpu" or a GPU this machine lacks
-    return torch.device(device)
 
 
 def load_adapter(

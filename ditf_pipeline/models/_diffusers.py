@@ -79,8 +79,11 @@ class DiffusersAdapter(DiTAdapter):
         return dict(pipe.components)
 
     def _load(self, loader, what: str):
+        from . import quiet_libraries  # loading logs advice about the checkpoint's layout, not for our users
+
         try:
-            return loader()
+            with quiet_libraries():
+                return loader()
         except DitfError:
             raise
         except (OSError, ValueError, EnvironmentError) as exc:

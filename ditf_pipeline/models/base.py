@@ -26,6 +26,10 @@ from typing import Literal
 
 import torch
 
+# The affine-free LayerNorm and the AdaLN modulation live with the feature variants (the match
+# stage must not depend on the model package); re-exported here for the adapters and their tests.
+from ..features import layer_norm, modulate  # noqa: F401
+
 Conditioning = Literal["tc", "t", "c"]
 #: Prompt conditioning as the family's DiT consumes it, e.g. {"prompt_embeds": [L, C],
 #: "pooled_prompt_embeds": [C']}: CPU tensors without batch dimension (cacheable in the store).
@@ -274,14 +278,3 @@ class BlockTap:
     modulation_module: torch.nn.Module | None = None
     modulation_hook: str = "post"
     read_modulation: Callable | None = None
-
-
-def layer_norm(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The affine-free LayerNorm every DiT block applies before its AdaLN modulation."""
-    return torch.nn.functional.layer_norm(z, z.shape[-1:], eps=eps)
-
-
-def modulate(z: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(1 + scale) * LayerNorm(z) + shift for z (B, ..., D) and per-sample vectors (B, D)."""
-    view = (shift.shape[0],) + (1,) * (z.ndim - 2) + (shift.shape[-1],)
-    return layer_norm(z, eps) * (1 + scale.reshape(view)) + shift.reshape(view)

@@ -82,10 +82,13 @@ class Dinov2Adapter(DiTAdapter):
                 looks_local = path.is_absolute() or self.source.startswith(".") or path.exists()
                 if looks_local and not (path / "config.json").is_file():
                     raise DitfError(f"--weights {self.source}: not a transformers model folder (no config.json)")
+                from . import quiet_libraries
+
                 try:
-                    model = Dinov2Model.from_pretrained(
-                        self.source, revision=self.revision, dtype=self.dtype, local_files_only=_offline()
-                    )
+                    with quiet_libraries():
+                        model = Dinov2Model.from_pretrained(
+                            self.source, revision=self.revision, dtype=self.dtype, local_files_only=_offline()
+                        )
                 except (OSError, ValueError) as exc:
                     hint = " (offline: HF_HUB_OFFLINE is set)" if _offline() else ""
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
