@@ -16,6 +16,13 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
 SchedulerOpt = Annotated[Optional[str], typer.Option(
     "--scheduler", help="Spread the work over an existing dask cluster, e.g. tcp://HOST:8786 (store and data on shared paths).")]
 
+ResampleOpt = Annotated[Optional[str], typer.Option(
+    help="pil-bicubic (SPair script) | cv2-bilinear (DAVIS script: cv2.imread BGR, cv2.resize INTER_LINEAR); "
+         "default: the benchmark's.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    help="default (DiT in --dtype, fp32 ensemble mean, fp32 matching of fp16-stored features) | paper (the "
+         "authors' cast points: bf16 DiT, bf16 means, variant in bf16, fp16 upsampling and cosine).")]
+
 
 def extract_options(
     model: str,
@@ -38,6 +45,8 @@ def extract_options(
     workers: int | None = None,
     scheduler: str | None = None,
     resize: str | None = None,
+    resample: str | None = None,
+    precision: str = "default",
 ):
     """Run the extract stage; unset settings come from the benchmark's and the model's defaults."""
     from ditf_pipeline.datasets import get_dataset
@@ -47,10 +56,11 @@ def extract_options(
 
     spec = get_spec(model)
     data = get_dataset(dataset, data_root, split)
-    if dtype == "auto":
-        dtype = "bf16" if resolve_device(device).type == "cuda" else "fp32"
+    if dtype == "auto":  # --precision paper: the authors' bf16 DiT, on any device
+        dtype = "bf16" if precision == "paper" or resolve_device(device).type == "cuda" else "fp32"
     settings = default_settings(spec, data, ks=k, ts=t, img_size=img_size, ensemble_size=ensemble_size,
-                                batch_size=batch_size, seed=seed, prompt=prompt, resize=resize)
+                                batch_size=batch_size, seed=seed, prompt=prompt, resize=resize,
+                                resample=resample, precision=precision)
     if workers or scheduler:  # the same run with the images spread over dask workers
         from ditf_pipeline.distributed import AdapterArgs, extract_distributed, shared_client
 
@@ -96,6 +106,8 @@ def extract(
     t: TOpt = None,
     img_size: Annotated[Optional[int], typer.Option(help="Target size in pixels of the --resize side (default: the benchmark's for Flux, else the model's).")] = None,
     resize: Annotated[Optional[str], typer.Option(help="Side set to --img-size: long (SPair script) or short (DAVIS script; long side floored to /32).")] = None,
+    resample: ResampleOpt = None,
+    precision: PrecisionOpt = "default",
     ensemble_size: Annotated[Optional[int], typer.Option(help="Noise draws averaged per image, batched together (default 8; DAVIS 1).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Split the ensemble into batches of this size.")] = None,
     seed: Annotated[int, typer.Option(help="Base seed; noise is seeded per image and t.")] = 0,
@@ -114,7 +126,7 @@ def extract(
     different settings is refused.
     """
     extract_options(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
-                    prompt, weights, revision, dtype, device, progress, workers, scheduler, resize)
+                    prompt, weights, revision, dtype, device, progress, workers, scheduler, resize, resample, precision)
 
 
 @app.command()

@@ -14,7 +14,7 @@ import typer
 from .app import (
     DEFAULT_STORE, DataRootOpt, DatasetOpt, KOpt, ModelOpt, ProgressOpt, SplitOpt, StoreOpt, TOpt, app, user_errors,
 )
-from .extract_cmds import SchedulerOpt, WorkersOpt, extract_options
+from .extract_cmds import PrecisionOpt, ResampleOpt, SchedulerOpt, WorkersOpt, extract_options
 
 VariantOpt = Annotated[
     Optional[list[str]],
@@ -195,6 +195,8 @@ def run(
     t: TOpt = None,
     img_size: Annotated[Optional[int], typer.Option(help="Size of the --resize side (default: benchmark's/model's).")] = None,
     resize: Annotated[Optional[str], typer.Option(help="long | short (which side goes to --img-size).")] = None,
+    resample: ResampleOpt = None,
+    precision: PrecisionOpt = "default",
     ensemble_size: Annotated[Optional[int], typer.Option(help="Noise draws averaged per image (default 8; DAVIS 1).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Split the ensemble into batches of this size.")] = None,
     seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
@@ -216,7 +218,8 @@ def run(
 ) -> None:
     """extract + match + score in one command (each stage resumes from the cache)."""
     report = extract_options(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
-                             prompt, weights, revision, dtype, device, progress, workers, scheduler, resize)
+                             prompt, weights, revision, dtype, device, progress, workers, scheduler, resize,
+                             resample, precision)
     results = []
     for key in report.keys:
         k_name, t_name = key.split("/")[-2:]
