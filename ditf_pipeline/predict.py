@@ -159,6 +159,10 @@ def predict(
         "channels": channels,
         "features": arrays.config,
     }
+    compute = compute_feature
+    paper = paper_matching(arrays.config, settings.protocol)  # --precision paper: the authors' bf16 / fp16 casts
+    if paper:
+        attrs["precision"] = "paper"
     fusion = None
     if settings.fuse:
         from .fusion import PairFusion
@@ -174,10 +178,8 @@ def predict(
     predictions = store.open_predictions(feature_key, settings.name, [p.pair_id for p in pairs], max_kps, attrs, block=BLOCK)
     done = predictions.done()
     matcher = make_matcher(settings.protocol, **({"soft_window": settings.soft_window} if settings.protocol == "geoaware" else {}))
-    compute = compute_feature
-    if paper_matching(arrays.config, settings.protocol):  # --precision paper: the authors' bf16 / fp16 casts
+    if paper:
         matcher, compute = PaperDiftMatcher(), paper_feature
-        attrs["precision"] = "paper"
     features = FeatureCache(arrays, rows, settings.variant, channels, compute=compute)
     pair_features = features.pair if fusion is None else fusion.bind(features)
     todo_blocks = [s for s in range(0, len(pairs), BLOCK) if not done[s : s + BLOCK].all()]
