@@ -94,8 +94,9 @@ def main() -> None:
         if adapter.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         report = extractor.run(dataset, progress=False, records=records[1:])
+        cpu = time.process_time() - cpu_start  # all threads of the process: fairer than wall time on a shared machine
         if adapter.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -103,7 +104,8 @@ def main() -> None:
     line = (
         f"model={spec.name} arch={args.arch} blocks={spec.num_blocks} width={spec.hidden_size} k={ks} "
         f"img={img_size} ensemble={args.ensemble_size} dtype={args.dtype} device={args.device}: "
-        f"{report.extracted} images in {seconds:.2f} s = {report.extracted / seconds:.2f} img/s; "
+        f"{report.extracted} images in {seconds:.2f} s = {report.extracted / seconds:.2f} img/s "
+        f"({cpu / report.extracted * 1000:.0f} ms CPU per image); "
         f"peak host RSS {peak_rss:.0f} MiB"
     )
     if adapter.device.type == "cuda":

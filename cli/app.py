@@ -60,6 +60,12 @@ SchedulerOpt = Annotated[Optional[str], typer.Option(
     "--scheduler", help="Spread the work over an existing dask cluster, e.g. tcp://HOST:8786 (store and data on shared paths).")]
 
 # extract settings (`ditf extract`, `ditf run`)
+ResampleOpt = Annotated[Optional[str], typer.Option(
+    help="pil-bicubic (SPair script) | cv2-bilinear (DAVIS script: cv2.imread BGR, cv2.resize INTER_LINEAR); "
+         "default: the benchmark's.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    help="default (DiT in --dtype, fp32 ensemble mean, fp32 matching of fp16-stored features) | paper (the "
+         "authors' cast points: bf16 DiT, bf16 means, variant in bf16, fp16 upsampling and cosine).")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option(help="Target size in pixels of the --resize side, at least the model's patch stride; sides are rounded to multiples of it (default: the benchmark's for Flux, else the model's).")]
 ResizeOpt = Annotated[Optional[str], typer.Option(help="Side set to --img-size: long (SPair script) or short (DAVIS script; long side floored to /32).")]
 EnsembleOpt = Annotated[Optional[int], typer.Option(help="Noise draws averaged per image, batched together (default 8; DAVIS 1).")]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 import typer
 
 from .app import (
     DEFAULT_STORE, BatchSizeOpt, DataRootOpt, DatasetOpt, DeviceOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
-    ProgressOpt, PromptOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt, TOpt, WeightsOpt, WorkersOpt,
-    app, user_errors,
+    PrecisionOpt, ProgressOpt, PromptOpt, ResampleOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt,
+    TOpt, WeightsOpt, WorkersOpt, app, user_errors,
 )
 
 
@@ -41,6 +42,8 @@ def extract(
     t: TOpt = None,
     img_size: ImgSizeOpt = None,
     resize: ResizeOpt = None,
+    resample: ResampleOpt = None,
+    precision: PrecisionOpt = "default",
     ensemble_size: EnsembleOpt = None,
     batch_size: BatchSizeOpt = None,
     seed: SeedOpt = 0,
@@ -61,5 +64,6 @@ def extract(
     from ditf_pipeline.pipeline import run_extract
 
     report = run_extract(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
-                         prompt, weights, revision, dtype, device, progress, workers, scheduler, resize)
+                         prompt, weights, revision, dtype, device, progress, workers, scheduler, resize,
+                         resample=resample, precision=precision)
     typer.echo(report.line())

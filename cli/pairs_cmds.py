@@ -13,8 +13,8 @@ import typer
 
 from .app import (
     DEFAULT_STORE, BatchSizeOpt, ChannelsOpt, DataRootOpt, DatasetOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
-    ProgressOpt, PromptOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt, TOpt, VariantOpt, WeightsOpt,
-    WorkersOpt, app, user_errors,
+    PrecisionOpt, ProgressOpt, PromptOpt, ResampleOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt,
+    TOpt, VariantOpt, WeightsOpt, WorkersOpt, app, user_errors,
 )
 
 ProtocolOpt = Annotated[str, typer.Option(help="Pairs: dift (upsample to image size, <=) or geoaware (840 frame, 60x60, <).")]
@@ -217,6 +217,8 @@ def run(
     t: TOpt = None,
     img_size: ImgSizeOpt = None,
     resize: ResizeOpt = None,
+    resample: ResampleOpt = None,
+    precision: PrecisionOpt = "default",
     ensemble_size: EnsembleOpt = None,
     batch_size: BatchSizeOpt = None,
     seed: SeedOpt = 0,
@@ -241,7 +243,8 @@ def run(
 
     _check_pair_arguments(variant, protocol, alpha, out, device, workers)
     report = run_extract(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
-                         prompt, weights, revision, dtype, device, progress, workers, scheduler, resize)
+                         prompt, weights, revision, dtype, device, progress, workers, scheduler, resize,
+                         resample=resample, precision=precision)
     typer.echo(report.line())
     results = []
     for key in report.keys:

@@ -205,6 +205,7 @@ def match_block(
 ) -> int:
     """Predict one block of consecutive pairs and commit it (its own chunk of `pred`/`done`)."""
     from .match import make_matcher
+    from .paper import PaperDiftMatcher, paper_feature, paper_matching
     from .predict import FeatureCache
 
     store = FeatureStore(store_path)
@@ -213,13 +214,15 @@ def match_block(
         return 0
     arrays = store.open_features(*feature_key)
     cache_key = (str(store_path), feature_key, settings.variant, tuple(channels))
+    paper = paper_matching(arrays.config, settings.protocol)  # --precision paper keys: bf16 / fp16 casts
     features = _FEATURES.get(cache_key)
     if features is None:
         _FEATURES.clear()
-        features = _FEATURES[cache_key] = FeatureCache(arrays, {}, settings.variant, channels)
+        features = _FEATURES[cache_key] = FeatureCache(
+            arrays, {}, settings.variant, channels, **({"compute": paper_feature} if paper else {}))
     features.rows.update(rows)
     kwargs = {"soft_window": settings.soft_window} if settings.protocol == "geoaware" else {}
-    matcher = make_matcher(settings.protocol, **kwargs)
+    matcher = PaperDiftMatcher() if paper else make_matcher(settings.protocol, **kwargs)
     out = []
     for pair in pairs:
         try:

@@ -1,7 +1,8 @@
 """The extract stage: each image through the DiT once, everything later stages need cached.
 
-For every image and timestep t: VAE-encode, draw the ensemble of noises (seeded by image key
-and t, so a rerun is bit-identical), run one forward that serves every requested block k
+For every image: VAE-encode once (in fp32); for every timestep t: draw each ensemble member's
+posterior sample and noise (seeded by image key, t and member, so a rerun is bit-identical
+whatever the batch size), run one forward per batch that serves every requested block k
 (stopping after the deepest), average the raw pre-AdaLN z and the (shift, scale, gate) over the
 ensemble, add the t-only / c-only modulation (paper Table 5), and commit the image to the store.
 
@@ -29,8 +30,8 @@ import torch
 from . import SCHEMA_VERSION, __version__
 from .datasets.base import Dataset, ImageRecord, check_annotated_sizes
 from .errors import DitfError
-from .images import image_size, load_rgb
-from .models.base import DiTAdapter, PromptEmbedding
+from .images import RESAMPLERS, image_size, load_for_model
+from .models.base import DiTAdapter, LatentPosterior, PromptEmbedding
 from .prompts import prompt_identity, prompts_for
 from .store import FeatureArrays, FeatureStore, config_differences
 
@@ -47,7 +48,23 @@ class ExtractSettings:
     prompt: str = "template"
     batch_size: int | None = None  # split the ensemble; None = whole ensemble in one batch
     resize: str = "long"  # which side goes to img_size: "long" (SPair script) or "short" (DAVIS script)
+    resample: str = "pil-bicubic"  # `images.RESAMPLERS`: "cv2-bilinear" is the DAVIS script's
+    precision: str = "default"  # `PRECISIONS`: "paper" = the authors' bf16 / fp16 cast points
     workers: int = 2  # image decoding threads
+
+
+#: --precision: "default" runs the DiT in the dtype asked for, averages the ensemble in fp32 and
+#: stores z as fp16 (matching then computes in fp32); "paper" is the authors' bf16 path: the DiT
+#: in bf16 (so timestep and guidance embeddings are rounded in bf16, 3500 -> 3504), ensemble
+#: means rounded to bf16 (their `.mean(0)` of a bf16 batch), and at match time the variant in
+#: bf16, cast to fp16, upsampled and compared in fp16 (`ditf_pipeline.paper`).
+PRECISIONS = ("default", "paper")
+
+#: How ensemble member m's posterior sample and noise are drawn (recorded in every key's config)
+VAE_SAMPLING = "vae once per image; member m: eps then noise from seed(seed, key, t, m), float32 on the CPU"
+
+#: Which arithmetic `images.model_size` follows (recorded so keys of the older rule are refused)
+RESIZE_RULE = "authors': long side int(round(side*scale/16))*16 (half to even); short side (size*long)/short floored"
 
 
 @dataclass
@@ -89,6 +106,8 @@ def default_settings(spec, dataset: Dataset, **given) -> ExtractSettings:
         ts=list(given.get("ts") or [data["t"] if flux and "t" in data else spec.default_t]),
         img_size=given.get("img_size", data["img_size"] if flux and "img_size" in data else spec.img_size),
         resize=given.get("resize", data["resize"] if flux and "resize" in data else "long"),
+        resample=given.get("resample", data.get("resample", "pil-bicubic")),
+        precision=given.get("precision", "default"),
         ensemble_size=given.get("ensemble_size", data.get("ensemble_size", 8)),
         batch_size=given.get("batch_size"),
         seed=given.get("seed", 0),
@@ -108,22 +127,50 @@ def check_settings(settings: ExtractSettings, patch_stride: int) -> None:
     check_at_least("decoding workers", settings.workers)
     check_blocks(settings.ks)
     check_timesteps(settings.ts)
+    check_choice("--resample", settings.resample, RESAMPLERS)
+    check_choice("--precision", settings.precision, PRECISIONS)
     if not settings.ks or not settings.ts:
         raise DitfError("extract needs at least one --k and one --t")
+
+
+def check_precision(adapter: DiTAdapter, settings: ExtractSettings) -> None:
+    """`--precision paper` is the authors' bf16 DiT: any other loaded dtype would not be their arithmetic."""
+    if settings.precision == "paper" and adapter.dtype != torch.bfloat16:
+        raise DitfError(
+            f"--precision paper runs the DiT in bf16 as the authors do; it was loaded in "
+            f"{str(adapter.dtype).replace('torch.', '')} (pass --dtype bf16 or leave --dtype auto)"
+        )
 
 
 def check_run(adapter: DiTAdapter, settings: ExtractSettings, dataset: Dataset | None = None) -> None:
     """Everything an extract can check before it opens the store: settings, block indices
     for this model and, with `dataset`, the annotations (parsed and checked by the reader)."""
     check_settings(settings, adapter.patch_stride)
+    check_precision(adapter, settings)
     adapter.check_indices(settings.ks)
     if dataset is not None:
         dataset.images()
 
 
-def image_seed(seed: int, key: str, timestep: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{key}:{timestep}".encode()).digest()
+def image_seed(seed: int, key: str, timestep: int, member: int | None = None) -> int:
+    """A 63-bit seed from the run seed, image key, timestep and (optionally) ensemble member."""
+    text = f"{seed}:{key}:{timestep}" if member is None else f"{seed}:{key}:{timestep}:{member}"
+    digest = hashlib.sha256(text.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def member_draws(seed: int, key: str, timestep: int, members: range, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps, noise) of ensemble `members`, each (len(members), *shape) float32 on the CPU.
+
+    Each member has its own generator (eps first, then noise), so member m's numbers do not
+    depend on how the ensemble is split into batches, nor on the device.
+    """
+    eps, noise = [], []
+    for member in members:
+        generator = torch.Generator().manual_seed(image_seed(seed, key, timestep, member))
+        eps.append(torch.randn(shape, generator=generator, dtype=torch.float32))
+        noise.append(torch.randn(shape, generator=generator, dtype=torch.float32))
+    return torch.stack(eps), torch.stack(noise)
 
 
 def store_config(adapter: DiTAdapter, settings: ExtractSettings) -> dict:
@@ -135,7 +182,12 @@ def store_config(adapter: DiTAdapter, settings: ExtractSettings) -> dict:
         "dtype": str(adapter.dtype).replace("torch.", ""),
         "img_size": settings.img_size,
         "resize_side": settings.resize,
+        "resize_rule": RESIZE_RULE,
+        "resample": settings.resample,
         **adapter.input_config(),  # "resize" (and the pixel normalisation where not [-1, 1])
+        "vae_dtype": str(adapter.vae_dtype).replace("torch.", "") if adapter.vae_dtype is not None else None,
+        "vae_sampling": VAE_SAMPLING if adapter.stochastic else None,
+        "precision": settings.precision,
         "patch_stride": adapter.patch_stride,
         "ensemble_size": settings.ensemble_size,
         "seed": settings.seed,
@@ -201,6 +253,7 @@ class Extractor:
             settings.ensemble_size = 1  # no noise: every ensemble member would be identical
         if not adapter.conditioned:
             settings.prompt = "none"
+        check_precision(adapter, settings)
 
     # ---- prompts ------------------------------------------------------------------------------
     def encode_prompts(self, texts: set[str]) -> dict[str, PromptEmbedding]:
@@ -221,36 +274,48 @@ class Extractor:
         return {text: {name: torch.from_numpy(np.asarray(v)) for name, v in emb.items()} for text, emb in found.items()}
 
     # ---- one image ----------------------------------------------------------------------------
-    def features_for(self, pixels: np.ndarray, prompt: PromptEmbedding, key: str, timestep: int, ks: Sequence[int]):
-        """Ensemble-averaged features of one image at one timestep for blocks `ks`."""
+    def encode(self, pixels: np.ndarray) -> LatentPosterior:
+        """The VAE posterior of one image: encoded once, shared by every t and ensemble member."""
+        return self.adapter.encode_posterior(torch.from_numpy(pixels)[None])
+
+    def features_for(
+        self, pixels: np.ndarray, prompt: PromptEmbedding, key: str, timestep: int, ks: Sequence[int],
+        posterior: LatentPosterior | None = None,
+    ):
+        """Ensemble-averaged features of one image at one timestep for blocks `ks`.
+
+        `posterior` is the image's `encode` (computed here when not given). Member m's latents
+        are ``posterior.sample(eps_m)``, noised with noise_m (`member_draws`); the sums run
+        member by member in order, so the mean does not depend on the batch size either.
+        """
         adapter, settings = self.adapter, self.settings
-        generator = torch.Generator().manual_seed(image_seed(settings.seed, key, timestep))
-        image = torch.from_numpy(pixels)[None]
+        posterior = posterior if posterior is not None else self.encode(pixels)
         ensemble = settings.ensemble_size
         batch = settings.batch_size or ensemble
         sums: dict[int, dict[str, torch.Tensor]] = {}
         for start in range(0, ensemble, batch):
-            count = min(batch, ensemble - start)
-            latents = adapter.encode_images(image.expand(count, *image.shape[1:]), generator)
-            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-            noisy = adapter.add_noise(latents, noise, timestep)
+            members = range(start, min(start + batch, ensemble))
+            eps, noise = member_draws(settings.seed, key, timestep, members, tuple(posterior.mean.shape[1:]))
+            latents = posterior.sample(eps if posterior.std is not None else None)
+            if latents.shape[0] != len(members):  # a deterministic posterior: one row for everyone
+                latents = latents.expand(len(members), *latents.shape[1:])
+            noisy = adapter.add_noise(latents, noise.to(latents.device, latents.dtype), timestep)
             for k, block in adapter.forward_intermediates(noisy, prompt, timestep, ks).items():
-                parts = {"pre_adaln": block.pre_adaln.float().sum(0)}
+                parts = {"pre_adaln": block.pre_adaln}
                 if block.modulation is not None:  # None: a model without AdaLN
                     for name in ("shift", "scale", "gate"):
-                        parts[name] = getattr(block.modulation, name).float().sum(0)
-                if k not in sums:
-                    sums[k] = parts
-                else:
-                    for name, value in parts.items():
-                        sums[k][name] += value
+                        parts[name] = getattr(block.modulation, name)
+                into = sums.setdefault(k, {})
+                for name, value in parts.items():
+                    for row in value.float():  # member order, whatever the batching
+                        into[name] = row.clone() if name not in into else into[name].add_(row)
         extra = (
             _conditioning_variants(adapter, prompt, timestep, ks, image_size=tuple(pixels.shape[1:]))
             if adapter.has_adaln else {k: {} for k in ks}
         )
         out = {}
         for k, parts in sums.items():
-            means = {name: (value / ensemble).cpu().numpy() for name, value in parts.items()}
+            means = {name: self._mean(value, ensemble) for name, value in parts.items()}
             pre_adaln = means.pop("pre_adaln")
             if not np.isfinite(pre_adaln).all():
                 raise DitfError(f"non-finite features for {key} at k={k}, t={timestep} (try --dtype fp32)")
@@ -258,6 +323,14 @@ class Extractor:
                 raise DitfError(f"features of {key} at k={k} overflow float16 storage")
             out[k] = (pre_adaln.astype(np.float16), {**means, **extra[k]})
         return out
+
+    def _mean(self, total: torch.Tensor, count: int) -> np.ndarray:
+        """Ensemble mean as float32 numpy; `--precision paper` rounds it to bf16 as the authors'
+        ``.mean(0)`` of a bf16 batch does (fp16 storage then holds those values exactly)."""
+        mean = total / count
+        if self.settings.precision == "paper":
+            mean = mean.to(torch.bfloat16).float()
+        return mean.cpu().numpy()
 
     # ---- the run ----------------------------------------------------------------------------
     def run(self, dataset: Dataset, progress: bool = True, records: Sequence[ImageRecord] | None = None) -> ExtractReport:
@@ -321,7 +394,7 @@ class Extractor:
         index row and grown arrays behind. Decoding twice costs far less than one DiT forward.
         """
         with ThreadPoolExecutor(max_workers=max(1, self.settings.workers)) as pool:
-            for _ in pool.map(lambda record: load_rgb(record.path).size, records):
+            for _ in pool.map(lambda record: load_for_model(record.path, self.settings.resample).size, records):
                 pass
 
     def _run_locked(self, dataset, records, rows, arrays, start_time, progress) -> ExtractReport:
@@ -341,8 +414,13 @@ class Extractor:
 
     def _decoded(self, records: Sequence[ImageRecord]) -> Iterator[tuple[ImageRecord, np.ndarray]]:
         """Decode and preprocess images ahead of the DiT (bounded lookahead)."""
+        settings = self.settings
+
         def load(record: ImageRecord) -> np.ndarray:
-            return self.adapter.prepare_image(load_rgb(record.path), self.settings.img_size, side=self.settings.resize)
+            return self.adapter.prepare_image(
+                load_for_model(record.path, settings.resample), settings.img_size, side=settings.resize,
+                resample=settings.resample,
+            )
 
         with ThreadPoolExecutor(max_workers=max(1, self.settings.workers)) as pool:
             lookahead = 2 * max(1, self.settings.workers)
@@ -377,11 +455,14 @@ class Extractor:
             for record, pixels in self._decoded(todo):
                 row = rows[record.key]
                 prompt = embeddings[texts[record.key]]
+                posterior = None  # the VAE runs once per image, for every t
                 for t in self.settings.ts:
                     ks = [k for k in self.settings.ks if not complete[(k, t)][row]]
                     if not ks:
                         continue
-                    for k, (pre_adaln, modulation) in self.features_for(pixels, prompt, record.key, t, ks).items():
+                    posterior = posterior if posterior is not None else self.encode(pixels)
+                    features = self.features_for(pixels, prompt, record.key, t, ks, posterior)
+                    for k, (pre_adaln, modulation) in features.items():
                         writes.put((arrays[(k, t)], row, pre_adaln, modulation))
                     if failure:
                         raise failure[0]

@@ -11,7 +11,6 @@ raise `DitfError("cannot read image <path>: <reason>")` on one line.
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
@@ -144,42 +143,96 @@ def image_size(path: Path | str) -> tuple[int, int]:
 
 
 def _round_to_multiple(value: float, multiple: int) -> int:
-    """Nearest multiple (halves round up, unlike Python's banker's `round`), at least one."""
-    return max(multiple, int(math.floor(value / multiple + 0.5)) * multiple)
+    """Nearest multiple, at least one: ``int(round(value / multiple)) * multiple``.
+
+    Python's `round` (halves to even), as the authors' SPair script computes it: 100x320 at
+    640 gives 200 / 16 = 12.5 -> 12 -> 192, not 208.
+    """
+    return max(multiple, int(round(value / multiple)) * multiple)
 
 
 def model_size(width: int, height: int, size: int, multiple: int = 16, side: str = "long") -> tuple[int, int]:
-    """Model input size, aspect kept.
+    """Model input size (width, height), aspect kept, in the authors' exact arithmetic.
 
-    side="long" (default; the public DiTF Flux script): long side -> `size`, both sides rounded
-    to the nearest multiple of `multiple`, no padding. side="short" (DiTF's DAVIS script): short
-    side -> `size` (rounded to `multiple`), long side scaled alike and floored to a multiple of
-    2 * `multiple` (854x480 at 960 -> 1696x960 for Flux).
+    side="long" (default; DiTF's `eval_spair.py`): scale = size / long side, each side becomes
+    ``int(round(side * scale / multiple)) * multiple`` (Python round, halves to even), no padding.
+    side="short" (DiTF's `eval_davis.py` `read_frame`): the short side becomes `size` (rounded to
+    `multiple`; a no-op for their 960), the long side ``int(((size * long) / short) // coarse) *
+    coarse`` with coarse = 2 * `multiple` (32 for Flux): multiply first, then divide, as they do
+    (``long * (size / short)`` differs in the last bit: 214x749 at 960 is 3360, not 3328).
+    Both results are at least one `multiple`.
     """
     for name, value in (("width", width), ("height", height), ("size", size), ("multiple", multiple)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise DitfError(f"model_size: {name} must be a positive integer, got {value!r}")
+    width, height, size, multiple = int(width), int(height), int(size), int(multiple)
     if side == "long":
         scale = size / max(width, height)
         return _round_to_multiple(width * scale, multiple), _round_to_multiple(height * scale, multiple)
     if side == "short":
-        scale = size / min(width, height)
         coarse = 2 * multiple
-        long_side = max(coarse, int(math.floor(max(width, height) * scale / coarse)) * coarse)
-        short_side = _round_to_multiple(min(width, height) * scale, multiple)
+        long_side = max(coarse, int(((size * max(width, height)) / min(width, height)) // coarse) * coarse)
+        short_side = _round_to_multiple(size, multiple)
         return (long_side, short_side) if width >= height else (short_side, long_side)
     raise DitfError(f"resize side must be 'long' or 'short', got {side!r}")
 
 
-def preprocess(img: Image.Image, long_side: int, multiple: int = 16, side: str = "long") -> np.ndarray:
-    """Resize (bicubic, see `RESAMPLE`) to `model_size` and scale pixels to [-1, 1].
+#: How pixels are resampled to the model size (`preprocess`), by name as the store records it:
+#: "pil-bicubic" is what the SPair script (and DIFT's) do, ``PIL.Image.resize`` with its RGB
+#: default; "cv2-bilinear" is the DAVIS script: ``cv2.resize`` (INTER_LINEAR) of the BGR frame
+#: as ``cv2.imread`` returns it, flipped to RGB afterwards.
+RESAMPLERS = ("pil-bicubic", "cv2-bilinear")
 
-    Returns float32 of shape (3, H, W), computed as DIFT does: ``(x / 255 - 0.5) * 2``.
+
+def load_rgb_cv2(path: Path | str) -> Image.Image:
+    """Decode a file with ``cv2.imread`` (BGR, 8-bit, as the DAVIS script does) into RGB.
+
+    The BGR -> RGB flip is lossless, so `preprocess(..., resample="cv2-bilinear")` sees
+    exactly the BGR array the authors resize. Problems raise the same one-line error as
+    `load_rgb`.
+    """
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "no such file" if not path.exists() else "not a regular file")
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None or bgr.size == 0:
+        raise _fail(path, "OpenCV cannot decode it")
+    return Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]), mode="RGB")
+
+
+def load_for_model(path: Path | str, resample: str = "pil-bicubic") -> Image.Image:
+    """The decoder that goes with a resampler: cv2 for "cv2-bilinear", else `load_rgb`."""
+    return load_rgb_cv2(path) if resample == "cv2-bilinear" else load_rgb(path)
+
+
+def resize_pixels(img: Image.Image, new_w: int, new_h: int, resample: str = "pil-bicubic") -> np.ndarray:
+    """Resize an RGB image to (new_w, new_h) with a named resampler: (H, W, 3) uint8 RGB."""
+    if resample == "pil-bicubic":
+        if (new_w, new_h) != img.size:
+            img = img.resize((new_w, new_h), resample=RESAMPLE)
+        return np.asarray(img)
+    if resample == "cv2-bilinear":
+        import cv2
+
+        bgr = np.ascontiguousarray(np.asarray(img)[:, :, ::-1])
+        # the authors call cv2.resize even at the same size (a copy then): no shortcut needed
+        bgr = cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        return np.ascontiguousarray(bgr[:, :, ::-1])
+    raise DitfError(f"unknown resampler {resample!r}; choose one of {', '.join(RESAMPLERS)}")
+
+
+def preprocess(
+    img: Image.Image, long_side: int, multiple: int = 16, side: str = "long", resample: str = "pil-bicubic"
+) -> np.ndarray:
+    """Resize to `model_size` (with `resample`, see `RESAMPLERS`) and scale pixels to [-1, 1].
+
+    Returns float32 of shape (3, H, W), computed as DIFT does: ``(x / 255 - 0.5) * 2`` (the
+    DAVIS script's ``(x / 255 - 0.5) / 0.5`` is the same float32 number: halving is exact).
     """
     img = to_rgb(img)
     new_w, new_h = model_size(img.width, img.height, long_side, multiple, side)
-    if (new_w, new_h) != img.size:
-        img = img.resize((new_w, new_h), resample=RESAMPLE)
-    arr = np.asarray(img, dtype=np.float32)
+    arr = resize_pixels(img, new_w, new_h, resample).astype(np.float32)
     arr = (arr / np.float32(255.0) - np.float32(0.5)) * np.float32(2.0)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

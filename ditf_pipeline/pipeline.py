@@ -42,6 +42,8 @@ def run_extract(
     scheduler: str | None = None,
     resize: str | None = None,
     adapter: DiTAdapter | None = None,
+    resample: str | None = None,
+    precision: str = "default",
 ) -> ExtractReport:
     """Run the extract stage into `store`; unset settings come from the benchmark's and the model's defaults.
 
@@ -49,7 +51,8 @@ def run_extract(
     passes its in-memory image list). `adapter`, when given, is an already built adapter of
     `model` (the API keeps its weights loaded across calls); otherwise one is built from
     `weights`, `revision`, `dtype`, `device`. With `workers` or `scheduler` the images are
-    spread over dask workers, each building its own adapter.
+    spread over dask workers, each building its own adapter. `resample` and `precision` follow
+    the authors' arithmetic when asked (`--resample`, `--precision paper`; see README "Precision").
     """
     from .datasets import get_dataset
     from .devices import default_dtype
@@ -61,10 +64,11 @@ def run_extract(
     spec = adapter.spec if adapter is not None else get_spec(model)
     check_at_least("--workers", workers)
     data = get_dataset(dataset, data_root, split) if isinstance(dataset, str) else dataset
-    if dtype == "auto":
-        dtype = default_dtype(device)
+    if dtype == "auto":  # --precision paper: the authors' bf16 DiT, on any device
+        dtype = "bf16" if precision == "paper" else default_dtype(device)
     settings = default_settings(spec, data, ks=k, ts=t, img_size=img_size, ensemble_size=ensemble_size,
-                                batch_size=batch_size, seed=seed, prompt=prompt, resize=resize)
+                                batch_size=batch_size, seed=seed, prompt=prompt, resize=resize,
+                                resample=resample, precision=precision)
     if adapter is None:  # lazy: building an adapter loads no weights yet
         adapter = load_adapter(spec.name, weights=weights, revision=revision, dtype=dtype, device=device)
     check_run(adapter, settings, data)  # every argument and the annotations, before the store is opened

@@ -28,6 +28,7 @@ from .features import (
 from .fusion import PairFusion, parse_fuse
 from .match import make_matcher
 from .naming import fusion_label, prediction_name
+from .paper import PaperDiftMatcher, paper_feature, paper_matching
 from .store import FeatureArrays, FeatureStore
 from .validate import unknown
 
@@ -92,9 +93,11 @@ def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list
 class FeatureCache:
     """Variant features of recently used images (each computed once per run)."""
 
-    def __init__(self, arrays: FeatureArrays, rows: dict[str, int], variant: str, channels: Sequence[int], size: int = 64):
+    def __init__(self, arrays: FeatureArrays, rows: dict[str, int], variant: str, channels: Sequence[int], size: int = 64,
+                 compute=compute_feature):
         self.arrays, self.rows, self.variant, self.channels = arrays, rows, variant, list(channels)
         self.size = size
+        self.compute = compute  # `features.compute_feature` (fp32) or `paper.paper_feature` (bf16 -> fp16)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def pair(self, src_key: str, trg_key: str) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -106,7 +109,7 @@ class FeatureCache:
             self._cache.move_to_end(key)
             return self._cache[key]
         pre_adaln, modulation = self.arrays.read_image(self.rows[key])
-        feature = compute_feature(self.variant, pre_adaln, modulation, self.channels)
+        feature = self.compute(self.variant, pre_adaln, modulation, self.channels)
         self._cache[key] = feature
         if len(self._cache) > self.size:
             self._cache.popitem(last=False)
@@ -175,6 +178,10 @@ def predict(
         "channels": channels,
         "features": arrays.config,
     }
+    compute = compute_feature
+    paper = paper_matching(arrays.config, settings.protocol)  # --precision paper: the authors' bf16 / fp16 casts
+    if paper:
+        attrs["precision"] = "paper"
     fusion = None
     if settings.fuse:
         if block_runner is not None:
@@ -188,7 +195,9 @@ def predict(
     predictions = store.open_predictions(feature_key, settings.name, [p.pair_id for p in pairs], max_kps, attrs, block=BLOCK)
     done = predictions.done()
     matcher = make_matcher(settings.protocol, **({"soft_window": settings.soft_window} if settings.protocol == "geoaware" else {}))
-    features = FeatureCache(arrays, rows, settings.variant, channels)
+    if paper:
+        matcher, compute = PaperDiftMatcher(), paper_feature
+    features = FeatureCache(arrays, rows, settings.variant, channels, compute=compute)
     pair_features = features.pair if fusion is None else fusion.bind(features)
     todo_blocks = [s for s in range(0, len(pairs), BLOCK) if not done[s : s + BLOCK].all()]
     matched = 0

@@ -51,6 +51,15 @@ def test_davis_defaults_and_prompt_text(tmp_path):
 
     config = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["davis/tiny-flux/k2/t260"].attrs["config"]
     assert config["ensemble_size"] == 1 and config["prompt"] == "text:a photo of a image"
+    assert config["resample"] == "cv2-bilinear" and config["vae_dtype"] == "float32"  # eval_davis.py's read_frame
+    # the same key under the other resampler or precision is refused, not silently reused
+    result = CliRunner().invoke(app, ["extract", "--model", "tiny-flux", "--dataset", "davis", "--data-root", str(root),
+                                      "--store", str(tmp_path / "s.zarr"), "--img-size", "64", "--no-progress",
+                                      "--resample", "pil-bicubic"])
+    assert result.exit_code == 1 and "resample" in result.output
+    result = CliRunner().invoke(app, ["extract", "--model", "tiny-flux", "--dataset", "davis", "--data-root", str(root),
+                                      "--store", str(tmp_path / "s.zarr"), "--precision", "paper", "--dtype", "fp32"])
+    assert result.exit_code == 1 and "--precision paper runs the DiT in bf16" in result.output
 
 
 def test_demo_with_baseline_row(tmp_path):

@@ -146,8 +146,43 @@ def test_model_size(w, h, long_side, expected):
     assert model_size(w, h, long_side) == expected
 
 
-def test_model_size_rounds_half_up():
-    assert model_size(400, 100, 400, multiple=8) == (400, 104)  # 100 / 8 = 12.5 -> 13
+def test_model_size_rounds_half_to_even_as_the_authors_do():
+    assert model_size(400, 100, 400, multiple=8) == (400, 96)  # 100 / 8 = 12.5 -> 12 (Python round)
+    assert model_size(100, 320, 640) == (192, 640)  # the issue's example: 12.5 -> 12, not 13
+
+
+def _authors_long_rule(w: int, h: int, size: int) -> tuple[int, int]:
+    """eval_spair.py, restated: scale = size / max(h, w); side -> int(round(side * scale / 16)) * 16."""
+    scale = size / max(h, w)
+    return max(16, int(round(w * scale / 16)) * 16), max(16, int(round(h * scale / 16)) * 16)
+
+
+def _authors_short_rule(w: int, h: int, size: int) -> tuple[int, int]:
+    """eval_davis.py `read_frame`, restated (the short side is `size` itself: a multiple of 16 here)."""
+    if h > w:
+        return size, max(32, int(((size * h) / w) // 32 * 32))
+    return max(32, int(((size * w) / h) // 32 * 32)), size
+
+
+@pytest.mark.parametrize("size", [500, 640, 768])
+def test_long_side_rule_equals_the_authors_over_thousands_of_sizes(size):
+    sides = range(100, 1001, 3)  # 301 x 301 = 90,601 sizes per target, every aspect ratio SPair has
+    mismatches = [(w, h) for w in sides for h in sides if model_size(w, h, size) != _authors_long_rule(w, h, size)]
+    assert mismatches == []
+
+
+@pytest.mark.parametrize("size", [480, 960])
+def test_short_side_rule_equals_the_authors_over_thousands_of_sizes(size):
+    sides = range(100, 2001, 7)
+    mismatches = [(w, h) for w in sides for h in sides
+                  if model_size(w, h, size, 16, "short") != _authors_short_rule(w, h, size)]
+    assert mismatches == []
+
+
+def test_short_side_rule_multiplies_before_dividing():
+    # long * (960 / short) = 3359.99... floors to 3328; (960 * long) / short = 3360.0 exactly
+    assert model_size(214, 749, 960, 16, "short") == (960, 3360)
+    assert model_size(749, 214, 960, 16, "short") == (3360, 960)
 
 
 @pytest.mark.parametrize("bad", [0, -5, 1.5, True, None])
@@ -178,6 +213,40 @@ def test_preprocess_is_bicubic():
     arr = preprocess(img, long_side=64)
     ref = np.asarray(img.resize((64, 48), Image.Resampling.BICUBIC), dtype=np.float32)
     np.testing.assert_allclose(arr.transpose(1, 2, 0), (ref / 255 - 0.5) * 2, atol=1e-6)
+
+
+def test_preprocess_cv2_bilinear_is_the_davis_scripts_resize():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    arr = preprocess(Image.fromarray(rgb), 64, 16, side="short", resample="cv2-bilinear")
+    # read_frame: cv2.resize of the BGR frame (INTER_LINEAR default), float, /255, flip to RGB, (x-0.5)/0.5
+    # 41 x 30 at 960 -> short side 64, long side (64 * 41) / 30 = 87.5 floored to /32 -> 64
+    bgr = cv2.resize(np.ascontiguousarray(rgb[:, :, ::-1]), (64, 64))
+    ref = (bgr.astype(np.float32) / 255.0)[:, :, ::-1]
+    ref = (ref - 0.5) / 0.5
+    assert arr.shape == (3, 64, 64)
+    np.testing.assert_array_equal(arr.transpose(1, 2, 0), ref)
+    bicubic = preprocess(Image.fromarray(rgb), 64, 16, side="short")
+    assert not np.array_equal(arr, bicubic)  # the resampler matters
+    with pytest.raises(DitfError, match="unknown resampler"):
+        preprocess(Image.fromarray(rgb), 64, resample="lanczos")
+
+
+def test_cv2_decoder_reads_what_the_davis_script_reads(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    from ditf_pipeline.images import load_for_model
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "f.jpg"
+    Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(path, quality=90)
+    img = load_for_model(path, "cv2-bilinear")
+    np.testing.assert_array_equal(np.asarray(img)[:, :, ::-1], cv2.imread(str(path)))
+    with pytest.raises(DitfError, match="cannot read image"):
+        load_for_model(tmp_path / "missing.jpg", "cv2-bilinear")
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    with pytest.raises(DitfError, match="cannot read image"):
+        load_for_model(tmp_path / "bad.jpg", "cv2-bilinear")
 
 
 def test_preprocess_accepts_non_rgb():

@@ -134,6 +134,7 @@ class Davis2017(Dataset):
         "img_size": 960,
         "resize": "short",  # short side -> img_size, long side floored to a multiple of 32
         "size_multiple": 32,
+        "resample": "cv2-bilinear",  # read_frame: cv2.imread (BGR), cv2.resize INTER_LINEAR, then RGB
         "temperature": 0.1,
         "topk": 5,
         "n_last": 7,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DitfError
-from .base import DiTAdapter, ModelSpec, PromptEmbedding
+from .base import DiTAdapter, LatentPosterior, ModelSpec, PromptEmbedding
 
 
 def _offline() -> bool:
@@ -30,6 +30,8 @@ class DiffusersAdapter(DiTAdapter):
     pipeline_cls: type
     #: pipeline components needed to encode prompts
     text_components: tuple[str, ...] = ()
+    #: the VAE stays in fp32 under a bf16 / fp16 DiT, as the authors' autoencoder does
+    vae_dtype = torch.float32
 
     def __init__(self, spec: ModelSpec, **kwargs) -> None:
         super().__init__(spec, **kwargs)
@@ -128,14 +130,16 @@ class DiffusersAdapter(DiTAdapter):
         self._text_pipe = None
         super().release_text_encoders()
 
-    def _load_dit_part(self, name: str):
+    def _load_dit_part(self, name: str, dtype: torch.dtype | None = None):
+        dtype = dtype or self.dtype
         if self.source is None:
             module = self._tiny()[name].to(self.device)
-            return module if module.dtype == self.dtype else module.to(self.dtype)
+            return module if module.dtype == dtype else module.to(dtype)
         self._check_source()
         cls = self.dit_classes()[name]
         module = self._load(
-            lambda: cls.from_pretrained(self.source, subfolder=name, **self._from_pretrained_kwargs()), name
+            lambda: cls.from_pretrained(self.source, subfolder=name, **{**self._from_pretrained_kwargs(), "dtype": dtype}),
+            name,
         )
         return module.to(self.device).eval().requires_grad_(False)
 
@@ -152,18 +156,19 @@ class DiffusersAdapter(DiTAdapter):
     @property
     def vae(self):
         if self._vae is None:
-            self._vae = self._load_dit_part("vae")
+            self._vae = self._load_dit_part("vae", self.vae_dtype)
         return self._vae
 
     # ---- shared image side ------------------------------------------------------------------
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_posterior(self, pixels: torch.Tensor) -> LatentPosterior:
         vae = self.vae
         pixels = pixels.to(device=self.device, dtype=vae.dtype)
         with torch.no_grad():
             posterior = vae.encode(pixels).latent_dist
-            latents = posterior.sample(generator=generator)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).to(self.dtype)
+        return LatentPosterior(
+            mean=posterior.mean, std=posterior.std, dtype=self.dtype,
+            shift=float(getattr(vae.config, "shift_factor", None) or 0.0), scale=float(vae.config.scaling_factor),
+        )
 
     @staticmethod
     def stack_prompt(prompt: PromptEmbedding, batch: int, device, dtype) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ An adapter answers four questions about its family and nothing else (it knows no
 datasets or matching):
 
 * which blocks exist (`num_blocks`, `block_kind`),
-* how an image becomes noisy latents at timestep t (`encode_images`, `add_noise`),
+* how an image becomes noisy latents at timestep t (`encode_posterior` once per image, then
+  `LatentPosterior.sample` and `add_noise` per ensemble member),
 * how a prompt becomes the conditioning the DiT takes (`encode_prompts`),
 * where the pre-AdaLN feature z and the block's AdaLN (shift, scale, gate) are captured
   (`forward_intermediates`, modelled on timm's ``forward_intermediates(indices, stop_early)``),
@@ -78,6 +79,32 @@ class BlockFeatures:
     modulation: Modulation | None
 
 
+@dataclass
+class LatentPosterior:
+    """The VAE's diagonal Gaussian of a batch of images, and how a sample becomes DiT latents.
+
+    Encoding once and drawing every ensemble member from this one posterior gives the same
+    distribution as encoding each member's copy of the image (the authors' eight copies share
+    one posterior), at an eighth of the VAE cost. `sample(eps)` is the authors' arithmetic:
+    ``scale * ((mean + std * eps) - shift)`` in the VAE's dtype (fp32), then cast to the DiT's.
+    """
+
+    mean: torch.Tensor  # (B, C, h, w) in the VAE's dtype
+    std: torch.Tensor | None  # same shape; None: deterministic (no VAE, e.g. DINOv2's pixels)
+    dtype: torch.dtype  # what the DiT takes
+    shift: float = 0.0
+    scale: float = 1.0
+
+    def sample(self, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents x0 for standard-normal `eps` (broadcast: a (1, ...) posterior, (n, ...) eps -> n samples)."""
+        z = self.mean
+        if eps is not None and self.std is not None:
+            z = z + self.std * eps.to(device=z.device, dtype=z.dtype)
+        if self.shift or self.scale != 1.0:
+            z = (z - self.shift) * self.scale
+        return z.to(self.dtype)
+
+
 class _StopForward(Exception):
     """Raised by the hook of the deepest requested block to end the forward early."""
 
@@ -93,6 +120,8 @@ class DiTAdapter(ABC):
     stochastic: bool = True
     #: False for models without text conditioning: the extractor uses the prompt mode ``none``
     conditioned: bool = True
+    #: dtype the VAE runs in whatever the DiT's (the authors keep theirs in fp32); None: no VAE
+    vae_dtype: torch.dtype | None = None
 
     def __init__(
         self,
@@ -144,16 +173,19 @@ class DiTAdapter(ABC):
             torch.cuda.empty_cache()
 
     # ---- images ---------------------------------------------------------------------------
-    def prepare_image(self, img, img_size: int, side: str = "long"):
+    def prepare_image(self, img, img_size: int, side: str = "long", resample: str = "pil-bicubic"):
         """PIL image -> model input pixels, float32 (3, H, W) numpy.
 
         Default (the DiTs): the `side` ("long", or "short" for DiTF's DAVIS rule) to
         `img_size`, sides rounded to multiples of `patch_stride`, aspect kept (see
-        `images.model_size`), then `normalise_pixels`.
+        `images.model_size`), resampled with `resample` (`images.RESAMPLERS`), then
+        `normalise_pixels`.
         """
         from ..images import preprocess
 
-        return self.normalise_pixels(preprocess(img, img_size, multiple=self.patch_stride, side=side))
+        return self.normalise_pixels(
+            preprocess(img, img_size, multiple=self.patch_stride, side=side, resample=resample)
+        )
 
     def grid_size(self, width: int, height: int, img_size: int, side: str = "long") -> tuple[int, int]:
         """(rows, cols) of the token grid `prepare_image` leads to for an image of this size."""
@@ -176,12 +208,18 @@ class DiTAdapter(ABC):
         return side, side, self.spec.hidden_size
 
     @abstractmethod
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """VAE-encode (B, 3, H, W) pixels in [-1, 1] to the latents x0 the DiT denoises.
+    def encode_posterior(self, pixels: torch.Tensor) -> LatentPosterior:
+        """VAE-encode (B, 3, H, W) pixels in [-1, 1] once: the posterior the latents x0 are drawn from."""
 
-        The posterior is *sampled* with `generator` (as the public script does), so each
-        ensemble member may get its own sample when the image is repeated in the batch.
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One posterior sample per row of (B, 3, H, W) pixels: latents x0 the DiT denoises.
+
+        The posterior is *sampled* (as the public script does), with standard-normal draws from
+        `generator` (on the CPU, so the numbers do not depend on the device).
         """
+        posterior = self.encode_posterior(pixels)
+        eps = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32)
+        return posterior.sample(eps if posterior.std is not None else None)
 
     @abstractmethod
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:

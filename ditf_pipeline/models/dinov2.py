@@ -36,6 +36,7 @@ from .base import (
     BlockTap,
     Conditioning,
     DiTAdapter,
+    LatentPosterior,
     ModelSpec,
     Modulation,
     PromptEmbedding,
@@ -122,8 +123,9 @@ class Dinov2Adapter(DiTAdapter):
     def encode_prompts(self, prompts: Sequence[str]) -> list[PromptEmbedding]:
         return [{} for _ in prompts]  # no text conditioning
 
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return pixels.to(device=self.device, dtype=self.dtype)  # the ViT takes the pixels themselves
+    def encode_posterior(self, pixels: torch.Tensor) -> LatentPosterior:
+        # the ViT takes the pixels themselves: a deterministic "posterior"
+        return LatentPosterior(mean=pixels.to(device=self.device, dtype=self.dtype), std=None, dtype=self.dtype)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
         return latents  # no diffusion: t is ignored (stored as t0)

@@ -109,17 +109,14 @@ class SDUNetAdapter(DiffusersAdapter):
         multiple = self.spec.options.get("multiple", 64)
         return max(multiple, round(img_size / multiple) * multiple)
 
-    def prepare_image(self, img, img_size: int, side: str = "long") -> np.ndarray:
+    def prepare_image(self, img, img_size: int, side: str = "long", resample: str = "pil-bicubic") -> np.ndarray:
         """DIFT: resize to a square img_size x img_size (aspect not kept), pixels to [-1, 1]."""
-        from ..images import RESAMPLE, to_rgb
+        from ..images import resize_pixels, to_rgb
 
         if side != "long":
             raise DitfError(f"{self.spec.name} resizes to a square as DIFT does: --resize {side} does not apply")
         square = self.square_side(img_size)
-        img = to_rgb(img)
-        if img.size != (square, square):
-            img = img.resize((square, square), resample=RESAMPLE)
-        arr = np.asarray(img, dtype=np.float32)
+        arr = resize_pixels(to_rgb(img), square, square, resample).astype(np.float32)
         arr = (arr / np.float32(255.0) - np.float32(0.5)) * np.float32(2.0)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
