@@ -31,6 +31,7 @@ FormatOpt = Annotated[str, typer.Option("--format", help="table | json | csv | m
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Also write the result to this file.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Recompute predictions stored with other settings.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (matching and propagation)")]
+JobsOpt = Annotated[Optional[int], typer.Option("--jobs", help="Pairs on the CPU: worker threads, one torch thread each (default: every core). Results are identical for any N.")]
 ALL_VARIANTS = ["raw", "adaln", "adaln+cd", "adaln+cd-post", "adaln-t", "adaln-c"]
 
 
@@ -74,7 +75,7 @@ def default_variants(model, dataset, data_root, split, store, k, t, every: bool 
 
 def match_options(model, dataset, data_root, split, store, k, t, variants=None, protocol="dift", channels="auto",
                   soft_window=None, overwrite=False, progress=True, workers=None, scheduler=None, fuse=None,
-                  pca_dim=1280, device="auto"):
+                  pca_dim=1280, device="auto", jobs=None):
     """Run the match stage for each variant; returns what `score_results` needs."""
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.stages import StageSettings, match
@@ -92,7 +93,7 @@ def match_options(model, dataset, data_root, split, store, k, t, variants=None, 
     chosen = []
     for variant in variants:
         settings = StageSettings(variant=variant, protocol=protocol, channels=channels, soft_window=soft_window,
-                                 fuse=fuse, pca_dim=pca_dim, device=device)
+                                 fuse=fuse, pca_dim=pca_dim, device=device, jobs=jobs)
         typer.echo(match(feature_store, data, model, k, t, settings, overwrite=overwrite, progress=progress,
                          client=client).line())
         chosen.append(settings)
@@ -135,6 +136,7 @@ def match(
     pca_dim: PcaOpt = 1280,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
+    jobs: JobsOpt = None,
     progress: ProgressOpt = True,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
@@ -144,7 +146,7 @@ def match(
     k and t default to the only key extracted for (dataset, model) in the store.
     """
     match_options(model, dataset, data_root, split, store, k, t, variant, protocol, channels, soft_window, overwrite,
-                  progress, workers, scheduler, fuse, pca_dim, device)
+                  progress, workers, scheduler, fuse, pca_dim, device, jobs)
 
 
 @app.command()

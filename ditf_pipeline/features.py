@@ -16,7 +16,8 @@ Variants (stable names, written into every result):
 * ``adaln-t``        AdaLN with (shift_t, scale_t), regressed from the timestep only
 * ``adaln-c``        AdaLN with (shift_c, scale_c), regressed from the condition only
 
-LayerNorm is affine-free with eps 1e-6, as in every DiT block (`models.base.layer_norm`).
+LayerNorm is affine-free with eps 1e-6, as in every DiT block (`models.base.layer_norm`; written
+out here because the match stage imports nothing from the model adapters).
 """
 
 from __future__ import annotations
@@ -26,14 +27,20 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+import torch.nn.functional as F
+
 from .errors import DitfError
-from .models.base import layer_norm
 
 #: Modulation vectors as they come out of the store: name -> (D,) array or tensor.
 ModulationVectors = Mapping[str, "np.ndarray | torch.Tensor"]
 
 #: The paper's massive-activation criterion: mean |z| over tokens above 100x the median.
 MASSIVE_RATIO = 100.0
+
+
+def layer_norm(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The affine-free LayerNorm of every DiT block (the same call as `models.base.layer_norm`)."""
+    return F.layer_norm(z, z.shape[-1:], eps=eps)
 
 
 def _vector(modulation: ModulationVectors, name: str, dim: int) -> torch.Tensor:
@@ -157,6 +164,36 @@ def detect_massive_channels(pre_adaln: torch.Tensor | np.ndarray, ratio: float =
     """
     z = torch.as_tensor(pre_adaln).to(torch.float32)
     per_channel = z.reshape(-1, z.shape[-1]).abs().mean(dim=0)
-    # torch.median returns the lower middle value for an even count; use numpy's true median
-    median = float(np.median(per_channel.numpy()))
-    return [int(c) for c in torch.nonzero(per_channel > ratio * median).flatten().tolist()]
+    return massive_from_means(per_channel.numpy(), ratio)
+
+
+def massive_from_means(channel_means: np.ndarray, ratio: float = MASSIVE_RATIO) -> list[int]:
+    """The 100x-median rule on per-channel mean |z| (numpy's true median: torch.median returns
+    the lower middle value for an even count)."""
+    means = np.asarray(channel_means, dtype=np.float64)
+    median = float(np.median(means))
+    return [int(c) for c in np.flatnonzero(means > ratio * median)]
+
+
+class ChannelMeans:
+    """Running per-channel mean |z| over the tokens of many images, one image at a time.
+
+    Why: `--channels auto` used to concatenate the tokens of 32 images (0.7 GB at SPair size)
+    before taking one mean; a float64 running sum needs one (D,) vector whatever the sample.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.total = np.zeros(dim, dtype=np.float64)
+        self.tokens = 0
+
+    def add(self, pre_adaln: torch.Tensor | np.ndarray) -> None:
+        z = torch.as_tensor(pre_adaln)
+        flat = z.reshape(-1, z.shape[-1])
+        self.total += flat.abs().sum(dim=0, dtype=torch.float64).numpy()
+        self.tokens += flat.shape[0]
+
+    def means(self) -> np.ndarray:
+        return self.total / max(self.tokens, 1)
+
+    def massive(self, ratio: float = MASSIVE_RATIO) -> list[int]:
+        return massive_from_means(self.means(), ratio) if self.tokens else []
