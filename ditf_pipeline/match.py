@@ -187,46 +187,59 @@ class LinearTaps:
     weight1: torch.Tensor  # (out,) float32
 
 
-def linear_taps(in_size: int, out_size: int, device: torch.device | str = "cpu") -> LinearTaps:
+def linear_taps(in_size: int, out_size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LinearTaps:
     """Taps exactly as PyTorch's CPU kernel computes them, in float32 (cached per sizes and device:
     SPair has a handful of image sizes, and building taps per pair cost ~0.7 ms of its ~7).
-"""
-    return _linear_taps(int(in_size), int(out_size), str(torch.device(device)))
+
+    `dtype=torch.float64` gives the taps of the same grid computed in float64 (what
+    ``F.interpolate`` uses on float64 input): the benchmark's float64 referee.
+    """
+    return _linear_taps(int(in_size), int(out_size), str(torch.device(device)), dtype)
 
 
 @functools.lru_cache(maxsize=1024)
-def _linear_taps(in_size: int, out_size: int, device: str) -> LinearTaps:
+def _linear_taps(in_size: int, out_size: int, device: str, dtype: torch.dtype) -> LinearTaps:
     """`linear_taps`, uncached.
 
     scale = in/out (float32); real = max(fma(scale, i + 0.5, -0.5), 0); index0 = min(floor(real), in - 1);
     weight1 = clamp(real - index0, 0, 1); index1 = index0 + (index0 < in - 1).
     """
-    dst = torch.arange(out_size, dtype=torch.float32, device=device)
+    dst = torch.arange(out_size, dtype=torch.float64, device=device)
     if in_size == out_size:  # PyTorch copies in this case
         index0 = torch.arange(out_size, device=device)
-        return LinearTaps(index0, index0, torch.ones(out_size, device=device), torch.zeros(out_size, device=device))
-    scale = torch.tensor(float(in_size), dtype=torch.float32, device=device) / torch.tensor(float(out_size), dtype=torch.float32, device=device)
-    # PyTorch's kernel evaluates scale * (i + 0.5) - 0.5 as one fused multiply-add (a single
-    # rounding to float32); in float64 the product and difference are exact, so rounding once
-    # at the end reproduces its weights bit for bit.
-    real = (scale.double() * (dst.double() + 0.5) - 0.5).to(torch.float32).clamp_min(0)
+        return LinearTaps(index0, index0, torch.ones(out_size, device=device, dtype=dtype),
+                          torch.zeros(out_size, device=device, dtype=dtype))
+    if dtype == torch.float64:
+        real = (in_size / out_size * (dst + 0.5) - 0.5).clamp_min(0)
+    else:
+        scale = torch.tensor(float(in_size), dtype=torch.float32) / torch.tensor(float(out_size), dtype=torch.float32)
+        # PyTorch's kernel evaluates scale * (i + 0.5) - 0.5 as one fused multiply-add (a single
+        # rounding to float32); in float64 the product and difference are exact, so rounding once
+        # at the end reproduces its weights bit for bit.
+        real = (scale.double().to(device) * (dst + 0.5) - 0.5).to(torch.float32).clamp_min(0)
     index0 = real.floor().to(torch.int64).clamp_max(in_size - 1)
-    weight1 = (real - index0.to(torch.float32)).clamp(0, 1)
+    weight1 = (real - index0.to(real.dtype)).clamp(0, 1)
     index1 = index0 + (index0 < in_size - 1).to(torch.int64)
     return LinearTaps(index0, index1, 1 - weight1, weight1)
+
+
+def _taps_dtype(grid: torch.Tensor) -> torch.dtype:
+    """float64 maps get float64 taps (the referee); every other map float32 (the fast path)."""
+    return torch.float64 if grid.dtype == torch.float64 else torch.float32
 
 
 def upsampled_vectors(grid: torch.Tensor, size: ImageSize, xs: np.ndarray, ys: np.ndarray) -> torch.Tensor:
     """Rows of the bilinearly upsampled map at integer pixels (ys, xs): (N, D), 4 taps each."""
     width, height = size
     h, w, _ = grid.shape
-    rows, cols = linear_taps(h, height, grid.device), linear_taps(w, width, grid.device)
+    dtype = _taps_dtype(grid)
+    rows, cols = linear_taps(h, height, grid.device, dtype), linear_taps(w, width, grid.device, dtype)
     ys, xs = torch.as_tensor(ys, device=grid.device), torch.as_tensor(xs, device=grid.device)
     r0, r1, a0, a1 = rows.index0[ys], rows.index1[ys], rows.weight0[ys, None], rows.weight1[ys, None]
     c0, c1, b0, b1 = cols.index0[xs], cols.index1[xs], cols.weight0[xs, None], cols.weight1[xs, None]
 
     def cell(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # float16 caches: convert only the cells read
-        return grid[r, c].to(torch.float32)
+        return grid[r, c].to(dtype)
 
     return a0 * (b0 * cell(r0, c0) + b1 * cell(r0, c1)) + a1 * (b0 * cell(r1, c0) + b1 * cell(r1, c1))
 
@@ -259,8 +272,9 @@ def upsampled_norms(grid: torch.Tensor, size: ImageSize) -> torch.Tensor:
     """
     width, height = size
     h, w, _ = grid.shape
-    r, a0, a1 = _neighbour_taps(linear_taps(h, height, grid.device), h)
-    c, b0, b1 = _neighbour_taps(linear_taps(w, width, grid.device), w)
+    dtype = _taps_dtype(grid)
+    r, a0, a1 = _neighbour_taps(linear_taps(h, height, grid.device, dtype), h)
+    c, b0, b1 = _neighbour_taps(linear_taps(w, width, grid.device, dtype), w)
     if h == 1:
         grid = grid.expand(2, -1, -1)
     if w == 1:
@@ -277,6 +291,19 @@ def upsampled_norms(grid: torch.Tensor, size: ImageSize) -> torch.Tensor:
     a0, a1 = a0[:, None], a1[:, None]
     squared = a0**2 * row_quad[r] + a1**2 * row_quad[r + 1] + 2 * a0 * a1 * cross[r]
     return squared.clamp_min(0).sqrt()
+
+
+class _Scratch(threading.local):
+    """Per-thread reusable buffers (grown when too small, never shrunk)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+            buffer = self.buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel]
 
 
 #: default byte budgets of the matchers' per-target caches (`ByteLRU`)
@@ -301,6 +328,7 @@ class DiftMatcher:
 
     def __init__(self, cache_bytes: int = DIFT_CACHE_BYTES) -> None:
         self._inverse_norms = ByteLRU(cache_bytes)
+        self._scratch = _Scratch()
 
     def _target_inverse_norm(self, trg: torch.Tensor, trg_size: ImageSize, trg_key: Hashable | None) -> torch.Tensor:
         key = None if trg_key is None else (trg_key, tuple(trg.shape), trg_size, str(trg.device))
@@ -314,15 +342,29 @@ class DiftMatcher:
             return torch.zeros(0, src.shape[-1], device=src.device)
         return upsampled_vectors(src, src_size, xs, ys)  # (N, D) float32
 
+    def _float_target(self, trg_grid: torch.Tensor) -> torch.Tensor:
+        """The target map in float32, converted into this thread's reusable buffer.
+
+        Why a buffer: a fresh 15 MB map per pair (plus two 7.5 MB score maps) is what made
+        the glibc heap of a long run grow to twice the live memory."""
+        if trg_grid.dtype == torch.float32 and trg_grid.is_contiguous():
+            return trg_grid
+        buffer = self._scratch.get("target", trg_grid.numel(), torch.float32, trg_grid.device)
+        return buffer.view(trg_grid.shape).copy_(trg_grid)
+
     def _best_pixels(self, source_vectors: torch.Tensor, trg: torch.Tensor, trg_size: ImageSize,
                      trg_key: Hashable | None) -> torch.Tensor:
         """(N,) flat index of the first maximum cosine in the upsampled target, on the device."""
         h, w, d = trg.shape
         width, height = trg_size
-        dots = (source_vectors @ trg.reshape(h * w, d).T).reshape(-1, 1, h, w)
-        numerators = F.interpolate(dots, size=(height, width), mode="bilinear", align_corners=False)
-        scores = numerators.reshape(len(source_vectors), -1) * self._target_inverse_norm(trg, trg_size, trg_key).reshape(1, -1)
-        return scores.argmax(dim=1)
+        n = len(source_vectors)
+        inverse_norm = self._target_inverse_norm(trg, trg_size, trg_key).reshape(1, -1)
+        dots = (source_vectors @ trg.reshape(h * w, d).T).reshape(n, 1, h, w)
+        # F.interpolate(dots, size=(height, width), mode="bilinear", align_corners=False), written
+        # into this thread's score buffer (the same kernel F.interpolate calls)
+        scores = self._scratch.get("scores", n * height * width, torch.float32, trg.device).view(n, 1, height, width)
+        torch._C._nn.upsample_bilinear2d(dots, (height, width), False, None, None, out=scores)
+        return scores.view(n, -1).mul_(inverse_norm).argmax(dim=1)
 
     @torch.inference_mode()
     def match(
@@ -362,7 +404,7 @@ class DiftMatcher:
         counts = [len(v) for v in vectors]
         if sum(counts) == 0:
             return [np.zeros((0, 2)) for _ in sources]
-        trg = trg_grid.to(torch.float32).contiguous()
+        trg = self._float_target(trg_grid)
         best = self._best_pixels(torch.cat(vectors) if len(vectors) > 1 else vectors[0], trg, trg_size, trg_key)
         best = best.cpu().numpy()  # the one device -> host copy
         width = trg_size[0]

@@ -166,6 +166,8 @@ class FeatureCache:
         with self._read_lock:  # one zarr read at a time: reads are short, the variant is not
             pre_adaln, modulation = self.arrays.read_image(self.rows[key])
         z = torch.from_numpy(np.ascontiguousarray(pre_adaln)).to(self.device)
+        if self.variant == "raw" and z.dtype == self.dtype:
+            return z.contiguous()  # the cached z itself (what compute_feature would round back to)
         modulation = {name: torch.as_tensor(np.asarray(v)).to(self.device) for name, v in modulation.items()}
         return compute_feature(self.variant, z, modulation, self.channels).to(self.dtype).contiguous()
 
