@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import sys
@@ -412,6 +413,7 @@ def main(argv=None) -> dict:
         "geoaware_cpu_ms_per_pair": geo_ms,
         "gpu": gpu if gpu is not None else "not measured",
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_average_at_end": list(os.getloadavg()),
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,7 @@ def main() -> None:
                 print(f"{variant:14s} wall-clock speed-up 1 -> 2 jobs: {speedups[variant]:.2f}x")
     result = {"machine": args.machine, "date": datetime.date.today().isoformat(), "scale": args.scale,
               "images": len(data.images), "pairs": len(data.pairs()), "protocol": args.protocol, "runs": runs,
-              "speedup_1_to_2_jobs": speedups}
+              "speedup_1_to_2_jobs": speedups, "load_average_at_end": list(os.getloadavg())}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

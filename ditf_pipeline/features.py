@@ -190,7 +190,8 @@ class ChannelMeans:
     def add(self, pre_adaln: torch.Tensor | np.ndarray) -> None:
         z = torch.as_tensor(pre_adaln)
         flat = z.reshape(-1, z.shape[-1])
-        self.total += flat.abs().sum(dim=0, dtype=torch.float64).numpy()
+        for part in flat.split(256):  # a few MB of float64 at a time
+            self.total += part.to(torch.float64).abs_().sum(dim=0).numpy()
         self.tokens += flat.shape[0]
 
     def means(self) -> np.ndarray:

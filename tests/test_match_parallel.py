@@ -251,3 +251,25 @@ def test_match_stage_imports_no_model_adapter():
             "bad = [m for m in sys.modules if m.startswith('ditf_pipeline.models') or m == 'diffusers']; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_float64_taps_give_the_referee_of_the_benchmark():
+    """The benchmark's referee: the low-resolution identity with float64 taps equals the float64
+    materialised upsampling (what F.interpolate computes on float64 input)."""
+    import torch.nn.functional as F
+
+    from ditf_pipeline.match import upsampled_norms
+
+    grid = torch.randn(7, 9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    up = F.interpolate(grid.permute(2, 0, 1)[None], size=(61, 83), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(upsampled_norms(grid, (83, 61)), torch.linalg.vector_norm(up, dim=0), rtol=1e-12, atol=0)
+    assert upsampled_norms(grid, (83, 61)).dtype == torch.float64
+
+
+def test_cli_match_has_jobs():
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["match", "--help"])
+    assert result.exit_code == 0 and "--jobs" in result.output
