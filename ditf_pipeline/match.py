@@ -13,7 +13,8 @@ cosine (first maximum in row-major order, as ``torch.argmax``), in original targ
     (c) |t_p|^2 is a quadratic form of the bilinear weights over Gram entries of neighbouring
         cells (self, right, down, down-right, anti-diagonal), computed once per TARGET image
         and cached, since many pairs share a target.
-    `match_dift_reference` is the naive computation, kept for tests and the benchmark.
+    `match_dift_reference` is the naive computation, kept for tests (benchmarks/bench_match.py
+    judges both against a float64 referee).
 
 ``geoaware`` (GeoAware-SC, github.com/Junyi42/GeoAware-SC): see `GeoAwareMatcher`.
 
