@@ -336,6 +336,8 @@ def predict(
         fusion = PairFusion.open(store, dataset, rows, pairs, settings.fuse, settings.pca_dim)
         attrs.update(variant=settings.label, fuse=fusion.describe())
     feature_key = (dataset.name, model, k, t)
+    # one job on a GPU (the device is the parallel part) and with --fuse (its seeded low-rank PCA
+    # forks the process-global RNG, which two threads must not do at once)
     jobs = 1 if device.type != "cpu" or fusion is not None else max(1, int(settings.jobs or default_jobs()))
     if overwrite:
         store.delete(f"{arrays.path}/predictions/{settings.name}")
