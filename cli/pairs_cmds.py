@@ -26,6 +26,7 @@ FormatOpt = Annotated[str, typer.Option("--format", help="table | json | csv | m
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Also write the result to this file.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Recompute predictions stored with other settings.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (matching and propagation)")]
+JobsOpt = Annotated[Optional[int], typer.Option("--jobs", help="Pairs on the CPU: worker threads, one torch thread each (default: every core). Results are identical for any N.")]
 
 
 def _single_k_t(k: list[int] | None, t: list[int] | None) -> tuple[int | None, int | None]:
@@ -94,7 +95,7 @@ def _check_pair_arguments(variants=None, protocol="dift", alphas=None, out=None,
 
 def match_options(model, dataset, data_root, split, store, k, t, variants=None, protocol="dift", channels="auto",
                   soft_window=None, overwrite=False, progress=True, workers=None, scheduler=None, fuse=None,
-                  pca_dim=1280, device="auto"):
+                  pca_dim=1280, device="auto", jobs=None):
     """Run the match stage for each variant; returns what `score_results` needs."""
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.stages import StageSettings, match
@@ -113,7 +114,7 @@ def match_options(model, dataset, data_root, split, store, k, t, variants=None, 
     chosen = []
     for variant in variants:
         settings = StageSettings(variant=variant, protocol=protocol, channels=channels, soft_window=soft_window,
-                                 fuse=fuse, pca_dim=pca_dim, device=device)
+                                 fuse=fuse, pca_dim=pca_dim, device=device, jobs=jobs)
         typer.echo(match(feature_store, data, model, k, t, settings, overwrite=overwrite, progress=progress,
                          client=client).line())
         chosen.append(settings)
@@ -156,6 +157,7 @@ def match(
     pca_dim: PcaOpt = 1280,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
+    jobs: JobsOpt = None,
     progress: ProgressOpt = True,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
@@ -165,7 +167,7 @@ def match(
     k and t default to the only key extracted for (dataset, model) in the store.
     """
     match_options(model, dataset, data_root, split, store, k, t, variant, protocol, channels, soft_window, overwrite,
-                  progress, workers, scheduler, fuse, pca_dim, device)
+                  progress, workers, scheduler, fuse, pca_dim, device, jobs)
 
 
 @app.command()

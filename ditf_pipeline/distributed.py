@@ -203,34 +203,34 @@ def match_block(
     store_path: str, feature_key: tuple[str, str, int, int], settings, channels: Sequence[int],
     block_start: int, pairs: Sequence[Pair], rows: dict[str, int],
 ) -> int:
-    """Predict one block of consecutive pairs and commit it (its own chunk of `pred`/`done`)."""
-    from .match import make_matcher
-    from .paper import PaperDiftMatcher, paper_feature, paper_matching
-    from .predict import FeatureCache
+    """Predict one block of consecutive pairs and commit it (its own chunk of `pred`/`done`).
+
+    The same code as a local `predict` (`predict.match_pairs`, float16 feature cache, one
+    intra-op thread), so the bits are the same.
+    """
+    from .features import compute_feature
+    from .match import resolve_match_device
+    from .paper import paper_feature, paper_matching
+    from .predict import match_pairs, pair_feature_cache, pair_matcher, run_blocks
 
     store = FeatureStore(store_path)
     predictions = store.open_predictions(feature_key, settings.name)
     if predictions.done()[block_start : block_start + len(pairs)].all():
         return 0
     arrays = store.open_features(*feature_key)
-    cache_key = (str(store_path), feature_key, settings.variant, tuple(channels))
+    device = resolve_match_device(getattr(settings, "device", "cpu"))
     paper = paper_matching(arrays.config, settings.protocol)  # --precision paper keys: bf16 / fp16 casts
+    cache_key = (str(store_path), feature_key, settings.variant, tuple(channels), str(device), paper)
     features = _FEATURES.get(cache_key)
     if features is None:
         _FEATURES.clear()
-        features = _FEATURES[cache_key] = FeatureCache(
-            arrays, {}, settings.variant, channels, **({"compute": paper_feature} if paper else {}))
+        features = _FEATURES[cache_key] = pair_feature_cache(arrays, {}, settings.variant, channels, device,
+                                                             compute=paper_feature if paper else compute_feature)
     features.rows.update(rows)
-    kwargs = {"soft_window": settings.soft_window} if settings.protocol == "geoaware" else {}
-    matcher = PaperDiftMatcher() if paper else make_matcher(settings.protocol, **kwargs)
-    out = []
-    for pair in pairs:
-        try:
-            src, trg, trg_key = features.pair(pair.src_key, pair.trg_key)  # the driver's pair-level hook
-            out.append(matcher.match(src, pair.src_size, trg, pair.trg_size, pair.src_kps, trg_key=trg_key))
-        except DitfError as exc:
-            raise DitfError(f"pair {pair.pair_id}: {exc}") from exc
-    predictions.write(block_start, out)
+    matcher = pair_matcher(settings, paper)
+    batch = device.type != "cpu"
+    for _, out in run_blocks([block_start], lambda _: match_pairs(pairs, features.pair, matcher, batch), jobs=1):
+        predictions.write(block_start, out)
     return len(pairs)
 
 

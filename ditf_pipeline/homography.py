@@ -12,7 +12,10 @@ Matching (``eval_homography.py``): keypoints of each image are de-duplicated and
 ``np.unique(axis=0)``; cosine mutual nearest neighbours (L2-normalised descriptors, argmax
 both ways, keep i with nn21[nn12[i]] == i); ``cv2.findHomography(pts_1, pts_k, cv2.LMEDS,
 ransacReprojThreshold=3)`` (DIFT's default mode "lmeds"; "ransac" is its alternative; the
-threshold only matters for RANSAC). Error: mean distance between the 4 image-1 corners
+threshold only matters for RANSAC). On a GPU (`match_pair(..., device="cuda")`) the sampling is
+DIFT's own ``F.grid_sample`` and the mutual nearest neighbours run on the device
+(`match.mutual_nearest_neighbours`: FAISS-GPU for large searches); torch is imported only then.
+Error: mean distance between the 4 image-1 corners
 (0, 0), (0, h-1), (w-1, 0), (w-1, h-1) mapped by the estimate and by the ground truth;
 correct at threshold th when error <= th, th in (1, 3, 5). Accuracy is the fraction of
 correct pairs over all / ``i_`` / ``v_`` sequences. Where DIFT would crash (fewer than 4
@@ -166,15 +169,42 @@ def match_pair(
     method: str = "lmeds",
     metric: str = "cosine",
     threshold: float = REPROJ_THRESHOLD,
+    device: str | None = None,
 ) -> HomographyEstimate:
-    """Sample descriptors, match (MNN), estimate H (image a -> image b) and, with H_gt, score."""
+    """Sample descriptors, match (MNN), estimate H (image a -> image b) and, with H_gt, score.
+
+    `device` "cuda[:N]": descriptors and cosine MNN on that GPU (numpy otherwise).
+    """
     kps_a, kps_b = unique_keypoints(keypoints_a), unique_keypoints(keypoints_b)
-    desc_a = sample_descriptors(feature_a, kps_a, size_a)
-    desc_b = sample_descriptors(feature_b, kps_b, size_b)
-    matches = mutual_nearest_neighbours(desc_a, desc_b, metric)
+    if device is not None and not str(device).startswith("cpu") and metric == "cosine":
+        matches = _device_matches(feature_a, feature_b, kps_a, kps_b, size_a, size_b, str(device))
+    else:
+        desc_a = sample_descriptors(np.asarray(feature_a), kps_a, size_a)
+        desc_b = sample_descriptors(np.asarray(feature_b), kps_b, size_b)
+        matches = mutual_nearest_neighbours(desc_a, desc_b, metric)
     H = estimate_homography(kps_a[matches[:, 0]], kps_b[matches[:, 1]], method, threshold)
     error = corner_error(H, H_gt, size_a) if H_gt is not None else float("nan")
     return HomographyEstimate(H=H, n_keypoints=(len(kps_a), len(kps_b)), n_matches=len(matches), error=error)
+
+
+def _device_matches(feature_a, feature_b, kps_a, kps_b, size_a, size_b, device: str) -> np.ndarray:
+    """Cosine mutual nearest neighbours computed on a GPU, as (M, 2) host indices."""
+    import torch
+    import torch.nn.functional as F
+
+    from .match import mutual_nearest_neighbours as device_mnn
+
+    def descriptors(feature, kps, size):
+        grid = torch.as_tensor(feature).to(device=device, dtype=torch.float32)  # (rows, cols, D)
+        if grid.ndim != 3:
+            raise DitfError(f"feature map must be (rows, cols, D), got shape {tuple(grid.shape)}")
+        g = torch.as_tensor(normalised_coordinates(kps, size), dtype=torch.float32, device=device)
+        sampled = F.grid_sample(grid.permute(2, 0, 1)[None], g[None, None], mode="bilinear", padding_mode="zeros",
+                                align_corners=False)
+        return sampled[0, :, 0].T  # (N, D)
+
+    matches = device_mnn(descriptors(feature_a, kps_a, size_a), descriptors(feature_b, kps_b, size_b))
+    return matches.cpu().numpy().astype(np.int64)
 
 
 def homography_accuracy(

@@ -13,17 +13,23 @@ cosine (first maximum in row-major order, as ``torch.argmax``), in original targ
     (c) |t_p|^2 is a quadratic form of the bilinear weights over Gram entries of neighbouring
         cells (self, right, down, down-right, anti-diagonal), computed once per TARGET image
         and cached, since many pairs share a target.
-    `match_dift_reference` is the naive computation, kept for tests and the benchmark.
+    `match_dift_reference` is the naive computation, kept for tests (benchmarks/bench_match.py
+    judges both against a float64 referee).
 
 ``geoaware`` (GeoAware-SC, github.com/Junyi42/GeoAware-SC): see `GeoAwareMatcher`.
 
-All arithmetic is float32 on the CPU.
+All arithmetic is float32, on the device the feature maps live on (the CPU by default; pass
+CUDA tensors to match on a GPU: every step stays on the device, one copy of the predictions
+comes back). Matchers are thread-safe: `predict` shares one matcher and its caches between its
+worker threads; their caches are bounded in bytes, not entries.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,11 +50,20 @@ PROTOCOL_RULES = {"dift": "<=", "geoaware": "<"}
 
 
 def _as_grid(feature: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
-    """A (h, w, D) float32 contiguous tensor (accepts float16 caches and numpy arrays)."""
+    """A (h, w, D) float32 contiguous tensor on the feature's own device (accepts float16 caches
+    and numpy arrays)."""
     grid = torch.as_tensor(feature)
     if grid.ndim != 3:
         raise DitfError(f"{what} feature map must be (h, w, D), got shape {tuple(grid.shape)}")
     return grid.to(torch.float32).contiguous()
+
+
+def _check_grid(feature: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
+    """A (h, w, D) tensor in its cached dtype (float16 stays float16: only what is read is converted)."""
+    grid = torch.as_tensor(feature)
+    if grid.ndim != 3:
+        raise DitfError(f"{what} feature map must be (h, w, D), got shape {tuple(grid.shape)}")
+    return grid
 
 
 def _check_size(size: ImageSize, what: str) -> tuple[int, int]:
@@ -76,30 +91,83 @@ def _integer_keypoints(keypoints: np.ndarray, size: ImageSize) -> tuple[np.ndarr
     return xs.astype(np.int64), ys.astype(np.int64)
 
 
-class _LRU:
-    """A small least-recently-used cache for per-target precomputations."""
+def nbytes(value) -> int:
+    """Memory held by a cached value: tensors, arrays, and tuples/lists/dicts of them."""
+    if isinstance(value, torch.Tensor):
+        return value.element_size() * value.nelement()
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    return 0
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(0, int(capacity))
+
+class ByteLRU:
+    """A least-recently-used cache bounded by the bytes its values hold; thread-safe.
+
+    Why bytes: the values are feature maps and per-target maps whose size varies with the image,
+    and the match stage's memory promise (about 1 GB at SPair size) is a byte promise. A key
+    being computed by one thread is waited for by the others (computed once, never twice at a
+    time); a value larger than the whole budget is returned but not kept. `hits` and `misses`
+    count lookups (for tests and benchmarks).
+    """
+
+    def __init__(self, max_bytes: int, sizeof: Callable[[object], int] = nbytes) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self.sizeof = sizeof
         self._items: OrderedDict = OrderedDict()
+        self._sizes: dict = {}
+        self._pending: dict = {}
+        self._lock = threading.Lock()
+        self.bytes = 0
         self.hits = self.misses = 0
 
-    def get(self, key: Hashable | None, compute):
-        if key is None or self.capacity == 0:
+    def get(self, key: Hashable | None, compute: Callable[[], object]):
+        if key is None or self.max_bytes == 0:
             return compute()
-        if key in self._items:
-            self.hits += 1
-            self._items.move_to_end(key)
-            return self._items[key]
-        self.misses += 1
-        value = compute()
-        self._items[key] = value
-        if len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-        return value
+        while True:
+            with self._lock:
+                if key in self._items:
+                    self.hits += 1
+                    self._items.move_to_end(key)
+                    return self._items[key]
+                event = self._pending.get(key)
+                if event is None:  # this thread computes the value
+                    self.misses += 1
+                    event = self._pending[key] = threading.Event()
+                    break
+            event.wait()  # another thread computes it; look again (it may have failed or been evicted)
+        try:
+            value = compute()
+            self._put(key, value)
+            return value
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+            event.set()
+
+    def _put(self, key: Hashable, value) -> None:
+        size = self.sizeof(value)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._sizes[key] = size
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                old, _ = self._items.popitem(last=False)
+                self.bytes -= self._sizes.pop(old)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
+            self._sizes.clear()
+            self.bytes = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,36 +188,61 @@ class LinearTaps:
     weight1: torch.Tensor  # (out,) float32
 
 
-def linear_taps(in_size: int, out_size: int, device: torch.device | str = "cpu") -> LinearTaps:
-    """Taps exactly as PyTorch's CPU kernel computes them, in float32.
+def linear_taps(in_size: int, out_size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LinearTaps:
+    """Taps exactly as PyTorch's CPU kernel computes them, in float32 (cached per sizes and device:
+    SPair has a handful of image sizes, and building taps per pair cost ~0.7 ms of its ~7).
+
+    `dtype=torch.float64` gives the taps of the same grid computed in float64 (what
+    ``F.interpolate`` uses on float64 input): the benchmark's float64 referee.
+    """
+    return _linear_taps(int(in_size), int(out_size), str(torch.device(device)), dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def _linear_taps(in_size: int, out_size: int, device: str, dtype: torch.dtype) -> LinearTaps:
+    """`linear_taps`, uncached.
 
     scale = in/out (float32); real = max(fma(scale, i + 0.5, -0.5), 0); index0 = min(floor(real), in - 1);
     weight1 = clamp(real - index0, 0, 1); index1 = index0 + (index0 < in - 1).
     """
-    dst = torch.arange(out_size, dtype=torch.float32, device=device)
+    dst = torch.arange(out_size, dtype=torch.float64, device=device)
     if in_size == out_size:  # PyTorch copies in this case
         index0 = torch.arange(out_size, device=device)
-        return LinearTaps(index0, index0, torch.ones(out_size, device=device), torch.zeros(out_size, device=device))
-    scale = torch.tensor(float(in_size), dtype=torch.float32, device=device) / torch.tensor(float(out_size), dtype=torch.float32, device=device)
-    # PyTorch's kernel evaluates scale * (i + 0.5) - 0.5 as one fused multiply-add (a single
-    # rounding to float32); in float64 the product and difference are exact, so rounding once
-    # at the end reproduces its weights bit for bit.
-    real = (scale.double() * (dst.double() + 0.5) - 0.5).to(torch.float32).clamp_min(0)
+        return LinearTaps(index0, index0, torch.ones(out_size, device=device, dtype=dtype),
+                          torch.zeros(out_size, device=device, dtype=dtype))
+    if dtype == torch.float64:
+        real = (in_size / out_size * (dst + 0.5) - 0.5).clamp_min(0)
+    else:
+        scale = torch.tensor(float(in_size), dtype=torch.float32) / torch.tensor(float(out_size), dtype=torch.float32)
+        # PyTorch's kernel evaluates scale * (i + 0.5) - 0.5 as one fused multiply-add (a single
+        # rounding to float32); in float64 the product and difference are exact, so rounding once
+        # at the end reproduces its weights bit for bit.
+        real = (scale.double().to(device) * (dst + 0.5) - 0.5).to(torch.float32).clamp_min(0)
     index0 = real.floor().to(torch.int64).clamp_max(in_size - 1)
-    weight1 = (real - index0.to(torch.float32)).clamp(0, 1)
+    weight1 = (real - index0.to(real.dtype)).clamp(0, 1)
     index1 = index0 + (index0 < in_size - 1).to(torch.int64)
     return LinearTaps(index0, index1, 1 - weight1, weight1)
+
+
+def _taps_dtype(grid: torch.Tensor) -> torch.dtype:
+    """float64 maps get float64 taps (the referee); every other map float32 (the fast path)."""
+    return torch.float64 if grid.dtype == torch.float64 else torch.float32
 
 
 def upsampled_vectors(grid: torch.Tensor, size: ImageSize, xs: np.ndarray, ys: np.ndarray) -> torch.Tensor:
     """Rows of the bilinearly upsampled map at integer pixels (ys, xs): (N, D), 4 taps each."""
     width, height = size
     h, w, _ = grid.shape
-    rows, cols = linear_taps(h, height, grid.device), linear_taps(w, width, grid.device)
+    dtype = _taps_dtype(grid)
+    rows, cols = linear_taps(h, height, grid.device, dtype), linear_taps(w, width, grid.device, dtype)
     ys, xs = torch.as_tensor(ys, device=grid.device), torch.as_tensor(xs, device=grid.device)
     r0, r1, a0, a1 = rows.index0[ys], rows.index1[ys], rows.weight0[ys, None], rows.weight1[ys, None]
     c0, c1, b0, b1 = cols.index0[xs], cols.index1[xs], cols.weight0[xs, None], cols.weight1[xs, None]
-    return a0 * (b0 * grid[r0, c0] + b1 * grid[r0, c1]) + a1 * (b0 * grid[r1, c0] + b1 * grid[r1, c1])
+
+    def cell(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # float16 caches: convert only the cells read
+        return grid[r, c].to(dtype)
+
+    return a0 * (b0 * cell(r0, c0) + b1 * cell(r0, c1)) + a1 * (b0 * cell(r1, c0) + b1 * cell(r1, c1))
 
 
 def _neighbour_taps(taps: LinearTaps, in_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,8 +273,9 @@ def upsampled_norms(grid: torch.Tensor, size: ImageSize) -> torch.Tensor:
     """
     width, height = size
     h, w, _ = grid.shape
-    r, a0, a1 = _neighbour_taps(linear_taps(h, height, grid.device), h)
-    c, b0, b1 = _neighbour_taps(linear_taps(w, width, grid.device), w)
+    dtype = _taps_dtype(grid)
+    r, a0, a1 = _neighbour_taps(linear_taps(h, height, grid.device, dtype), h)
+    c, b0, b1 = _neighbour_taps(linear_taps(w, width, grid.device, dtype), w)
     if h == 1:
         grid = grid.expand(2, -1, -1)
     if w == 1:
@@ -200,23 +294,78 @@ def upsampled_norms(grid: torch.Tensor, size: ImageSize) -> torch.Tensor:
     return squared.clamp_min(0).sqrt()
 
 
+class _Scratch(threading.local):
+    """Per-thread reusable buffers (grown when too small, never shrunk)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+            buffer = self.buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel]
+
+
+#: default byte budgets of the matchers' per-target caches (`ByteLRU`)
+DIFT_CACHE_BYTES = 64 * 2**20  # 1 / |t_p| at 500 x 375 is 0.75 MB: ~85 targets (an SPair category has ~27)
+GEOAWARE_CACHE_BYTES = 192 * 2**20  # 3600 x 3072 float32 descriptors are 44 MB: 4 targets
+
+#: one prediction request of `DiftMatcher.match_batch`: (source map, source size, source keypoints)
+SourceRequest = tuple["torch.Tensor | np.ndarray", ImageSize, np.ndarray]
+
+
 class DiftMatcher:
     """The ``dift`` protocol for a driver that loops over pairs.
 
     Per target image it caches 1 / max(|t_p|, 1e-12) at full resolution (keyed by
-    `trg_key`; None disables caching), which is the only per-pixel quantity that does not
-    depend on the source keypoint.
+    `trg_key`; None disables caching; at most `cache_bytes`), which is the only per-pixel
+    quantity that does not depend on the source keypoint. Float16 maps are read as they are
+    cached: only the source cells a keypoint reads and the target map are converted to float32.
     """
 
     protocol = "dift"
     threshold_rule = PROTOCOL_RULES["dift"]
 
-    def __init__(self, cache_size: int = 256) -> None:
-        self._inverse_norms = _LRU(cache_size)
+    def __init__(self, cache_bytes: int = DIFT_CACHE_BYTES) -> None:
+        self._inverse_norms = ByteLRU(cache_bytes)
+        self._scratch = _Scratch()
 
     def _target_inverse_norm(self, trg: torch.Tensor, trg_size: ImageSize, trg_key: Hashable | None) -> torch.Tensor:
-        key = None if trg_key is None else (trg_key, tuple(trg.shape), trg_size)
+        key = None if trg_key is None else (trg_key, tuple(trg.shape), trg_size, str(trg.device))
         return self._inverse_norms.get(key, lambda: 1.0 / upsampled_norms(trg, trg_size).clamp_min(1e-12))
+
+    def _source_vectors(self, src_feat, src_img_size: ImageSize, src_kps: np.ndarray) -> torch.Tensor:
+        src = _check_grid(src_feat, "source")
+        src_size = _check_size(src_img_size, "source")
+        xs, ys = _integer_keypoints(src_kps, src_size)
+        if len(xs) == 0:
+            return torch.zeros(0, src.shape[-1], device=src.device)
+        return upsampled_vectors(src, src_size, xs, ys)  # (N, D) float32
+
+    def _float_target(self, trg_grid: torch.Tensor) -> torch.Tensor:
+        """The target map in float32, converted into this thread's reusable buffer.
+
+        Why a buffer: a fresh 15 MB map per pair (plus two 7.5 MB score maps) is what made
+        the glibc heap of a long run grow to twice the live memory."""
+        if trg_grid.dtype == torch.float32 and trg_grid.is_contiguous():
+            return trg_grid
+        buffer = self._scratch.get("target", trg_grid.numel(), torch.float32, trg_grid.device)
+        return buffer.view(trg_grid.shape).copy_(trg_grid)
+
+    def _best_pixels(self, source_vectors: torch.Tensor, trg: torch.Tensor, trg_size: ImageSize,
+                     trg_key: Hashable | None) -> torch.Tensor:
+        """(N,) flat index of the first maximum cosine in the upsampled target, on the device."""
+        h, w, d = trg.shape
+        width, height = trg_size
+        n = len(source_vectors)
+        inverse_norm = self._target_inverse_norm(trg, trg_size, trg_key).reshape(1, -1)
+        dots = (source_vectors @ trg.reshape(h * w, d).T).reshape(n, 1, h, w)
+        # F.interpolate(dots, size=(height, width), mode="bilinear", align_corners=False), written
+        # into this thread's score buffer (the same kernel F.interpolate calls)
+        scores = self._scratch.get("scores", n * height * width, torch.float32, trg.device).view(n, 1, height, width)
+        torch._C._nn.upsample_bilinear2d(dots, (height, width), False, None, None, out=scores)
+        return scores.view(n, -1).mul_(inverse_norm).argmax(dim=1)
 
     @torch.inference_mode()
     def match(
@@ -229,21 +378,39 @@ class DiftMatcher:
         trg_key: Hashable | None = None,
     ) -> np.ndarray:
         """(N, 2) float64 predicted (x, y) in original target pixels for (N, 2) source (x, y)."""
-        src, trg = _as_grid(src_feat, "source"), _as_grid(trg_feat, "target")
-        src_size, trg_size = _check_size(src_img_size, "source"), _check_size(trg_img_size, "target")
-        if src.shape[-1] != trg.shape[-1]:
-            raise DitfError(f"source and target features differ in width ({src.shape[-1]} vs {trg.shape[-1]})")
-        xs, ys = _integer_keypoints(src_kps, src_size)
-        if len(xs) == 0:
-            return np.zeros((0, 2))
-        source_vectors = upsampled_vectors(src, src_size, xs, ys)  # (N, D)
-        h, w, d = trg.shape
-        width, height = trg_size
-        dots = (source_vectors @ trg.reshape(h * w, d).T).reshape(-1, 1, h, w)
-        numerators = F.interpolate(dots, size=(height, width), mode="bilinear", align_corners=False)
-        scores = numerators.reshape(len(xs), -1) * self._target_inverse_norm(trg, trg_size, trg_key).reshape(1, -1)
-        best = scores.argmax(dim=1).cpu().numpy()
-        return np.stack([best % width, best // width], axis=1).astype(np.float64)
+        return self.match_batch(trg_feat, trg_img_size, [(src_feat, src_img_size, src_kps)], trg_key)[0]
+
+    @torch.inference_mode()
+    def match_batch(
+        self,
+        trg_feat: torch.Tensor | np.ndarray,
+        trg_img_size: ImageSize,
+        sources: Sequence[SourceRequest],
+        trg_key: Hashable | None = None,
+    ) -> list[np.ndarray]:
+        """Every source of `sources` against one target: one matmul, one upsampling, one argmax.
+
+        On a GPU this is how pairs are batched (pairs sharing a target, `predict` groups them);
+        each row's score is computed exactly as `match` would, but a batched matmul may round
+        differently from a single one, so the CPU driver calls `match` per pair.
+        """
+        trg_grid = _check_grid(trg_feat, "target")
+        trg_size = _check_size(trg_img_size, "target")
+        vectors = []
+        for src_feat, src_size, kps in sources:
+            v = self._source_vectors(src_feat, src_size, kps)
+            if v.shape[-1] != trg_grid.shape[-1]:
+                raise DitfError(f"source and target features differ in width ({v.shape[-1]} vs {trg_grid.shape[-1]})")
+            vectors.append(v.to(trg_grid.device))
+        counts = [len(v) for v in vectors]
+        if sum(counts) == 0:
+            return [np.zeros((0, 2)) for _ in sources]
+        trg = self._float_target(trg_grid)
+        best = self._best_pixels(torch.cat(vectors) if len(vectors) > 1 else vectors[0], trg, trg_size, trg_key)
+        best = best.cpu().numpy()  # the one device -> host copy
+        width = trg_size[0]
+        xy = np.stack([best % width, best // width], axis=1).astype(np.float64)
+        return list(np.split(xy, np.cumsum(counts)[:-1])) if len(counts) > 1 else [xy]
 
     def clear_cache(self) -> None:
         self._inverse_norms.clear()
@@ -311,36 +478,105 @@ def match_dift_reference(
 #: 60x60 geoaware grid (FAISS' numpy round trip costs more than the search itself).
 CPU_NN_BACKEND = "torch"
 
+#: On a GPU, ``auto`` hands a search to FAISS-GPU from this many query x database scores on
+#: (2^24: a 64 MB float32 score matrix; below it one matmul + argmax on the device is a
+#: single kernel pair and cannot lose much). A starting value, NOT measured on a GPU:
+#: `benchmarks/bench_match.py --device cuda` times both sides to tune it.
+FAISS_GPU_MIN_SCORES = 2**24
+
 
 def nearest_neighbours(queries: torch.Tensor, database: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Index (N,) of the largest inner product of each query row against the database rows.
 
-    Both are exact. ``auto``: FAISS on the GPU when faiss sees one, else `CPU_NN_BACKEND`.
+    Both backends are exact, and the result stays on the queries' device. ``auto``: on a CUDA
+    device, FAISS-GPU (reading the torch tensors in place, no host copy) when faiss sees a GPU
+    and the search has at least `FAISS_GPU_MIN_SCORES` scores, else a matmul on the device;
+    on the CPU `CPU_NN_BACKEND`. ``faiss`` on CPU tensors: `faiss.knn` through numpy.
     Ties: torch returns the first maximum; FAISS does not promise an order among equal scores.
     """
     if backend == "auto":
-        backend = "faiss" if _faiss_gpus() > 0 else CPU_NN_BACKEND
+        large = len(queries) * len(database) >= FAISS_GPU_MIN_SCORES
+        backend = "faiss" if queries.is_cuda and large and faiss_gpus() > 0 else ("torch" if queries.is_cuda else CPU_NN_BACKEND)
     if backend == "torch":
         return (queries @ database.T).argmax(dim=1)
     if backend != "faiss":
         raise DitfError(f"unknown nearest-neighbour backend {backend!r}; choose auto, torch or faiss")
+    if queries.is_cuda and faiss_gpus() > 0:
+        return faiss_gpu_search(queries, database)[:, 0]
     import faiss
 
-    xq = np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32)
-    xb = np.ascontiguousarray(database.cpu().numpy(), dtype=np.float32)
-    if faiss.get_num_gpus() > 0:
-        _, index = faiss.knn_gpu(faiss.StandardGpuResources(), xq, xb, 1, metric=faiss.METRIC_INNER_PRODUCT)
-    else:
-        _, index = faiss.knn(xq, xb, 1, metric=faiss.METRIC_INNER_PRODUCT)
+    xq = np.ascontiguousarray(queries.float().cpu().numpy(), dtype=np.float32)
+    xb = np.ascontiguousarray(database.float().cpu().numpy(), dtype=np.float32)
+    _, index = faiss.knn(xq, xb, 1, metric=faiss.METRIC_INNER_PRODUCT)
     return torch.from_numpy(index[:, 0].astype(np.int64)).to(queries.device)
 
 
-def _faiss_gpus() -> int:
+@functools.cache
+def faiss_gpus() -> int:
+    """GPUs faiss can use (0 without faiss or with faiss-cpu); asked once per process."""
     try:
         import faiss
     except ImportError:
         return 0
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+@functools.cache
+def gpu_resources():
+    """The process's one `faiss.StandardGpuResources` (temporary memory, streams, cuBLAS handle):
+    building one per search allocates and frees GPU memory every call."""
+    import faiss
+
+    return faiss.StandardGpuResources()
+
+
+def faiss_gpu_search(queries: torch.Tensor, database: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """(N, k) int64 indices of the k largest inner products, FAISS brute force on CUDA tensors.
+
+    `faiss.contrib.torch_utils` lets `faiss.knn_gpu` read the tensors where they are and write
+    its results into torch tensors on the same device, on PyTorch's current stream.
+    """
+    import faiss
+    import faiss.contrib.torch_utils  # noqa: F401  (patches faiss.knn_gpu to take torch tensors)
+
+    device = queries.device.index if queries.device.index is not None else torch.cuda.current_device()
+    _, index = faiss.knn_gpu(gpu_resources(), queries.float().contiguous(), database.float().contiguous(), k,
+                             metric=faiss.METRIC_INNER_PRODUCT, device=device)
+    return index
+
+
+def mutual_nearest_neighbours(desc_a: torch.Tensor, desc_b: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """(M, 2) index pairs (i in a, j in b) that are each other's cosine nearest neighbour, on the
+    descriptors' device (HPatches' matching rule; `homography.mutual_nearest_neighbours` is the
+    numpy twin used on the CPU)."""
+    a = desc_a / torch.linalg.vector_norm(desc_a, dim=1, keepdim=True).clamp_min(1e-12)
+    b = desc_b / torch.linalg.vector_norm(desc_b, dim=1, keepdim=True).clamp_min(1e-12)
+    if len(a) == 0 or len(b) == 0:
+        return torch.zeros(0, 2, dtype=torch.int64, device=a.device)
+    nn12 = nearest_neighbours(a, b, backend)
+    nn21 = nearest_neighbours(b, a, backend)
+    ids = torch.arange(len(a), device=a.device)
+    keep = nn21[nn12] == ids
+    return torch.stack([ids[keep], nn12[keep]], dim=1)
+
+
+def resolve_match_device(spec: str = "auto") -> torch.device:
+    """``auto`` -> the GPU when torch sees one, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as given.
+
+    The match stage's own resolver (match imports nothing from the model adapters).
+    """
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise DitfError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DitfError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DitfError(f"--device {spec}: torch sees no CUDA GPU here; use --device cpu")
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +669,7 @@ def frame_cell_features(grid: torch.Tensor, size: ImageSize, cells_y: torch.Tens
         & (span_y0 + GEOAWARE_STRIDE > frame.offset_y)
         & (span_y0 < frame.offset_y + frame.content_height)
     )
-    return sampled * overlaps[:, None].to(torch.float32)
+    return sampled.mul_(overlaps[:, None].to(torch.float32))  # in place: the same product, no 44 MB copy
 
 
 def _normalise(vectors: torch.Tensor) -> torch.Tensor:
@@ -482,7 +718,7 @@ class GeoAwareMatcher:
     cell (x, y) becomes the frame point 14 * cell + 7 and is mapped back to ORIGINAL target
     pixels (it may fall in the padding, i.e. outside the image). Score with the strict rule
     "<" (see `geoaware_threshold_scale`). Normalised target descriptors are cached per
-    `trg_key` (3600 x D float32 each: 44 MB at D = 3072).
+    `trg_key` (3600 x D float32 each: 44 MB at D = 3072; at most `cache_bytes`).
     """
 
     protocol = "geoaware"
@@ -493,21 +729,31 @@ class GeoAwareMatcher:
         soft_window: int | None = None,
         temperature: float = GEOAWARE_TEMPERATURE,
         nn_backend: str = "auto",
-        cache_size: int = 32,
+        cache_bytes: int = GEOAWARE_CACHE_BYTES,
     ) -> None:
         if soft_window is not None and (soft_window < 0 or (soft_window > 0 and soft_window % 2 == 0)):
             raise DitfError(f"soft_window must be an odd window width (e.g. 11 or 15) or 0, got {soft_window}")
         self.soft_window = soft_window
         self.temperature = temperature
         self.nn_backend = nn_backend
-        self._targets = _LRU(cache_size)
+        self._targets = ByteLRU(cache_bytes)
+        self._scratch = _Scratch()
 
-    def _target_descriptors(self, trg: torch.Tensor, trg_size: ImageSize, trg_key: Hashable | None) -> torch.Tensor:
+    def _float_map(self, grid: torch.Tensor, name: str) -> torch.Tensor:
+        """A float16 map in float32, in this thread's reusable buffer (see `DiftMatcher._float_target`)."""
+        if grid.dtype == torch.float32 and grid.is_contiguous():
+            return grid
+        return self._scratch.get(name, grid.numel(), torch.float32, grid.device).view(grid.shape).copy_(grid)
+
+    def _target_descriptors(self, trg_grid: torch.Tensor, trg_size: ImageSize, trg_key: Hashable | None) -> torch.Tensor:
         def compute() -> torch.Tensor:
+            trg = self._float_map(trg_grid, "target")  # converted only when the descriptors are not cached
             cells = torch.arange(GEOAWARE_GRID * GEOAWARE_GRID, device=trg.device)
-            return _normalise(frame_cell_features(trg, trg_size, cells // GEOAWARE_GRID, cells % GEOAWARE_GRID))
+            descriptors = frame_cell_features(trg, trg_size, cells // GEOAWARE_GRID, cells % GEOAWARE_GRID)
+            norms = torch.linalg.vector_norm(descriptors, dim=-1, keepdim=True)
+            return descriptors.div_(norms.add_(1e-10))  # `_normalise`, in place
 
-        key = None if trg_key is None else (trg_key, tuple(trg.shape), trg_size)
+        key = None if trg_key is None else (trg_key, tuple(trg_grid.shape), trg_size, str(trg_grid.device))
         return self._targets.get(key, compute)
 
     def source_cells(self, src_img_size: ImageSize, src_kps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -530,12 +776,12 @@ class GeoAwareMatcher:
         trg_key: Hashable | None = None,
     ) -> np.ndarray:
         """(N, 2) float64 predicted (x, y) in original target pixels."""
-        src, trg = _as_grid(src_feat, "source"), _as_grid(trg_feat, "target")
+        src, trg = _check_grid(src_feat, "source"), _check_grid(trg_feat, "target")
         src_size, trg_size = _check_size(src_img_size, "source"), _check_size(trg_img_size, "target")
         cells_y, cells_x = self.source_cells(src_size, src_kps)
         if len(cells_y) == 0:
             return np.zeros((0, 2))
-        queries = _normalise(frame_cell_features(src, src_size, cells_y, cells_x))
+        queries = _normalise(frame_cell_features(self._float_map(src, "source"), src_size, cells_y, cells_x))
         targets = self._target_descriptors(trg, trg_size, trg_key)
         if self.soft_window is None:
             best = nearest_neighbours(queries, targets, self.nn_backend)

@@ -1,16 +1,31 @@
 """The match stage for pair benchmarks: cached features -> variant -> matcher -> predictions.
 
 Reads only the store (the DiT never runs here), computes each image's feature variant once
-(an LRU keeps the working set), matches every pair not predicted yet, and commits predictions
-to the store in blocks next to the features, so a rerun is incremental and a crash loses at
-most one block.
+(a byte-bounded LRU of float16 maps keeps the working set), matches every pair not predicted
+yet, and commits predictions to the store in blocks next to the features, so a rerun is
+incremental and a crash loses at most one block.
+
+Parallelism (`MatchSettings.jobs`, CLI ``--jobs``): blocks of pairs go to `jobs` worker
+threads that share the feature cache and the matcher's per-target caches, each with ONE
+intra-op torch thread. Why threads with one intra-op thread each: a pair is a few
+millisecond-sized torch kernels (they release the GIL), and letting torch split each of them
+over the cores cost more in synchronisation than it gained (measured: CPU per pair rose
+4x with 2 intra-op threads). Matching always runs with one intra-op thread, whatever the job
+count, so the predictions are bit-identical for every ``--jobs`` (the kernels' summation
+order does not depend on how the pairs are spread). The main thread alone writes to the store.
+
+On a GPU (``--device cuda``) the feature cache lives on the device and the pairs of a block
+that share a target are matched in one batch (`DiftMatcher.match_batch`); one job.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,14 +34,15 @@ import torch
 from .datasets.base import Dataset, Pair
 from .errors import DitfError
 from .features import (
+    MASSIVE_RATIO,
     USES_CHANNELS,
+    ChannelMeans,
     check_variant_applies,
     compute_feature,
-    detect_massive_channels,
     variant_names,
 )
 from .fusion import PairFusion, parse_fuse
-from .match import make_matcher
+from .match import ByteLRU, make_matcher, resolve_match_device
 from .naming import fusion_label, prediction_name
 from .paper import PaperDiftMatcher, paper_feature, paper_matching
 from .store import FeatureArrays, FeatureStore
@@ -34,6 +50,21 @@ from .validate import unknown
 
 #: pairs committed together (one zarr chunk of predictions)
 BLOCK = 256
+#: default byte budget of the variant feature cache (float16 40x30x3072 maps are 7.4 MB: ~34
+#: images; an SPair category has ~27, and its pairs are consecutive)
+FEATURE_CACHE_BYTES = 256 * 2**20
+
+
+#: rows of a feature map computed together by `FeatureCache` (8 x 40 x 3072 float32 = 3.9 MB)
+VARIANT_ROWS = 8
+
+
+def default_jobs() -> int:
+    """The cores this process may run on (``--jobs`` default)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -45,6 +76,9 @@ class MatchSettings:
     channel_sample: int = 32  # images used to detect massive channels for "auto"
     fuse: str | None = None  # partner model (e.g. "dinov2-b14"), concatenated per pair (`fusion`)
     pca_dim: int = 1280  # PCA of the DiT part over each pair before fusing (0: none)
+    jobs: int | None = None  # worker threads (None: every core); CPU only
+    device: str = "cpu"  # auto | cpu | cuda | cuda:N
+    cache_bytes: int = FEATURE_CACHE_BYTES  # budget of the variant feature cache
 
     @property
     def label(self) -> str:
@@ -68,7 +102,14 @@ class MatchReport:
 
 
 def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list[int]:
-    """`--channels`: explicit indices, or "auto": the 100x-median criterion on cached z."""
+    """`--channels`: explicit indices, or "auto": the 100x-median criterion on cached z.
+
+    "auto" reads the channels stored in the key (`ditf analyze` or an earlier match wrote them);
+    otherwise it detects them once, on the first `sample` complete images with a running
+    per-channel mean (one image in memory at a time), and stores them in the key with how they
+    were found, so every later match of the key reuses the same set without re-reading images.
+    A read-only store gets the detection without the write.
+    """
     spec = spec.strip()
     if spec == "auto":
         if arrays.massive_channels is not None:
@@ -76,8 +117,17 @@ def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list
         rows = np.flatnonzero(arrays.complete())[:sample]
         if len(rows) == 0:
             return []
-        tokens = np.concatenate([arrays.read_image(int(r))[0].reshape(-1, arrays.hidden_size) for r in rows])
-        return detect_massive_channels(tokens)
+        means = ChannelMeans(arrays.hidden_size)
+        for row in rows:
+            means.add(arrays.read_image(int(row))[0])
+        channels = means.massive(MASSIVE_RATIO)
+        info = {"criterion": f"mean |z| over tokens > {MASSIVE_RATIO:g} x median of the channel means",
+                "images": int(len(rows)), "tokens": int(means.tokens), "by": "ditf match --channels auto"}
+        try:
+            arrays.set_massive_channels(channels, info)
+        except (DitfError, OSError, PermissionError, ValueError):
+            pass  # a read-only store: detect again next time
+        return channels
     if spec in ("", "none"):
         return []
     try:
@@ -91,29 +141,151 @@ def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list
 
 
 class FeatureCache:
-    """Variant features of recently used images (each computed once per run)."""
+    """Variant features of recently used images, each computed once while it stays cached.
 
-    def __init__(self, arrays: FeatureArrays, rows: dict[str, int], variant: str, channels: Sequence[int], size: int = 64,
-                 compute=compute_feature):
+    Thread-safe (the match workers share it). `dtype` is what is kept: float16 for pair
+    matching (the authors' script casts the AdaLN feature to float16 at this very point, and it
+    halves the memory; the matchers compute in float32), float32 by default for the other
+    stages. At most `max_bytes` (and `size` images, when given) stay cached; on `device`.
+    """
+
+    def __init__(self, arrays: FeatureArrays, rows: dict[str, int], variant: str, channels: Sequence[int],
+                 size: int | None = None, max_bytes: int = FEATURE_CACHE_BYTES, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", compute=compute_feature):
         self.arrays, self.rows, self.variant, self.channels = arrays, rows, variant, list(channels)
-        self.size = size
+        self.dtype, self.device = dtype, torch.device(device)
         self.compute = compute  # `features.compute_feature` (fp32) or `paper.paper_feature` (bf16 -> fp16)
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        if size is not None:  # an entry count as well: a bound on whichever comes first
+            dim = arrays.hidden_size
+            grid = arrays.group["pre_adaln"].shape[1:3]  # the store's largest grid
+            max_bytes = min(max_bytes, int(size) * int(grid[0]) * int(grid[1]) * dim * torch.finfo(dtype).bits // 8)
+        self._cache = ByteLRU(max_bytes)
+        self._read_lock = threading.Lock()
+
+    @property
+    def hits(self) -> int:
+        return self._cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self._cache.misses
 
     def pair(self, src_key: str, trg_key: str) -> tuple[torch.Tensor, torch.Tensor, str]:
         """The pair-level hook of the driver: (source map, target map, target cache key)."""
         return self(src_key), self(trg_key), trg_key
 
+    def _compute(self, key: str) -> torch.Tensor:
+        with self._read_lock:  # one zarr read at a time: reads are short, the variant is not
+            pre_adaln, modulation = self.arrays.read_image(self.rows[key])
+        z = torch.from_numpy(np.ascontiguousarray(pre_adaln)).to(self.device)
+        if self.variant == "raw" and z.dtype == self.dtype:
+            return z.contiguous()  # the cached z itself (what compute_feature would round back to)
+        modulation = {name: torch.as_tensor(np.asarray(v)).to(self.device) for name, v in modulation.items()}
+        # every variant is per token: computed a few rows at a time into the cached map, so the
+        # float32 intermediates stay small (whole-map ones grew the heap by ~100 MB per thread)
+        out = torch.empty(z.shape, dtype=self.dtype, device=self.device)
+        for start in range(0, z.shape[0], VARIANT_ROWS):
+            rows = slice(start, start + VARIANT_ROWS)
+            out[rows] = self.compute(self.variant, z[rows], modulation, self.channels)
+        return out
+
     def __call__(self, key: str) -> torch.Tensor:
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        pre_adaln, modulation = self.arrays.read_image(self.rows[key])
-        feature = self.compute(self.variant, pre_adaln, modulation, self.channels)
-        self._cache[key] = feature
-        if len(self._cache) > self.size:
-            self._cache.popitem(last=False)
-        return feature
+        return self._cache.get(key, lambda: self._compute(key))
+
+
+def pair_matcher(settings: MatchSettings, paper: bool = False):
+    """The matcher of the settings' protocol (thread-safe: shared by the workers); with `paper`,
+    the authors' fp16 `dift` arithmetic (`paper.PaperDiftMatcher`)."""
+    if paper:
+        return PaperDiftMatcher()
+    return make_matcher(settings.protocol, **({"soft_window": settings.soft_window} if settings.protocol == "geoaware" else {}))
+
+
+def pair_feature_cache(arrays: FeatureArrays, rows: dict[str, int], variant: str, channels: Sequence[int],
+                       device: str | torch.device = "cpu", max_bytes: int = FEATURE_CACHE_BYTES,
+                       compute=compute_feature) -> FeatureCache:
+    """The feature cache of pair matching: float16 variant maps on the matching device (used by
+    `predict` and the dask workers alike, so both give the same bits)."""
+    return FeatureCache(arrays, rows, variant, channels, max_bytes=max_bytes, dtype=torch.float16, device=device,
+                        compute=compute)
+
+
+PairFeatures = Callable[[str, str], tuple]
+
+
+def match_pairs(pairs: Sequence[Pair], pair_features: PairFeatures, matcher, batch_by_target: bool = False,
+                advance: Callable[[int], object] | None = None) -> list[np.ndarray]:
+    """Predictions of consecutive pairs, in order (one block; runs in a worker thread).
+
+    `batch_by_target` (GPU): pairs sharing a target go through `matcher.match_batch` together.
+    Errors name the pair (a batch that fails is redone pair by pair to find it).
+    """
+    out: list[np.ndarray | None] = [None] * len(pairs)
+    todo = list(range(len(pairs)))
+    if batch_by_target and hasattr(matcher, "match_batch"):
+        groups: dict[str, list[int]] = {}
+        for i, pair in enumerate(pairs):
+            groups.setdefault(pair.trg_key, []).append(i)
+        todo = []
+        for members in groups.values():
+            try:
+                sources = []
+                for i in members:
+                    src, trg, trg_key = pair_features(pairs[i].src_key, pairs[i].trg_key)
+                    sources.append((src, pairs[i].src_size, pairs[i].src_kps))
+                results = matcher.match_batch(trg, pairs[members[0]].trg_size, sources, trg_key=trg_key)
+            except DitfError:
+                todo += members  # redone one by one below, for an error that names its pair
+                continue
+            for i, result in zip(members, results):
+                out[i] = result
+            if advance is not None:
+                advance(len(members))
+    for i in sorted(todo):
+        pair = pairs[i]
+        try:
+            src, trg, trg_key = pair_features(pair.src_key, pair.trg_key)
+            out[i] = matcher.match(src, pair.src_size, trg, pair.trg_size, pair.src_kps, trg_key=trg_key)
+        except DitfError as exc:
+            raise DitfError(f"pair {pair.pair_id}: {exc}") from exc
+        if advance is not None:
+            advance(1)
+    return out  # type: ignore[return-value]
+
+
+def run_blocks(block_starts: Sequence[int], run_block: Callable[[int], list], jobs: int):
+    """Yield (block_start, predictions) as blocks finish, computed by `jobs` worker threads.
+
+    Every worker (and the calling thread while it waits) runs torch with one intra-op thread;
+    the caller's setting is restored at the end. At most 2 x jobs blocks are in flight, so
+    neighbouring blocks (which share images) are matched together and memory stays bounded.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if jobs <= 1 or len(block_starts) <= 1:
+            for start in block_starts:
+                yield start, run_block(start)
+            return
+        with ThreadPoolExecutor(max_workers=min(jobs, len(block_starts)), initializer=torch.set_num_threads,
+                                initargs=(1,), thread_name_prefix="ditf-match") as pool:
+            pending: dict = {}
+            queue = list(block_starts)
+            try:
+                while queue or pending:
+                    while queue and len(pending) < 2 * jobs:
+                        start = queue.pop(0)
+                        pending[pool.submit(run_block, start)] = start
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in sorted(finished, key=lambda f: pending[f]):
+                        start = pending.pop(future)
+                        yield start, future.result()
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+    finally:
+        torch.set_num_threads(previous)
 
 
 def check_features(pairs: Sequence[Pair], rows: dict[str, int], arrays: FeatureArrays) -> None:
@@ -158,6 +330,9 @@ def predict(
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
+    device = resolve_match_device(settings.device)
+    if settings.jobs is not None and int(settings.jobs) < 1:
+        raise DitfError(f"--jobs must be at least 1, got {settings.jobs}")
     if settings.variant not in variant_names():
         raise unknown("variant", settings.variant, variant_names())
     make_matcher(settings.protocol)  # validates the protocol name before any work
@@ -189,35 +364,34 @@ def predict(
         fusion = open_fusion(store, dataset, rows, pairs, settings.fuse, settings.pca_dim)
         attrs.update(variant=settings.label, fuse=fusion.describe())
     feature_key = (dataset.name, model, k, t)
+    # one job on a GPU (the device is the parallel part) and with --fuse (its seeded low-rank PCA
+    # forks the process-global RNG, which two threads must not do at once)
+    jobs = 1 if device.type != "cpu" or fusion is not None else max(1, int(settings.jobs or default_jobs()))
     if overwrite:
         store.delete(f"{arrays.path}/predictions/{settings.name}")
     max_kps = max(len(p.src_kps) for p in pairs)
     predictions = store.open_predictions(feature_key, settings.name, [p.pair_id for p in pairs], max_kps, attrs, block=BLOCK)
     done = predictions.done()
-    matcher = make_matcher(settings.protocol, **({"soft_window": settings.soft_window} if settings.protocol == "geoaware" else {}))
-    if paper:
-        matcher, compute = PaperDiftMatcher(), paper_feature
-    features = FeatureCache(arrays, rows, settings.variant, channels, compute=compute)
+    matcher = pair_matcher(settings, paper)
+    features = pair_feature_cache(arrays, rows, settings.variant, channels, device, settings.cache_bytes,
+                                  compute=paper_feature if paper else compute_feature)
     pair_features = features.pair if fusion is None else fusion.bind(features)
     todo_blocks = [s for s in range(0, len(pairs), BLOCK) if not done[s : s + BLOCK].all()]
     matched = 0
     if block_runner is not None:
         matched = block_runner(todo_blocks, pairs, rows, channels)
         todo_blocks = []
+    batch = device.type != "cpu" and fusion is None
     with tqdm(total=sum(len(pairs[s : s + BLOCK]) for s in todo_blocks), desc=f"match {settings.name}", unit="pair",
               disable=not progress) as bar:
-        for block_start in todo_blocks:
-            block = pairs[block_start : block_start + BLOCK]
-            out = []
-            for pair in block:
-                try:
-                    src, trg, trg_key = pair_features(pair.src_key, pair.trg_key)
-                    out.append(matcher.match(src, pair.src_size, trg, pair.trg_size, pair.src_kps, trg_key=trg_key))
-                except DitfError as exc:
-                    raise DitfError(f"pair {pair.pair_id}: {exc}") from exc
-                bar.update(1)
-            predictions.write(block_start, out)
-            matched += len(block)
+
+        def run_block(block_start: int) -> list[np.ndarray]:
+            return match_pairs(pairs[block_start : block_start + BLOCK], pair_features, matcher, batch, bar.update)
+
+        with contextlib.closing(run_blocks(todo_blocks, run_block, jobs)) as finished:
+            for block_start, out in finished:
+                predictions.write(block_start, out)  # the main thread alone writes
+                matched += len(out)
     return MatchReport(
         key=f"{arrays.path}/predictions/{settings.name}", n_pairs=len(pairs), matched=matched,
         skipped=len(pairs) - matched, channels=channels, seconds=time.perf_counter() - start,

@@ -33,6 +33,7 @@ class StageSettings:
     device: str = "auto"
     fuse: str | None = None  # pairs only: partner model concatenated per pair (DiTF + DINOv2)
     pca_dim: int = DEFAULT_PCA_DIM
+    jobs: int | None = None  # pairs: worker threads on the CPU (None: every core)
 
     def prediction_name(self, task: str) -> str:
         if task == "pairs":
@@ -45,7 +46,8 @@ class StageSettings:
         from .predict import MatchSettings
 
         return MatchSettings(variant=self.variant, protocol=self.protocol, channels=self.channels,
-                             soft_window=self.soft_window, fuse=self.fuse, pca_dim=self.pca_dim)
+                             soft_window=self.soft_window, fuse=self.fuse, pca_dim=self.pca_dim, jobs=self.jobs,
+                             device=self.device)
 
 
 @dataclass
@@ -142,8 +144,10 @@ def _match_homography(store, dataset, model, k, t, settings, overwrite, progress
     from tqdm.auto import tqdm
 
     from .homography import match_pair
+    from .match import resolve_match_device
 
     start = time.perf_counter()
+    device = str(resolve_match_device(settings.device))
     arrays, channels, features = _features(store, dataset, model, k, t, settings)
     pairs = dataset.homography_pairs()
     name = settings.prediction_name("homography")
@@ -160,8 +164,8 @@ def _match_homography(store, dataset, model, k, t, settings, overwrite, progress
         block = []
         for pair in pairs[block_start : block_start + 64]:
             estimate = match_pair(
-                features(pair.src_key).numpy(), features(pair.trg_key).numpy(), dataset.keypoints(pair.src_key),
-                dataset.keypoints(pair.trg_key), pair.src_size, pair.trg_size, H_gt=pair.H,
+                features(pair.src_key), features(pair.trg_key), dataset.keypoints(pair.src_key),
+                dataset.keypoints(pair.trg_key), pair.src_size, pair.trg_size, H_gt=pair.H, device=device,
             )
             block.append(estimate.H if estimate.H is not None else np.full((3, 3), np.nan))
         stored.write(block_start, block)

@@ -30,6 +30,11 @@ def test_extract_gpu_tiny(tmp_path):
     # the analytic FLOP count of the early-exited Flux forward equals torch's flop counter
     ratio = float(out.split("flops analytic/counted = ")[1].split()[0])
     assert ratio == pytest.approx(1.0, abs=1e-3)
+    # the authors' baseline runs block 28 in full and the final layer (no early exit), plus the
+    # float32 VAE on every ensemble copy: more FLOPs per image than ours
+    ours = float(out.split("RESULT flux ours:")[1].split("TFLOP/image")[0].split(";")[-1])
+    baseline_dit = float(out.split("final layer ")[1].split(",")[0])
+    assert baseline_dit > ours and "fp32 VAE x2" in out
     assert len(list(tmp_path.glob("extract_gpu-*.json"))) == 1 and len(list(tmp_path.glob("extract_gpu-*.md"))) == 1
 
 
@@ -41,3 +46,12 @@ def test_bench_extract_runs():
 def test_bench_match_smoke():
     out = _run("benchmarks/bench_match.py", "--smoke")
     assert "fast dift matcher:" in out and "speed ratio naive / fast" in out and "geoaware matcher" in out
+    assert "fast vs float64 referee, every pair:" in out and "naive vs referee on the sample:" in out
+    assert "referee_vs_float64_full vs referee on the sample: 6/6" in out  # the referee's identity holds in float64
+
+
+@pytest.mark.slow
+def test_bench_predict_runs(tmp_path):
+    out = _run("benchmarks/bench_predict.py", "--scale", "0.03", "--variants", "raw", "--jobs", "1,2",
+               "--json", str(tmp_path / "p.json"))
+    assert "raw            jobs=2:" in out and "speed-up 1 -> 2 jobs" in out
