@@ -184,6 +184,7 @@ def test_upload_two_images_and_query_them(demo, server):
     assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
     again = client.post("/api/upload", json={**body, "t": 260})  # same bytes: same ids, features reused
     assert again.json()["pair_id"] == pair_id
+    assert "tiny-flux" in client.get("/api/models").json()["models"]
     unknown = client.post("/api/upload", json={**body, "model": "no-such-model"})
     assert unknown.status_code == 400 and "no-such-model" in unknown.json()["error"]
 
@@ -198,6 +199,7 @@ def test_upload_in_the_browser(demo, server, browser):
     page.goto(server["url"] + "/")
     page.wait_for_function("document.querySelectorAll('#pair option').length > 0")
     page.click("#upload-box summary")
+    page.wait_for_function("document.querySelectorAll('#up-model option').length > 0")
     page.set_input_files("#up-src", str(images[0]))
     page.set_input_files("#up-trg", str(images[1]))
     page.select_option("#up-model", "tiny-flux")

@@ -117,15 +117,19 @@ def create_app(explorer: Explorer) -> FastAPI:
 
     @app.get("/api/keys")
     def keys() -> dict:
+        return {"keys": explorer.describe_keys(), "data_root": explorer.data_root is not None,
+                "uploads": explorer.uploads is not None}
+
+    @app.get("/api/models")
+    def models() -> dict:
+        """Models an upload can run: the built-in tiny ones and those of the store's keys.
+
+        A separate route because listing models imports every adapter (diffusers: seconds).
+        """
         from ..models import model_names
 
-        stored_models = sorted({k.model for k in explorer.all_keys()})
-        return {
-            "keys": explorer.describe_keys(),
-            "data_root": explorer.data_root is not None,
-            "uploads": explorer.uploads is not None,
-            "upload_models": sorted({m for m in model_names() if m.startswith("tiny-")} | set(stored_models)),
-        }
+        stored = {k.model for k in explorer.all_keys() if k.model in set(model_names())}
+        return {"models": sorted({m for m in model_names() if m.startswith("tiny-")} | stored)}
 
     @app.get("/api/pairs")
     def pairs(dataset: Dataset, model: Name, k: Block, t: Step, variant: Name = "adaln+cd", protocol: Protocol = "dift",
