@@ -101,7 +101,7 @@ def _stored(demo, variant):
     return store.open_predictions(("spair", "tiny-flux", demo["k"], demo["t"]), f"{variant}/dift").read()
 
 
-def test_click_a_keypoint_in_the_browser(demo, server, browser, tmp_path):
+def test_click_a_keypoint_in_the_browser(browser, demo, server, tmp_path):
     pair = demo["data"].pairs()[1]
     page = browser.new_page(viewport={"width": 1500, "height": 900})
     errors: list[str] = []
@@ -189,7 +189,7 @@ def test_upload_two_images_and_query_them(demo, server):
     assert unknown.status_code == 400 and "no-such-model" in unknown.json()["error"]
 
 
-def test_upload_in_the_browser(demo, server, browser):
+def test_upload_in_the_browser(browser, demo, server):
     """The page's upload form: two files in, the uploads key selected, the pair opened and clickable."""
     images = sorted((demo["root"] / "JPEGImages" / "car").glob("*.jpg"))[:2]
     ids = [hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in images]
