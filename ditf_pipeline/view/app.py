@@ -108,7 +108,7 @@ def create_app(explorer: Explorer) -> FastAPI:
     async def crash(request: Request, exc: Exception) -> JSONResponse:  # a bug: say so, keep serving
         return _error(500, f"internal error ({type(exc).__name__}): {exc}")
 
-    def key(dataset: str, model: str, k: int, t: int) -> KeyRef:
+    def feature_key(dataset: str, model: str, k: int, t: int) -> KeyRef:
         return explorer.key(dataset, model, k, t)
 
     @app.get("/", response_class=HTMLResponse)
@@ -135,18 +135,18 @@ def create_app(explorer: Explorer) -> FastAPI:
     def pairs(dataset: Dataset, model: Name, k: Block, t: Step, variant: Name = "adaln+cd", protocol: Protocol = "dift",
               alpha: Alpha = 0.1, category: Annotated[Optional[str], Query(max_length=200)] = None,
               order: Annotated[str, Query(max_length=10)] = "id") -> dict:
-        return explorer.pairs(key(dataset, model, k, t), variant, protocol, alpha, category or None, order)
+        return explorer.pairs(feature_key(dataset, model, k, t), variant, protocol, alpha, category or None, order)
 
     @app.get("/api/pair")
     def pair(dataset: Dataset, model: Name, k: Block, t: Step, pair_id: PairId,
              variants: Annotated[str, Query(min_length=1, max_length=2000)] = "raw,adaln,adaln+cd",
              protocol: Protocol = "dift", alpha: Alpha = 0.1) -> dict:
         chosen = [v for v in variants.split(",") if v]
-        return explorer.open_pair(key(dataset, model, k, t), pair_id, chosen, protocol, alpha)
+        return explorer.open_pair(feature_key(dataset, model, k, t), pair_id, chosen, protocol, alpha)
 
     @app.post("/api/click")
     def click(request: ClickRequest) -> dict:
-        return explorer.click(key(request.dataset, request.model, request.k, request.t), request.pair_id,
+        return explorer.click(feature_key(request.dataset, request.model, request.k, request.t), request.pair_id,
                               request.variants, request.protocol, request.x, request.y, request.keypoint, request.alpha)
 
     @app.get("/api/image")
@@ -155,11 +155,11 @@ def create_app(explorer: Explorer) -> FastAPI:
 
     @app.get("/api/magnitude.png")
     def magnitude(dataset: Dataset, model: Name, k: Block, t: Step) -> Response:
-        return Response(explorer.magnitude_png(key(dataset, model, k, t)), media_type="image/png")
+        return Response(explorer.magnitude_png(feature_key(dataset, model, k, t)), media_type="image/png")
 
     @app.get("/api/pca.png")
     def pca(dataset: Dataset, model: Name, k: Block, t: Step, pair_id: PairId) -> Response:
-        return Response(explorer.pca_png(key(dataset, model, k, t), pair_id), media_type="image/png")
+        return Response(explorer.pca_png(feature_key(dataset, model, k, t), pair_id), media_type="image/png")
 
     @app.post("/api/upload")
     def upload(request: UploadRequest) -> dict:
