@@ -21,8 +21,11 @@ def view(
     uploads: Annotated[Optional[Path], typer.Option(help="Writable folder for uploaded images and their features (default: <store>.uploads next to the store).")] = None,
     no_uploads: Annotated[bool, typer.Option("--no-uploads", help="Disable uploading images (nothing is ever written).")] = False,
 ) -> None:
-    """Explore correspondences in the browser, straight from the cache: click a source point, see
-    the cosine heatmap and argmax of raw / adaln / adaln+cd (and fused) features on the target."""
+    """Explore correspondences in the browser, straight from the cache.
+
+    Click a source point: the cosine heatmap and argmax of raw / adaln / adaln+cd (and fused)
+    features on the target, with the ground truth; pairs sorted by stored PCK; key figures.
+    """
     from ditf_pipeline.errors import DitfError
 
     try:
