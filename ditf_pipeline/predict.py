@@ -133,7 +133,7 @@ def predict(
     `block_runner(todo_blocks, pairs, rows, channels) -> n_matched`, when given, predicts the
     blocks elsewhere once the prediction arrays exist (`ditf_pipeline.distributed`: dask workers).
     """
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_display
 
     start = time.perf_counter()
     if settings.variant not in variant_names():
@@ -178,8 +178,8 @@ def predict(
     if block_runner is not None:
         matched = block_runner(todo_blocks, pairs, rows, channels)
         todo_blocks = []
-    with tqdm(total=sum(len(pairs[s : s + BLOCK]) for s in todo_blocks), desc=f"match {settings.name}", unit="pair",
-              disable=not progress) as bar:
+    with progress_display(sum(len(pairs[s : s + BLOCK]) for s in todo_blocks), f"match {settings.name}", "pair",
+                          enabled=progress) as bar:
         for block_start in todo_blocks:
             block = pairs[block_start : block_start + BLOCK]
             out = []
