@@ -116,7 +116,11 @@ def _render_all(results: list[dict], fmt: str) -> str:
         import json
 
         return json.dumps(results, indent=2) + "\n"
-    return "\n".join(render(r, fmt) for r in results)
+    texts = [render(r, fmt) for r in results]
+    headers = {text.split("\n", 1)[0] for text in texts}
+    if fmt == "csv" and len(headers) == 1:  # one frame: the context columns tell the variants apart
+        return texts[0] + "".join(text.split("\n", 1)[1] for text in texts[1:])
+    return "\n".join(texts)
 
 
 @app.command()
