@@ -115,3 +115,14 @@ def test_per_pair_refuses_unknown_endings_and_parquet_without_pyarrow(run_args, 
     parquet = CliRunner().invoke(app, ["score", *run_args, "--per-pair", str(tmp_path / "rows.parquet")])
     assert parquet.exit_code == 1 and "Parquet needs pyarrow" in parquet.output
     assert len(parquet.output.strip().splitlines()) == 1 and not (tmp_path / "rows.parquet").exists()
+
+
+def test_write_rows_csv_and_parquet(tmp_path):
+    from ditf_pipeline.report import write_rows
+
+    rows = [{"pair_id": "a", "pck@0.1": 2.625, "n_points": 800}, {"pair_id": "b", "pck@0.1": None, "n_points": 0}]
+    write_rows(rows, tmp_path / "rows.csv")
+    assert (tmp_path / "rows.csv").read_text().splitlines() == ["pair_id,pck@0.1,n_points", "a,2.625,800", "b,,0"]
+    pq = pytest.importorskip("pyarrow.parquet")
+    write_rows(rows, tmp_path / "rows.parquet")
+    assert pq.read_table(tmp_path / "rows.parquet").to_pylist() == rows
