@@ -89,7 +89,7 @@ class LineProgress(_Silent):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self.done > self._start_done or not self.total:
+            if self.done > self._start_done:  # nothing done (all cached): no line
                 self._emit()
 
 
