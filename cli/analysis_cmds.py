@@ -12,6 +12,17 @@ from .app import DEFAULT_STORE, DataRootOpt, DatasetOpt, KOpt, ModelOpt, Progres
 
 ProtocolOpt = Annotated[str, typer.Option(help="Matching/scoring protocol: dift or geoaware (show: also geoaware-softN predictions).")]
 ChannelsOpt = Annotated[str, typer.Option(help="Channels to discard for +cd variants: auto (stored set or 100x-median rule), none, or e.g. 154,1446.")]
+DpiOpt = Annotated[int, typer.Option(help="Resolution of PNG figures (dots per inch; 100 = the documented pixel sizes; 300 for print).")]
+
+
+def _check_figure(fmt: str, dpi: int) -> None:
+    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.plots import FORMATS
+
+    if fmt not in FORMATS:
+        raise DitfError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not 10 <= dpi <= 1200:
+        raise DitfError(f"--dpi must be between 10 and 1200, got {dpi}")
 
 
 def _selected_keys(feature_store, dataset: str, model: str, k, t) -> list[tuple[int, int]]:
@@ -54,15 +65,17 @@ def analyze(
     sample: Annotated[int, typer.Option(help="Images per key for the statistics (the first complete ones; 0 = all).")] = 32,
     ratio: Annotated[float, typer.Option(help="Massive if mean |z| over tokens exceeds this x the median channel.")] = 100.0,
     write: Annotated[bool, typer.Option("--write/--no-write", help="Store the detected set as the key's massive_channels (read by --channels auto).")] = True,
-    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the PNG figures.")] = True,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the figures (see --figure-format).")] = True,
     pca_images: Annotated[int, typer.Option(help="Images in the PCA-to-RGB figure.")] = 4,
     variant: Annotated[str, typer.Option("--variant", "-v", help="Predictions scored for the k x t PCK grid.")] = "adaln+cd",
     protocol: ProtocolOpt = "dift",
     alpha: Annotated[float, typer.Option(help="PCK alpha of the k x t grid.")] = 0.1,
     aggregation: Annotated[str, typer.Option(help="per_point or per_image for the grid.")] = "per_point",
     match: Annotated[bool, typer.Option("--match/--no-match", help="Compute missing grid predictions from the cache (channels auto).")] = False,
-    out: Annotated[Path, typer.Option(help="Folder for the JSON and the PNG figures.")] = Path("analysis"),
+    out: Annotated[Path, typer.Option(help="Folder for the JSON and the figures.")] = Path("analysis"),
     fmt: Annotated[str, typer.Option("--format", help="table | json (printed; the JSON file is always written)")] = "table",
+    figure_format: Annotated[str, typer.Option("--figure-format", help="png | pdf | svg (pdf and svg: vector, for papers).")] = "png",
+    dpi: DpiOpt = 100,
     progress: ProgressOpt = False,
 ) -> None:
     """Massive activations from the cache (paper Table 1, Figures 4, 5, 12); no DiT runs.
@@ -72,7 +85,7 @@ def analyze(
     """
     analyze_options(model, dataset, data_root, split, store, k, t, sample=sample, ratio=ratio, write=write, plots=plots,
                     pca_images=pca_images, variant=variant, protocol=protocol, alpha=alpha, aggregation=aggregation,
-                    match=match, out=out, fmt=fmt, progress=progress)
+                    match=match, out=out, fmt=fmt, progress=progress, figure_format=figure_format, dpi=dpi)
 
 
 def analyze_options(
@@ -80,6 +93,7 @@ def analyze_options(
     *, sample: int = 32, ratio: float = 100.0, write: bool = True, plots: bool = True, pca_images: int = 4,
     variant: str = "adaln+cd", protocol: str = "dift", alpha: float = 0.1, aggregation: str = "per_point",
     match: bool = False, out: Path = Path("analysis"), fmt: str = "table", progress: bool = False,
+    figure_format: str = "png", dpi: int = 100,
 ) -> dict:
     """`ditf analyze` as a function (for `ditf demo`): prints, writes the files, returns the JSON report."""
     import numpy as np
@@ -92,6 +106,8 @@ def analyze_options(
 
     if fmt not in ("table", "json"):
         raise DitfError(f"--format must be table or json, got {fmt!r}")
+    _check_figure(figure_format, dpi)
+    ext = f".{figure_format}"
     if aggregation not in ("per_point", "per_image"):
         raise DitfError(f"--aggregation must be per_point or per_image, got {aggregation!r}")
     if sample < 0 or pca_images < 0:
@@ -126,11 +142,11 @@ def analyze_options(
         if plots:
             stem = out / f"{prefix}-k{kk}-t{tt}"
             title = f"{data.name}/{model} k={kk} t={tt} ({summary['n_images']} image(s))"
-            written.append(str(pl.plot_magnitudes(f"{stem}-magnitude.png", result.example, result.channel_mean,
-                                                   summary["massive_channels"], title)))
+            written.append(str(pl.plot_magnitudes(f"{stem}-magnitude{ext}", result.example, result.channel_mean,
+                                                   summary["massive_channels"], title, dpi=dpi)))
             if result.gate is not None:
-                written.append(str(pl.plot_gate(f"{stem}-gate.png", result.channel_mean["raw"], result.gate,
-                                                summary["massive_channels"], title)))
+                written.append(str(pl.plot_gate(f"{stem}-gate{ext}", result.channel_mean["raw"], result.gate,
+                                                summary["massive_channels"], title, dpi=dpi)))
             if pca_images:
                 row_keys = {row: key for key, row in feature_store.image_rows(data.name).items()}
                 shown = [row for row in result.rows if row_keys.get(row) in paths][:pca_images]
@@ -138,8 +154,8 @@ def analyze_options(
                     features = [an.stage_features(arrays, row, summary["discarded_channels"]) for row in shown]
                     maps = {stage: an.pca_rgb([f[stage] for f in features]) for stage in features[0]}
                     images = [_load_image(paths[row_keys[row]]) for row in shown]
-                    written.append(str(pl.plot_pca(f"{stem}-pca.png", images, maps,
-                                                   [row_keys[row] for row in shown], title)))
+                    written.append(str(pl.plot_pca(f"{stem}-pca{ext}", images, maps,
+                                                   [row_keys[row] for row in shown], title, dpi=dpi)))
         summaries.append(summary)
         if fmt == "table":
             typer.echo(an.render_key_table(summary) + "\n")
@@ -161,8 +177,9 @@ def analyze_options(
         values = np.full((len(ks), len(ts)), np.nan)
         for c in scored:
             values[ks.index(c["k"]), ts.index(c["t"])] = c["pck"]
-        written.append(str(pl.plot_pck_grid(out / f"{prefix}-pck-grid.png", ks, ts, values,
-                                            f"{data.name}/{model} {grid_name}", f"PCK@{alpha:g} ({aggregation})")))
+        written.append(str(pl.plot_pck_grid(out / f"{prefix}-pck-grid{ext}", ks, ts, values,
+                                            f"{data.name}/{model} {grid_name}", f"PCK@{alpha:g} ({aggregation}, %)",
+                                            dpi=dpi)))
     report = {
         "dataset": data.name, "model": model, "keys": summaries,
         "pck_grid": {"prediction": grid_name, "alpha": alpha, "aggregation": aggregation, "cells": cells},
@@ -196,19 +213,26 @@ def show(
     alpha: Annotated[float, typer.Option(help="Threshold for correct (circle) vs wrong (cross).")] = 0.1,
     dense: Annotated[bool, typer.Option("--dense", help="Show nearest-neighbour matches of a grid of source points (over the source box when annotated) instead, from cached features.")] = False,
     grid: Annotated[int, typer.Option(help="--dense: grid of N x N source points.")] = 12,
-    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("show.png"),
+    out: Annotated[Path, typer.Option(help="Figure file to write (.png, .pdf or .svg).")] = Path("show.png"),
+    figure_format: Annotated[Optional[str], typer.Option("--format", "--figure-format", help="png | pdf | svg: replaces the ending of --out (default: --out's ending).")] = None,
+    dpi: DpiOpt = 100,
 ) -> None:
-    """Draw pairs side by side: predicted vs ground-truth keypoints (or --dense matches) as a PNG."""
+    """Draw pairs side by side: predicted vs ground-truth keypoints, with the alpha x bbox radius
+    around each ground truth (or --dense matches), as PNG, PDF or SVG."""
+    if figure_format is not None:
+        _check_figure(figure_format, dpi)
+        out = out.with_suffix(f".{figure_format}")
     show_options(pair, model, dataset, data_root, split, store, k, t, variant=variant, protocol=protocol,
-                 channels=channels, alpha=alpha, dense=dense, grid=grid, out=out)
+                 channels=channels, alpha=alpha, dense=dense, grid=grid, out=out, dpi=dpi)
 
 
 def show_options(
     pair: list[str] | None, model: str, dataset: str, data_root: Path, split: str | None, store: Path,
     k: list[int] | None, t: list[int] | None, *, variant: str = "adaln+cd", protocol: str = "dift",
     channels: str = "auto", alpha: float = 0.1, dense: bool = False, grid: int = 12, out: Path = Path("show.png"),
+    dpi: int = 100,
 ) -> Path:
-    """`ditf show` as a function (for `ditf demo`): writes the PNG and returns its path."""
+    """`ditf show` as a function (for `ditf demo`): writes the figure and returns its path."""
     import numpy as np
 
     from ditf_pipeline import analyze as an
@@ -219,8 +243,9 @@ def show_options(
 
     if not pair:
         raise DitfError("pass at least one --pair ID")
-    if out.suffix.lower() != ".png":
-        raise DitfError(f"--out must be a .png file, got {out}")
+    if out.suffix.lower().lstrip(".") not in pl.FORMATS:
+        raise DitfError(f"--out must be a .png, .pdf or .svg file, got {out}")
+    _check_figure(out.suffix.lower().lstrip("."), dpi)
     if grid < 1:
         raise DitfError("--grid must be >= 1")
     from ditf_pipeline.validate import check_alphas, check_output_file, check_protocol, check_variants
@@ -263,7 +288,7 @@ def show_options(
             views.append(pl.PairView(_load_image(paths[p.src_key]), _load_image(paths[p.trg_key]), src, pred,
                                      title=f"{p.pair_id}  {name}  k={kk} t={tt}: nearest neighbours of a {grid}x{grid} grid "
                                            f"over {where}"))
-        pl.plot_dense(out, views)
+        pl.plot_dense(out, views, dpi=dpi)
     else:
         predictions = feature_store.open_predictions((data.name, model, kk, tt), name).read()
         for p in chosen:
@@ -274,9 +299,10 @@ def show_options(
             views.append(pl.PairView(
                 _load_image(paths[p.src_key]), _load_image(paths[p.trg_key]), p.src_kps, pred, p.trg_kps, correct,
                 title=f"{p.pair_id}  {name}  k={kk} t={tt}: {int(correct.sum())}/{len(correct)} correct at alpha={alpha:g} "
-                      "(o correct, x wrong)",
+                      "(o correct, x wrong; dot: ground truth, dashed: alpha x threshold radius)",
+                radius=alpha * float(p.threshold_base),
             ))
-        pl.plot_pairs(out, views)
+        pl.plot_pairs(out, views, dpi=dpi)
         typer.echo("show: " + "; ".join(f"{v.title.split()[0]} {int(np.sum(v.correct))}/{len(v.correct)}" for v in views))
     typer.echo(f"show: wrote {out}")
     return out

@@ -52,7 +52,8 @@ SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Dataset split 
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Zarr feature store (created if missing).")]
 KOpt = Annotated[Optional[list[int]], typer.Option("--k", help="Block index k; repeat for several (default: the model's; reading commands: the model's key if stored, else the only one).")]
 TOpt = Annotated[Optional[list[int]], typer.Option("--t", help="Timestep t in 0..999; repeat for several (default: as for --k).")]
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars with ETA.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress (a bar on a terminal; periodic lines with rate and ETA in a log).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output at all (same as --no-progress); results and errors still print.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", help="Spread the work over N local dask worker processes (one per GPU, pinned, when there are GPUs).")]

@@ -7,23 +7,25 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import ModelOpt, ProgressOpt, app, user_errors
+from .app import ModelOpt, ProgressOpt, QuietOpt, app, user_errors
 
 
 @app.command()
 @user_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the generated dataset and the store.")] = Path("demo_out"),
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Benchmark layout: spair, pfpascal, ap10k, davis, hpatches.")] = "spair",
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Benchmark layout: spair, pfpascal, ap10k, davis, hpatches, ade20k (linear probe).")] = "spair",
     model: ModelOpt = "tiny-flux",
     baseline: Annotated[Optional[str], typer.Option(help="Also extract this model (e.g. tiny-dinov2, tiny-sd) and compare it with the DiTF row (pair benchmarks).")] = None,
     views: Annotated[bool, typer.Option("--views/--no-views", help="spair: also write the analyze/show PNGs, with a k x t PCK grid.")] = True,
     progress: ProgressOpt = True,
+    quiet: QuietOpt = False,
 ) -> None:
     """Generate a small dataset in a benchmark's real layout and run extract, match and score on a tiny model.
 
     On pair benchmarks it also prints the ablation table (and a baseline row with --baseline);
-    on spair it writes the `ditf analyze` / `ditf show` views.
+    on spair it writes the `ditf analyze` / `ditf show` views; on ade20k it extracts both splits
+    and trains and scores the linear probe (`ditf probe`).
     """
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.demo import make_demo
@@ -32,10 +34,13 @@ def demo(
 
     from .pairs_cmds import default_variants, match_options, score_results
 
+    progress = progress and not quiet
     data_root = make_demo(dataset, out / f"{dataset}-demo", overwrite=True)
     typer.echo(f"demo: generated a {dataset}-layout dataset at {data_root}")
     store = out / "ditf.zarr"
     size = {"img_size": 128 if dataset != "davis" else 64, "ensemble_size": 2, "dtype": "fp32", "progress": progress}
+    if dataset == "ade20k":
+        return _demo_probe(model, data_root, store, out, progress)
     report = run_extract(model, dataset, data_root, None, store, **size)
     typer.echo(report.line())
     k, t = (int(part[1:]) for part in report.keys[0].split("/")[-2:])
@@ -60,6 +65,33 @@ def demo(
         _demo_views(model, data, data_root, store, k, t, out / "analysis", progress)
     typer.echo(f"\ndemo: store at {store}; rerun any stage with --dataset {dataset} --data-root {data_root} "
                f"--store {store} --model {model}")
+
+
+def _demo_probe(model: str, data_root: Path, store: Path, out: Path, progress: bool) -> None:
+    """ADE20K has no match stage: extract both splits, then train and score the linear probe."""
+    from ditf_pipeline.datasets import get_dataset
+    from ditf_pipeline.pipeline import run_extract
+    from ditf_pipeline.probe import ProbeSettings, run_probe
+    from ditf_pipeline.store import FeatureStore
+
+    from .probe_cmds import _table
+
+    for split in ("training", "validation"):
+        report = run_extract(model, "ade20k", data_root, split, store, img_size=128, ensemble_size=1, dtype="fp32",
+                             progress=progress)
+        typer.echo(report.line())
+    k, t = (int(part[1:]) for part in report.keys[0].split("/")[-2:])
+    feature_store = FeatureStore(store, read_only=True)
+    has_adaln = "shift" in feature_store.open_features("ade20k", model, k, t).modulation_names
+    settings = ProbeSettings(variant="adaln" if has_adaln else "raw", epochs=4, lr=0.05, batch_size=4, warmup_steps=0,
+                             train_label_side=48)
+    result = run_probe([feature_store], get_dataset("ade20k", data_root, "training"),
+                       get_dataset("ade20k", data_root, "validation"), model, k, t, settings,
+                       out_dir=out / "probe", resume=False, device="cpu", progress=progress)
+    typer.echo("")
+    typer.echo(_table(result) + "\n(random tiny weights: the numbers show the pipeline works, not what DiTF reaches)")
+    typer.echo(f"\ndemo: store at {store}, probe head in {result.out_dir}; rerun with `ditf probe --dataset ade20k "
+               f"--data-root {data_root} --store {store} --model {model} --variant {settings.variant}`")
 
 
 def _demo_views(model, data, data_root, store, k, t, views, progress) -> None:

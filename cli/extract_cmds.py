@@ -8,7 +8,7 @@ import typer
 
 from .app import (
     DEFAULT_STORE, BatchSizeOpt, DataRootOpt, DatasetOpt, DeviceOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
-    PrecisionOpt, ProgressOpt, PromptOpt, ResampleOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt,
+    PrecisionOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt,
     TOpt, WeightsOpt, WorkersOpt, app, user_errors,
 )
 
@@ -53,6 +53,7 @@ def extract(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     progress: ProgressOpt = True,
+    quiet: QuietOpt = False,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
 ) -> None:
@@ -64,6 +65,6 @@ def extract(
     from ditf_pipeline.pipeline import run_extract
 
     report = run_extract(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
-                         prompt, weights, revision, dtype, device, progress, workers, scheduler, resize,
+                         prompt, weights, revision, dtype, device, progress and not quiet, workers, scheduler, resize,
                          resample=resample, precision=precision)
     typer.echo(report.line())

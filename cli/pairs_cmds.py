@@ -13,7 +13,7 @@ import typer
 
 from .app import (
     DEFAULT_STORE, BatchSizeOpt, ChannelsOpt, DataRootOpt, DatasetOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
-    PrecisionOpt, ProgressOpt, PromptOpt, ResampleOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt,
+    PrecisionOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt,
     TOpt, VariantOpt, WeightsOpt, WorkersOpt, app, user_errors,
 )
 
@@ -24,6 +24,7 @@ PcaOpt = Annotated[int, typer.Option(help="With --fuse: PCA dimension of the DiT
 AlphaOpt = Annotated[Optional[list[float]], typer.Option("--alpha", help="PCK alpha; repeat for several (default: the dataset's).")]
 FormatOpt = Annotated[str, typer.Option("--format", help="table | json | csv | markdown")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Also write the result to this file.")]
+PerPairOpt = Annotated[Optional[Path], typer.Option("--per-pair", help="Also write one row per pair (correct keypoints and PCK per alpha, with the settings) to FILE.csv, or FILE.parquet with pyarrow installed.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Recompute predictions stored with other settings.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (matching and propagation)")]
 JobsOpt = Annotated[Optional[int], typer.Option("--jobs", help="Pairs on the CPU: worker threads, one torch thread each (default: every core). Results are identical for any N.")]
@@ -136,7 +137,11 @@ def _render_all(results: list[dict], fmt: str) -> str:
         import json
 
         return json.dumps(results, indent=2) + "\n"
-    return "\n".join(render(r, fmt) for r in results)
+    texts = [render(r, fmt) for r in results]
+    headers = {text.split("\n", 1)[0] for text in texts}
+    if fmt == "csv" and len(headers) == 1:  # one frame: the context columns tell the variants apart
+        return texts[0] + "".join(text.split("\n", 1)[1] for text in texts[1:])
+    return "\n".join(texts)
 
 
 @app.command()
@@ -159,6 +164,7 @@ def match(
     device: DeviceOpt = "auto",
     jobs: JobsOpt = None,
     progress: ProgressOpt = True,
+    quiet: QuietOpt = False,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
 ) -> None:
@@ -167,7 +173,7 @@ def match(
     k and t default to the only key extracted for (dataset, model) in the store.
     """
     match_options(model, dataset, data_root, split, store, k, t, variant, protocol, channels, soft_window, overwrite,
-                  progress, workers, scheduler, fuse, pca_dim, device, jobs)
+                  progress and not quiet, workers, scheduler, fuse, pca_dim, device, jobs)
 
 
 @app.command()
@@ -188,10 +194,16 @@ def score(
     alpha: AlphaOpt = None,
     fmt: FormatOpt = "table",
     out: OutOpt = None,
+    per_pair: PerPairOpt = None,
 ) -> None:
     """Benchmark metrics from cached predictions: PCK per image / per point / category mean, J&F, or
-    homography accuracy. No GPU and no torch needed."""
+    homography accuracy, all in percent. No GPU and no torch needed."""
     from ditf_pipeline.datasets import get_dataset
+    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.report import check_rows_path, write_rows
+
+    if per_pair is not None:
+        check_rows_path(per_pair)
     from ditf_pipeline.stages import StageSettings
     from ditf_pipeline.store import FeatureStore
 
@@ -204,7 +216,16 @@ def score(
         variant = ["adaln+cd"] if "shift" in stored else ["raw"]
     settings = [StageSettings(variant=v, protocol=protocol, soft_window=soft_window, fuse=fuse, pca_dim=pca_dim)
                 for v in variant]
+    if per_pair is not None and data.task != "pairs":
+        raise DitfError(f"--per-pair writes keypoint-pair rows; {data.name} is a {data.task} benchmark")
     _emit(_render_all(score_results(data, feature_store, model, k_, t_, settings, alpha), fmt), out)
+    if per_pair is not None:
+        from ditf_pipeline.evaluate import per_pair as per_pair_rows
+
+        rows = [row for s in settings
+                for row in per_pair_rows(feature_store, data, model, k_, t_, s.prediction_name("pairs"), alpha)]
+        write_rows(rows, per_pair)
+        typer.echo(f"per-pair rows ({len(rows)}) written to {per_pair}")
 
 
 @app.command()
@@ -237,12 +258,14 @@ def run(
     fmt: FormatOpt = "table",
     out: OutOpt = None,
     progress: ProgressOpt = True,
+    quiet: QuietOpt = False,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
 ) -> None:
     """extract + match + score in one command (each stage resumes from the cache)."""
     from ditf_pipeline.pipeline import run_extract
 
+    progress = progress and not quiet
     _check_pair_arguments(variant, protocol, alpha, out, device, workers)
     report = run_extract(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
                          prompt, weights, revision, dtype, device, progress, workers, scheduler, resize,

@@ -14,6 +14,7 @@ from .app import (
     KOpt,
     ModelOpt,
     ProgressOpt,
+    QuietOpt,
     TOpt,
     app,
     user_errors,
@@ -84,6 +85,7 @@ def probe(
     per_class: Annotated[bool, typer.Option(help="Also print the per-class IoU table.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
     progress: ProgressOpt = True,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train a linear head (BatchNorm + 1x1) on cached features and report mIoU (DINOv2 linear protocol).
 
@@ -107,14 +109,17 @@ def probe(
     settings = ProbeSettings(variant=variant, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                              warmup_steps=warmup_steps, seed=seed, train_label_side=train_label_side)
     report = run_probe(stores, train, val, model, k_, t_, settings, out_dir=out, resume=resume, device=device,
-                       workers=workers, progress=progress, checkpoint_every=checkpoint_every, ms_average=ms_average)
+                       workers=workers, progress=progress and not quiet, checkpoint_every=checkpoint_every, ms_average=ms_average)
     if report.resumed_from is not None:
         typer.echo(f"probe: resumed at step {report.resumed_from} of {report.total_steps}")
     if not report.finished:  # pragma: no cover - only when stopped early through the API
         typer.echo(f"probe: stopped at step {report.steps}; rerun to continue")
         return
     if fmt == "json":
-        typer.echo(json.dumps(report.to_json(), indent=1))
+        context = {"dataset": val.name, "split": val.split, "train_split": train.split, "model": model, "k": k_,
+                   "t": t_, "variant": variant, "stores": [str(s.path) for s in stores], "unit": "percent",
+                   "features": stores[0].open_features(train.name, model, k_, t_).config}
+        typer.echo(json.dumps({**context, **report.to_json()}, indent=1))
     else:
         typer.echo(_table(report))
         if per_class:

@@ -265,15 +265,23 @@ class DavisResult:
         return out
 
     def to_dict(self) -> dict:
+        """The report: every J / F statistic in percent, as the paper and the DAVIS leaderboard print
+        them (the methods above keep davis2017-evaluation's 0-1 fractions)."""
         return {
             "protocol": "davis2017-evaluation semi-supervised (first and last frame excluded)",
+            "unit": "percent",
             "bound_th": self.bound_th,
             "results_dir": self.results_dir,
-            "global": self.global_scores(),
-            "per_sequence": self.per_sequence(),
-            "per_object": self.per_object(),
+            "global": _percent(self.global_scores()),
+            "per_sequence": {name: _percent(v) for name, v in self.per_sequence().items()},
+            "per_object": {name: _percent(v) for name, v in self.per_object().items()},
             "notes": list(self.notes),
         }
+
+
+def _percent(scores: dict) -> dict:
+    """J/F statistics x 100; counts (``objects``) unchanged."""
+    return {key: 100.0 * value if key.startswith(("J", "F")) else value for key, value in scores.items()}
 
 
 def _check_run_marker(results_dir: Path) -> None:

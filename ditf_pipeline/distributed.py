@@ -238,10 +238,11 @@ def match_block(
 def _run_tasks(client, futures, sizes: dict, total: int, desc: str, progress: bool) -> int:
     """Wait for every future (first error raised as is), with a progress bar; sum of results."""
     from distributed import as_completed
-    from tqdm.auto import tqdm
+
+    from .progress import progress as progress_display
 
     done = 0
-    with tqdm(total=total, desc=desc, unit="item", disable=not progress) as bar:
+    with progress_display(total, desc, "item", enabled=progress) as bar:
         try:
             for future in as_completed(futures):
                 done += future.result()

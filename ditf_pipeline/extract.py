@@ -433,7 +433,7 @@ class Extractor:
                 yield record, pixels
 
     def _extract(self, todo, rows, texts, embeddings, arrays, complete, progress) -> None:
-        from tqdm.auto import tqdm
+        from .progress import progress as progress_display
 
         writes: queue.Queue = queue.Queue(maxsize=4)
         failure: list[BaseException] = []
@@ -451,7 +451,7 @@ class Extractor:
         thread = threading.Thread(target=writer, name="ditf-store-writer", daemon=True)
         thread.start()
         try:
-            bar = tqdm(total=len(todo), desc=f"extract {self.adapter.spec.name}", unit="img", disable=not progress)
+            bar = progress_display(len(todo), f"extract {self.adapter.spec.name}", "img", enabled=progress)
             for record, pixels in self._decoded(todo):
                 row = rows[record.key]
                 prompt = embeddings[texts[record.key]]

@@ -1,9 +1,12 @@
-"""PNG figures of `ditf analyze` and `ditf show`: matplotlib (Agg canvas) and numpy only.
+"""Figures of `ditf analyze` and `ditf show`: matplotlib (Agg canvas) and numpy only.
 
 No torch, no zarr: every function takes plain arrays computed elsewhere (`ditf_pipeline.analyze`)
-and writes one PNG. Figures are built on `matplotlib.figure.Figure` with an Agg canvas, never
-through pyplot, so nothing depends on (or changes) the global backend, and every figure has a
-fixed pixel size (no tight bounding box), listed with each function.
+and writes one figure, in the format its file name ends with: PNG, or PDF / SVG (vector, for
+papers). Figures are built on `matplotlib.figure.Figure` with an Agg canvas, never through
+pyplot, so nothing depends on (or changes) the global backend. Every figure has a fixed size
+(no tight bounding box), listed with each function in pixels at the default 100 dpi; `dpi`
+scales a PNG's pixels, the layout stays the same. One notation throughout: z is a block's
+activation (the cached pre-AdaLN feature, or its modulated/discarded versions), |z| its magnitude.
 """
 
 from __future__ import annotations
@@ -16,21 +19,37 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-DPI = 100
+DPI = 100  # layout unit: figure sizes are given in pixels at this dpi
+#: figure file formats (by file ending)
+FORMATS = ("png", "pdf", "svg")
 MASSIVE_COLOUR = "#d62728"
 _HEAT_BINS = (256, 512)  # (tokens, channels) shown in a heat map at most; max-pooled beyond
 
 
 def _figure(width_px: int, height_px: int) -> Figure:
-    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+    # +0.01 px: matplotlib < 3.9 truncates width x dpi (10.2 in x 100 = 1019.999... -> 1019 px)
+    fig = Figure(figsize=((width_px + 0.01) / DPI, (height_px + 0.01) / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: Path | str) -> Path:
+def figure_format(path: Path | str) -> str:
+    """png, pdf or svg from the file ending; anything else is a DitfError."""
+    from .errors import DitfError
+
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise DitfError(f"figure {path}: write a .png, .pdf or .svg file")
+    return fmt
+
+
+def _save(fig: Figure, path: Path | str, dpi: int | None = None) -> Path:
     path = Path(path)
+    fmt = figure_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
+    # vector files: fixed metadata so the same figure gives the same bytes
+    metadata = {"Creator": "ditf", "CreationDate": None} if fmt == "pdf" else ({"Date": None} if fmt == "svg" else None)
+    fig.savefig(path, dpi=dpi or DPI, format=fmt, metadata=metadata)
     return path
 
 
@@ -63,11 +82,11 @@ def _mark_massive(ax, channel_values: np.ndarray, massive: Sequence[int], label:
 
 
 def plot_magnitudes(path: Path | str, example: Mapping[str, np.ndarray], channel_mean: Mapping[str, np.ndarray],
-                    massive: Sequence[int], title: str = "") -> Path:
+                    massive: Sequence[int], title: str = "", dpi: int | None = None) -> Path:
     """Activation magnitude per channel over tokens, one column per stage (paper Figure 5).
 
-    Top row: |a| of one image as a tokens x channels heat map (max-pooled for display); bottom
-    row: mean |a| over tokens per channel, massive channels in red. 1500 x 900 pixels.
+    Top row: |z| of one image as a tokens x channels heat map (max-pooled for display); bottom
+    row: mean |z| over tokens per channel, massive channels in red. 1500 x 900 pixels.
     """
     stages = list(example)
     fig = _figure(1500, 900)
@@ -80,24 +99,24 @@ def plot_magnitudes(path: Path | str, example: Mapping[str, np.ndarray], channel
         image = ax.imshow(heat, aspect="auto", interpolation="nearest", cmap="magma",
                           extent=(-0.5, n_channels - 0.5, n_tokens - 0.5, -0.5))
         fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
-        ax.set_title(f"{stage}: |a| of one image")
+        ax.set_title(f"{stage}: |z| of one image")
         ax.set_xlabel("channel")
         ax.set_ylabel("token")
         ax = axes[1, i]
         mean = np.asarray(channel_mean[stage])
         ax.plot(np.arange(len(mean)), mean, lw=0.8, color="#1f77b4")
         _mark_massive(ax, mean, massive)
-        ax.set_title(f"{stage}: mean |a| over tokens")
+        ax.set_title(f"{stage}: mean |z| over tokens")
         ax.set_xlabel("channel")
         ax.set_xlim(-0.5, len(mean) - 0.5)
     if title:
         fig.suptitle(title)
     fig.subplots_adjust(left=0.05, right=0.97, bottom=0.07, top=0.9, wspace=0.3, hspace=0.35)
-    return _save(fig, path)
+    return _save(fig, path, dpi)
 
 
 def plot_gate(path: Path | str, channel_mean: np.ndarray, gate: np.ndarray, massive: Sequence[int],
-              title: str = "") -> Path:
+              title: str = "", dpi: int | None = None) -> Path:
     """Gate vs activation per channel (paper Figure 4). 1500 x 450 pixels.
 
     Left: mean |z| per channel; middle: the AdaLN gate per channel; right: |gate| against mean |z|
@@ -132,7 +151,7 @@ def plot_gate(path: Path | str, channel_mean: np.ndarray, gate: np.ndarray, mass
     if title:
         fig.suptitle(title)
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.13, top=0.85, wspace=0.3)
-    return _save(fig, path)
+    return _save(fig, path, dpi)
 
 
 def pca_size(n_images: int, n_stages: int) -> tuple[int, int]:
@@ -141,7 +160,7 @@ def pca_size(n_images: int, n_stages: int) -> tuple[int, int]:
 
 
 def plot_pca(path: Path | str, images: Sequence[np.ndarray], maps: Mapping[str, Sequence[np.ndarray]],
-             names: Sequence[str] = (), title: str = "") -> Path:
+             names: Sequence[str] = (), title: str = "", dpi: int | None = None) -> Path:
     """PCA-to-RGB feature maps per stage (columns) for a few images (rows); size `pca_size`."""
     stages = list(maps)
     width, height = pca_size(len(images), len(stages))
@@ -159,20 +178,32 @@ def plot_pca(path: Path | str, images: Sequence[np.ndarray], maps: Mapping[str, 
     if title:
         fig.suptitle(title)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 50 / height, wspace=0.05, hspace=0.15)
-    return _save(fig, path)
+    return _save(fig, path, dpi)
+
+
+def grid_colour_range(values: np.ndarray) -> tuple[float, float]:
+    """Colour limits that fit the scored cells (a 0-100 scale would flatten a 60-67 grid), padded
+    when every cell holds the same value."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if not finite.size:
+        return 0.0, 100.0
+    low, high = float(finite.min()), float(finite.max())
+    return (low - 1.0, high + 1.0) if high - low < 1e-9 else (low, high)
 
 
 def plot_pck_grid(path: Path | str, ks: Sequence[int], ts: Sequence[int], values: np.ndarray, title: str = "",
-                  label: str = "PCK") -> Path:
-    """k x t heat map of PCK in percent (paper Figure 12; colour scale 0-100); NaN cells (not scored)
-    left blank. 640 x 480 pixels."""
+                  label: str = "PCK", dpi: int | None = None) -> Path:
+    """k x t heat map of PCK in percent (paper Figure 12), the colour range fitted to the values
+    (`grid_colour_range`); NaN cells (not scored) left blank. 640 x 480 pixels."""
     values = np.asarray(values, dtype=np.float64).reshape(len(ks), len(ts))
     fig = _figure(640, 480)
     ax = fig.subplots()
     masked = np.ma.masked_invalid(values)
-    image = ax.imshow(masked, cmap="viridis", aspect="auto", interpolation="nearest", origin="lower", vmin=0, vmax=100)
+    vmin, vmax = grid_colour_range(values)
+    image = ax.imshow(masked, cmap="viridis", aspect="auto", interpolation="nearest", origin="lower", vmin=vmin, vmax=vmax)
     fig.colorbar(image, ax=ax, label=label)
-    middle = 50.0
+    middle = (vmin + vmax) / 2
     for i in range(len(ks)):
         for j in range(len(ts)):
             if np.isfinite(values[i, j]):
@@ -182,7 +213,7 @@ def plot_pck_grid(path: Path | str, ks: Sequence[int], ts: Sequence[int], values
     ax.set_yticks(range(len(ks)), [str(k) for k in ks])
     ax.set(xlabel="timestep t", ylabel="block k", title=title)
     fig.subplots_adjust(left=0.12, right=0.95, bottom=0.12, top=0.9)
-    return _save(fig, path)
+    return _save(fig, path, dpi)
 
 
 # ---- ditf show --------------------------------------------------------------------------------
@@ -199,6 +230,7 @@ class PairView:
     trg_truth: np.ndarray | None = None  # ground truth in the target (keypoint view)
     correct: np.ndarray | None = None  # (N,) bool (keypoint view)
     title: str = ""
+    radius: float | None = None  # alpha * threshold base, target pixels: drawn around each ground truth
 
 
 #: width of the figures of `ditf show`, and height per pair
@@ -225,10 +257,14 @@ def _keypoint_colours(n: int) -> np.ndarray:
     return colormaps["tab20"](np.arange(n) % 20)
 
 
-def plot_pairs(path: Path | str, views: Sequence[PairView]) -> Path:
+def plot_pairs(path: Path | str, views: Sequence[PairView], dpi: int | None = None) -> Path:
     """Source | target with keypoints: source point and target ground truth as dots of the same
     colour; the prediction as a circle (correct at alpha) or a cross (wrong), joined to its
-    ground truth by a thin line. Size `show_size(len(views))`."""
+    ground truth by a thin line; with `radius`, a dashed circle of radius alpha * threshold base
+    around each ground truth: the region a prediction must reach to count as correct.
+    Size `show_size(len(views))`."""
+    from matplotlib.patches import Circle
+
     width, height = show_size(len(views))
     fig = _figure(width, height)
     axes = fig.subplots(len(views), 1, squeeze=False)[:, 0]
@@ -245,6 +281,9 @@ def plot_pairs(path: Path | str, views: Sequence[PairView]) -> Path:
             if truth is not None:
                 ax.plot(truth[i, 0] + offset, truth[i, 1], "o", color=colour, markersize=5, markeredgecolor="white",
                         markeredgewidth=0.8)
+                if view.radius is not None:
+                    ax.add_patch(Circle((truth[i, 0] + offset, truth[i, 1]), float(view.radius), fill=False,
+                                        edgecolor=colour, linestyle="--", linewidth=1.0))
                 ax.plot([truth[i, 0] + offset, pred[i, 0] + offset], [truth[i, 1], pred[i, 1]], "-", color=colour, lw=0.8)
             if correct[i]:
                 ax.plot(pred[i, 0] + offset, pred[i, 1], "o", markerfacecolor="none", markeredgecolor=colour,
@@ -257,10 +296,10 @@ def plot_pairs(path: Path | str, views: Sequence[PairView]) -> Path:
         ax.set_yticks([])
         ax.set_title(view.title, fontsize=10)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.95, hspace=0.2)
-    return _save(fig, path)
+    return _save(fig, path, dpi)
 
 
-def plot_dense(path: Path | str, views: Sequence[PairView]) -> Path:
+def plot_dense(path: Path | str, views: Sequence[PairView], dpi: int | None = None) -> Path:
     """Dense nearest-neighbour matches: a grid of source points and their matches in the target,
     joined by lines and coloured by source position within the grid (x -> red, y -> green). Size `show_size`."""
     width, height = show_size(len(views))
@@ -283,4 +322,4 @@ def plot_dense(path: Path | str, views: Sequence[PairView]) -> Path:
         ax.set_yticks([])
         ax.set_title(view.title, fontsize=10)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.95, hspace=0.2)
-    return _save(fig, path)
+    return _save(fig, path, dpi)

@@ -327,7 +327,7 @@ def predict(
     `block_runner(todo_blocks, pairs, rows, channels) -> n_matched`, when given, predicts the
     blocks elsewhere once the prediction arrays exist (`ditf_pipeline.distributed`: dask workers).
     """
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_display
 
     start = time.perf_counter()
     device = resolve_match_device(settings.device)
@@ -382,8 +382,8 @@ def predict(
         matched = block_runner(todo_blocks, pairs, rows, channels)
         todo_blocks = []
     batch = device.type != "cpu" and fusion is None
-    with tqdm(total=sum(len(pairs[s : s + BLOCK]) for s in todo_blocks), desc=f"match {settings.name}", unit="pair",
-              disable=not progress) as bar:
+    with progress_display(sum(len(pairs[s : s + BLOCK]) for s in todo_blocks), f"match {settings.name}", "pair",
+                          enabled=progress) as bar:
 
         def run_block(block_start: int) -> list[np.ndarray]:
             return match_pairs(pairs[block_start : block_start + BLOCK], pair_features, matcher, batch, bar.update)

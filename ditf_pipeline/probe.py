@@ -432,7 +432,7 @@ def train_probe(
     interruption would; the next call with `resume` continues from there. Returns the head (on
     the CPU, eval mode) and {"steps", "total_steps", "resumed_from", "finished"}.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_display
 
     num_classes, ignore_index, _ = _num_classes(train)
     if settings.epochs < 1 or settings.batch_size < 1 or settings.lr <= 0:
@@ -465,7 +465,7 @@ def train_probe(
     schedule = list(_batches(keys, settings, start, stop))
     flat = [key for _, batch in schedule for key in batch]
     loaded_items = _read_ahead(flat, load, workers, lookahead=2 * settings.batch_size)
-    bar = tqdm(total=total, initial=start, desc=f"probe {settings.variant}", unit="step", disable=not progress)
+    bar = progress_display(total, f"probe {settings.variant}", "step", enabled=progress, initial=start)
     head.train()
     for step, batch in schedule:
         items = [next(loaded_items) for _ in batch]
@@ -503,7 +503,7 @@ def evaluate_probe(
 ) -> dict:
     """Confusion matrices on `val`: single scale (first source) and, with several sources,
     multi-scale (per-scale softmax probabilities, or logits, averaged at label size)."""
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_display
 
     if ms_average not in ("softmax", "logits"):
         raise DitfError(f"ms_average must be 'softmax' or 'logits', got {ms_average!r}")
@@ -521,7 +521,8 @@ def evaluate_probe(
     multi = np.zeros_like(single)
     items = _read_ahead(keys, load, workers, lookahead=4)
     with torch.no_grad():
-        for features, labels in tqdm(items, total=len(keys), desc="probe eval", unit="img", disable=not progress):
+        bar = progress_display(len(keys), "probe eval", "img", enabled=progress)
+        for features, labels in items:
             size = labels.shape
             total = None
             for i, feature in enumerate(features):
@@ -533,6 +534,8 @@ def evaluate_probe(
                     total = part if total is None else total + part
             if total is not None:
                 multi += confusion_matrix(total.argmax(0).cpu().numpy(), labels, num_classes, ignore_index)
+            bar.update(1)
+        bar.close()
     head.to("cpu")
     out = {"single_scale": _summary(single, names), "multi_scale": None}
     if len(sources) > 1:
@@ -543,13 +546,13 @@ def evaluate_probe(
 def _summary(cm: np.ndarray, names: Sequence[str]) -> dict:
     metrics = iou_from_confusion(cm)
 
-    def plain(values):
-        return [None if np.isnan(v) else round(float(v) * 100, 4) for v in values]
+    def plain(values):  # percent, full precision (rounding is for display only)
+        return [None if np.isnan(v) else 100.0 * float(v) for v in values]
 
     return {
-        "miou": round(metrics["miou"] * 100, 4),
-        "macc": round(metrics["macc"] * 100, 4),
-        "aacc": round(metrics["aacc"] * 100, 4),
+        "miou": 100.0 * metrics["miou"],
+        "macc": 100.0 * metrics["macc"],
+        "aacc": 100.0 * metrics["aacc"],
         "per_class_iou": dict(zip(names, plain(metrics["iou"]))),
         "per_class_acc": dict(zip(names, plain(metrics["acc"]))),
         "pixels": int(cm.sum()),

@@ -4,6 +4,11 @@ Layout of a single result follows the paper's Tables 2/3: categories as columns,
 (unweighted over categories), then All (pooled) last; one row per (aggregation, alpha).
 `render_comparison` puts several results side by side, one row per variant (or per
 (model, variant) when models differ), for the ablation tables 4/5. No torch here.
+
+Every metric is in percent. Values are rounded to two decimals for display only: JSON keeps the
+full float. Every format says what it scores: the text table and Markdown start with a context
+line, CSV repeats the context in leading columns (one self-contained frame for pandas), JSON
+carries every field. `write_rows` writes per-pair rows as CSV or (with pyarrow) Parquet.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import json
 from collections.abc import Sequence
 
 FORMATS = ("table", "json", "csv", "markdown")
+#: what a result was computed from, in the order the context line and the CSV columns show it
+CONTEXT = ("dataset", "split", "model", "k", "t", "variant", "protocol", "threshold_rule", "store", "prediction")
 AGGREGATIONS = ("per_point", "per_image")
 _SUMMARY = ("mean", "all")
 
@@ -26,11 +33,14 @@ def _categories(result: dict) -> list[str]:
     return []
 
 
-def _fmt(value) -> str:
+def _fmt(value, fmt: str = "table") -> str:
+    """Two decimals for reading; CSV (read back by programs) keeps the full float."""
     if value is None:
-        return "-"
+        return "-" if fmt != "csv" else ""
     if isinstance(value, float):
-        return "nan" if value != value else f"{value:.2f}"
+        if value != value:
+            return "nan"
+        return repr(value) if fmt == "csv" else f"{value:.2f}"
     return str(value)
 
 
@@ -51,6 +61,30 @@ def _grid(header: list[str], rows: list[list[str]], fmt: str) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]) + "\n"
 
 
+def _context_values(result: dict, keys: Sequence[str] = CONTEXT) -> list[tuple[str, str]]:
+    return [(key, "" if result.get(key) is None else str(result.get(key))) for key in keys if key in result]
+
+
+def _context_line(result: dict) -> str:
+    """One Markdown line: the settings, and the feature extraction settings of the store."""
+    parts = [f"{key}={value}" for key, value in _context_values(result)]
+    features = result.get("features") or {}
+    scalars = [f"{key}={value}" for key, value in features.items() if isinstance(value, (int, float, str)) and key != "model"]
+    line = "*" + "; ".join(parts) + "*  \n"
+    if scalars:
+        line += "*features: " + ", ".join(scalars) + "*  \n"
+    return line + "*all values in percent*\n\n"
+
+
+def _with_context(result: dict, header: list[str], rows: list[list[str]], fmt: str, skip: Sequence[str] = ()) -> str:
+    """The grid in `fmt`, carrying the result's context (CSV: leading columns; Markdown: a line)."""
+    if fmt == "csv":
+        context = [(key, value) for key, value in _context_values(result) if key not in skip]
+        return _grid([key for key, _ in context] + header, [[value for _, value in context] + row for row in rows], fmt)
+    body = _grid(header, rows, fmt)
+    return _context_line(result) + body if fmt == "markdown" else body
+
+
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         from .errors import DitfError
@@ -59,7 +93,7 @@ def _check_format(fmt: str) -> None:
 
 
 def _title(result: dict) -> str:
-    parts = [f"{key}={result.get(key)}" for key in ("dataset", "model", "k", "t", "variant", "protocol")]
+    parts = [f"{key}={result.get(key)}" for key in ("dataset", "split", "model", "k", "t", "variant", "protocol")]
     return (
         "PCK (%) " + " ".join(parts) + f"  pairs={result.get('n_pairs')} points={result.get('n_points')}\n"
         f"threshold rule {result.get('threshold_rule')}\n"
@@ -69,20 +103,19 @@ def _title(result: dict) -> str:
 def _render_metrics(result: dict, fmt: str) -> str:
     """DAVIS (J&F globally and per sequence) and HPatches (accuracy at 1/3/5 px) results."""
     if "global" in result:  # DAVIS
-        rows = [["global", *(_fmt(result["global"].get(n)) for n in ("J&F-Mean", "J-Mean", "F-Mean"))]]
-        rows += [[name, *(_fmt(v.get(n)) for n in ("J&F-Mean", "J-Mean", "F-Mean"))]
+        rows = [["global", *(_fmt(result["global"].get(n), fmt) for n in ("J&F-Mean", "J-Mean", "F-Mean"))]]
+        rows += [[name, *(_fmt(v.get(n), fmt) for n in ("J&F-Mean", "J-Mean", "F-Mean"))]
                  for name, v in result.get("per_sequence", {}).items()]
         header = ["sequence", "J&F-Mean", "J-Mean", "F-Mean"]
     else:  # HPatches
         groups = result["accuracy"]
         columns = [c for c in next(iter(groups.values())) if c != "n"]
         header = ["sequences", "pairs", *columns]
-        rows = [[name, str(v["n"]), *(_fmt(v.get(c)) for c in columns)] for name, v in groups.items()]
-    body = _grid(header, rows, fmt)
+        rows = [[name, str(v["n"]), *(_fmt(v.get(c), fmt) for c in columns)] for name, v in groups.items()]
     if fmt != "table":
-        return body
-    title = " ".join(f"{key}={result.get(key)}" for key in ("dataset", "model", "k", "t", "variant"))
-    return f"{title}\nprotocol {result.get('protocol')}\n" + body
+        return _with_context(result, header, rows, fmt)
+    title = " ".join(f"{key}={result.get(key)}" for key in ("dataset", "split", "model", "k", "t", "variant"))
+    return f"{title}  (all values in percent)\nprotocol {result.get('protocol')}\n" + _grid(header, rows, fmt)
 
 
 def render(result: dict, fmt: str = "table") -> str:
@@ -102,11 +135,12 @@ def render(result: dict, fmt: str = "table") -> str:
                 continue
             rows.append(
                 [aggregation.replace("_", " "), alpha]
-                + [_fmt(values.get(c)) for c in categories]
-                + [_fmt(values.get("mean")), _fmt(values.get("all"))]
+                + [_fmt(values.get(c), fmt) for c in categories]
+                + [_fmt(values.get("mean"), fmt), _fmt(values.get("all"), fmt)]
             )
-    body = _grid(header, rows, fmt)
-    return (_title(result) + body) if fmt == "table" else body
+    if fmt == "table":
+        return _title(result) + _grid(header, rows, fmt)
+    return _with_context(result, header, rows, fmt)
 
 
 def _row_label(result: dict, with_model: bool) -> list[str]:
@@ -141,10 +175,65 @@ def render_comparison(
     rows = []
     for result in results:
         values = [result["pck"].get(a, {}).get(aggregation, {}).get(summary) for a in alphas]
-        rows.append(_row_label(result, with_model) + [_fmt(v) for v in values])
+        rows.append(_row_label(result, with_model) + [_fmt(v, fmt) for v in values])
+    if fmt == "csv":  # each row's own context in leading columns
+        labels = {"model", "variant"} if with_model else {"variant"}
+        keys = [key for key in CONTEXT if key not in labels]
+        context = [[value for _, value in _context_values(r, keys)] for r in results]
+        names = [key for key, _ in _context_values(results[0], keys)]
+        return _grid(names + header, [c + row for c, row in zip(context, rows)], fmt)
     body = _grid(header, rows, fmt)
+    if fmt == "markdown":
+        shared = {key: results[0].get(key) for key in CONTEXT
+                  if all(str(r.get(key)) == str(results[0].get(key)) for r in results)}
+        note = f"*{aggregation.replace('_', ' ')} PCK (%), {summary}; " + "; ".join(
+            f"{key}={value}" for key, value in shared.items() if value is not None) + "*\n\n"
+        return note + body
     if fmt == "table":
         rules = sorted({str(r.get("threshold_rule")) for r in results})
         note = f"{aggregation.replace('_', ' ')} PCK (%), {summary}; threshold rule {' / '.join(rules)}\n"
         return note + body
     return body
+
+
+#: file endings `write_rows` knows
+ROW_FORMATS = (".csv", ".parquet")
+
+
+def check_rows_path(path) -> None:
+    """Refuse an unknown ending, or Parquet without pyarrow, before any work is done."""
+    from pathlib import Path
+
+    from .errors import DitfError
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in ROW_FORMATS:
+        raise DitfError(f"--per-pair {path}: write a .csv or .parquet file")
+    if suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise DitfError(f"--per-pair {path}: Parquet needs pyarrow (pip install pyarrow); or write a .csv file") from None
+
+
+def write_rows(rows: Sequence[dict], path) -> None:
+    """Flat dict rows (same keys) as CSV, or Parquet when the file ends in .parquet (pyarrow):
+    `pandas.read_csv` / `read_parquet` give one tidy frame, one row per pair."""
+    from pathlib import Path
+
+    check_rows_path(path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0]) if rows else []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    if path.suffix.lower() == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({c: [row.get(c) for row in rows] for c in columns}), path)
+        return
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)

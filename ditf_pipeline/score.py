@@ -66,10 +66,6 @@ def alpha_key(alpha: float) -> str:
     return f"{alpha:g}"
 
 
-def _percent(value: float) -> float:
-    return round(100.0 * float(value), 2)
-
-
 def correct_matrix(
     predictions: Sequence[np.ndarray], pairs: Sequence[Pair], alphas: Sequence[float], rule: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +111,7 @@ def pck(
 
     Returns a plain JSON-ready dict: dataset, model, k, t, variant, protocol, n_pairs,
     n_points, threshold_rule, and pck[alpha_key][aggregation] = {"all", "mean", <category>...}
-    in percent rounded to 2 decimals. `rule` defaults to the protocol's. Pairs without
+    in percent at full float precision (rounding is the renderer's job). `rule` defaults to the protocol's. Pairs without
     keypoints count in n_pairs but in no average.
     """
     rule = rule_for(protocol) if rule is None else rule
@@ -129,24 +125,23 @@ def pck(
 
     table: dict[str, dict] = {}
     for a, alpha in enumerate(alphas):
+        # percent computed as 100 * correct / points in one division, never rounded: 21 of 800 is 2.625
         correct_per_pair = np.bincount(pair_of_point, weights=correct[a], minlength=n_pairs)
-        image_value = np.divide(correct_per_pair, points_per_pair, out=np.zeros(n_pairs), where=scored)
+        image_value = np.divide(100.0 * correct_per_pair, points_per_pair, out=np.zeros(n_pairs), where=scored)
         per_image = {"all": float(image_value[scored].mean()) if scored.any() else float("nan")}
-        per_point = {"all": float(correct_per_pair.sum() / max(points_per_pair.sum(), 1))}
+        per_point = {"all": float(100.0 * correct_per_pair.sum() / max(points_per_pair.sum(), 1))}
         by_category_image, by_category_point = {}, {}
         for c, name in enumerate(categories):
             in_category = category_of_pair == c
             mask = in_category & scored
             by_category_image[name] = float(image_value[mask].mean()) if mask.any() else float("nan")
-            by_category_point[name] = float(correct_per_pair[in_category].sum() / max(points_per_pair[in_category].sum(), 1))
+            by_category_point[name] = float(
+                100.0 * correct_per_pair[in_category].sum() / max(points_per_pair[in_category].sum(), 1))
         per_image["mean"] = float(np.nanmean(list(by_category_image.values()))) if categories else float("nan")
         per_point["mean"] = float(np.mean(list(by_category_point.values()))) if categories else float("nan")
         per_image.update(by_category_image)
         per_point.update(by_category_point)
-        table[alpha_key(alpha)] = {
-            "per_image": {key: _percent(v) for key, v in per_image.items()},
-            "per_point": {key: _percent(v) for key, v in per_point.items()},
-        }
+        table[alpha_key(alpha)] = {"per_image": per_image, "per_point": per_point}
 
     return {
         "dataset": dataset,
@@ -158,5 +153,35 @@ def pck(
         "n_pairs": n_pairs,
         "n_points": int(points_per_pair.sum()),
         "threshold_rule": describe_rule(rule),
+        "alphas": [float(a) for a in alphas],
+        "unit": "percent",
         "pck": table,
     }
+
+
+def per_pair_rows(
+    predictions: Sequence[np.ndarray],
+    pairs: Sequence[Pair],
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    protocol: str = "dift",
+    rule: str | None = None,
+) -> list[dict]:
+    """One flat row per pair for analyses in pandas: ids, category, keypoint count, threshold base,
+    and per alpha the correct count and the pair's PCK in percent (None without keypoints).
+
+    Averaging the `pck@a` column over pairs gives the per-image PCK; summing `correct@a` over
+    pairs and dividing by the summed `n_points` gives the per-point PCK.
+    """
+    rule = rule_for(protocol) if rule is None else rule
+    correct, pair_of_point = correct_matrix(predictions, pairs, alphas, rule)
+    points = np.bincount(pair_of_point, minlength=len(pairs))
+    rows = []
+    for i, pair in enumerate(pairs):
+        row = {"pair_id": pair.pair_id, "category": pair.category, "src": pair.src_key, "trg": pair.trg_key,
+               "n_points": int(points[i]), "threshold_base": float(pair.threshold_base)}
+        for a, alpha in enumerate(alphas):
+            hits = int(correct[a][pair_of_point == i].sum())
+            row[f"correct@{alpha_key(alpha)}"] = hits
+            row[f"pck@{alpha_key(alpha)}"] = 100.0 * hits / points[i] if points[i] else None
+        rows.append(row)
+    return rows

@@ -107,8 +107,7 @@ def match(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, set
 
 
 def _match_video(store, dataset, model, k, t, settings, overwrite, progress) -> StageReport:
-    from tqdm.auto import tqdm
-
+    from .progress import progress as progress_display
     from .davis_metrics import RUN_MARKER
     from .devices import resolve_device
     from .video import PropagationSettings, propagate_davis
@@ -130,7 +129,7 @@ def _match_video(store, dataset, model, k, t, settings, overwrite, progress) -> 
         if not overwrite and info.get("status") == "complete" and info.get("run") == json.loads(json.dumps(run_info)):
             return StageReport(str(out), len(sequences), 0, len(sequences), channels, time.perf_counter() - start, "sequence(s)")
         overwrite = True  # an incomplete or different earlier run is replaced, never reused
-    bar = tqdm(total=len(sequences), desc=f"propagate {settings.variant}", unit="seq", disable=not progress)
+    bar = progress_display(len(sequences), f"propagate {settings.variant}", "seq", enabled=progress)
     propagate_davis(
         sequences, features, out, propagation, device=str(resolve_device(settings.device)), overwrite=overwrite,
         run_info=run_info,
@@ -141,8 +140,7 @@ def _match_video(store, dataset, model, k, t, settings, overwrite, progress) -> 
 
 
 def _match_homography(store, dataset, model, k, t, settings, overwrite, progress) -> StageReport:
-    from tqdm.auto import tqdm
-
+    from .progress import progress as progress_display
     from .homography import match_pair
     from .match import resolve_match_device
 
@@ -160,7 +158,9 @@ def _match_homography(store, dataset, model, k, t, settings, overwrite, progress
     stored = store.open_predictions(key, name, ids, attrs=attrs, value_shape=(3, 3), block=64)
     done = stored.done()
     todo = [i for i in range(len(pairs)) if not done[i]]
-    for block_start in tqdm(sorted({i - i % 64 for i in todo}), desc=f"homography {settings.variant}", disable=not progress):
+    blocks = sorted({i - i % 64 for i in todo})
+    bar = progress_display(len(blocks), f"homography {settings.variant}", "block", enabled=progress)
+    for block_start in blocks:
         block = []
         for pair in pairs[block_start : block_start + 64]:
             estimate = match_pair(
@@ -169,8 +169,14 @@ def _match_homography(store, dataset, model, k, t, settings, overwrite, progress
             )
             block.append(estimate.H if estimate.H is not None else np.full((3, 3), np.nan))
         stored.write(block_start, block)
+        bar.update(1)
+    bar.close()
     return StageReport(f"{arrays.path}/predictions/{name}", len(pairs), len(todo), len(pairs) - len(todo), channels,
                        time.perf_counter() - start, "image pair(s)")
+
+
+def _rest(context: dict, result: dict) -> dict:
+    return {key: value for key, value in context.items() if key not in result and key not in ("dataset", "split")}
 
 
 def score(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings: StageSettings,
@@ -180,18 +186,25 @@ def score(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, set
         from .evaluate import score_pairs
 
         return score_pairs(store, dataset, model, k, t, settings.prediction_name("pairs"), alphas)
-    base = {"dataset": dataset.name, "model": model, "k": k, "t": t, "variant": settings.variant}
-    if dataset.task == "video":
-        from .davis_metrics import evaluate_results
+    from .evaluate import result_context
 
-        out = store.results_dir((dataset.name, model, k, t), settings.prediction_name("video"))
+    name = settings.prediction_name(dataset.task)
+    context = result_context(store, dataset, model, k, t, name)
+    base = {key: context[key] for key in ("dataset", "split", "model", "k", "t")} | {"variant": settings.variant}
+    if dataset.task == "video":
+        from .davis_metrics import RUN_MARKER, evaluate_results
+
+        out = store.results_dir((dataset.name, model, k, t), name)
+        marker = out / RUN_MARKER
+        context["prediction_config"] = json.loads(marker.read_text()).get("run", {}) if marker.is_file() else {}
         result = evaluate_results(dataset.sequences(), out).to_dict()
         return {**base, "protocol": "davis2017 (J&F, first and last frames excluded, F tolerance 0.008 x diagonal)",
-                "results_dir": str(out), **result}
+                "results_dir": str(out), **result, **_rest(context, result)}
     if dataset.task == "homography":
         from .homography import corner_error, homography_accuracy
 
-        stored = store.open_predictions((dataset.name, model, k, t), settings.prediction_name("homography"))
+        stored = store.open_predictions((dataset.name, model, k, t), name)
+        context["prediction_config"] = stored.config
         values = stored.read_values()
         pairs = dataset.homography_pairs()
         ids = [f"{p.src_key}->{p.trg_key}" for p in pairs]
@@ -201,5 +214,7 @@ def score(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, set
         errors = [corner_error(None if np.isnan(values[i]).any() else values[i].astype(np.float64), p.H, p.src_size)
                   for i, p in zip(ids, pairs)]
         return {**base, "protocol": "hpatches (mutual NN, LMEDS, mean corner error)", "n_pairs": len(pairs),
-                "keypoints": stored.config.get("keypoints"), "accuracy": homography_accuracy(errors, [p.kind for p in pairs])}
+                "keypoints": stored.config.get("keypoints"), "unit": "percent",
+                "threshold_rule": "correct if mean corner error <= threshold (pixels)",
+                "accuracy": homography_accuracy(errors, [p.kind for p in pairs]), **_rest(context, base)}
     raise DitfError(f"dataset {dataset.name} ({dataset.task}) has no score stage here; see `ditf probe`")

@@ -449,7 +449,7 @@ class PromptCache:
             array.resize((row + 1, *array.shape[1:]))
         for name in group.attrs["names"]:
             group[name][row] = np.asarray(embedding[name], dtype=np.float32)
-        group["text"][row] = text
+        group["text"][row : row + 1] = np.array([text], dtype=object).astype(str)  # a 1-slice: numpy 1.x safe
         group["complete"][row] = True
 
 

@@ -186,6 +186,13 @@ def test_analyze_cli_stores_channels_plots_and_grid(demo, tmp_path):
     arrays.set_massive_channels([2])
     assert resolve_channels("auto", arrays) == [2]
     arrays.set_massive_channels(MASSIVE[(1, 260)])
+    # vector figures for papers: the same files as PDF
+    pdf = tmp_path / "pdf"
+    result = _cli("analyze", *_common(root, store_path), "--no-write", "--figure-format", "pdf", "--pca-images", 1,
+                  "--out", pdf)
+    assert result.exit_code == 0, result.output
+    assert (pdf / f"spair-{MODEL}-pck-grid.pdf").read_bytes().startswith(b"%PDF")
+    assert not list(pdf.glob("*.png"))
 
 
 def test_channel_discard_recovers_the_accuracy_the_injection_destroyed(demo):
@@ -215,6 +222,40 @@ def test_show_draws_keypoints_and_dense_matches(demo, tmp_path):
     result = _cli("show", *common, "--pair", pair_ids[1], "--dense", "--grid", 6, "--out", tmp_path / "dense.png")
     assert result.exit_code == 0, result.output
     assert _png(tmp_path / "dense.png") == (1200, 440)
+
+
+def test_show_writes_vector_figures_and_scales_png_with_dpi(demo, tmp_path):
+    root, store_path = demo
+    store = FeatureStore(store_path)
+    predict(store, get_dataset("spair", root, "test"), MODEL, 1, 260, MatchSettings(variant="raw"), progress=False)
+    common = [*_common(root, store_path), "--k", 1, "--t", 260, "--pair", "1", "--variant", "raw"]
+    result = _cli("show", *common, "--format", "pdf", "--out", tmp_path / "fig.png")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "fig.pdf").read_bytes().startswith(b"%PDF") and not (tmp_path / "fig.png").exists()
+    assert _cli("show", *common, "--out", tmp_path / "fig.svg").exit_code == 0
+    assert b"<svg" in (tmp_path / "fig.svg").read_bytes()[:2000]
+    assert _cli("show", *common, "--dpi", 200, "--out", tmp_path / "big.png").exit_code == 0
+    assert _png(tmp_path / "big.png") == (2400, 880)  # same layout, twice the pixels
+    bad = _cli("show", *common, "--out", tmp_path / "fig.jpg")
+    assert bad.exit_code == 1 and bad.output.startswith("error: --out must be a .png, .pdf or .svg")
+
+
+def test_pair_view_draws_the_alpha_radius(tmp_path):
+    """The dashed alpha x threshold circle around the ground truth changes the picture."""
+    image = np.full((60, 80, 3), 200, np.uint8)
+    points = np.array([[40.0, 30.0]])
+    base = dict(src_image=image, trg_image=image, src_points=points, pred_points=points + 2, trg_truth=points,
+                correct=np.array([True]))
+    pl.plot_pairs(tmp_path / "plain.png", [pl.PairView(**base)])
+    pl.plot_pairs(tmp_path / "radius.png", [pl.PairView(**base, radius=20.0)])
+    with Image.open(tmp_path / "plain.png") as a, Image.open(tmp_path / "radius.png") as b:
+        assert np.asarray(a).shape == np.asarray(b).shape and not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_grid_colour_range_fits_the_values():
+    assert pl.grid_colour_range(np.array([[60.0, 67.1], [np.nan, 62.0]])) == (60.0, 67.1)
+    assert pl.grid_colour_range(np.array([[50.0, 50.0]])) == (49.0, 51.0)
+    assert pl.grid_colour_range(np.array([[np.nan]])) == (0.0, 100.0)
 
 
 def test_dense_matches_follow_the_features():

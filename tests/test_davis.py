@@ -170,6 +170,11 @@ def test_evaluate_results_layout(demo, tmp_path):
         write_mask(png, np.where(labels == 2, 0, labels), palette)
     scores = evaluate_results(seqs, lost).per_object()
     assert scores["demo-pair_2"]["J-Mean"] == 0.0 and scores["demo-pair_1"]["J-Mean"] == 1.0
+    # the report is in percent, as the paper: J&F 100, not 1
+    report = evaluate_results(seqs, lost).to_dict()
+    assert report["unit"] == "percent" and report["per_object"]["demo-pair_1"]["J-Mean"] == 100.0
+    assert report["global"]["J&F-Mean"] == pytest.approx(100 * evaluate_results(seqs, lost).global_scores()["J&F-Mean"])
+    assert report["per_sequence"]["demo-pair"]["objects"] == 2
     (lost / "demo-pair" / "00003.png").unlink()
     with pytest.raises(DitfError, match="00003.png is missing"):
         evaluate_results(seqs, lost)

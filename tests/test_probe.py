@@ -148,6 +148,11 @@ def test_confusion_matrix_and_iou_by_hand():
     assert m["miou"] == pytest.approx((0.25 + 0.5 + 0.5) / 3)
     assert m["aacc"] == pytest.approx(4 / 7)
     # a class predicted but never in the ground truth counts with IoU 0
+    from ditf_pipeline.probe import _summary
+
+    summary = _summary(cm, ["a", "b", "c", "d"])  # the report: percent at full precision
+    assert summary["miou"] == 100.0 * m["miou"] and summary["aacc"] == 100.0 * (4 / 7)
+    assert summary["per_class_iou"]["a"] == 25.0 and summary["per_class_iou"]["d"] is None
     m2 = iou_from_confusion(confusion_matrix(np.array([3, 1]), np.array([1, 1]), 4))
     assert m2["iou"][1] == 0.5 and m2["iou"][3] == 0 and m2["miou"] == pytest.approx(0.25)
     with pytest.raises(DitfError, match="outside"):
@@ -245,3 +250,16 @@ def test_cli_probe(ade, stores, tmp_path):
     assert again.exit_code == 0 and "resumed at step 18" in again.output, again.output
     bad = CliRunner().invoke(app, [*args[:9], "--variant", "adaln+cd", "--out", str(tmp_path / "y")])
     assert bad.exit_code == 1 and "error: unknown probe variant 'adaln+cd'" in bad.output
+
+
+@pytest.mark.slow
+def test_demo_ade20k_runs_the_probe_end_to_end(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "ditf_cli.main", "demo", "--dataset", "ade20k", "--out", str(tmp_path),
+                             "--quiet"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "mIoU" in result.stdout and "single-scale" in result.stdout
+    assert (tmp_path / "probe" / "head.safetensors").is_file()
+    assert json.loads((tmp_path / "probe" / "head.json").read_text())["results"]["single_scale"]["miou"] >= 0

@@ -40,14 +40,20 @@ def test_table_columns_categories_then_mean_then_all():
     assert len([line for line in lines if line.startswith("per ")]) == 4
 
 
-def test_csv_and_markdown_hold_the_same_numbers():
+CONTEXT = ["spair", "flux", "28", "260", "adaln+cd", "dift", "<=: correct if error <= alpha * threshold"]
+
+
+def test_csv_and_markdown_hold_the_same_numbers_and_the_context():
     rows = list(csv.reader(io.StringIO(render(_result(), "csv"))))
-    assert rows[0] == ["aggregation", "alpha", "aeroplane", "bus", "Mean", "All"]
-    assert ["per point", "0.1", "70.50", "33.25", "66.10", "67.10"] in rows
+    assert rows[0] == ["dataset", "model", "k", "t", "variant", "protocol", "threshold_rule",
+                       "aggregation", "alpha", "aeroplane", "bus", "Mean", "All"]
+    assert [*CONTEXT, "per point", "0.1", "70.5", "33.25", "66.1", "67.1"] in rows  # CSV: full floats
     markdown = render(_result(), "markdown").splitlines()
-    assert markdown[0] == "| aggregation | alpha | aeroplane | bus | Mean | All |"
-    assert markdown[1].count("---") == 6
-    assert "| per image | 0.05 | 70.50 | 33.25 | 39.00 | 40.00 |" in markdown
+    assert markdown[0].startswith("*dataset=spair; model=flux; k=28; t=260; variant=adaln+cd; protocol=dift;")
+    assert "*all values in percent*" in markdown
+    table = markdown[markdown.index("| aggregation | alpha | aeroplane | bus | Mean | All |"):]
+    assert table[1].count("---") == 6
+    assert "| per image | 0.05 | 70.50 | 33.25 | 39.00 | 40.00 |" in table
 
 
 def test_json_round_trips():
@@ -55,15 +61,24 @@ def test_json_round_trips():
     assert json.loads(render(result, "json")) == result
 
 
+def test_json_keeps_full_precision_display_rounds():
+    result = _result()
+    result["pck"]["0.1"]["per_point"]["all"] = 2.625
+    assert json.loads(render(result, "json"))["pck"]["0.1"]["per_point"]["all"] == 2.625
+    assert "2.625" in render(result, "csv")
+    assert " 2.62" in render(result, "table")  # two decimals on screen only
+
+
 def test_comparison_rows_per_variant_and_model():
     results = [_result("raw", scale=0.5), _result("adaln"), _result("adaln+cd", scale=1.02)]
     text = render_comparison(results, "csv", aggregation="per_point")
     rows = list(csv.reader(io.StringIO(text)))
-    assert rows[0] == ["variant", "PCK@0.05", "PCK@0.1"]
-    assert rows[1] == ["raw", "21.00", "33.55"]
-    assert rows[3][0] == "adaln+cd"
+    assert rows[0] == ["dataset", "model", "k", "t", "protocol", "threshold_rule", "variant", "PCK@0.05", "PCK@0.1"]
+    assert rows[1] == [*CONTEXT[:4], *CONTEXT[5:], "raw", "21.0", "33.55"]
+    assert rows[3][6] == "adaln+cd"
     mixed = render_comparison([_result("adaln+cd"), _result("adaln+cd", model="sd3.5")], "markdown", summary="mean")
-    assert mixed.splitlines()[0] == "| model | variant | PCK@0.05 | PCK@0.1 |"
+    assert mixed.splitlines()[0].startswith("*per point PCK (%), mean; dataset=spair; k=28; t=260;")
+    assert "| model | variant | PCK@0.05 | PCK@0.1 |" in mixed.splitlines()
     assert "| sd3.5 | adaln+cd | 41.00 | 66.10 |" in mixed
     assert "threshold rule" in render_comparison(results, "table")
 

@@ -9,7 +9,7 @@ import pytest
 
 from ditf_pipeline.datasets.base import Pair
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.score import alpha_key, describe_rule, pck
+from ditf_pipeline.score import alpha_key, describe_rule, pck, per_pair_rows
 
 
 def _pair(name, category, errors, base=100.0):
@@ -37,27 +37,58 @@ def test_alpha_keys():
 
 def test_dift_rule_by_hand():
     result = pck(PREDICTIONS, PAIRS, alphas=(0.05, 0.1), protocol="dift", dataset="spair", model="m", k=28, t=260, variant="adaln+cd")
-    assert list(result) == ["dataset", "model", "k", "t", "variant", "protocol", "n_pairs", "n_points", "threshold_rule", "pck"]
+    assert list(result) == ["dataset", "model", "k", "t", "variant", "protocol", "n_pairs", "n_points", "threshold_rule", "alphas",
+                            "unit", "pck"]
     assert (result["n_pairs"], result["n_points"]) == (5, 11)
     assert result["threshold_rule"].startswith("<=")
     # alpha 0.1, <=: per pair 1/2, 3/3, 0/1 | 1/1, 1/4
-    assert result["pck"]["0.1"]["per_image"] == {"all": 55.0, "mean": 56.25, "aeroplane": 50.0, "bus": 62.5}
-    assert result["pck"]["0.1"]["per_point"] == {"all": 54.55, "mean": 53.33, "aeroplane": 66.67, "bus": 40.0}
+    assert _r2(result["pck"]["0.1"]["per_image"]) == {"all": 55.0, "mean": 56.25, "aeroplane": 50.0, "bus": 62.5}
+    assert _r2(result["pck"]["0.1"]["per_point"]) == {"all": 54.55, "mean": 53.33, "aeroplane": 66.67, "bus": 40.0}
     # alpha 0.05: per pair 1/2, 1/3, 0/1 | 0/1, 1/4
-    assert result["pck"]["0.05"]["per_image"] == {"all": 21.67, "mean": 20.14, "aeroplane": 27.78, "bus": 12.5}
-    assert result["pck"]["0.05"]["per_point"] == {"all": 27.27, "mean": 26.67, "aeroplane": 33.33, "bus": 20.0}
+    assert _r2(result["pck"]["0.05"]["per_image"]) == {"all": 21.67, "mean": 20.14, "aeroplane": 27.78, "bus": 12.5}
+    assert _r2(result["pck"]["0.05"]["per_point"]) == {"all": 27.27, "mean": 26.67, "aeroplane": 33.33, "bus": 20.0}
     json.dumps(result)  # plain types only
+
+
+def _r2(values: dict) -> dict:
+    """Rounded for comparison with hand-computed two-decimal figures (the result keeps every digit)."""
+    return {key: round(value, 2) for key, value in values.items()}
+
+
+def test_percent_at_full_precision():
+    """21 of 800 keypoints correct is 2.625 %, exactly, in the result (not 2.63 nor 2.62)."""
+    truth = np.zeros((800, 2))
+    pred = truth.copy()
+    pred[21:] = 1000.0
+    pair = Pair("p", "cat", "s", "t", truth, truth, (10, 10), (10, 10), 100.0)
+    result = pck([pred], [pair], alphas=(0.1,))
+    assert result["pck"]["0.1"]["per_point"]["all"] == 2.625
+    assert result["pck"]["0.1"]["per_image"]["all"] == 2.625
+    assert json.loads(json.dumps(result))["pck"]["0.1"]["per_point"]["all"] == 2.625
+    assert result["unit"] == "percent" and result["alphas"] == [0.1]
+
+
+def test_per_pair_rows_add_up_to_the_aggregates():
+    result = pck(PREDICTIONS, PAIRS, alphas=(0.05, 0.1))
+    rows = per_pair_rows(PREDICTIONS, PAIRS, alphas=(0.05, 0.1))
+    assert [row["pair_id"] for row in rows] == [p.pair_id for p in PAIRS]
+    assert sum(row["n_points"] for row in rows) == result["n_points"]
+    per_point = 100.0 * sum(row["correct@0.1"] for row in rows) / result["n_points"]
+    assert per_point == pytest.approx(result["pck"]["0.1"]["per_point"]["all"])
+    per_image = np.mean([row["pck@0.1"] for row in rows])
+    assert per_image == pytest.approx(result["pck"]["0.1"]["per_image"]["all"])
+    assert {"category", "src", "trg", "threshold_base", "correct@0.05", "pck@0.05"} <= set(rows[0])
 
 
 def test_geoaware_rule_is_strict_at_the_boundary():
     result = pck(PREDICTIONS, PAIRS, alphas=(0.1,), protocol="geoaware")
     assert result["threshold_rule"].startswith("<:")
     # p2's error of exactly 10 = 0.1 * 100 is now wrong: per pair 1/2, 2/3, 0/1 | 1/1, 1/4
-    assert result["pck"]["0.1"]["per_image"] == {"all": 48.33, "mean": 50.69, "aeroplane": 38.89, "bus": 62.5}
-    assert result["pck"]["0.1"]["per_point"] == {"all": 45.45, "mean": 45.0, "aeroplane": 50.0, "bus": 40.0}
+    assert _r2(result["pck"]["0.1"]["per_image"]) == {"all": 48.33, "mean": 50.69, "aeroplane": 38.89, "bus": 62.5}
+    assert _r2(result["pck"]["0.1"]["per_point"]) == {"all": 45.45, "mean": 45.0, "aeroplane": 50.0, "bus": 40.0}
     # the rule can be chosen independently of the protocol name
     forced = pck(PREDICTIONS, PAIRS, alphas=(0.1,), protocol="geoaware", rule="<=")
-    assert forced["pck"]["0.1"]["per_point"]["all"] == 54.55
+    assert round(forced["pck"]["0.1"]["per_point"]["all"], 2) == 54.55
 
 
 def test_boundary_with_fractional_threshold():

@@ -9,18 +9,15 @@ are built from config with seeded random weights and go through the same code af
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..errors import DitfError
+from ..hub import looks_local, refuse_pickled
+from ..hub import offline as _offline
 from .base import DiTAdapter, LatentPosterior, ModelSpec, PromptEmbedding
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 class DiffusersAdapter(DiTAdapter):
@@ -39,6 +36,7 @@ class DiffusersAdapter(DiTAdapter):
         self._transformer = None
         self._vae = None
         self._tiny_components: dict | None = None
+        self._local: str | None = None
 
     # ---- tiny models ------------------------------------------------------------------------
     def build_tiny_components(self) -> dict:
@@ -65,19 +63,37 @@ class DiffusersAdapter(DiTAdapter):
 
     # ---- loading ----------------------------------------------------------------------------
     def _from_pretrained_kwargs(self) -> dict:
-        return {"revision": self.revision, "dtype": self.dtype, "local_files_only": _offline()}
+        # safetensors only: pickled .bin weights would run arbitrary code when loaded
+        return {"dtype": self.dtype, "use_safetensors": True, "local_files_only": _offline()}
 
     def _check_source(self) -> None:
         if self.source is None:
             return
         path = Path(self.source)
-        looks_local = path.is_absolute() or self.source.startswith(".") or path.exists()
-        if looks_local and not (path / "model_index.json").is_file():
-            raise DitfError(f"--weights {self.source}: not a diffusers pipeline folder (no model_index.json)")
+        if looks_local(self.source):
+            if not (path / "model_index.json").is_file():
+                raise DitfError(f"--weights {self.source}: not a diffusers pipeline folder (no model_index.json)")
+            refuse_pickled(path)
+
+    def _folder(self) -> str:
+        """The weights as a local pipeline folder. A hub id is fetched (or found in the cache) once,
+        safetensors only, by diffusers' pipeline downloader at --revision; every component then loads
+        from that folder. (Loading a component straight from a hub id goes through diffusers'
+        config loader, which passes huggingface_hub's deprecated `local_dir_use_symlinks` and prints
+        its warning.)"""
+        self._check_source()
+        if self._local is None:
+            if looks_local(self.source):
+                self._local = self.source
+            else:
+                self._local = str(self._load(lambda: self.pipeline_cls.download(
+                    self.source, revision=self.revision, local_files_only=_offline(), use_safetensors=True,
+                ), "weights"))
+                refuse_pickled(self._local)
+        return self._local
 
     def _load_all_from_source(self) -> dict:
-        self._check_source()
-        pipe = self.pipeline_cls.from_pretrained(self.source, **self._from_pretrained_kwargs())
+        pipe = self.pipeline_cls.from_pretrained(self._folder(), **self._from_pretrained_kwargs())
         return dict(pipe.components)
 
     def _load(self, loader, what: str):
@@ -100,12 +116,11 @@ class DiffusersAdapter(DiTAdapter):
                 tiny = self._tiny()
                 parts = {name: tiny[name] for name in self.text_components}
             else:
-                self._check_source()
                 parts = self._load(
                     lambda: {
                         name: component
                         for name, component in self.pipeline_cls.from_pretrained(
-                            self.source,
+                            self._folder(),
                             **self._from_pretrained_kwargs(),
                             **{name: None for name in self.dit_components()},
                         ).components.items()
@@ -138,7 +153,7 @@ class DiffusersAdapter(DiTAdapter):
         self._check_source()
         cls = self.dit_classes()[name]
         module = self._load(
-            lambda: cls.from_pretrained(self.source, subfolder=name, **{**self._from_pretrained_kwargs(), "dtype": dtype}),
+            lambda: cls.from_pretrained(self._folder(), subfolder=name, **{**self._from_pretrained_kwargs(), "dtype": dtype}),
             name,
         )
         return module.to(self.device).eval().requires_grad_(False)

@@ -22,7 +22,6 @@ model itself. ``tiny-dinov2`` is the same architecture at toy width, seeded rand
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 
 from ..errors import DitfError
+from ..hub import looks_local, refuse_pickled
+from ..hub import offline as _offline
 from . import register
 from .base import (
     BlockFeatures,
@@ -45,10 +46,6 @@ from .base import (
 #: ImageNet statistics, as in their extractor's ``transforms.Normalize``
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 class Dinov2Adapter(DiTAdapter):
@@ -80,15 +77,17 @@ class Dinov2Adapter(DiTAdapter):
                 model = self.build_tiny()
             else:
                 path = Path(self.source)
-                looks_local = path.is_absolute() or self.source.startswith(".") or path.exists()
-                if looks_local and not (path / "config.json").is_file():
-                    raise DitfError(f"--weights {self.source}: not a transformers model folder (no config.json)")
+                if looks_local(self.source):
+                    if not (path / "config.json").is_file():
+                        raise DitfError(f"--weights {self.source}: not a transformers model folder (no config.json)")
+                    refuse_pickled(path)
                 from . import quiet_libraries
 
                 try:
                     with quiet_libraries():
                         model = Dinov2Model.from_pretrained(
-                            self.source, revision=self.revision, dtype=self.dtype, local_files_only=_offline()
+                            self.source, revision=self.revision, dtype=self.dtype, local_files_only=_offline(),
+                            use_safetensors=True,  # never pickle
                         )
                 except (OSError, ValueError) as exc:
                     hint = " (offline: HF_HUB_OFFLINE is set)" if _offline() else ""

