@@ -38,6 +38,8 @@ def extract_options(
     workers: int | None = None,
     scheduler: str | None = None,
     resize: str | None = None,
+    text_device: str | None = None,
+    offload: bool = False,
 ):
     """Run the extract stage; unset settings come from the benchmark's and the model's defaults."""
     from ditf_pipeline.datasets import get_dataset
@@ -54,10 +56,11 @@ def extract_options(
     if workers or scheduler:  # the same run with the images spread over dask workers
         from ditf_pipeline.distributed import AdapterArgs, extract_distributed, shared_client
 
-        report = extract_distributed(shared_client(workers, scheduler), AdapterArgs(model, weights, revision, dtype, device),
+        report = extract_distributed(shared_client(workers, scheduler), AdapterArgs(model, weights, revision, dtype, device, text_device, offload),
                                      store, settings, data, progress=progress)
     else:
-        adapter = load_adapter(model, weights=weights, revision=revision, dtype=dtype, device=device)
+        adapter = load_adapter(model, weights=weights, revision=revision, dtype=dtype, device=device,
+                               text_device=text_device, offload=offload)
         report = Extractor(adapter, FeatureStore(store), settings).run(data, progress=progress)
     typer.echo(
         f"extract: {report.extracted} image(s) extracted, {report.skipped} already complete, "
@@ -104,6 +107,8 @@ def extract(
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
     dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32 (auto: bf16 on GPU, fp32 on CPU).")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    text_device: Annotated[Optional[str], typer.Option(help="Where the text encoders run (cpu | cuda | cuda:N; default: --device). They are freed before the DiT runs; prompts are cached in the store.")] = None,
+    offload: Annotated[bool, typer.Option("--offload/--no-offload", help="Keep the DiT's blocks in CPU memory and move one at a time to the GPU (for GPUs smaller than the blocks up to k).")] = False,
     progress: ProgressOpt = True,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
@@ -114,7 +119,7 @@ def extract(
     different settings is refused.
     """
     extract_options(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
-                    prompt, weights, revision, dtype, device, progress, workers, scheduler, resize)
+                    prompt, weights, revision, dtype, device, progress, workers, scheduler, resize, text_device, offload)
 
 
 @app.command()
