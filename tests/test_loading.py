@@ -89,6 +89,9 @@ class _RecordingSafeOpen:
     def keys(self):
         return self._handle.keys()
 
+    def get_slice(self, name: str):  # metadata (shape, dtype) only
+        return self._handle.get_slice(name)
+
     def get_tensor(self, name: str):
         _RecordingSafeOpen.read.append(name)
         return self._handle.get_tensor(name)

@@ -363,15 +363,43 @@ def _parameters_on_meta(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def read_tensors(files: dict[Path, list[str]], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
-    """The named tensors only, each cast to its dtype (`safe_open` reads tensor by tensor)."""
+#: bytes per element of safetensors' dtype names
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def read_tensors(
+    files: dict[Path, list[str]], dtypes: dict[str, torch.dtype], batch_bytes: int = 256 * 2**20
+) -> dict[str, torch.Tensor]:
+    """The named tensors only, each cast to its dtype (`safe_open` reads tensor by tensor).
+
+    `safe_open` maps the file: pages a read touches count as resident until it is closed. When
+    a tensor is cast (fp32 on disk, bf16 wanted), the file is reopened every `batch_bytes`, so
+    the source pages of at most one batch are mapped next to the cast copies.
+    """
     from safetensors import safe_open
 
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for path, names in files.items():
         with safe_open(str(path), framework="pt", device="cpu") as handle:
+            sizes = {}
             for name in names:
-                out[name] = handle.get_tensor(name).to(dtypes[name])
+                piece = handle.get_slice(name)
+                count = 1
+                for side in piece.get_shape():
+                    count *= side
+                sizes[name] = count * _ITEMSIZE.get(piece.get_dtype(), 1)
+        batches: list[list[str]] = [[]]
+        total = 0
+        for name in names:
+            if batches[-1] and total + sizes[name] > batch_bytes:
+                batches.append([])
+                total = 0
+            batches[-1].append(name)
+            total += sizes[name]
+        for batch in batches:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for name in batch:
+                    out[name] = handle.get_tensor(name).to(dtypes[name])
     return out
 
 
