@@ -290,3 +290,21 @@ def test_keys_of_different_architectures_never_mix(wide_folder, folders, spair, 
     arrays = FeatureStore(store, read_only=True).open_features("spair", "tiny-flux", 1, 260)
     assert arrays.hidden_size == 32 and arrays.complete().all()
     assert np.isfinite(arrays.read_image(0)[0]).all()
+
+
+def test_offload_and_text_device_through_the_cli_store_the_same_features(folders, spair, tmp_path):
+    stores = {}
+    for name, extra in (("plain", []), ("offload", ["--offload", "--text-device", "cpu", "--batch-size", "1"])):
+        stores[name] = tmp_path / f"{name}.zarr"
+        result = _cli("extract", "--dataset", "spair", "--data-root", spair, "--store", stores[name], "--model", "tiny-flux",
+                      "--weights", folders["tiny-flux"], "--k", "1", "--k", "3", "--img-size", "64", "--ensemble-size", "1",
+                      "--dtype", "fp32", "--device", "cpu", "--no-progress", *extra)
+        assert result.exit_code == 0, result.output
+    for k in (1, 3):
+        plain = FeatureStore(stores["plain"], read_only=True).open_features("spair", "tiny-flux", k, 260)
+        streamed = FeatureStore(stores["offload"], read_only=True).open_features("spair", "tiny-flux", k, 260)
+        assert streamed.group.attrs["provenance"]["offload"] is True
+        assert streamed.group.attrs["provenance"]["text_device"] == "cpu"
+        for row in range(len(plain.complete())):
+            a, b = plain.read_image(row), streamed.read_image(row)
+            assert np.array_equal(a[0], b[0]) and np.array_equal(a[1]["shift"], b[1]["shift"])

@@ -372,9 +372,11 @@ def read_tensors(
 ) -> dict[str, torch.Tensor]:
     """The named tensors only, each cast to its dtype (`safe_open` reads tensor by tensor).
 
-    `safe_open` maps the file: pages a read touches count as resident until it is closed. When
-    a tensor is cast (fp32 on disk, bf16 wanted), the file is reopened every `batch_bytes`, so
-    the source pages of at most one batch are mapped next to the cast copies.
+    Every tensor is copied out of the file mapping into its own allocation (as `from_pretrained`
+    does): a tensor left in the mapping sits at whatever offset the file gives it, and CPU
+    kernels may round the last bit differently for differently aligned weights. Mapped pages a
+    read touches count as resident until the file is closed, so it is reopened every
+    `batch_bytes`: at most one batch of source pages sits next to the copies.
     """
     from safetensors import safe_open
 
@@ -399,7 +401,8 @@ def read_tensors(
         for batch in batches:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for name in batch:
-                    out[name] = handle.get_tensor(name).to(dtypes[name])
+                    tensor = handle.get_tensor(name)
+                    out[name] = tensor.to(dtypes[name]) if tensor.dtype != dtypes[name] else tensor.clone()
     return out
 
 

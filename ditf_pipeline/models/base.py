@@ -3,7 +3,9 @@
 An adapter answers four questions about its family and nothing else (it knows nothing of Zarr,
 datasets or matching):
 
-* which blocks exist (`num_blocks`, `block_kind`),
+* which blocks exist (`architecture`, `num_blocks`, `block_kind`: read from the loaded
+  checkpoint's config where the family can, so a `--weights` folder of another width or depth
+  is described as it is),
 * how an image becomes noisy latents at timestep t (`encode_images`, `add_noise`),
 * how a prompt becomes the conditioning the DiT takes (`encode_prompts`),
 * where the pre-AdaLN feature z and the block's AdaLN (shift, scale, gate) are captured
