@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import (
-    DEFAULT_STORE, BatchSizeOpt, DataRootOpt, DatasetOpt, DeviceOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
+    DEFAULT_STORE, BatchSizeOpt, OffloadOpt, TextDeviceOpt, DataRootOpt, DatasetOpt, DeviceOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
     PrecisionOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt,
     TOpt, WeightsOpt, WorkersOpt, app, user_errors,
 )
@@ -52,6 +52,8 @@ def extract(
     revision: RevisionOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    text_device: TextDeviceOpt = None,
+    offload: OffloadOpt = False,
     progress: ProgressOpt = True,
     quiet: QuietOpt = False,
     workers: WorkersOpt = None,
@@ -66,5 +68,5 @@ def extract(
 
     report = run_extract(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
                          prompt, weights, revision, dtype, device, progress and not quiet, workers, scheduler, resize,
-                         resample=resample, precision=precision)
+                         resample=resample, precision=precision, text_device=text_device, offload=offload)
     typer.echo(report.line())

@@ -50,11 +50,14 @@ class AdapterArgs:
     revision: str | None = None
     dtype: str = "fp32"
     device: str = "auto"
+    text_device: str | None = None
+    offload: bool = False
 
     def load(self):
         from .models import load_adapter
 
-        return load_adapter(self.model, weights=self.weights, revision=self.revision, dtype=self.dtype, device=self.device)
+        return load_adapter(self.model, weights=self.weights, revision=self.revision, dtype=self.dtype, device=self.device,
+                            text_device=self.text_device, offload=self.offload)
 
 
 # ---- clusters ------------------------------------------------------------------------------------

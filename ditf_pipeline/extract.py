@@ -177,6 +177,8 @@ def store_config(adapter: DiTAdapter, settings: ExtractSettings) -> dict:
     return {
         "model": adapter.spec.name,
         "family": adapter.spec.family,
+        # read from the loaded checkpoint: a --weights folder of another width or depth never shares a key
+        "architecture": adapter.architecture.as_config(),
         "source": adapter.source or "built-in random weights (seeded)",
         "revision": adapter.revision,
         "dtype": str(adapter.dtype).replace("torch.", ""),
@@ -210,6 +212,8 @@ def provenance(adapter: DiTAdapter, settings: ExtractSettings) -> dict:
         "zarr": zarr.__version__,
         "python": platform.python_version(),
         "device": str(adapter.device),
+        "text_device": str(adapter.text_device),
+        "offload": adapter.offload,
         "batch_size": settings.batch_size,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

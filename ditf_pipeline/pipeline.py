@@ -44,6 +44,8 @@ def run_extract(
     adapter: DiTAdapter | None = None,
     resample: str | None = None,
     precision: str = "default",
+    text_device: str | None = None,
+    offload: bool = False,
 ) -> ExtractReport:
     """Run the extract stage into `store`; unset settings come from the benchmark's and the model's defaults.
 
@@ -52,7 +54,8 @@ def run_extract(
     `model` (the API keeps its weights loaded across calls); otherwise one is built from
     `weights`, `revision`, `dtype`, `device`. With `workers` or `scheduler` the images are
     spread over dask workers, each building its own adapter. `resample` and `precision` follow
-    the authors' arithmetic when asked (`--resample`, `--precision paper`; see README "Precision").
+    the authors' arithmetic when asked (`--resample`, `--precision paper`; see README "Precision");
+    `text_device` and `offload` fit Flux on smaller GPUs (README "Memory").
     """
     from .datasets import get_dataset
     from .devices import default_dtype
@@ -70,12 +73,14 @@ def run_extract(
                                 batch_size=batch_size, seed=seed, prompt=prompt, resize=resize,
                                 resample=resample, precision=precision)
     if adapter is None:  # lazy: building an adapter loads no weights yet
-        adapter = load_adapter(spec.name, weights=weights, revision=revision, dtype=dtype, device=device)
+        adapter = load_adapter(spec.name, weights=weights, revision=revision, dtype=dtype, device=device,
+                               text_device=text_device, offload=offload)
     check_run(adapter, settings, data)  # every argument and the annotations, before the store is opened
     if workers or scheduler:  # the same run with the images spread over dask workers
         from .distributed import AdapterArgs, extract_distributed, shared_client
 
-        return extract_distributed(shared_client(workers, scheduler), AdapterArgs(spec.name, weights, revision, dtype, device),
+        return extract_distributed(shared_client(workers, scheduler), AdapterArgs(spec.name, weights, revision, dtype, device,
+                                                                        text_device, offload),
                                    Path(store), settings, data, progress=progress)
     return Extractor(adapter, FeatureStore(store), settings).run(data, progress=progress)
 

@@ -83,10 +83,19 @@ def load_adapter(
     revision: str | None = None,
     dtype: str = "fp32",
     device: str = "auto",
+    text_device: str | None = None,
+    offload: bool = False,
 ) -> DiTAdapter:
-    """Build the adapter for a registered model; weights are loaded lazily on first use."""
+    """Build the adapter for a registered model; weights are loaded lazily on first use.
+
+    `text_device`: where the text encoders run (default: `device`); `offload`: keep the DiT's
+    blocks in host memory and move one at a time to `device` (for GPUs smaller than the blocks).
+    """
     spec = get_spec(name)
     if dtype not in DTYPES:
         raise DitfError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     adapter_cls = _REGISTRY[name][1]
-    return adapter_cls(spec, weights=weights, revision=revision, dtype=DTYPES[dtype], device=resolve_device(device))
+    return adapter_cls(
+        spec, weights=weights, revision=revision, dtype=DTYPES[dtype], device=resolve_device(device),
+        text_device=resolve_device(text_device) if text_device else None, offload=offload,
+    )

@@ -5,11 +5,22 @@ it). The text side (tokenizers + encoders) and the DiT side (transformer + VAE) 
 separately, so the text encoders can be freed before the DiT is put on the device. Tiny models
 are built from config with seeded random weights and go through the same code afterwards;
 `save_pipeline` writes them as an ordinary pipeline folder that `--weights DIR` loads back.
+
+The transformer of a folder is never loaded whole: its architecture comes from its
+`transformer/config.json`, the module is built with its parameters on the meta device, the
+block lists are cut after the deepest block asked for, and only the tensors the cut model holds
+are read from the safetensors files (`safe_open` reads tensor by tensor). Memory then grows
+with k (DiTF at Flux k = 28 needs 29 of 57 blocks). With `offload`, the blocks stay in host
+memory and `BlockStreamer` moves one at a time to the device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import itertools
+import json
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +28,11 @@ import torch
 from ..errors import DitfError
 from ..hub import looks_local, refuse_pickled
 from ..hub import offline as _offline
-from .base import DiTAdapter, LatentPosterior, ModelSpec, PromptEmbedding
+from .base import Architecture, BlockFeatures, DiTAdapter, LatentPosterior, ModelSpec, PromptEmbedding
+
+#: diffusers' file names of a model's weights (one file, or shards listed by an index)
+_WEIGHTS = "diffusion_pytorch_model.safetensors"
+_WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
 class DiffusersAdapter(DiTAdapter):
@@ -29,6 +44,9 @@ class DiffusersAdapter(DiTAdapter):
     text_components: tuple[str, ...] = ()
     #: the VAE stays in fp32 under a bf16 / fp16 DiT, as the authors' autoencoder does
     vae_dtype = torch.float32
+    #: the transformer's block lists in the paper's numbering: (attribute, config entry giving
+    #: its length, kind); empty for models without a transformer (the SD UNet)
+    block_lists: tuple[tuple[str, str, str], ...] = ()
 
     def __init__(self, spec: ModelSpec, **kwargs) -> None:
         super().__init__(spec, **kwargs)
@@ -37,6 +55,12 @@ class DiffusersAdapter(DiTAdapter):
         self._vae = None
         self._tiny_components: dict | None = None
         self._local: str | None = None
+        self._transformer_config: dict | None = None
+        #: deepest block asked for so far (the transformer holds blocks 0..this); None: all
+        self._depth: int | None = None
+        #: deepest block the loaded transformer holds
+        self._loaded_depth: int | None = None
+        self._streamer: BlockStreamer | None = None
 
     # ---- tiny models ------------------------------------------------------------------------
     def build_tiny_components(self) -> dict:
@@ -109,6 +133,75 @@ class DiffusersAdapter(DiTAdapter):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DitfError(f"cannot load the {what} of {self.spec.name} from {self.source}{hint}: {first}") from exc
 
+    # ---- architecture -------------------------------------------------------------------------
+    def _transformer_file(self, name: str, required: bool = True) -> Path | None:
+        """A file of the transformer subfolder: local, or from the hub (cache) one file at a time."""
+        path = Path(self.source)
+        if (path / "model_index.json").is_file():
+            local = path / "transformer" / name
+            if local.is_file() or required:
+                return local
+            return None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            return Path(hf_hub_download(self.source, f"transformer/{name}", revision=self.revision,
+                                        local_files_only=_offline()))
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            if required:
+                raise
+            return None
+
+    def transformer_config(self) -> dict:
+        """The transformer's config as the checkpoint states it (read once; no weights loaded)."""
+        if self._transformer_config is None:
+            if self.source is None:
+                config = dict(self._tiny()["transformer"].config)
+            else:
+                self._check_source()
+                config = self._load(
+                    lambda: json.loads(self._transformer_file("config.json").read_text(encoding="utf-8")),
+                    "transformer config",
+                )
+                expected = self.dit_classes()["transformer"].__name__
+                if config.get("_class_name") != expected:
+                    raise DitfError(
+                        f"--weights {self.source}: its transformer is a {config.get('_class_name')}, not the {expected} "
+                        f"model {self.spec.name} needs (another model family)"
+                    )
+            self._transformer_config = config
+        return self._transformer_config
+
+    @property
+    def architecture(self) -> Architecture:
+        """Width and block lists from the transformer's config, not from the registry."""
+        if not self.block_lists:
+            return super().architecture
+        config = self.transformer_config()
+        missing = [entry for entry in ("num_attention_heads", "attention_head_dim") if entry not in config]
+        missing += [entry for _, entry, _ in self.block_lists if entry not in config]
+        if missing:
+            raise DitfError(f"the transformer config of {self.source} lacks {', '.join(missing)}")
+        width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        return Architecture(width, tuple((kind, int(config[entry])) for _, entry, kind in self.block_lists))
+
+    def check_indices(self, indices: Sequence[int]) -> list[int]:
+        """Validate against the checkpoint's blocks; the transformer then holds blocks up to the deepest."""
+        indices = super().check_indices(indices)
+        if indices and self.block_lists:
+            self._need_blocks(indices[-1])
+        return indices
+
+    def _need_blocks(self, k: int) -> None:
+        """Remember that block k is needed; a transformer loaded shallower is dropped and reloaded deeper."""
+        if self._depth is not None and k <= self._depth:
+            return
+        self._depth = k
+        if self._transformer is not None and self._loaded_depth is not None and self._loaded_depth < k:
+            self._transformer = self._streamer = None
+            self._loaded_depth = None
+
     def text_pipe(self):
         """The pipeline holding only the text side, on the device, loaded on first use."""
         if self._text_pipe is None:
@@ -130,7 +223,7 @@ class DiffusersAdapter(DiTAdapter):
                 )
             empty = {name: None for name in self.dit_components()}
             pipe = self.pipeline_cls(**parts, **empty)
-            pipe.to(self.device)
+            pipe.to(self.text_device)
             self._text_pipe = pipe
         return self._text_pipe
 
@@ -148,15 +241,86 @@ class DiffusersAdapter(DiTAdapter):
     def _load_dit_part(self, name: str, dtype: torch.dtype | None = None):
         dtype = dtype or self.dtype
         if self.source is None:
-            module = self._tiny()[name].to(self.device)
-            return module if module.dtype == dtype else module.to(dtype)
-        self._check_source()
-        cls = self.dit_classes()[name]
-        module = self._load(
-            lambda: cls.from_pretrained(self._folder(), subfolder=name, **{**self._from_pretrained_kwargs(), "dtype": dtype}),
-            name,
-        )
+            module = self._tiny()[name]
+            module = module if module.dtype == dtype else module.to(dtype)
+        elif name == "transformer" and self.block_lists:
+            self._check_source()
+            module = self._load(self._load_truncated_transformer, name)
+        else:
+            self._check_source()
+            cls = self.dit_classes()[name]
+            module = self._load(
+                lambda: cls.from_pretrained(self._folder(), subfolder=name, **{**self._from_pretrained_kwargs(), "dtype": dtype}),
+                name,
+            )
+        if name == "transformer" and self.offload and self.block_lists:
+            self._streamer = BlockStreamer.place(module, [attr for attr, _, _ in self.block_lists], self.device)
+            return module.eval().requires_grad_(False)
         return module.to(self.device).eval().requires_grad_(False)
+
+    def _load_truncated_transformer(self) -> torch.nn.Module:
+        """The transformer cut after block `_depth`, only its tensors read from the checkpoint.
+
+        Built as `from_pretrained` builds it (default dtype = the model dtype, so every tensor
+        is rounded the same way), but with the parameters on the meta device until loaded;
+        the embedders, modulation and output head stay, the blocks after the cut never exist.
+        """
+        cls = self.dit_classes()["transformer"]
+        config = self.transformer_config()
+        depth = self.num_blocks - 1 if self._depth is None else self._depth
+        with _parameters_on_meta(self.dtype):
+            model = cls.from_config(config)
+        start = 0
+        for attr, entry, _ in self.block_lists:
+            count = int(config[entry])
+            keep = min(max(depth + 1 - start, 0), count)
+            setattr(model, attr, torch.nn.ModuleList(list(getattr(model, attr))[:keep]))
+            start += count
+        wanted = model.state_dict()
+        tensors = read_tensors(self._weight_files(list(wanted)), {name: t.dtype for name, t in wanted.items()})
+        try:
+            model.load_state_dict(tensors, strict=True, assign=True)
+        except RuntimeError as exc:  # a tensor whose shape the config does not predict
+            detail = " ".join(str(exc).split())[:300]
+            raise DitfError(f"the transformer weights of {self.source} do not match its config.json: {detail}") from exc
+        self._loaded_depth = depth
+        return model
+
+    def _weight_files(self, names: Sequence[str]) -> dict[Path, list[str]]:
+        """{safetensors file: the wanted tensor names it holds}; only the files needed are fetched."""
+        index = self._transformer_file(_WEIGHTS_INDEX, required=False)
+        if index is not None:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            lacking = [n for n in names if n not in weight_map]
+            by_file: dict[str, list[str]] = {}
+            for name in names:
+                if name in weight_map:
+                    by_file.setdefault(weight_map[name], []).append(name)
+            files = {self._transformer_file(file): wanted for file, wanted in by_file.items()}
+        else:
+            single = self._transformer_file(_WEIGHTS, required=False)
+            if single is None or not single.is_file():
+                raise DitfError(f"{self.source}: the transformer has no {_WEIGHTS} (ditf reads safetensors weights only)")
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt", device="cpu") as handle:
+                present = set(handle.keys())
+            lacking = [n for n in names if n not in present]
+            files = {single: [n for n in names if n in present]}
+        if lacking:
+            raise DitfError(
+                f"the transformer weights of {self.source} lack {len(lacking)} tensor(s) its config.json implies, "
+                f"e.g. {lacking[0]}"
+            )
+        return files
+
+    def capture(self, taps, forward, stop_early: bool = True) -> dict[int, BlockFeatures]:
+        """As the base class; with offload the block left on the device by the early exit goes back."""
+        try:
+            return super().capture(taps, forward, stop_early)
+        finally:
+            if self._streamer is not None:
+                self._streamer.evict()
 
     def dit_classes(self) -> dict[str, type]:
         """diffusers classes of the transformer and the VAE."""
@@ -193,6 +357,137 @@ class DiffusersAdapter(DiTAdapter):
             for name, value in prompt.items()
             if value.is_floating_point()
         }
+
+
+@contextlib.contextmanager
+def _parameters_on_meta(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules with their parameters on the meta device (no memory, no init) and real buffers.
+
+    Buffers stay real because some are computed in `__init__` and not stored in checkpoints
+    (e.g. PixArt's sin-cos position table); every parameter is read from the checkpoint later.
+    The default dtype is the model dtype while building, as in diffusers' `from_pretrained`.
+    """
+    from diffusers.models.modeling_utils import no_init_weights
+
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    previous = torch.get_default_dtype()
+    torch.nn.Module.register_parameter = register
+    torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights():
+            yield
+    finally:
+        torch.nn.Module.register_parameter = original
+        torch.set_default_dtype(previous)
+
+
+#: bytes per element of safetensors' dtype names
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def read_tensors(
+    files: dict[Path, list[str]], dtypes: dict[str, torch.dtype], batch_bytes: int = 256 * 2**20
+) -> dict[str, torch.Tensor]:
+    """The named tensors only, each cast to its dtype (`safe_open` reads tensor by tensor).
+
+    Every tensor is copied out of the file mapping into its own allocation (as `from_pretrained`
+    does): a tensor left in the mapping sits at whatever offset the file gives it, and CPU
+    kernels may round the last bit differently for differently aligned weights. Mapped pages a
+    read touches count as resident until the file is closed, so it is reopened every
+    `batch_bytes`: at most one batch of source pages sits next to the copies.
+    """
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for path, names in files.items():
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            sizes = {}
+            for name in names:
+                piece = handle.get_slice(name)
+                count = 1
+                for side in piece.get_shape():
+                    count *= side
+                sizes[name] = count * _ITEMSIZE.get(piece.get_dtype(), 1)
+        batches: list[list[str]] = [[]]
+        total = 0
+        for name in names:
+            if batches[-1] and total + sizes[name] > batch_bytes:
+                batches.append([])
+                total = 0
+            batches[-1].append(name)
+            total += sizes[name]
+        for batch in batches:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for name in batch:
+                    tensor = handle.get_tensor(name)
+                    out[name] = tensor.to(dtypes[name]) if tensor.dtype != dtypes[name] else tensor.clone()
+    return out
+
+
+class BlockStreamer:
+    """Keeps a transformer's blocks in host memory and moves one at a time to the device.
+
+    Every submodule of a block gets a forward pre-hook that brings its block to the device
+    (sending the previous one back), so the model's own forward, the capture hooks and direct
+    calls such as `norm.linear(...)` in `modulation` all work unchanged. Sending back costs
+    nothing: the host copy is kept and the device copy dropped. Only one block is on the
+    device at any time; everything outside the blocks (embedders, output head) stays there.
+    """
+
+    def __init__(self, blocks: Sequence[torch.nn.Module], device: torch.device) -> None:
+        self.device = device
+        self.resident: torch.nn.Module | None = None
+        self.moves = 0
+        self._host: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        pin = device.type == "cuda"
+        for block in blocks:
+            tensors = list(itertools.chain(block.parameters(), block.buffers()))
+            entries = []
+            for tensor in tensors:
+                host = tensor.data.to("cpu")
+                host = host.pin_memory() if pin else host
+                tensor.data = host
+                entries.append((tensor, host))
+            self._host[id(block)] = entries
+            for module in block.modules():
+                module.register_forward_pre_hook(lambda *_, block=block: self.bring(block))
+
+    @classmethod
+    def place(cls, model: torch.nn.Module, block_attrs: Sequence[str], device: torch.device) -> "BlockStreamer":
+        """Everything but the blocks to `device`; the blocks to host memory, streamed."""
+        for name, child in model.named_children():
+            if name not in block_attrs:
+                child.to(device)
+        for tensor in itertools.chain(model._parameters.values(), model._buffers.values()):
+            if tensor is not None:
+                tensor.data = tensor.data.to(device)
+        return cls([block for attr in block_attrs for block in getattr(model, attr)], device)
+
+    def bring(self, block: torch.nn.Module) -> None:
+        if self.resident is block:
+            return
+        self.evict()
+        for tensor, host in self._host[id(block)]:
+            # copy=True: a real move even when device is the CPU, so CPU tests run the same steps
+            tensor.data = host.to(self.device, non_blocking=True, copy=True)
+        self.resident = block
+        self.moves += 1
+
+    def evict(self) -> None:
+        if self.resident is not None:
+            for tensor, host in self._host[id(self.resident)]:
+                tensor.data = host
+            self.resident = None
+
+    def on_device(self, block: torch.nn.Module) -> bool:
+        """Whether the block's tensors are device copies (read from the tensors, not the bookkeeping)."""
+        return any(tensor.data_ptr() != host.data_ptr() for tensor, host in self._host[id(block)])
 
 
 class RectifiedFlowNoise:

@@ -3,7 +3,9 @@
 An adapter answers four questions about its family and nothing else (it knows nothing of Zarr,
 datasets or matching):
 
-* which blocks exist (`num_blocks`, `block_kind`),
+* which blocks exist (`architecture`, `num_blocks`, `block_kind`: read from the loaded
+  checkpoint's config where the family can, so a `--weights` folder of another width or depth
+  is described as it is),
 * how an image becomes noisy latents at timestep t (`encode_posterior` once per image, then
   `LatentPosterior.sample` and `add_noise` per ensemble member),
 * how a prompt becomes the conditioning the DiT takes (`encode_prompts`),
@@ -54,6 +56,41 @@ class ModelSpec:
     tiny: bool = False
     #: extra constructor arguments for the adapter (e.g. the tiny config)
     options: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the weights in use are: width and block layout, read from the loaded checkpoint.
+
+    `blocks` lists runs of (kind, count) in the paper's block numbering, e.g. Flux
+    (("double", 19), ("single", 38)); a `--weights` folder may differ from the registry entry
+    (another width, fewer blocks), so the store's arrays and the block numbering follow this,
+    never `ModelSpec.hidden_size` / `num_blocks`.
+    """
+
+    width: int
+    blocks: tuple[tuple[str, int], ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(count for _, count in self.blocks)
+
+    def kind(self, block_index: int) -> str:
+        start = 0
+        for kind, count in self.blocks:
+            if block_index < start + count:
+                return kind
+            start += count
+        raise IndexError(block_index)
+
+    def describe(self) -> str:
+        """e.g. "19 double + 38 single blocks, width 3072"."""
+        runs = " + ".join(f"{count} {kind}" for kind, count in self.blocks)
+        return f"{runs} blocks, width {self.width}"
+
+    def as_config(self) -> dict:
+        """The store-config entry: keys written from different architectures never mix."""
+        return {"width": self.width, "blocks": [[kind, count] for kind, count in self.blocks]}
 
 
 @dataclass
@@ -130,6 +167,8 @@ class DiTAdapter(ABC):
         revision: str | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        text_device: str | torch.device | None = None,
+        offload: bool = False,
     ) -> None:
         self.spec = spec
         #: hub id or local folder; None means build the tiny model from config
@@ -137,24 +176,34 @@ class DiTAdapter(ABC):
         self.revision = revision
         self.dtype = dtype
         self.device = torch.device(device)
+        #: where the text encoders run (they are freed before the DiT runs); default: `device`
+        self.text_device = torch.device(text_device) if text_device is not None else self.device
+        #: keep the DiT's blocks in host memory and move one at a time to `device` (families that support it)
+        self.offload = offload
 
     # ---- blocks ---------------------------------------------------------------------------
     @property
+    def architecture(self) -> Architecture:
+        """Width and blocks of the weights in use; the registry's values unless a family reads its checkpoint."""
+        return Architecture(self.spec.hidden_size, (("block", self.spec.num_blocks),))
+
+    @property
     def num_blocks(self) -> int:
-        return self.spec.num_blocks
+        return self.architecture.num_blocks
 
     def block_kind(self, block_index: int) -> str:
         """A short label for the block type ("double", "single", "joint", ...)."""
-        return "block"
+        return self.architecture.kind(block_index)
 
     def check_indices(self, indices: Sequence[int]) -> list[int]:
         from ..errors import DitfError
 
         bad = [k for k in indices if not 0 <= k < self.num_blocks]
         if bad:
+            origin = f" from {self.source}" if self.source and self.source != self.spec.hub_id else ""
             raise DitfError(
-                f"block index {bad[0]} is out of range for {self.spec.name} "
-                f"(it has blocks 0..{self.num_blocks - 1})"
+                f"block index {bad[0]} is out of range for {self.spec.name}{origin} "
+                f"({self.architecture.describe()}: blocks 0..{self.num_blocks - 1})"
             )
         return sorted(set(int(k) for k in indices))
 
@@ -205,7 +254,7 @@ class DiTAdapter(ABC):
     def feature_shape(self, img_size: int, block_index: int) -> tuple[int, int, int]:
         """(rows, cols, channels) the store must hold for block k at `img_size` (largest grid)."""
         side = max(1, round(img_size / self.patch_stride))
-        return side, side, self.spec.hidden_size
+        return side, side, self.architecture.width
 
     @abstractmethod
     def encode_posterior(self, pixels: torch.Tensor) -> LatentPosterior:

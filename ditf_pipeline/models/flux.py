@@ -45,6 +45,7 @@ def tiny_vae(latent_channels: int, **config) -> AutoencoderKL:
 class FluxAdapter(RectifiedFlowNoise, DiffusersAdapter):
     pipeline_cls = FluxPipeline
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    block_lists = (("transformer_blocks", "num_layers", "double"), ("single_transformer_blocks", "num_single_layers", "single"))
 
     # ---- construction -----------------------------------------------------------------------
     def build_tiny_components(self) -> dict:
@@ -64,10 +65,8 @@ class FluxAdapter(RectifiedFlowNoise, DiffusersAdapter):
 
     @property
     def num_double(self) -> int:
-        return self.spec.options.get("num_double", 19)
-
-    def block_kind(self, block_index: int) -> str:
-        return "double" if block_index < self.num_double else "single"
+        """Double-stream blocks of the loaded checkpoint (19 in FLUX.1): block k >= this is single."""
+        return self.architecture.blocks[0][1]
 
     # ---- prompts ----------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> list[PromptEmbedding]:
@@ -76,7 +75,7 @@ class FluxAdapter(RectifiedFlowNoise, DiffusersAdapter):
         with torch.no_grad():
             for prompt in prompts:
                 embeds, pooled, _ = pipe.encode_prompt(
-                    prompt, prompt_2=None, device=self.device,
+                    prompt, prompt_2=None, device=self.text_device,
                     max_sequence_length=self.spec.options.get("max_sequence_length", 512),
                 )
                 out.append({"prompt_embeds": embeds[0].float().cpu(), "pooled_prompt_embeds": pooled[0].float().cpu()})
@@ -194,7 +193,7 @@ register(
         name="flux", family="flux", hub_id="black-forest-labs/FLUX.1-dev", num_blocks=57, hidden_size=3072,
         default_k=28, default_t=260, img_size=640, guidance=3.5,
         description="FLUX.1-dev; 19 double + 38 single blocks; paper default k=28 (single block 9), t=260",
-        options={"num_double": 19, "max_sequence_length": 512},
+        options={"max_sequence_length": 512},
     ),
     FluxAdapter,
 )
@@ -203,7 +202,7 @@ register(
         name="flux-schnell", family="flux", hub_id="black-forest-labs/FLUX.1-schnell", num_blocks=57,
         hidden_size=3072, default_k=28, default_t=260, img_size=640,
         description="FLUX.1-schnell (no guidance embedding); Flux defaults",
-        options={"num_double": 19, "max_sequence_length": 256},
+        options={"max_sequence_length": 256},
     ),
     FluxAdapter,
 )
@@ -212,7 +211,7 @@ register(
         name="tiny-flux", family="flux", hub_id=None, num_blocks=4, hidden_size=32, default_k=2, default_t=260,
         img_size=128, guidance=3.5, tiny=True,
         description="Flux architecture at toy size (2 double + 2 single blocks, d=32), seeded random weights",
-        options={"num_double": 2, "max_sequence_length": 32, "tiny_config": _TINY_FLUX, "seed": 0},
+        options={"max_sequence_length": 32, "tiny_config": _TINY_FLUX, "seed": 0},
     ),
     FluxAdapter,
 )

@@ -53,13 +53,15 @@ def _mlp_modulation(block, t6: torch.Tensor) -> Modulation:
     The sum runs in the model dtype exactly as `BasicTransformerBlock.forward` does it; only
     the result is cast to float32.
     """
-    chunks = (block.scale_shift_table[None] + t6.reshape(t6.shape[0], 6, -1)).chunk(6, dim=1)
+    # .to: with offload the block's table may still be in host memory (a no-op otherwise)
+    chunks = (block.scale_shift_table[None].to(t6.device) + t6.reshape(t6.shape[0], 6, -1)).chunk(6, dim=1)
     return Modulation(*(chunks[i].squeeze(1).float() for i in (3, 4, 5)))
 
 
 class PixArtAdapter(DiffusersAdapter):
     pipeline_cls = PixArtAlphaPipeline
     text_components = ("text_encoder", "tokenizer")
+    block_lists = (("transformer_blocks", "num_layers", "pixart"),)
 
     def __init__(self, spec: ModelSpec, **kwargs) -> None:
         super().__init__(spec, **kwargs)
@@ -79,9 +81,6 @@ class PixArtAdapter(DiffusersAdapter):
     def dit_classes(self) -> dict[str, type]:
         return {"transformer": PixArtTransformer2DModel, "vae": AutoencoderKL}
 
-    def block_kind(self, block_index: int) -> str:
-        return "pixart"
-
     # ---- prompts ----------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> list[PromptEmbedding]:
         pipe = self.text_pipe()
@@ -89,7 +88,7 @@ class PixArtAdapter(DiffusersAdapter):
         with torch.no_grad():
             for prompt in prompts:
                 embeds, mask, _, _ = pipe.encode_prompt(
-                    prompt, do_classifier_free_guidance=False, device=self.device, clean_caption=False,
+                    prompt, do_classifier_free_guidance=False, device=self.text_device, clean_caption=False,
                     max_sequence_length=self.spec.options.get("max_sequence_length", 120),
                 )
                 # float so that it survives `stack_prompt` and the store; 1 = keep, 0 = padding

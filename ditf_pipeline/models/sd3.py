@@ -44,6 +44,7 @@ _MLP_CHUNKS = (3, 4, 5)
 class SD3Adapter(RectifiedFlowNoise, DiffusersAdapter):
     pipeline_cls = StableDiffusion3Pipeline
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+    block_lists = (("transformer_blocks", "num_layers", "joint"),)
 
     # ---- construction -----------------------------------------------------------------------
     def build_tiny_components(self) -> dict:
@@ -66,10 +67,6 @@ class SD3Adapter(RectifiedFlowNoise, DiffusersAdapter):
     def dit_classes(self) -> dict[str, type]:
         return {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL}
 
-    def block_kind(self, block_index: int) -> str:
-        """Every block is an MMDiT joint block (dual attention changes nothing DiTF captures)."""
-        return "joint"
-
     # ---- prompts ----------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> list[PromptEmbedding]:
         pipe = self.text_pipe()
@@ -77,7 +74,7 @@ class SD3Adapter(RectifiedFlowNoise, DiffusersAdapter):
         with torch.no_grad():
             for prompt in prompts:
                 embeds, _, pooled, _ = pipe.encode_prompt(
-                    prompt, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
+                    prompt, prompt_2=None, prompt_3=None, device=self.text_device, do_classifier_free_guidance=False,
                     max_sequence_length=self.spec.options.get("max_sequence_length", 256),
                 )
                 out.append({"prompt_embeds": embeds[0].float().cpu(), "pooled_prompt_embeds": pooled[0].float().cpu()})

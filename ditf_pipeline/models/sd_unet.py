@@ -142,7 +142,7 @@ class SDUNetAdapter(DiffusersAdapter):
         with torch.no_grad():
             for prompt in prompts:
                 embeds, _ = pipe.encode_prompt(
-                    prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                    prompt, device=self.text_device, num_images_per_prompt=1, do_classifier_free_guidance=False
                 )
                 out.append({"prompt_embeds": embeds[0].float().cpu()})
         return out
