@@ -86,32 +86,71 @@ def local_cluster(n_workers: int, dashboard_address: str | None = None, gpus: Se
         raise DitfError("--workers must be at least 1")
     gpus = list(_gpu_ids() if gpus is None else gpus)
     if not gpus:
-        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                             dashboard_address=dashboard_address)
     workers = {
         f"gpu{i}-{gpus[i % len(gpus)]}": {
             "cls": Nanny,
-            "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}},
+            "options": {"nthreads": 1, "host": "127.0.0.1", "env": {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}},
         }
         for i in range(n_workers)
     }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address}}
+    # loopback only, like LocalCluster: dask's protocol must never face an untrusted network
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address, "host": "127.0.0.1"}}
     import logging
 
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING)
 
 
+#: TLS settings dask reads from its configuration (YAML or DASK_* environment variables)
+_TLS_SETTINGS = {
+    "distributed.comm.tls.ca-file": "DASK_DISTRIBUTED__COMM__TLS__CA_FILE",
+    "distributed.comm.tls.client.cert": "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT",
+    "distributed.comm.tls.client.key": "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY",
+}
+
+
+def scheduler_security(scheduler: str):
+    """The `distributed.Security` to reach `scheduler` with, or None for plain TCP.
+
+    dask's wire protocol unpickles what it receives, so whoever can reach a scheduler's port can
+    run code on every worker. `tls://` schedulers get mutual TLS from dask's own settings
+    (`distributed.comm.tls.*`, e.g. the environment variables in `_TLS_SETTINGS`); a `tcp://`
+    scheduler on another host is allowed but warned about: only trusted hosts may reach it.
+    """
+    import sys
+    from urllib.parse import urlsplit
+
+    import dask
+
+    parts = urlsplit(scheduler if "://" in scheduler else f"tcp://{scheduler}")
+    if parts.scheme == "tls":
+        from distributed import Security
+
+        missing = [env for key, env in _TLS_SETTINGS.items() if not dask.config.get(key, None)]
+        if missing:
+            raise DitfError(f"--scheduler {scheduler} uses TLS: set dask's TLS settings first ({', '.join(missing)})")
+        return Security(require_encryption=True)
+    if parts.scheme not in ("tcp", "inproc", "ucx"):
+        raise DitfError(f"--scheduler {scheduler}: unknown protocol {parts.scheme!r}; use tls://HOST:PORT or tcp://HOST:PORT")
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1", None):
+        print(f"warning: {scheduler} is plain TCP: dask unpickles what it receives, so only trusted hosts may reach "
+              "that port; prefer tls:// (see README, 'Scale')", file=sys.stderr)
+    return None
+
+
 @contextlib.contextmanager
 def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator:
-    """A `distributed.Client`: to a running scheduler (`tcp://HOST:PORT`) or to a local cluster."""
+    """A `distributed.Client`: to a running scheduler (`tls://` or `tcp://HOST:PORT`) or to a local cluster."""
     from distributed import Client
 
     if scheduler and workers:
         raise DitfError("pass either --scheduler (an existing cluster) or --workers (a local one), not both")
     if scheduler:
+        security = scheduler_security(scheduler)
         try:
-            client = Client(scheduler, timeout="30s")
-        except OSError as exc:
+            client = Client(scheduler, timeout="30s", security=security)
+        except (OSError, TimeoutError) as exc:
             raise DitfError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from exc
         with client:
             yield client
