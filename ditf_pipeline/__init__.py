@@ -6,4 +6,4 @@ from the cache) -> `match` -> `score` -> `report`.
 """
 
 __version__ = "0.1.0"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from .datasets.base import Dataset
 from .errors import DitfError
 from .score import pck
-from .store import FeatureStore
+from .store import FeatureStore, prediction_scope
 
 
 def score_pairs(
@@ -26,9 +26,10 @@ def score_pairs(
     """PCK of stored predictions, with the threshold rule of their protocol, as a JSON-ready dict."""
     if dataset.task != "pairs":
         raise DitfError(f"dataset {dataset.name} is a {dataset.task} benchmark, not keypoint pairs")
-    stored = store.open_predictions((dataset.name, model, k, t), prediction_name)
-    predictions = stored.read()
     pairs = dataset.pairs()
+    scope = prediction_scope(dataset.split, [p.pair_id for p in pairs])
+    stored = store.open_predictions((dataset.name, model, k, t), prediction_name, scope=scope)
+    predictions = stored.read()
     missing = [p.pair_id for p in pairs if p.pair_id not in predictions]
     if missing:
         raise DitfError(

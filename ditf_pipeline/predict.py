@@ -8,6 +8,7 @@ most one block.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,10 +28,11 @@ from .features import (
 )
 from .match import make_matcher
 from .naming import fusion_label, prediction_name
-from .store import FeatureArrays, FeatureStore
+from .store import FeatureArrays, FeatureStore, prediction_scope
 
-#: pairs committed together (one zarr chunk of predictions)
-BLOCK = 256
+#: pairs committed together (one zarr chunk of predictions); DITF_MATCH_BLOCK makes blocks
+#: small so that crash tests see several of them
+BLOCK = int(os.environ.get("DITF_MATCH_BLOCK") or 256)
 
 
 @dataclass
@@ -165,10 +167,10 @@ def predict(
         fusion = PairFusion.open(store, dataset, rows, pairs, settings.fuse, settings.pca_dim)
         attrs.update(variant=settings.label, fuse=fusion.describe())
     feature_key = (dataset.name, model, k, t)
-    if overwrite:
-        store.delete(f"{arrays.path}/predictions/{settings.name}")
     max_kps = max(len(p.src_kps) for p in pairs)
-    predictions = store.open_predictions(feature_key, settings.name, [p.pair_id for p in pairs], max_kps, attrs, block=BLOCK)
+    pair_ids = [p.pair_id for p in pairs]
+    predictions = store.open_predictions(feature_key, settings.name, pair_ids, max_kps, attrs, block=BLOCK,
+                                         scope=prediction_scope(dataset.split, pair_ids), overwrite=overwrite)
     done = predictions.done()
     matcher = make_matcher(settings.protocol, **({"soft_window": settings.soft_window} if settings.protocol == "geoaware" else {}))
     features = FeatureCache(arrays, rows, settings.variant, channels)
@@ -193,6 +195,6 @@ def predict(
             predictions.write(block_start, out)
             matched += len(block)
     return MatchReport(
-        key=f"{arrays.path}/predictions/{settings.name}", n_pairs=len(pairs), matched=matched,
+        key=predictions.path, n_pairs=len(pairs), matched=matched,
         skipped=len(pairs) - matched, channels=channels, seconds=time.perf_counter() - start,
     )
