@@ -79,9 +79,11 @@ _KILL_AT = int(os.environ["DITF_KILL_AT_WRITE"]) if os.environ.get("DITF_KILL_AT
 _WRITE_LOG = os.environ.get("DITF_WRITE_COUNT_FILE")
 _writes_seen = 0
 _writes_lock = threading.Lock()
+#: when a list, every write's target is appended (crash tests find where the setup ends)
+_trace: list[str] | None = None
 
 
-def _write_point() -> None:
+def _write_point(what: str = "") -> None:
     """Called before every single write to a store (chunk, metadata, rename, delete).
 
     Crash tests set DITF_KILL_AT_WRITE=N: the process then SIGKILLs itself right before its N-th
@@ -92,6 +94,8 @@ def _write_point() -> None:
     with _writes_lock:
         _writes_seen += 1
         n = _writes_seen
+        if _trace is not None:
+            _trace.append(what)
     if _KILL_AT is not None and n == _KILL_AT:
         marker = os.environ.get("DITF_KILL_MARKER")
         if marker:
@@ -107,19 +111,19 @@ class _Store(LocalStore):
     """zarr's local store, with every write announced to `_write_point` first."""
 
     async def set(self, key, value) -> None:
-        _write_point()
+        _write_point(f"{self.root}/{key}")
         await super().set(key, value)
 
     async def set_if_not_exists(self, key, value) -> None:
-        _write_point()
+        _write_point(f"{self.root}/{key}")
         await super().set_if_not_exists(key, value)
 
     async def delete(self, key) -> None:
-        _write_point()
+        _write_point(f"delete {self.root}/{key}")
         await super().delete(key)
 
     async def delete_dir(self, prefix) -> None:
-        _write_point()
+        _write_point(f"delete {self.root}/{prefix}")
         await super().delete_dir(prefix)
 
 
@@ -129,7 +133,7 @@ def _fs_rename(src: Path, dst: Path) -> bool:
 
     An empty `dst` directory is replaced (rename(2) allows it): v1 stores left empty lock folders.
     """
-    _write_point()
+    _write_point(f"rename {src} -> {dst}")
     try:
         os.rename(src, dst)
         return True
@@ -143,7 +147,7 @@ def _fs_remove(path: Path, trash: Path) -> None:
     """Remove a directory tree: renamed into the trash first, so the node vanishes whole."""
     if not path.exists():
         return
-    _write_point()
+    _write_point(f"remove {path}")
     trash.mkdir(parents=True, exist_ok=True)
     target = trash / uuid.uuid4().hex
     os.rename(path, target)
@@ -389,12 +393,23 @@ class FeatureStore:
 
     def _publish(self, staged: Path, node: str) -> bool:
         """Rename a staged group to `node` (parents created first, each one atomic write)."""
-        if "/" in node:
-            self.root.require_group(node.rsplit("/", 1)[0])
+        self._require_parents(node)
         final = self.path / node
         if final.exists() and not (final / "zarr.json").exists() and any(n != _META for n in _fs_list(final)):
             _fs_remove(final, self.path / _META / "trash")  # a schema-1 half-setup: never committed
         return _fs_rename(staged, final)
+
+    def _require_parents(self, node: str) -> None:
+        """Create the groups above `node`, top down: a kill leaves no group without its parent.
+
+        (zarr's `require_group("a/b/c")` writes c before a and b, and a later call that finds
+        c stops there, leaving a and b missing and c unreachable.)
+        """
+        parts = node.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:depth])
+            if self._group(prefix) is None:
+                self.root.require_group(prefix)
 
     def delete(self, path: str) -> None:
         """Remove a node whole (renamed out of the hierarchy first: a kill leaves it or nothing)."""
