@@ -958,3 +958,238 @@ class PredictionArrays:
                 rows = pred[i]
                 out[pair_id] = rows[~np.isnan(rows[:, 0])]
         return out
+
+
+# ---- the doctor's walk ----------------------------------------------------------------------------
+@dataclass
+class Finding:
+    """One problem in a store, and what `ditf doctor --repair` does about it."""
+
+    problem: str
+    repair: str = "no automatic repair"
+    action: Callable[[], None] | None = field(default=None, repr=False)
+
+
+def _metadata_problem(path: Path) -> str | None:
+    """Why a zarr.json cannot be trusted (unparsable, not a zarr v3 node), or None."""
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") not in ("group", "array"):
+            return "not zarr v3 metadata"
+        if meta["node_type"] == "array" and not isinstance(meta.get("data_type"), (str, dict)):
+            return "no data type"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return _reason(exc)
+    return None
+
+
+def repair_root_metadata(path: str | Path) -> str | None:
+    """Rewrite a store's unreadable root zarr.json (it holds only the schema version)."""
+    path = Path(path)
+    if not (path / "zarr.json").exists() or _metadata_problem(path / "zarr.json") is None:
+        return None
+    _write_point(f"{path}/zarr.json")
+    meta = {"zarr_format": 3, "node_type": "group", "attributes": {"ditf_schema_version": SCHEMA_VERSION}}
+    tmp = path / f"zarr.json.{uuid.uuid4().hex}.partial"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, path / "zarr.json")
+    return f"rewrote the root metadata of {path} (schema version {SCHEMA_VERSION})"
+
+
+def _node_kind(parts: Sequence[str]) -> str:
+    """What a node path inside the store is: root, index, key, key-part, predictions, prompt, intermediate."""
+    if not parts:
+        return "root"
+    if parts[0] == "prompts":
+        return "prompt" if len(parts) >= 2 else "intermediate"
+    if len(parts) >= 2 and parts[1] == "images":
+        return "index"
+    if len(parts) >= 5 and parts[4] == "predictions":
+        return "predictions" if len(parts) >= 8 or (len(parts) >= 7) else "intermediate"
+    if len(parts) >= 4:
+        return "key"
+    return "intermediate"
+
+
+def audit_store(store: FeatureStore, read_chunks: bool = True) -> tuple[list[str], list[Finding]]:
+    """Walk a store: metadata, half-done setups, every committed image's and block's chunks.
+
+    Returns (lines that are fine, findings). Nothing is changed: each finding carries the
+    repair action, run by the caller (`ditf doctor --repair`) on a writable store.
+    """
+    ok: list[str] = []
+    findings: list[Finding] = []
+    trash = store.path / _META / "trash"
+    removed: set[str] = set()
+
+    def remove(node: str, why: str) -> Finding:
+        def act() -> None:
+            if node not in removed:
+                removed.add(node)
+                _fs_remove(store.path / node, trash)
+        return Finding(why, f"removed {node}", act)
+
+    # 1. leftovers of interrupted setups (never visible to readers, but they take space)
+    for name in _fs_list(store.path / _META / "staging"):
+        staged = store.path / _META / "staging" / name
+        findings.append(Finding(f"store: unfinished setup left by an interrupted run: {staged}",
+                                f"removed {staged}", functools.partial(shutil.rmtree, staged, True)))
+    for sibling in store.path.parent.glob(f".{store.path.name}.ditf-new-*"):
+        findings.append(Finding(f"store: unfinished store creation left by an interrupted run: {sibling}",
+                                f"removed {sibling}", functools.partial(shutil.rmtree, sibling, True)))
+
+    # 2. every node's metadata parses (a damaged zarr.json must not crash the walk)
+    damaged_nodes: list[str] = []
+    for meta in sorted(store.path.rglob("zarr.json")):
+        rel = meta.parent.relative_to(store.path).parts
+        if rel[:1] == (_META,) or "c" in rel:
+            continue
+        why = _metadata_problem(meta)
+        if why is None:
+            continue
+        node = "/".join(rel)
+        damaged_nodes.append(node)
+        kind = _node_kind(rel)
+        problem = f"store: the metadata of {node or 'the root'} is damaged ({why})"
+        if kind == "root":
+            findings.append(Finding(problem, "rewrote the root metadata", functools.partial(repair_root_metadata, store.path)))
+        elif kind == "key":
+            findings.append(remove("/".join(rel[:4]), problem + "; the key's layout or configuration is lost, "
+                                   "its images will be extracted again"))
+        elif kind == "predictions":
+            findings.append(remove("/".join(rel[:8] if len(rel) >= 8 else rel[:7]), problem + "; predictions are recomputed by `ditf match`"))
+        elif kind == "prompt":
+            findings.append(remove("/".join(rel[:3] if len(rel) >= 3 else rel[:2]), problem + "; prompts are encoded again"))
+        elif kind == "intermediate":
+            def rewrite(path=meta) -> None:
+                _write_point(str(path))
+                path.write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+            findings.append(Finding(problem, f"rewrote {node}/zarr.json as a plain group", rewrite))
+        else:
+            findings.append(Finding(problem + "; every key's rows depend on the image index"))
+    if any(not node for node in damaged_nodes):
+        return ok, findings  # nothing below can be opened until the root is repaired
+
+    def under_damage(node: str) -> bool:
+        return any(node == d or node.startswith(d + "/") or d.startswith(node + "/") for d in damaged_nodes)
+
+    # 3. feature keys: complete setups, dtypes, every committed image readable
+    for ds in store._dataset_names():
+        if under_damage(f"{ds}/images"):
+            continue
+        try:
+            rows = store.image_rows(ds)
+            ok.append(f"store: {ds}/images: {len(rows)} images indexed")
+        except DitfError as exc:
+            findings.append(Finding(f"store: {ds}/images: {exc}"))
+            continue
+        for model in _fs_list(store.path / ds):
+            for k_name in _fs_list(store.path / ds / model):
+                for t_name in _fs_list(store.path / ds / model / k_name):
+                    node = f"{ds}/{model}/{k_name}/{t_name}"
+                    folder = store.path / node
+                    if not folder.is_dir() or not (k_name[:1] == "k" and t_name[:1] == "t") or under_damage(node):
+                        continue
+                    if not _fs_list(folder):
+                        continue  # an empty folder (a schema-1 lock): nothing to report
+                    _audit_key(store, node, ds, findings, ok, remove, read_chunks)
+    # 4. prompt caches: every entry readable
+    for cache in _fs_list(store.path / "prompts"):
+        for entry in _fs_list(store.path / "prompts" / cache):
+            node = f"prompts/{cache}/{entry}"
+            if not (store.path / node).is_dir() or under_damage(node):
+                continue
+            group = store._group(node) if (store.path / node / "zarr.json").exists() else None
+            if group is None or "text" not in group.attrs:
+                continue  # a schema-1 prompt array: read by nobody, harmless
+            try:
+                for name in group.attrs["names"]:
+                    group[name][...]
+            except Exception as exc:
+                findings.append(remove(node, f"store: prompt cache entry {node} is damaged ({_reason(exc)}); it is encoded again"))
+    return ok, findings
+
+
+def _audit_key(store, node, dataset, findings, ok, remove, read_chunks) -> None:
+    group = store._group(node) if (store.path / node / "zarr.json").exists() else None
+    if group is None or "complete" not in group or "config" not in group.attrs or "modulation" not in group.attrs:
+        committed = 0
+        try:
+            committed = int(np.asarray(group["complete"][:]).sum()) if group is not None and "complete" in group else 0
+        except Exception:
+            pass
+        note = "" if not committed else f" ({committed} committed images without a trustworthy configuration are extracted again)"
+        findings.append(remove(node, f"store: {node}: half-done setup of a feature key{note}"))
+        return
+    expected = {**_FEATURE_DTYPES, **{name: _MODULATION_DTYPE for name in group.attrs["modulation"]}}
+    wrong = []
+    for name, dtype in expected.items():
+        meta = store.path / node / name / "zarr.json"
+        stored = json.loads(meta.read_text()).get("data_type") if meta.exists() else None
+        if stored is not None and stored != dtype:
+            wrong.append(name)
+
+            def restore(meta=meta, dtype=dtype) -> None:  # the chunks' checksums then vouch for the bytes
+                _write_point(str(meta))
+                fixed = {**json.loads(meta.read_text()), "data_type": dtype}
+                if dtype == "bool":
+                    fixed["fill_value"] = bool(fixed.get("fill_value") or False)
+                meta.write_text(json.dumps(fixed, indent=2))
+
+            findings.append(Finding(f"store: {node}: array {name} has dtype {stored} in its metadata, not {dtype}",
+                                    f"restored the dtype of {node}/{name} to {dtype}", restore))
+    if wrong:
+        return
+    try:
+        arrays = store._feature_arrays(group, node, dataset)
+        complete = arrays.complete()
+        n = arrays.n_images
+        short = [name for name in ["pre_adaln", "grid", *arrays.modulation_names] if group[name].shape[0] < n]
+        if short:
+            raise DitfError(f"arrays {', '.join(short)} have fewer rows than complete")
+    except DitfError as exc:
+        findings.append(remove(node, f"store: {node}: {exc}; its images are extracted again"))
+        return
+    broken = []
+    if read_chunks:
+        for row in map(int, complete.nonzero()[0]):
+            try:
+                arrays.read_image(row)
+            except DitfError as exc:
+                broken.append(row)
+                findings.append(Finding(f"store: {node}: committed image {arrays._name(row)} is unreadable ({exc})",
+                                        f"cleared the complete flag of {arrays._name(row)} in {node}: the next extract redoes it",
+                                        functools.partial(arrays.clear_complete, [row])))
+    ok.append(f"store: {node}: {int(complete.sum()) - len(broken)}/{len(complete)} images complete and readable")
+    base = f"{node}/predictions"
+    for first in _fs_list(store.path / base):
+        for second in _fs_list(store.path / base / first):
+            candidates = [f"{base}/{first}/{second}"]
+            if not (store.path / candidates[0] / "done").exists():
+                candidates = [f"{base}/{first}/{second}/{third}" for third in _fs_list(store.path / base / first / second)
+                              if (store.path / base / first / second / third).is_dir()]
+            for path in candidates:
+                if any(n in ("c", "pair_id", "pred", "done") for n in path.split("/")[-1:]):
+                    continue
+                _audit_predictions(store, path, findings, ok, remove)
+
+
+def _audit_predictions(store, path, findings, ok, remove) -> None:
+    group = store._group(path) if (store.path / path / "zarr.json").exists() else None
+    if group is None or not all(name in group for name in ("pair_id", "pred", "done")):
+        findings.append(remove(path, f"store: {path}: half-done predictions setup; `ditf match` recomputes it"))
+        return
+    predictions = PredictionArrays(group, path)
+    try:
+        done = predictions.done()
+        bad = predictions.damaged_blocks()
+        if str(group["pred"].dtype) != "float32" or str(group["done"].dtype) != "bool":
+            raise DitfError("wrong dtype in the metadata")
+    except DitfError as exc:
+        findings.append(remove(path, f"store: {path}: {exc}; `ditf match` recomputes it"))
+        return
+    for start, stop, reason in bad:
+        findings.append(Finding(f"store: {path}: pairs {start}..{stop - 1} are damaged ({reason})",
+                                f"cleared done for pairs {start}..{stop - 1} of {path}: the next match redoes them",
+                                functools.partial(predictions.clear_done, start, stop)))
+    ok.append(f"store: {path}: {int(done.sum())}/{len(done)} pairs done")

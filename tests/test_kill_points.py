@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,8 @@ import pytest
 import zarr
 
 from ditf_pipeline.demo import make_spair_demo
+
+from _store_snapshot import differences as _differences, snapshot as _snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -84,43 +85,6 @@ class Runner:
         if kill_at is not None and code == -9:
             assert marker.read_text() == str(kill_at)  # it was running, right before that write
         return code
-
-
-def _snapshot(path: Path) -> dict:
-    """Every node's attributes (timestamps dropped) and every array's metadata and values."""
-    out = {}
-
-    def walk(group, prefix: str) -> None:
-        attrs = dict(group.attrs)
-        if "provenance" in attrs:
-            attrs["provenance"] = {k: v for k, v in attrs["provenance"].items() if k != "created"}
-        out[f"{prefix}/@"] = json.dumps(attrs, sort_keys=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            members = sorted(group.members(), key=lambda m: m[0])
-        for name, node in members:
-            if isinstance(node, zarr.Array):
-                out[f"{prefix}/{name}"] = (node.shape, str(node.dtype), node.chunks, json.dumps(dict(node.attrs)), node[...])
-            else:
-                walk(node, f"{prefix}/{name}")
-
-    walk(zarr.open_group(str(path), mode="r"), "")
-    return out
-
-
-def _differences(got: dict, want: dict) -> list[str]:
-    if got.keys() != want.keys():
-        return [f"nodes differ: {sorted(set(got) ^ set(want))}"]
-    bad = []
-    for key, value in want.items():
-        other = got[key]
-        if isinstance(value, str):
-            if value != other:
-                bad.append(key)
-        elif value[:4] != other[:4] or not np.array_equal(
-                value[4], other[4], equal_nan=value[4].dtype.kind == "f"):
-            bad.append(key)
-    return bad
 
 
 @pytest.fixture(scope="module")
