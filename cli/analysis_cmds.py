@@ -72,7 +72,7 @@ def analyze(
 
 
 def analyze_options(
-    model: str, dataset: str, data_root: Path, split: str | None, store: Path, k: list[int] | None, t: list[int] | None,
+    model: str, dataset: str, data_root: Path, split: str | None, store: str | Path, k: list[int] | None, t: list[int] | None,
     *, sample: int = 32, ratio: float = 100.0, write: bool = True, plots: bool = True, pca_images: int = 4,
     variant: str = "adaln+cd", protocol: str = "dift", alpha: float = 0.1, aggregation: str = "per_point",
     match: bool = False, out: Path = Path("analysis"), fmt: str = "table", progress: bool = False,
@@ -84,7 +84,7 @@ def analyze_options(
     from ditf_pipeline import plots as pl
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.errors import DitfError
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store import FeatureStore, store_exists
 
     if fmt not in ("table", "json"):
         raise DitfError(f"--format must be table or json, got {fmt!r}")
@@ -93,7 +93,7 @@ def analyze_options(
     if sample < 0 or pca_images < 0:
         raise DitfError("--sample and --pca-images must be >= 0")
     data = get_dataset(dataset, data_root, split)
-    if not Path(store).exists():
+    if not store_exists(store):
         raise DitfError(f"store {store} does not exist: run `ditf extract` first")
     feature_store = FeatureStore(store, read_only=not (write or match))
     keys = _selected_keys(feature_store, data.name, model, k, t)
@@ -192,7 +192,7 @@ def show(
 
 
 def show_options(
-    pair: list[str] | None, model: str, dataset: str, data_root: Path, split: str | None, store: Path,
+    pair: list[str] | None, model: str, dataset: str, data_root: Path, split: str | None, store: str | Path,
     k: list[int] | None, t: list[int] | None, *, variant: str = "adaln+cd", protocol: str = "dift",
     channels: str = "auto", alpha: float = 0.1, dense: bool = False, grid: int = 12, out: Path = Path("show.png"),
 ) -> Path:

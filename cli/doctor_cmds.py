@@ -16,7 +16,7 @@ def doctor(
     dataset: DatasetOpt = "spair",
     data_root: Annotated[Optional[Path], typer.Option(help="Dataset root to check (skipped if not given).")] = None,
     split: SplitOpt = None,
-    store: Annotated[Optional[Path], typer.Option(help="Store to check (default stores/ditf.zarr if it exists).")] = None,
+    store: Annotated[Optional[str], typer.Option(help="Store to check, a path or a URL (default stores/ditf.zarr if it exists).")] = None,
     quick: Annotated[bool, typer.Option(help="Read image headers and skip reading every stored chunk.")] = False,
     repair: Annotated[bool, typer.Option(help="Remove half-done setups and unreadable nodes, un-commit damaged "
                                               "images so a rerun redoes only those; never deletes intact data.")] = False,
@@ -30,7 +30,7 @@ def doctor(
     keys = None
     if data_root is not None:
         keys = check_dataset(dataset, data_root, split, findings, decode=not quick)
-    store = store if store is not None else (DEFAULT_STORE if DEFAULT_STORE.exists() else None)
+    store = store if store is not None else (DEFAULT_STORE if Path(DEFAULT_STORE).exists() else None)
     if store is not None:
         name = None
         if data_root is not None:

@@ -22,7 +22,7 @@ def extract_options(
     dataset: str,
     data_root: Path,
     split: str | None,
-    store: Path,
+    store: str | Path,
     k: list[int] | None = None,
     t: list[int] | None = None,
     img_size: int | None = None,

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 from . import SCHEMA_VERSION
 from .errors import DitfError
@@ -107,24 +107,35 @@ if _WRITE_LOG:
     atexit.register(lambda: Path(_WRITE_LOG).write_text(str(_writes_seen)))
 
 
-class _Store(LocalStore):
-    """zarr's local store, with every write announced to `_write_point` first."""
+class _Announced:
+    """Every write of a zarr store announced to `_write_point` first (mixed into zarr's stores)."""
 
-    async def set(self, key, value) -> None:
-        _write_point(f"{self.root}/{key}")
-        await super().set(key, value)
+    def _where(self) -> str:
+        return str(getattr(self, "root", None) or getattr(self, "path", ""))
+
+    async def set(self, key, value, *args, **kwargs) -> None:
+        _write_point(f"{self._where()}/{key}")
+        await super().set(key, value, *args, **kwargs)
 
     async def set_if_not_exists(self, key, value) -> None:
-        _write_point(f"{self.root}/{key}")
+        _write_point(f"{self._where()}/{key}")
         await super().set_if_not_exists(key, value)
 
     async def delete(self, key) -> None:
-        _write_point(f"delete {self.root}/{key}")
+        _write_point(f"delete {self._where()}/{key}")
         await super().delete(key)
 
     async def delete_dir(self, prefix) -> None:
-        _write_point(f"delete {self.root}/{prefix}")
+        _write_point(f"delete {self._where()}/{prefix}")
         await super().delete_dir(prefix)
+
+
+class _Store(_Announced, LocalStore):
+    """zarr's local store (each chunk written atomically: temp file + rename)."""
+
+
+class _ObjectStore(_Announced, FsspecStore):
+    """zarr's fsspec store for s3://, gs://, az:// (each object put is atomic)."""
 
 
 # ---- filesystem-specific parts (an object-store backend replaces these) --------------------------
@@ -212,6 +223,409 @@ def _fs_lock(path: Path, refusal: str, wait: float = 0.0):
             os.close(fd)
 
 
+# ---- where a store lives: a local folder or an object store --------------------------------------
+#: URL schemes served by fsspec object-store backends (installed as extras: s3fs, gcsfs, adlfs)
+_OBJECT_SCHEMES = {"s3": "s3fs (pip install 'ditf[s3]')", "s3a": "s3fs (pip install 'ditf[s3]')",
+                   "gs": "gcsfs (pip install 'ditf[gcs]')", "gcs": "gcsfs (pip install 'ditf[gcs]')",
+                   "az": "adlfs (pip install 'ditf[azure]')", "abfs": "adlfs (pip install 'ditf[azure]')",
+                   "abfss": "adlfs (pip install 'ditf[azure]')", "memory": "fsspec"}
+#: how long an object-store writer's lease lasts without a heartbeat (seconds)
+_LEASE_SECONDS = float(os.environ.get("DITF_LEASE_SECONDS") or 60)
+
+
+def is_remote(store: str | Path) -> bool:
+    """Whether `--store` names an object store (s3://, gs://, az://) rather than a local folder."""
+    text = str(store)
+    return "://" in text and text.split("://", 1)[0].lower() != "file"
+
+
+def store_location(store: str | Path) -> str | Path:
+    """A `--store` value parsed once: a local Path (plain paths and file:// URLs) or an object-store URL."""
+    text = str(store)
+    if "://" not in text:
+        return Path(text)
+    scheme, rest = text.split("://", 1)
+    scheme = scheme.lower()
+    if scheme == "file":
+        return Path(rest)
+    if scheme not in _OBJECT_SCHEMES:
+        raise DitfError(f"--store {text}: unknown URL scheme {scheme}:// (use a path, file://, s3://, gs:// or az://)")
+    if not rest.strip("/"):
+        raise DitfError(f"--store {text}: name a bucket (and a prefix), e.g. {scheme}://bucket/ditf.zarr")
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
+def local_beside(store: str | Path, suffix: str, replace_suffix: bool = True) -> Path:
+    """A local folder for files that accompany a store (DAVIS masks, probe heads).
+
+    Beside a local store: `<store>` with its suffix replaced by (or extended with) `suffix`.
+    An object store has no local "beside": the folder goes under `DITF_RESULTS_ROOT` (default
+    ./stores), named after the URL, e.g. s3://bucket/run/ditf.zarr -> stores/s3_bucket_run_ditf.zarr.results.
+    """
+    location = store_location(store)
+    if isinstance(location, Path):
+        return location.with_suffix(suffix) if replace_suffix else location.with_name(location.name + suffix)
+    flat = location.replace("://", "_").replace("/", "_")
+    return Path(os.environ.get("DITF_RESULTS_ROOT") or "stores") / f"{flat}{suffix}"
+
+
+def store_exists(store: str | Path) -> bool:
+    """Whether a ditf store (its root zarr.json) is at `store` (a path or a URL)."""
+    return _backend(store_location(store)).exists("zarr.json")
+
+
+class _LocalBackend:
+    """A store in a local (or NFS) folder: directory renames publish, POSIX locks exclude."""
+
+    remote = False
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def where(self, rel: str) -> str:
+        return str(self.path / rel) if rel else str(self.path)
+
+    def exists(self, rel: str) -> bool:
+        return (self.path / rel).exists()
+
+    def is_dir(self, rel: str) -> bool:
+        return (self.path / rel).is_dir()
+
+    def list(self, rel: str) -> list[str]:
+        return _fs_list(self.path / rel)
+
+    def read_text(self, rel: str) -> str:
+        return (self.path / rel).read_text()
+
+    def write_text(self, rel: str, text: str) -> None:
+        """One file replaced atomically (temp file + rename)."""
+        target = self.path / rel
+        _write_point(str(target))
+        tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+
+    def zarr_store(self, rel: str = "", read_only: bool = False):
+        return _Store(self.path / rel, read_only=read_only)
+
+    def root_problem(self, read_only: bool) -> str | None:
+        if read_only and not self.path.exists():
+            return f"store {self.path} does not exist"
+        if self.path.exists() and not self.path.is_dir():
+            return f"store {self.path} is not a directory"
+        return None
+
+    def create_root(self, metadata: bytes) -> None:
+        """The root as one transaction: built beside the target, renamed into place."""
+        staged = self.path.parent / f".{self.path.name}.ditf-new-{uuid.uuid4().hex[:8]}"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            staged.mkdir()
+            _write_point(f"{staged}/zarr.json")
+            (staged / "zarr.json").write_bytes(metadata)
+            if not _fs_rename(staged, self.path):
+                shutil.rmtree(staged, ignore_errors=True)  # another process created the store first
+        except OSError as exc:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise DitfError(f"cannot write to store {self.path}: {exc.strerror or exc}") from exc
+
+    def new_staging(self) -> str:
+        rel = f"{_META}/staging/{uuid.uuid4().hex}"
+        (self.path / rel).parent.mkdir(parents=True, exist_ok=True)
+        return rel
+
+    def discard(self, rel: str) -> None:
+        shutil.rmtree(self.path / rel, ignore_errors=True)
+
+    def publish(self, staged: str, node: str) -> bool:
+        final = self.path / node
+        if final.exists() and not (final / "zarr.json").exists() and any(n != _META for n in _fs_list(final)):
+            self.remove(node)  # a schema-1 half-setup: never committed
+        return _fs_rename(self.path / staged, final)
+
+    def remove(self, rel: str) -> None:
+        _fs_remove(self.path / rel, self.path / _META / "trash")
+
+    def lock(self, rel: str, refusal: str, wait: float):
+        return _fs_lock(self.path / rel, refusal, wait)
+
+    def metadata_nodes(self) -> list[str]:
+        """Every folder holding a zarr.json, relative to the root ("" for the root)."""
+        return sorted("/".join(meta.parent.relative_to(self.path).parts) for meta in self.path.rglob("zarr.json"))
+
+    def stray_creations(self) -> list[tuple[str, Callable[[], None]]]:
+        return [(str(s), functools.partial(shutil.rmtree, s, True))
+                for s in self.path.parent.glob(f".{self.path.name}.ditf-new-*")]
+
+
+class _ObjectBackend:
+    """A store in object storage through fsspec (zarr's own FsspecStore for the arrays).
+
+    Object stores have single-object atomic puts but no directory rename and no locks, so a node
+    is published by copying its staged objects into place and writing the node's own zarr.json
+    last (a node without it is absent to every reader, and the next publish clears the
+    leftovers); a removal deletes that zarr.json first. Writers hold leases (`_ObjectLease`).
+    """
+
+    remote = True
+
+    def __init__(self, url: str) -> None:
+        import fsspec
+
+        self.url = url
+        scheme = url.split("://", 1)[0]
+        try:
+            # no listing cache: other processes write the same prefixes
+            self.fs, self.root = fsspec.url_to_fs(url, use_listings_cache=False, skip_instance_cache=True)
+        except ImportError as exc:
+            raise DitfError(f"--store {url} needs {_OBJECT_SCHEMES.get(scheme, 'an fsspec backend')}: {exc}") from exc
+        except (ValueError, TypeError) as exc:
+            raise DitfError(f"--store {url}: {_reason(exc)}") from exc
+        self.root = self.root.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def _key(self, rel: str) -> str:
+        return f"{self.root}/{rel}".rstrip("/") if rel else self.root
+
+    def where(self, rel: str) -> str:
+        return f"{self.url}/{rel}" if rel else self.url
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (FileNotFoundError, FileExistsError, DitfError):
+            raise
+        except OSError as exc:
+            raise DitfError(f"store {self.url}: cannot {what}: {exc.strerror or exc}") from exc
+        except Exception as exc:  # botocore and friends: credentials, endpoint, permissions
+            raise DitfError(f"store {self.url}: cannot {what}: {_reason(exc)}") from exc
+
+    def exists(self, rel: str) -> bool:
+        return bool(self._call("read", self.fs.exists, self._key(rel)))
+
+    def is_dir(self, rel: str) -> bool:
+        return bool(self._call("read", self.fs.isdir, self._key(rel)))
+
+    def list(self, rel: str) -> list[str]:
+        try:
+            entries = self._call("list", self.fs.ls, self._key(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        prefix = self._key(rel).rstrip("/") + "/"
+        return sorted({e.rstrip("/")[len(prefix):].split("/")[0] for e in entries if e.rstrip("/").startswith(prefix)} - {""})
+
+    def read_text(self, rel: str) -> str:
+        return self._call("read", self.fs.cat_file, self._key(rel)).decode()
+
+    def write_text(self, rel: str, text: str) -> None:
+        _write_point(self.where(rel))
+        self._call("write", self.fs.pipe_file, self._key(rel), text.encode())
+
+    def zarr_store(self, rel: str = "", read_only: bool = False):
+        return _ObjectStore.from_url(self.where(rel), read_only=read_only)
+
+    def root_problem(self, read_only: bool) -> str | None:
+        bucket = self.root.split("/", 1)[0]
+        try:
+            if not self._call("read", self.fs.exists, bucket):
+                return f"store {self.url}: bucket {bucket} does not exist (or these credentials cannot see it)"
+        except FileNotFoundError:
+            return f"store {self.url}: bucket {bucket} does not exist"
+        if read_only and not self.exists("zarr.json"):
+            return f"store {self.url} does not exist"
+        return None
+
+    def create_root(self, metadata: bytes) -> None:
+        """The root is one object, created only if absent (a conditional put)."""
+        _write_point(self.where("zarr.json"))
+        try:
+            self._call("write", self.fs.pipe_file, self._key("zarr.json"), metadata, mode="create")
+        except FileExistsError:
+            pass  # another process created the store first
+
+    def new_staging(self) -> str:
+        return f"{_META}/staging/{uuid.uuid4().hex}"
+
+    def discard(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError, DitfError):
+            self._call("delete", self.fs.rm, self._key(rel), recursive=True)
+
+    def _files(self, rel: str) -> list[str]:
+        """Every object under `rel`, relative to it."""
+        prefix = self._key(rel) + "/"
+        try:
+            found = self._call("list", self.fs.find, self._key(rel))
+        except FileNotFoundError:
+            return []
+        return sorted(f[len(prefix):] for f in found if f.startswith(prefix))
+
+    def publish(self, staged: str, node: str) -> bool:
+        """Copy the staged node's objects into place, its zarr.json last (the commit mark).
+
+        Objects under `node` without its zarr.json are the leftovers of an interrupted publish
+        (never visible): they are removed first. False when the node exists (another writer won).
+        """
+        if self.exists(f"{node}/zarr.json"):
+            return False
+        if self._files(node):
+            self.remove(node)
+        files = self._files(staged)
+        for name in files:
+            if name != "zarr.json":
+                _write_point(f"copy {self.where(staged)}/{name} -> {self.where(node)}/{name}")
+                self._call("write", self.fs.copy, self._key(f"{staged}/{name}"), self._key(f"{node}/{name}"))
+        metadata = self._call("read", self.fs.cat_file, self._key(f"{staged}/zarr.json"))
+        _write_point(f"{self.where(node)}/zarr.json")
+        try:
+            self._call("write", self.fs.pipe_file, self._key(f"{node}/zarr.json"), metadata, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def remove(self, rel: str) -> None:
+        """The node's zarr.json first (it vanishes for every reader), then its objects."""
+        files = self._files(rel)
+        if not files:
+            return
+        _write_point(f"remove {self.where(rel)}")
+        if "zarr.json" in files:
+            with contextlib.suppress(FileNotFoundError):
+                self._call("delete", self.fs.rm_file, self._key(f"{rel}/zarr.json"))
+        with contextlib.suppress(FileNotFoundError):
+            self._call("delete", self.fs.rm, self._key(rel), recursive=True)
+
+    def lock(self, rel: str, refusal: str, wait: float):
+        return _ObjectLease(self, rel.removesuffix(".lock") + ".lease", refusal, wait).held()
+
+    def metadata_nodes(self) -> list[str]:
+        nodes = []
+        for name in self._files(""):
+            if name == "zarr.json":
+                nodes.append("")
+            elif name.endswith("/zarr.json"):
+                nodes.append(name[: -len("/zarr.json")])
+        return sorted(nodes)
+
+    def stray_creations(self) -> list[tuple[str, Callable[[], None]]]:
+        return []
+
+
+class _ObjectLease:
+    """The right to write one node of an object store: a lease object created by a conditional put.
+
+    The lease holds an owner id and an expiry; a heartbeat thread pushes the expiry forward while
+    the holder runs. Another writer is refused while the lease is live; it may take over a lease
+    that expired (its holder died or hung) or whose holder is a dead process on this host.
+    Taking over is read, compare, delete, conditional create: see stores/README.md for the race
+    that remains.
+    """
+
+    def __init__(self, backend: _ObjectBackend, rel: str, refusal: str, wait: float) -> None:
+        self.backend, self.rel, self.refusal, self.wait = backend, rel, refusal, wait
+        self.key = backend._key(rel)
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.ttl = _LEASE_SECONDS
+        self.lost = False
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "host": os.uname().nodename, "pid": os.getpid(),
+                           "expires": time.time() + self.ttl}).encode()
+
+    def _read(self) -> tuple[bytes, dict] | None:
+        try:
+            raw = self.backend._call("read", self.backend.fs.cat_file, self.key)
+        except FileNotFoundError:
+            return None
+        try:
+            return raw, json.loads(raw)
+        except ValueError:
+            return raw, {}  # a damaged lease counts as expired
+
+    @staticmethod
+    def _stale(lease: dict) -> bool:
+        if float(lease.get("expires", 0)) < time.time():
+            return True
+        if lease.get("host") == os.uname().nodename and isinstance(lease.get("pid"), int):
+            try:
+                os.kill(lease["pid"], 0)
+            except ProcessLookupError:
+                return True  # its process died on this host: no need to wait for the expiry
+            except PermissionError:
+                pass
+        return False
+
+    def _try(self) -> bool:
+        fs = self.backend.fs
+        try:
+            self.backend._call("take a lease", fs.pipe_file, self.key, self._body(), mode="create")
+            return True
+        except FileExistsError:
+            pass
+        found = self._read()
+        if found is None or not self._stale(found[1]):
+            return False
+        again = self._read()  # the same stale lease still there: remove it, then race for a new one
+        if again is None or again[0] != found[0]:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            self.backend._call("remove a stale lease", fs.rm_file, self.key)
+        try:
+            self.backend._call("take a lease", fs.pipe_file, self.key, self._body(), mode="create")
+            return True
+        except FileExistsError:
+            return False
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.ttl / 3):
+            try:
+                found = self._read()
+                if found is None or found[1].get("owner") != self.owner:
+                    self.lost = True
+                    warnings.warn(f"ditf: the lease {self.key} was taken over by another writer", stacklevel=1)
+                    return
+                self.backend.fs.pipe_file(self.key, self._body())
+            except Exception:  # a transient network error: try again at the next beat
+                continue
+
+    @contextlib.contextmanager
+    def held(self):
+        name = f"{self.backend.url}#{self.rel}"
+        deadline = time.monotonic() + self.wait
+        while True:
+            with _HELD_GUARD:
+                mine = name not in _HELD and self._try()
+                if mine:
+                    _HELD.add(name)
+            if mine:
+                break
+            if time.monotonic() >= deadline:
+                raise DitfError(self.refusal)
+            time.sleep(min(1.0, max(self.wait / 20, 0.1)))
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(stop,), daemon=True, name=f"ditf-lease {self.rel}")
+        beat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beat.join()
+            with _HELD_GUARD:
+                _HELD.discard(name)
+            found = self._read() if not self.lost else None
+            if found is not None and found[1].get("owner") == self.owner:
+                with contextlib.suppress(Exception):
+                    self.backend.fs.rm_file(self.key)
+
+
+def _backend(location: str | Path):
+    return _LocalBackend(location) if isinstance(location, Path) else _ObjectBackend(location)
+
+
 # ---- small helpers ------------------------------------------------------------------------------
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -257,6 +671,13 @@ def _reads(what: str):
     return decorate
 
 
+def _root_metadata() -> bytes:
+    """The root node's zarr.json as zarr writes it (it holds only the schema version)."""
+    memory = zarr.storage.MemoryStore()
+    zarr.create_group(store=memory, attributes={"ditf_schema_version": SCHEMA_VERSION})
+    return sync(memory.get("zarr.json", zarr.core.buffer.default_buffer_prototype())).to_bytes()
+
+
 def feature_path(dataset: str, model: str, k: int, t: int) -> str:
     return f"{dataset}/{model}/k{k}/t{t}"
 
@@ -299,21 +720,26 @@ class FeatureStore:
     """A Zarr group holding cached DiT features, prompt embeddings and predictions."""
 
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
-        self.path = Path(path)
+        """`path`: a folder (or file:// URL), or an object-store URL (s3://bucket/prefix, gs://, az://).
+
+        `self.path` is a Path for a local store and the URL (str) for an object store.
+        """
+        self.path = store_location(path)
+        self.backend = _backend(self.path)
+        self.remote = self.backend.remote
         self.read_only = read_only
-        if read_only and not self.path.exists():
-            raise DitfError(f"store {self.path} does not exist")
-        if self.path.exists() and not self.path.is_dir():
-            raise DitfError(f"store {self.path} is not a directory")
-        if not (self.path / "zarr.json").exists():
-            if self.path.exists() and any(name != _META for name in _fs_list(self.path)):
+        problem = self.backend.root_problem(read_only)
+        if problem:
+            raise DitfError(problem)
+        if not self.backend.exists("zarr.json"):
+            if any(name != _META for name in self.backend.list("")):
                 raise DitfError(f"{self.path} is not a ditf store (a non-empty folder without zarr.json): "
                                 "refusing to write into it; pass a new path or an existing store")
             if read_only:
                 raise DitfError(f"store {self.path} is not a zarr store (no zarr.json)")
             self._create_root()
         try:
-            self.root = zarr.open_group(store=_Store(self.path, read_only=read_only), mode="r" if read_only else "r+")
+            self.root = zarr.open_group(store=self.backend.zarr_store("", read_only), mode="r" if read_only else "r+")
             version = self.root.attrs.get("ditf_schema_version")
         except Exception as exc:  # zarr raises several types for damaged metadata
             raise DitfError(f"cannot open store {self.path}: its zarr.json is damaged ({_reason(exc)}): "
@@ -327,16 +753,8 @@ class FeatureStore:
             self.migrate()
 
     def _create_root(self) -> None:
-        """The root as one transaction: built beside the target, renamed into place."""
-        staged = self.path.parent / f".{self.path.name}.ditf-new-{uuid.uuid4().hex[:8]}"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            zarr.create_group(store=_Store(staged), attributes={"ditf_schema_version": SCHEMA_VERSION})
-            if not _fs_rename(staged, self.path):
-                shutil.rmtree(staged, ignore_errors=True)  # another process created the store first
-        except OSError as exc:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise DitfError(f"cannot write to store {self.path}: {exc.strerror or exc}") from exc
+        """The root as one transaction (a renamed folder, or one conditional put)."""
+        self.backend.create_root(_root_metadata())
 
     @_writes
     def migrate(self) -> list[str]:
@@ -379,25 +797,26 @@ class FeatureStore:
             return False
 
     def _dataset_names(self) -> list[str]:
-        return [name for name in _fs_list(self.path) if name not in (_META, "prompts") and (self.path / name / "zarr.json").exists()]
+        return [name for name in self.backend.list("") if name not in (_META, "prompts")
+                and self.backend.exists(f"{name}/zarr.json")]
 
     @contextlib.contextmanager
     def _staged(self, attributes: Mapping | None = None):
         """A new group under `.ditf/staging/`, to be built completely and then `_publish`ed."""
-        path = self.path / _META / "staging" / uuid.uuid4().hex
-        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = self.backend.new_staging()
         try:
-            yield path, zarr.create_group(store=_Store(path), attributes=_jsonable(dict(attributes or {})))
+            yield staged, zarr.create_group(store=self.backend.zarr_store(staged),
+                                            attributes=_jsonable(dict(attributes or {})))
         finally:
-            shutil.rmtree(path, ignore_errors=True)  # published: gone already; failed: discarded
+            self.backend.discard(staged)  # local: published (gone already) or failed; object store: the copy's source
 
-    def _publish(self, staged: Path, node: str) -> bool:
-        """Rename a staged group to `node` (parents created first, each one atomic write)."""
+    def _publish(self, staged: str, node: str) -> bool:
+        """Move a staged group to `node` whole (parents created first, each one atomic write).
+
+        Locally a directory rename; on object storage a copy with the node's zarr.json last.
+        """
         self._require_parents(node)
-        final = self.path / node
-        if final.exists() and not (final / "zarr.json").exists() and any(n != _META for n in _fs_list(final)):
-            _fs_remove(final, self.path / _META / "trash")  # a schema-1 half-setup: never committed
-        return _fs_rename(staged, final)
+        return self.backend.publish(staged, node)
 
     def _require_parents(self, node: str) -> None:
         """Create the groups above `node`, top down: a kill leaves no group without its parent.
@@ -414,7 +833,7 @@ class FeatureStore:
     def delete(self, path: str) -> None:
         """Remove a node whole (renamed out of the hierarchy first: a kill leaves it or nothing)."""
         try:
-            _fs_remove(self.path / path, self.path / _META / "trash")
+            self.backend.remove(path)
         except OSError as exc:
             raise DitfError(f"cannot write to store {self.path}: {exc.strerror or exc}") from exc
 
@@ -544,11 +963,12 @@ class FeatureStore:
     def lock(self, node: str, refusal: str, wait: float = 0.0):
         """Exclusive, non-blocking right to write one node; `refusal` is the error if taken.
 
-        A lock file under `.ditf/locks/` (see `_fs_lock`): the OS drops it when the process
-        dies, so a crashed run never leaves a stale lock.
+        Locally a lock file under `.ditf/locks/` (see `_fs_lock`): the OS drops it when the
+        process dies, so a crashed run never leaves a stale lock. On object storage a lease
+        object there (see `_ObjectLease`): it expires unless its holder's heartbeat renews it.
         """
         name = node.strip("/").replace("/", "%") + ".lock"
-        return _fs_lock(self.path / _META / "locks" / name, refusal, wait)
+        return self.backend.lock(f"{_META}/locks/{name}", refusal, wait)
 
     def writer_lock(self, dataset: str, model: str, k: int, t: int):
         """One extract per key at a time: a second writer is refused, not interleaved."""
@@ -574,12 +994,12 @@ class FeatureStore:
         for ds_name in self._dataset_names():
             if dataset is not None and ds_name != dataset:
                 continue
-            for model_name in _fs_list(self.path / ds_name):
-                for k_name in _fs_list(self.path / ds_name / model_name):
-                    for t_name in _fs_list(self.path / ds_name / model_name / k_name):
+            for model_name in self.backend.list(ds_name):
+                for k_name in self.backend.list(f"{ds_name}/{model_name}"):
+                    for t_name in self.backend.list(f"{ds_name}/{model_name}/{k_name}"):
                         if (k_name.startswith("k") and k_name[1:].isdigit() and t_name.startswith("t")
                                 and t_name[1:].isdigit()
-                                and (self.path / ds_name / model_name / k_name / t_name / "complete" / "zarr.json").exists()):
+                                and self.backend.exists(f"{ds_name}/{model_name}/{k_name}/{t_name}/complete/zarr.json")):
                             found.append((ds_name, model_name, int(k_name[1:]), int(t_name[1:])))
         return sorted(found)
 
@@ -683,8 +1103,12 @@ class FeatureStore:
         return PredictionArrays(self._group(path), path)
 
     def results_dir(self, feature_key: tuple[str, str, int, int], name: str) -> Path:
-        """Folder for results that are files, not arrays (DAVIS masks): beside the store."""
-        return self.path.with_suffix(".results") / feature_path(*feature_key) / name
+        """Folder for results that are files, not arrays (DAVIS masks): beside the store.
+
+        An object store has no "beside": such results go to a local folder named after the URL
+        (see `local_beside`), so masks stay files other tools can read.
+        """
+        return local_beside(self.path, ".results") / feature_path(*feature_key) / name
 
     def prediction_groups(self, dataset: str, model: str, k: int, t: int) -> list[tuple[str, "PredictionArrays"]]:
         """Every stored predictions group of a feature key, as ("[scope/]variant/protocol", arrays)."""
@@ -970,30 +1394,27 @@ class Finding:
     action: Callable[[], None] | None = field(default=None, repr=False)
 
 
-def _metadata_problem(path: Path) -> str | None:
+def _metadata_problem(backend, rel: str) -> str | None:
     """Why a zarr.json cannot be trusted (unparsable, not a zarr v3 node), or None."""
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(backend.read_text(rel))
         if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") not in ("group", "array"):
             return "not zarr v3 metadata"
         if meta["node_type"] == "array" and not isinstance(meta.get("data_type"), (str, dict)):
             return "no data type"
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, DitfError) as exc:
         return _reason(exc)
     return None
 
 
 def repair_root_metadata(path: str | Path) -> str | None:
     """Rewrite a store's unreadable root zarr.json (it holds only the schema version)."""
-    path = Path(path)
-    if not (path / "zarr.json").exists() or _metadata_problem(path / "zarr.json") is None:
+    location = store_location(path)
+    backend = _backend(location)
+    if not backend.exists("zarr.json") or _metadata_problem(backend, "zarr.json") is None:
         return None
-    _write_point(f"{path}/zarr.json")
-    meta = {"zarr_format": 3, "node_type": "group", "attributes": {"ditf_schema_version": SCHEMA_VERSION}}
-    tmp = path / f"zarr.json.{uuid.uuid4().hex}.partial"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, path / "zarr.json")
-    return f"rewrote the root metadata of {path} (schema version {SCHEMA_VERSION})"
+    backend.write_text("zarr.json", _root_metadata().decode())
+    return f"rewrote the root metadata of {location} (schema version {SCHEMA_VERSION})"
 
 
 def _node_kind(parts: Sequence[str]) -> str:
@@ -1019,32 +1440,33 @@ def audit_store(store: FeatureStore, read_chunks: bool = True) -> tuple[list[str
     """
     ok: list[str] = []
     findings: list[Finding] = []
-    trash = store.path / _META / "trash"
+    fs = store.backend
     removed: set[str] = set()
 
     def remove(node: str, why: str) -> Finding:
         def act() -> None:
             if node not in removed:
                 removed.add(node)
-                _fs_remove(store.path / node, trash)
+                fs.remove(node)
         return Finding(why, f"removed {node}", act)
 
     # 1. leftovers of interrupted setups (never visible to readers, but they take space)
-    for name in _fs_list(store.path / _META / "staging"):
-        staged = store.path / _META / "staging" / name
-        findings.append(Finding(f"store: unfinished setup left by an interrupted run: {staged}",
-                                f"removed {staged}", functools.partial(shutil.rmtree, staged, True)))
-    for sibling in store.path.parent.glob(f".{store.path.name}.ditf-new-*"):
+    for name in fs.list(f"{_META}/staging"):
+        staged = f"{_META}/staging/{name}"
+        findings.append(Finding(f"store: unfinished setup left by an interrupted run: {fs.where(staged)}",
+                                f"removed {fs.where(staged)}", functools.partial(fs.discard, staged)))
+    for sibling, discard in fs.stray_creations():
         findings.append(Finding(f"store: unfinished store creation left by an interrupted run: {sibling}",
-                                f"removed {sibling}", functools.partial(shutil.rmtree, sibling, True)))
+                                f"removed {sibling}", discard))
 
     # 2. every node's metadata parses (a damaged zarr.json must not crash the walk)
     damaged_nodes: list[str] = []
-    for meta in sorted(store.path.rglob("zarr.json")):
-        rel = meta.parent.relative_to(store.path).parts
+    for folder in fs.metadata_nodes():
+        rel = tuple(folder.split("/")) if folder else ()
         if rel[:1] == (_META,) or "c" in rel:
             continue
-        why = _metadata_problem(meta)
+        meta = f"{folder}/zarr.json" if folder else "zarr.json"
+        why = _metadata_problem(fs, meta)
         if why is None:
             continue
         node = "/".join(rel)
@@ -1062,8 +1484,7 @@ def audit_store(store: FeatureStore, read_chunks: bool = True) -> tuple[list[str
             findings.append(remove("/".join(rel[:3] if len(rel) >= 3 else rel[:2]), problem + "; prompts are encoded again"))
         elif kind == "intermediate":
             def rewrite(path=meta) -> None:
-                _write_point(str(path))
-                path.write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+                fs.write_text(path, json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
             findings.append(Finding(problem, f"rewrote {node}/zarr.json as a plain group", rewrite))
         else:
             findings.append(Finding(problem + "; every key's rows depend on the image index"))
@@ -1083,23 +1504,22 @@ def audit_store(store: FeatureStore, read_chunks: bool = True) -> tuple[list[str
         except DitfError as exc:
             findings.append(Finding(f"store: {ds}/images: {exc}"))
             continue
-        for model in _fs_list(store.path / ds):
-            for k_name in _fs_list(store.path / ds / model):
-                for t_name in _fs_list(store.path / ds / model / k_name):
+        for model in fs.list(ds):
+            for k_name in fs.list(f"{ds}/{model}"):
+                for t_name in fs.list(f"{ds}/{model}/{k_name}"):
                     node = f"{ds}/{model}/{k_name}/{t_name}"
-                    folder = store.path / node
-                    if not folder.is_dir() or not (k_name[:1] == "k" and t_name[:1] == "t") or under_damage(node):
+                    if not (k_name[:1] == "k" and t_name[:1] == "t") or under_damage(node) or not fs.is_dir(node):
                         continue
-                    if not _fs_list(folder):
+                    if not fs.list(node):
                         continue  # an empty folder (a schema-1 lock): nothing to report
                     _audit_key(store, node, ds, findings, ok, remove, read_chunks)
     # 4. prompt caches: every entry readable
-    for cache in _fs_list(store.path / "prompts"):
-        for entry in _fs_list(store.path / "prompts" / cache):
+    for cache in fs.list("prompts"):
+        for entry in fs.list(f"prompts/{cache}"):
             node = f"prompts/{cache}/{entry}"
-            if not (store.path / node).is_dir() or under_damage(node):
+            if under_damage(node) or not fs.is_dir(node):
                 continue
-            group = store._group(node) if (store.path / node / "zarr.json").exists() else None
+            group = store._group(node) if fs.exists(f"{node}/zarr.json") else None
             if group is None or "text" not in group.attrs:
                 continue  # a schema-1 prompt array: read by nobody, harmless
             try:
@@ -1111,7 +1531,8 @@ def audit_store(store: FeatureStore, read_chunks: bool = True) -> tuple[list[str
 
 
 def _audit_key(store, node, dataset, findings, ok, remove, read_chunks) -> None:
-    group = store._group(node) if (store.path / node / "zarr.json").exists() else None
+    fs = store.backend
+    group = store._group(node) if fs.exists(f"{node}/zarr.json") else None
     if group is None or "complete" not in group or "config" not in group.attrs or "modulation" not in group.attrs:
         committed = 0
         try:
@@ -1124,17 +1545,16 @@ def _audit_key(store, node, dataset, findings, ok, remove, read_chunks) -> None:
     expected = {**_FEATURE_DTYPES, **{name: _MODULATION_DTYPE for name in group.attrs["modulation"]}}
     wrong = []
     for name, dtype in expected.items():
-        meta = store.path / node / name / "zarr.json"
-        stored = json.loads(meta.read_text()).get("data_type") if meta.exists() else None
+        meta = f"{node}/{name}/zarr.json"
+        stored = json.loads(fs.read_text(meta)).get("data_type") if fs.exists(meta) else None
         if stored is not None and stored != dtype:
             wrong.append(name)
 
             def restore(meta=meta, dtype=dtype) -> None:  # the chunks' checksums then vouch for the bytes
-                _write_point(str(meta))
-                fixed = {**json.loads(meta.read_text()), "data_type": dtype}
+                fixed = {**json.loads(fs.read_text(meta)), "data_type": dtype}
                 if dtype == "bool":
                     fixed["fill_value"] = bool(fixed.get("fill_value") or False)
-                meta.write_text(json.dumps(fixed, indent=2))
+                fs.write_text(meta, json.dumps(fixed, indent=2))
 
             findings.append(Finding(f"store: {node}: array {name} has dtype {stored} in its metadata, not {dtype}",
                                     f"restored the dtype of {node}/{name} to {dtype}", restore))
@@ -1162,12 +1582,12 @@ def _audit_key(store, node, dataset, findings, ok, remove, read_chunks) -> None:
                                         functools.partial(arrays.clear_complete, [row])))
     ok.append(f"store: {node}: {int(complete.sum()) - len(broken)}/{len(complete)} images complete and readable")
     base = f"{node}/predictions"
-    for first in _fs_list(store.path / base):
-        for second in _fs_list(store.path / base / first):
+    for first in fs.list(base):
+        for second in fs.list(f"{base}/{first}"):
             candidates = [f"{base}/{first}/{second}"]
-            if not (store.path / candidates[0] / "done").exists():
-                candidates = [f"{base}/{first}/{second}/{third}" for third in _fs_list(store.path / base / first / second)
-                              if (store.path / base / first / second / third).is_dir()]
+            if not fs.exists(f"{candidates[0]}/done"):
+                candidates = [f"{base}/{first}/{second}/{third}" for third in fs.list(f"{base}/{first}/{second}")
+                              if fs.is_dir(f"{base}/{first}/{second}/{third}")]
             for path in candidates:
                 if any(n in ("c", "pair_id", "pred", "done") for n in path.split("/")[-1:]):
                     continue
@@ -1175,7 +1595,7 @@ def _audit_key(store, node, dataset, findings, ok, remove, read_chunks) -> None:
 
 
 def _audit_predictions(store, path, findings, ok, remove) -> None:
-    group = store._group(path) if (store.path / path / "zarr.json").exists() else None
+    group = store._group(path) if store.backend.exists(f"{path}/zarr.json") else None
     if group is None or not all(name in group for name in ("pair_id", "pred", "done")):
         findings.append(remove(path, f"store: {path}: half-done predictions setup; `ditf match` recomputes it"))
         return
