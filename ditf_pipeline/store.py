@@ -427,7 +427,8 @@ class _ObjectBackend:
         self._call("write", self.fs.pipe_file, self._key(rel), text.encode())
 
     def zarr_store(self, rel: str = "", read_only: bool = False):
-        return _ObjectStore.from_url(self.where(rel), read_only=read_only)
+        # no listing cache: other processes write the same prefixes
+        return _ObjectStore.from_url(self.where(rel), storage_options={"use_listings_cache": False}, read_only=read_only)
 
     def root_problem(self, read_only: bool) -> str | None:
         bucket = self.root.split("/", 1)[0]

@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 
-def snapshot(path: Path) -> dict:
+def snapshot(path: Path | str) -> dict:
     """Every node's attributes (timestamps dropped) and every array's metadata and values."""
     out = {}
 
@@ -28,7 +28,9 @@ def snapshot(path: Path) -> dict:
             else:
                 walk(node, f"{prefix}/{name}")
 
-    walk(zarr.open_group(str(path), mode="r"), "")
+    # a URL (s3://...) is read without fsspec's listing cache: other processes wrote it
+    remote = {"storage_options": {"use_listings_cache": False}} if "://" in str(path) else {}
+    walk(zarr.open_group(str(path), mode="r", **remote), "")
     return out
 
 
