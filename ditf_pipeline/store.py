@@ -1099,7 +1099,10 @@ def audit_store(store: FeatureStore, read_chunks: bool = True) -> tuple[list[str
             node = f"prompts/{cache}/{entry}"
             if not (store.path / node).is_dir() or under_damage(node):
                 continue
-            group = store._group(node) if (store.path / node / "zarr.json").exists() else None
+            meta = store.path / node / "zarr.json"
+            if not meta.exists() or json.loads(meta.read_text()).get("node_type") != "group":
+                continue  # a schema-1 prompt array (read by nobody now)
+            group = store._group(node)
             if group is None or "text" not in group.attrs:
                 continue  # a schema-1 prompt array: read by nobody, harmless
             try:
