@@ -245,7 +245,10 @@ def show_options(
                                            f"over {where}"))
         pl.plot_dense(out, views)
     else:
-        predictions = feature_store.open_predictions((data.name, model, kk, tt), name).read()
+        from ditf_pipeline.store import prediction_scope
+
+        scope = prediction_scope(data.split, [p.pair_id for p in data.pairs()])
+        predictions = feature_store.open_predictions((data.name, model, kk, tt), name, scope=scope).read()
         for p in chosen:
             if p.pair_id not in predictions:
                 raise DitfError(f"no prediction for pair {p.pair_id} in {name}: run `ditf match` first")

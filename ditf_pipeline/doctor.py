@@ -102,11 +102,17 @@ def check_store(path: Path, findings: Findings, dataset: str | None = None, keys
     except DitfError as exc:
         findings.bad(f"store: {exc}")
         return
-    found = store.feature_keys(dataset) if not problems else []
+    found = store.feature_keys(dataset) if all(p.harmless for p in problems) else []
     findings.good(f"store {path}: schema {store.schema_version}, {len(store.feature_keys())} feature key(s)")
     for line in ok:
         findings.good(line)
     for problem in problems:
+        if problem.harmless:
+            findings.good(f"{problem.problem} (harmless; --repair removes it)")
+            if repair and problem.action is not None:
+                problem.action()
+                findings.fixed(problem.repair, resolves=False)
+            continue
         findings.bad(problem.problem)
         if repair and problem.action is not None:
             try:

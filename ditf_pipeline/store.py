@@ -59,6 +59,9 @@ from zarr.storage import FsspecStore, LocalStore
 from . import SCHEMA_VERSION
 from .errors import DitfError
 
+#: every chunk is written, even one equal to the fill value (zarr skips those by default): a
+#: missing chunk of a committed image then always means damage, never "all zeros"
+zarr.config.set({"array.write_empty_chunks": True})
 _COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 #: every chunk is checksummed: a flipped byte is an error, never a wrong number
 _CHECKSUM = zarr.codecs.Crc32cCodec()
@@ -360,6 +363,11 @@ class _LocalBackend:
         return [(str(s), functools.partial(shutil.rmtree, s, True))
                 for s in self.path.parent.glob(f".{self.path.name}.ditf-new-*")]
 
+    def partial_files(self) -> list[tuple[str, Callable[[], None]]]:
+        """Temp files of interrupted single-file writes (zarr's and ditf's temp file + rename)."""
+        return [(str(p.relative_to(self.path)), functools.partial(p.unlink, missing_ok=True))
+                for p in sorted(self.path.rglob("*.partial"))]
+
 
 class _ObjectBackend:
     """A store in object storage through fsspec (zarr's own FsspecStore for the arrays).
@@ -514,6 +522,9 @@ class _ObjectBackend:
 
     def stray_creations(self) -> list[tuple[str, Callable[[], None]]]:
         return []
+
+    def partial_files(self) -> list[tuple[str, Callable[[], None]]]:
+        return []  # an object put is atomic: no temp files
 
 
 class _ObjectLease:
@@ -708,7 +719,13 @@ def _jsonable(value):
 
 
 def _chunk_exists(array: zarr.Array, coords: tuple[int, ...]) -> bool:
-    """Whether the chunk at `coords` was ever written (a missing one would read as fill values)."""
+    """Whether the chunk at `coords` was written (a missing one would read as fill values).
+
+    Only arrays of schema 2 (checksummed) write every chunk; schema 1 skipped chunks equal to
+    the fill value, so there a missing chunk is taken as written.
+    """
+    if not any(isinstance(codec, zarr.codecs.Crc32cCodec) for codec in array.metadata.codecs):
+        return True
     key = f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
     return bool(sync(array.store_path.store.exists(key)))
 
@@ -775,14 +792,12 @@ class FeatureStore:
         return done + [f"schema version set to {SCHEMA_VERSION}"]
 
     # ---- nodes ------------------------------------------------------------------------------
-    def _group(self, path: str, create: bool = False) -> zarr.Group | None:
+    def _group(self, path: str) -> zarr.Group | None:
         """The group at `path`, None if absent; damaged metadata is one clear error."""
         try:
             node = self.root[path]
         except KeyError:
-            if not create:
-                return None
-            return self.root.require_group(path)
+            return None
         except Exception as exc:
             raise DitfError(f"store {self.path}: the metadata of {path} is damaged ({_reason(exc)}): "
                             "run `ditf doctor --repair`") from exc
@@ -1030,16 +1045,19 @@ class FeatureStore:
         base = f"{feature_path(*feature_key)}/predictions"
         if scope is not None:
             path = f"{base}/{scope}/{name}"
-            if self._group(path) is not None or self._group(f"{base}/{name}") is None:
+            if self._group(path) is not None:
                 return path
-            return f"{base}/{name}"  # schema 1: predictions of one pair list, unscoped
-        found = [f"{base}/{s}/{name}" for s, _ in self._subgroups(base) if self._group(f"{base}/{s}/{name}") is not None
+            if self._group(f"{base}/{name}") is not None:
+                return f"{base}/{name}"  # schema 1: predictions of one pair list, unscoped
+        split = scope.rsplit("-", 1)[0] + "-" if scope else ""  # e.g. a reader of one category's pairs
+        found = [f"{base}/{s}/{name}" for s, _ in self._subgroups(base)
+                 if s.startswith(split) and self._group(f"{base}/{s}/{name}") is not None
                  and "done" in self._group(f"{base}/{s}/{name}")]
-        if self._group(f"{base}/{name}") is not None:
+        if not scope and self._group(f"{base}/{name}") is not None:
             found.append(f"{base}/{name}")
         if len(found) > 1:
             raise DitfError(f"store {self.path} holds predictions {name} of several splits or pair lists "
-                            f"({', '.join(p.split('/')[-3] for p in found)}): pass --split")
+                            f"({', '.join(p.split('/')[-3] for p in found)}): pass --split, or run `ditf match` on this pair list")
         return found[0] if found else None
 
     @_writes
@@ -1393,6 +1411,7 @@ class Finding:
     problem: str
     repair: str = "no automatic repair"
     action: Callable[[], None] | None = field(default=None, repr=False)
+    harmless: bool = False  # reported and repaired, but nothing reads it (not counted as a problem)
 
 
 def _metadata_problem(backend, rel: str) -> str | None:
@@ -1460,6 +1479,10 @@ def audit_store(store: FeatureStore, read_chunks: bool = True) -> tuple[list[str
         findings.append(Finding(f"store: unfinished store creation left by an interrupted run: {sibling}",
                                 f"removed {sibling}", discard))
 
+    for partial, discard in fs.partial_files():
+        findings.append(Finding(f"store: leftover of a write interrupted by a crash: {partial}",
+                                f"removed {partial}", discard, harmless=True))
+
     # 2. every node's metadata parses (a damaged zarr.json must not crash the walk)
     damaged_nodes: list[str] = []
     for folder in fs.metadata_nodes():
@@ -1520,7 +1543,10 @@ def audit_store(store: FeatureStore, read_chunks: bool = True) -> tuple[list[str
             node = f"prompts/{cache}/{entry}"
             if under_damage(node) or not fs.is_dir(node):
                 continue
-            group = store._group(node) if fs.exists(f"{node}/zarr.json") else None
+            meta = f"{node}/zarr.json"
+            if not fs.exists(meta) or json.loads(fs.read_text(meta)).get("node_type") != "group":
+                continue  # a schema-1 prompt array (read by nobody now)
+            group = store._group(node)
             if group is None or "text" not in group.attrs:
                 continue  # a schema-1 prompt array: read by nobody, harmless
             try:

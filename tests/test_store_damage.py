@@ -147,6 +147,8 @@ def test_half_done_setups_are_found_removed_and_do_not_block_a_rerun(base, tmp_p
     adapter, root, clean, want, _ = base
     store = tmp_path / "s.zarr"
     shutil.copytree(clean, store)
+    partial = store / KEY / "grid" / "c" / "0" / "0.1f2e3d4c.partial"  # what zarr leaves when killed mid-write
+    partial.write_bytes(b"half")
     staged = store / ".ditf" / "staging" / "0123abcd"
     zarr.create_group(str(staged), attributes={"config": {}})
     half = zarr.open_group(str(store), mode="a").require_group("spair/tiny-flux/k1/t90")
@@ -155,10 +157,12 @@ def test_half_done_setups_are_found_removed_and_do_not_block_a_rerun(base, tmp_p
     findings = Findings()
     check_store(store, findings)
     assert any("unfinished setup" in p for p in findings.problems), findings.problems
+    assert any("interrupted by a crash" in line for line in findings.ok), findings.ok
     assert any("spair/tiny-flux/k1/t90: half-done setup" in p for p in findings.problems), findings.problems
     repaired = Findings()
     check_store(store, repaired, repair=True)
     assert repaired.open_problems == 0 and not staged.exists() and not (store / "spair/tiny-flux/k1/t90").exists()
+    assert not partial.exists()
     assert not differences(snapshot(store), want)  # intact committed data untouched
 
 
