@@ -81,6 +81,9 @@ def check_store(path: Path, findings: Findings, dataset: str | None = None, keys
     """
     from .store import FeatureStore, audit_store, repair_root_metadata
 
+    if not Path(path).exists():
+        findings.bad(f"store: store {path} does not exist")
+        return
     if repair:
         try:
             fixed = repair_root_metadata(path)
