@@ -71,7 +71,7 @@ def check_dataset(name: str, root: Path, split: str | None, findings: Findings, 
     return [r.key for r in records]
 
 
-def check_store(path: Path, findings: Findings, dataset: str | None = None, keys: list[str] | None = None,
+def check_store(path: str | Path, findings: Findings, dataset: str | None = None, keys: list[str] | None = None,
                 read_chunks: bool = True, repair: bool = False, migrate: bool = False) -> None:
     """Schema, half-done setups, metadata, and every committed image's and block's chunks.
 
@@ -79,9 +79,9 @@ def check_store(path: Path, findings: Findings, dataset: str | None = None, keys
     images and blocks so that a rerun redoes only those) or `migrate` (bring an old schema up
     to date in place); each change is reported as a "repaired" line.
     """
-    from .store import FeatureStore, audit_store, repair_root_metadata
+    from .store import FeatureStore, audit_store, repair_root_metadata, store_folder_exists
 
-    if not Path(path).exists():
+    if not store_folder_exists(path):
         findings.bad(f"store: store {path} does not exist")
         return
     if repair:

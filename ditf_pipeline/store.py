@@ -277,6 +277,11 @@ def store_exists(store: str | Path) -> bool:
     return _backend(store_location(store)).exists("zarr.json")
 
 
+def store_folder_exists(store: str | Path) -> bool:
+    """Whether anything is at `store` (a folder; under an object-store prefix, any object)."""
+    return _backend(store_location(store)).exists("")
+
+
 class _LocalBackend:
     """A store in a local (or NFS) folder: directory renames publish, POSIX locks exclude."""
 

@@ -89,11 +89,18 @@ def test_a_file_url_is_the_local_store(tmp_path):
 
 def test_an_unknown_bucket_and_a_missing_store_are_one_line_errors(s3):
     result = CliRunner().invoke(app, ["doctor", "--store", "s3://no-such-bucket/x.zarr"])
-    assert result.exit_code == 1 and "bucket no-such-bucket does not exist" in result.output
+    assert result.exit_code == 1 and "no-such-bucket/x.zarr does not exist" in result.output, result.output
+    result = CliRunner().invoke(app, ["doctor", "--store", f"{s3}/absent.zarr", "--repair"])
+    assert result.exit_code == 1 and "absent.zarr does not exist" in result.output, result.output
+    result = CliRunner().invoke(app, ["extract", "--store", "s3://no-such-bucket/x.zarr", "--data-root", "nowhere"])
+    assert result.exit_code == 1 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1
     from ditf_pipeline.store import FeatureStore
 
     with pytest.raises(DitfError, match="does not exist"):
         FeatureStore(f"{s3}/absent.zarr", read_only=True)
+    with pytest.raises(DitfError, match="bucket no-such-bucket does not exist"):
+        FeatureStore("s3://no-such-bucket/x.zarr")
+    assert not _fs().exists(f"{BUCKET}/absent.zarr")  # nothing was created by the failed opens
 
 
 # ---- leases ---------------------------------------------------------------------------------------
