@@ -89,7 +89,7 @@ def analyze(
 
 
 def analyze_options(
-    model: str, dataset: str, data_root: Path, split: str | None, store: Path, k: list[int] | None, t: list[int] | None,
+    model: str, dataset: str, data_root: Path, split: str | None, store: str | Path, k: list[int] | None, t: list[int] | None,
     *, sample: int = 32, ratio: float = 100.0, write: bool = True, plots: bool = True, pca_images: int = 4,
     variant: str = "adaln+cd", protocol: str = "dift", alpha: float = 0.1, aggregation: str = "per_point",
     match: bool = False, out: Path = Path("analysis"), fmt: str = "table", progress: bool = False,
@@ -102,7 +102,7 @@ def analyze_options(
     from ditf_pipeline import plots as pl
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.errors import DitfError
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store import FeatureStore, store_exists
 
     if fmt not in ("table", "json"):
         raise DitfError(f"--format must be table or json, got {fmt!r}")
@@ -121,7 +121,7 @@ def analyze_options(
     if not ratio > 0:
         raise DitfError(f"--ratio must be a positive number, got {ratio}")
     data = get_dataset(dataset, data_root, split)
-    if not Path(store).exists():
+    if not store_exists(store):
         raise DitfError(f"store {store} does not exist: run `ditf extract` first")
     feature_store = FeatureStore(store, read_only=not (write or match))
     keys = _selected_keys(feature_store, data.name, model, k, t)
@@ -227,7 +227,7 @@ def show(
 
 
 def show_options(
-    pair: list[str] | None, model: str, dataset: str, data_root: Path, split: str | None, store: Path,
+    pair: list[str] | None, model: str, dataset: str, data_root: Path, split: str | None, store: str | Path,
     k: list[int] | None, t: list[int] | None, *, variant: str = "adaln+cd", protocol: str = "dift",
     channels: str = "auto", alpha: float = 0.1, dense: bool = False, grid: int = 12, out: Path = Path("show.png"),
     dpi: int = 100,
@@ -290,7 +290,10 @@ def show_options(
                                            f"over {where}"))
         pl.plot_dense(out, views, dpi=dpi)
     else:
-        predictions = feature_store.open_predictions((data.name, model, kk, tt), name).read()
+        from ditf_pipeline.store import prediction_scope
+
+        scope = prediction_scope(data.split, [p.pair_id for p in data.pairs()])
+        predictions = feature_store.open_predictions((data.name, model, kk, tt), name, scope=scope).read()
         for p in chosen:
             if p.pair_id not in predictions:
                 raise DitfError(f"no prediction for pair {p.pair_id} in {name}: run `ditf match` first")

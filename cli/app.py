@@ -24,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-DEFAULT_STORE = Path("stores/ditf.zarr")
+DEFAULT_STORE = "stores/ditf.zarr"  # a str: --store also takes URLs
 
 
 def user_errors(fn):
@@ -49,7 +49,8 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `d
 DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="Dataset reader: spair, folder, ...")]
 DataRootOpt = Annotated[Path, typer.Option("--data-root", help="Dataset root folder in the benchmark's own layout.")]
 SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Dataset split (SPair: test, val, trn; default test).")]
-StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Zarr feature store (created if missing).")]
+StoreOpt = Annotated[str, typer.Option("--store", "-s", help="Zarr feature store (created if missing): a path, or a URL "
+                                       "(s3://bucket/prefix, gs://, az://, file://; credentials from the usual environment).")]
 KOpt = Annotated[Optional[list[int]], typer.Option("--k", help="Block index k; repeat for several (default: the model's; reading commands: the model's key if stored, else the only one).")]
 TOpt = Annotated[Optional[list[int]], typer.Option("--t", help="Timestep t in 0..999; repeat for several (default: as for --k).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress (a bar on a terminal; periodic lines with rate and ETA in a log).")]

@@ -16,17 +16,21 @@ def doctor(
     dataset: DatasetOpt = "spair",
     data_root: Annotated[Optional[Path], typer.Option(help="Dataset root to check (skipped if not given).")] = None,
     split: SplitOpt = None,
-    store: Annotated[Optional[Path], typer.Option(help="Store to check (default stores/ditf.zarr if it exists).")] = None,
+    store: Annotated[Optional[str], typer.Option(help="Store to check, a path or a URL (default stores/ditf.zarr if it exists).")] = None,
     quick: Annotated[bool, typer.Option(help="Read image headers and skip reading every stored chunk.")] = False,
+    repair: Annotated[bool, typer.Option(help="Remove half-done setups and unreadable nodes, un-commit damaged "
+                                              "images so a rerun redoes only those; never deletes intact data.")] = False,
+    migrate: Annotated[bool, typer.Option(help="Convert a store of an older schema in place.")] = False,
 ) -> None:
-    """Report what is missing, corrupt or inconsistent in a dataset root and a store (read-only)."""
+    """Report what is missing, corrupt or inconsistent in a dataset root and a store (read-only
+    unless --repair or --migrate)."""
     from ditf_pipeline.doctor import Findings, check_dataset, check_store
 
     findings = Findings()
     keys = None
     if data_root is not None:
         keys = check_dataset(dataset, data_root, split, findings, decode=not quick)
-    store = store if store is not None else (DEFAULT_STORE if DEFAULT_STORE.exists() else None)
+    store = store if store is not None else (DEFAULT_STORE if Path(DEFAULT_STORE).exists() else None)
     if store is not None:
         name = None
         if data_root is not None:
@@ -36,7 +40,7 @@ def doctor(
                 name = get_dataset(dataset, data_root, split).name
             except Exception:
                 name = dataset
-        check_store(store, findings, name, keys, read_chunks=not quick)
+        check_store(store, findings, name, keys, read_chunks=not quick, repair=repair, migrate=migrate)
     if data_root is None and store is None:
         typer.echo("nothing to check: pass --data-root and/or --store", err=True)
         raise typer.Exit(2)
@@ -44,6 +48,13 @@ def doctor(
         typer.echo(f"ok       {line}")
     for line in findings.problems:
         typer.echo(f"PROBLEM  {line}")
-    typer.echo(f"doctor: {len(findings.problems)} problem(s)")
-    if findings.problems:
+    for line in findings.repaired:
+        typer.echo(f"REPAIRED {line}")
+    if repair:
+        typer.echo(f"doctor: {len(findings.problems)} problem(s), {findings.resolved} repaired"
+                   + ("; rerun the same `ditf extract` / `ditf match` to redo what was removed" if findings.resolved else ""))
+    else:
+        typer.echo(f"doctor: {len(findings.problems)} problem(s)"
+                   + ("; `ditf doctor --repair` fixes what it can" if findings.problems else ""))
+    if findings.open_problems > 0:
         raise typer.Exit(1)

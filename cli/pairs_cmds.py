@@ -261,6 +261,7 @@ def run(
     quiet: QuietOpt = False,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """extract + match + score in one command (each stage resumes from the cache)."""
     from ditf_pipeline.pipeline import run_extract
@@ -276,7 +277,7 @@ def run(
         k_name, t_name = key.split("/")[-2:]
         data, feature_store, k_, t_, settings = match_options(
             model, dataset, data_root, split, store, [int(k_name[1:])], [int(t_name[1:])], variant, protocol,
-            channels, soft_window, False, progress, workers, scheduler, device=device,
+            channels, soft_window, overwrite, progress, workers, scheduler, device=device,
         )
         results += score_results(data, feature_store, model, k_, t_, settings, alpha)
     _emit(_render_all(results, fmt), out)

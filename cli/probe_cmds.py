@@ -21,8 +21,8 @@ from .app import (
 )
 
 ProbeStoreOpt = Annotated[
-    list[Path] | None,
-    typer.Option("--store", "-s", help="Feature store; repeat for several image scales (one store per --img-size "
+    list[str] | None,
+    typer.Option("--store", "-s", help="Feature store (a path or a URL); repeat for several image scales (one store per --img-size "
                  "used at extract; the first is the training scale)."),
 ]
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from .datasets.base import Dataset, ImageRecord, Pair
 from .errors import DitfError
 from .extract import Extractor, ExtractReport, ExtractSettings
-from .store import FeatureStore
+from .store import FeatureStore, prediction_scope
 
 #: images per extraction task: small, so a lost worker costs little and the load stays balanced
 DEFAULT_CHUNK = 4
@@ -243,7 +243,7 @@ _FEATURES: dict[tuple, object] = {}
 
 def match_block(
     store_path: str, feature_key: tuple[str, str, int, int], settings, channels: Sequence[int],
-    block_start: int, pairs: Sequence[Pair], rows: dict[str, int],
+    block_start: int, pairs: Sequence[Pair], rows: dict[str, int], scope: str | None = None,
 ) -> int:
     """Predict one block of consecutive pairs and commit it (its own chunk of `pred`/`done`).
 
@@ -256,7 +256,7 @@ def match_block(
     from .predict import match_pairs, pair_feature_cache, pair_matcher, run_blocks
 
     store = FeatureStore(store_path)
-    predictions = store.open_predictions(feature_key, settings.name)
+    predictions = store.open_predictions(feature_key, settings.name, scope=scope)
     if predictions.done()[block_start : block_start + len(pairs)].all():
         return 0
     arrays = store.open_features(*feature_key)
@@ -343,6 +343,7 @@ def predict_distributed(client, store: FeatureStore, dataset: Dataset, model: st
     from .predict import BLOCK, predict
 
     feature_key = (dataset.name, model, k, t)
+    scope = prediction_scope(dataset.split, [p.pair_id for p in dataset.pairs()])
 
     def run_blocks(todo_blocks, pairs, rows, channels) -> int:
         futures, sizes = [], {}
@@ -350,7 +351,7 @@ def predict_distributed(client, store: FeatureStore, dataset: Dataset, model: st
             block = pairs[start : start + BLOCK]
             needed = {key for p in block for key in (p.src_key, p.trg_key)}
             future = client.submit(match_block, str(store.path), feature_key, settings, list(channels), start, block,
-                                   {key: rows[key] for key in needed}, pure=False)
+                                   {key: rows[key] for key in needed}, scope, pure=False)
             futures.append(future)
             sizes[future.key] = len(block)
         total = sum(sizes.values())

@@ -2,7 +2,8 @@
 
 Runs before a long job (is every image readable, every annotation well formed?) and after a
 crash or a copy (is every committed image's data readable, do the keys agree?). It opens the
-store read-only and never writes.
+store read-only and never writes, unless asked to `--repair` (or `--migrate`): then it removes
+half-done setups and unreadable nodes and un-commits damaged images, never intact committed data.
 """
 
 from __future__ import annotations
@@ -17,6 +18,16 @@ from .errors import DitfError
 class Findings:
     ok: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    resolved: int = 0  # problems that a repair fixed
+
+    def fixed(self, line: str, resolves: bool = True) -> None:
+        self.repaired.append(line)
+        self.resolved += int(resolves)
+
+    @property
+    def open_problems(self) -> int:
+        return len(self.problems) - self.resolved
 
     def good(self, line: str) -> None:
         self.ok.append(line)
@@ -60,43 +71,61 @@ def check_dataset(name: str, root: Path, split: str | None, findings: Findings, 
     return [r.key for r in records]
 
 
-def check_store(path: Path, findings: Findings, dataset: str | None = None, keys: list[str] | None = None,
-                read_chunks: bool = True) -> None:
-    """Schema, keys, and every committed image's chunks readable."""
-    from .store import FeatureStore
+def check_store(path: str | Path, findings: Findings, dataset: str | None = None, keys: list[str] | None = None,
+                read_chunks: bool = True, repair: bool = False, migrate: bool = False) -> None:
+    """Schema, half-done setups, metadata, and every committed image's and block's chunks.
 
+    Read-only unless `repair` (remove half-done setups and unreadable nodes, un-commit damaged
+    images and blocks so that a rerun redoes only those) or `migrate` (bring an old schema up
+    to date in place); each change is reported as a "repaired" line.
+    """
+    from .store import FeatureStore, audit_store, repair_root_metadata, store_folder_exists
+
+    if not store_folder_exists(path):
+        findings.bad(f"store: store {path} does not exist")
+        return
+    if repair:
+        try:
+            fixed = repair_root_metadata(path)
+        except OSError as exc:
+            findings.bad(f"store: cannot repair {path}: {exc.strerror or exc}")
+            return
+        if fixed:
+            findings.bad(f"store: the root metadata of {path} was damaged")
+            findings.fixed(fixed)
     try:
-        store = FeatureStore(path, read_only=True)
+        store = FeatureStore(path, read_only=not (repair or migrate))
     except DitfError as exc:
         findings.bad(f"store: {exc}")
         return
-    found = store.feature_keys(dataset)
-    findings.good(f"store {path}: schema ok, {len(found)} feature key(s)")
-    for ds, model, k, t in found:
-        label = f"{ds}/{model}/k{k}/t{t}"
-        try:
-            arrays = store.open_features(ds, model, k, t)
-            complete = arrays.complete()
-            rows = store.image_rows(ds)
-        except Exception as exc:  # a damaged node must be reported, not crash the doctor
-            findings.bad(f"store: {label}: cannot read ({exc})")
-            continue
-        if not arrays.config:
-            findings.bad(f"store: {label}: no configuration recorded")
-        broken = []
-        if read_chunks:
-            for row in map(int, complete.nonzero()[0]):
-                try:
-                    arrays.read_image(row)
-                except Exception as exc:
-                    broken.append(f"row {row} ({exc})")
-        for item in broken:
-            findings.bad(f"store: {label}: committed image {item} is unreadable")
-        line = f"store: {label}: {int(complete.sum())}/{len(complete)} images complete"
-        if keys is not None and ds == dataset:
-            missing = [key for key in keys if key not in rows or not complete[rows[key]]]
-            line += f", {len(missing)} of the dataset's {len(keys)} images not extracted"
+    if migrate:
+        findings.fixed(f"migrated {path} to schema {store.schema_version}", resolves=False)
+    try:
+        ok, problems = audit_store(store, read_chunks=read_chunks)
+    except DitfError as exc:
+        findings.bad(f"store: {exc}")
+        return
+    found = store.feature_keys(dataset) if all(p.harmless for p in problems) else []
+    findings.good(f"store {path}: schema {store.schema_version}, {len(store.feature_keys())} feature key(s)")
+    for line in ok:
         findings.good(line)
-        for name, predictions in store.prediction_groups(ds, model, k, t):
-            done = predictions.done()
-            findings.good(f"store: {label}/predictions/{name}: {int(done.sum())}/{len(done)} pairs done")
+    for problem in problems:
+        if problem.harmless:
+            findings.good(f"{problem.problem} (harmless; --repair removes it)")
+            if repair and problem.action is not None:
+                problem.action()
+                findings.fixed(problem.repair, resolves=False)
+            continue
+        findings.bad(problem.problem)
+        if repair and problem.action is not None:
+            try:
+                problem.action()
+                findings.fixed(problem.repair)
+            except (OSError, DitfError) as exc:
+                findings.fixed(f"could not repair: {exc}", resolves=False)
+    if keys is not None and dataset is not None:
+        for ds, model, k, t in found:
+            arrays = store.open_features(ds, model, k, t)
+            complete, rows = arrays.complete(), store.image_rows(ds)
+            missing = [key for key in keys if key not in rows or not complete[rows[key]]]
+            findings.good(f"store: {ds}/{model}/k{k}/t{t}: {len(missing)} of the dataset's {len(keys)} images not extracted")

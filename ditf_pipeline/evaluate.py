@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from .datasets.base import Dataset
 from .errors import DitfError
 from .score import pck, per_pair_rows
-from .store import FeatureStore
+from .store import FeatureStore, prediction_scope
 
 
 def result_context(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, prediction_name: str,
@@ -35,9 +35,10 @@ def result_context(store: FeatureStore, dataset: Dataset, model: str, k: int, t:
 def _stored_pairs(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, prediction_name: str):
     if dataset.task != "pairs":
         raise DitfError(f"dataset {dataset.name} is a {dataset.task} benchmark, not keypoint pairs")
-    stored = store.open_predictions((dataset.name, model, k, t), prediction_name)
-    predictions = stored.read()
     pairs = dataset.pairs()
+    scope = prediction_scope(dataset.split, [p.pair_id for p in pairs])
+    stored = store.open_predictions((dataset.name, model, k, t), prediction_name, scope=scope)
+    predictions = stored.read()
     missing = [p.pair_id for p in pairs if p.pair_id not in predictions]
     if missing:
         raise DitfError(

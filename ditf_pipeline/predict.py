@@ -45,11 +45,12 @@ from .fusion import PairFusion, parse_fuse
 from .match import ByteLRU, make_matcher, resolve_match_device
 from .naming import fusion_label, prediction_name
 from .paper import PaperDiftMatcher, paper_feature, paper_matching
-from .store import FeatureArrays, FeatureStore
+from .store import FeatureArrays, FeatureStore, prediction_scope
 from .validate import unknown
 
-#: pairs committed together (one zarr chunk of predictions)
-BLOCK = 256
+#: pairs committed together (one zarr chunk of predictions); DITF_MATCH_BLOCK makes blocks
+#: small so that crash tests see several of them
+BLOCK = int(os.environ.get("DITF_MATCH_BLOCK") or 256)
 #: default byte budget of the variant feature cache (float16 40x30x3072 maps are 7.4 MB: ~34
 #: images; an SPair category has ~27, and its pairs are consecutive)
 FEATURE_CACHE_BYTES = 256 * 2**20
@@ -367,10 +368,10 @@ def predict(
     # one job on a GPU (the device is the parallel part) and with --fuse (its seeded low-rank PCA
     # forks the process-global RNG, which two threads must not do at once)
     jobs = 1 if device.type != "cpu" or fusion is not None else max(1, int(settings.jobs or default_jobs()))
-    if overwrite:
-        store.delete(f"{arrays.path}/predictions/{settings.name}")
     max_kps = max(len(p.src_kps) for p in pairs)
-    predictions = store.open_predictions(feature_key, settings.name, [p.pair_id for p in pairs], max_kps, attrs, block=BLOCK)
+    pair_ids = [p.pair_id for p in pairs]
+    predictions = store.open_predictions(feature_key, settings.name, pair_ids, max_kps, attrs, block=BLOCK,
+                                         scope=prediction_scope(dataset.split, pair_ids), overwrite=overwrite)
     done = predictions.done()
     matcher = pair_matcher(settings, paper)
     features = pair_feature_cache(arrays, rows, settings.variant, channels, device, settings.cache_bytes,
@@ -393,6 +394,6 @@ def predict(
                 predictions.write(block_start, out)  # the main thread alone writes
                 matched += len(out)
     return MatchReport(
-        key=f"{arrays.path}/predictions/{settings.name}", n_pairs=len(pairs), matched=matched,
+        key=predictions.path, n_pairs=len(pairs), matched=matched,
         skipped=len(pairs) - matched, channels=channels, seconds=time.perf_counter() - start,
     )

@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from .datasets.base import Dataset
 from .errors import DitfError
 from .features import compute_feature
-from .store import FeatureArrays, FeatureStore, config_differences
+from .store import FeatureArrays, FeatureStore, config_differences, local_beside
 
 #: variant -> the modulation vectors it needs (channel discard is not used for segmentation)
 PROBE_VARIANTS: dict[str, tuple[str, ...]] = {
@@ -559,10 +559,12 @@ def _summary(cm: np.ndarray, names: Sequence[str]) -> dict:
     }
 
 
-def default_out_dir(store: Path, dataset: str, model: str, k: int, t: int, variant: str) -> Path:
-    """``<store>.probe/<dataset>-<model>-k<k>-t<t>-<variant>`` next to the (first) store."""
-    store = Path(store)
-    return store.with_name(f"{store.name}.probe") / f"{dataset}-{model}-k{k}-t{t}-{variant}"
+def default_out_dir(store: str | Path, dataset: str, model: str, k: int, t: int, variant: str) -> Path:
+    """``<store>.probe/<dataset>-<model>-k<k>-t<t>-<variant>`` next to the (first) store.
+
+    An object store has no "next to": the folder is local (see `store.local_beside`).
+    """
+    return local_beside(store, ".probe", replace_suffix=False) / f"{dataset}-{model}-k{k}-t{t}-{variant}"
 
 
 def save_head(head: LinearHead, out_dir: Path, config: dict) -> Path:

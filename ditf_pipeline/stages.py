@@ -19,7 +19,7 @@ import numpy as np
 from .datasets.base import Dataset
 from .errors import DitfError
 from .naming import DEFAULT_PCA_DIM, prediction_name
-from .store import FeatureStore
+from .store import FeatureStore, prediction_scope
 
 
 @dataclass
@@ -150,12 +150,11 @@ def _match_homography(store, dataset, model, k, t, settings, overwrite, progress
     pairs = dataset.homography_pairs()
     name = settings.prediction_name("homography")
     key = (dataset.name, model, k, t)
-    if overwrite:
-        store.delete(f"{arrays.path}/predictions/{name}")
     ids = [f"{p.src_key}->{p.trg_key}" for p in pairs]
     attrs = {"variant": settings.variant, "channels": channels, "method": "lmeds", "features": arrays.config,
              "keypoints": dataset.keypoint_source}
-    stored = store.open_predictions(key, name, ids, attrs=attrs, value_shape=(3, 3), block=64)
+    stored = store.open_predictions(key, name, ids, attrs=attrs, value_shape=(3, 3), block=64,
+                                    scope=prediction_scope(dataset.split, ids), overwrite=overwrite)
     done = stored.done()
     todo = [i for i in range(len(pairs)) if not done[i]]
     blocks = sorted({i - i % 64 for i in todo})
@@ -171,7 +170,7 @@ def _match_homography(store, dataset, model, k, t, settings, overwrite, progress
         stored.write(block_start, block)
         bar.update(1)
     bar.close()
-    return StageReport(f"{arrays.path}/predictions/{name}", len(pairs), len(todo), len(pairs) - len(todo), channels,
+    return StageReport(stored.path, len(pairs), len(todo), len(pairs) - len(todo), channels,
                        time.perf_counter() - start, "image pair(s)")
 
 
@@ -203,11 +202,12 @@ def score(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, set
     if dataset.task == "homography":
         from .homography import corner_error, homography_accuracy
 
-        stored = store.open_predictions((dataset.name, model, k, t), name)
-        context["prediction_config"] = stored.config
-        values = stored.read_values()
         pairs = dataset.homography_pairs()
         ids = [f"{p.src_key}->{p.trg_key}" for p in pairs]
+        stored = store.open_predictions((dataset.name, model, k, t), settings.prediction_name("homography"),
+                                        scope=prediction_scope(dataset.split, ids))
+        context["prediction_config"] = stored.config
+        values = stored.read_values()
         missing = [i for i in ids if i not in values]
         if missing:
             raise DitfError(f"no homography for {len(missing)} of {len(ids)} pairs (e.g. {missing[0]}): run `ditf match` first")

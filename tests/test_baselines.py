@@ -146,7 +146,7 @@ def test_adaln_variant_on_a_baseline_key_is_a_clear_error(baseline_store):
     store, dataset, _ = baseline_store
     with pytest.raises(DitfError, match="no(ne)?.*use variant 'raw'"):
         predict(store, dataset, "tiny-dinov2", 3, 0, MatchSettings(variant="adaln+cd"), progress=False)
-    assert not store.has("spair/tiny-dinov2/k3/t0/predictions/adaln+cd")
+    assert not store.prediction_groups("spair", "tiny-dinov2", 3, 0)
     report = predict(store, dataset, "tiny-dinov2", 3, 0, MatchSettings(variant="raw"), progress=False)
     assert report.matched == len(dataset.pairs())
 

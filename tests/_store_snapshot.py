@@ -1,0 +1,49 @@
+"""A whole store as comparable values: every node's attributes and every array (tests only)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+
+def snapshot(path: Path | str) -> dict:
+    """Every node's attributes (timestamps dropped) and every array's metadata and values."""
+    out = {}
+
+    def walk(group, prefix: str) -> None:
+        attrs = dict(group.attrs)
+        if "provenance" in attrs:
+            attrs["provenance"] = {k: v for k, v in attrs["provenance"].items() if k != "created"}
+        out[f"{prefix}/@"] = json.dumps(attrs, sort_keys=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            members = sorted(group.members(), key=lambda m: m[0])
+        for name, node in members:
+            if isinstance(node, zarr.Array):
+                out[f"{prefix}/{name}"] = (node.shape, str(node.dtype), node.chunks, json.dumps(dict(node.attrs)), node[...])
+            else:
+                walk(node, f"{prefix}/{name}")
+
+    # a URL (s3://...) is read without fsspec's listing cache: other processes wrote it
+    remote = {"storage_options": {"use_listings_cache": False}} if "://" in str(path) else {}
+    walk(zarr.open_group(str(path), mode="r", **remote), "")
+    return out
+
+
+def differences(got: dict, want: dict) -> list[str]:
+    if got.keys() != want.keys():
+        return [f"nodes differ: {sorted(set(got) ^ set(want))}"]
+    bad = []
+    for key, value in want.items():
+        other = got[key]
+        if isinstance(value, str):
+            if value != other:
+                bad.append(key)
+        elif value[:4] != other[:4] or not np.array_equal(
+                value[4], other[4], equal_nan=value[4].dtype.kind == "f"):
+            bad.append(key)
+    return bad

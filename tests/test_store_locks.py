@@ -1,0 +1,66 @@
+"""Writer locks: lock files under `.ditf/locks`, POSIX `lockf` on a read-write descriptor."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ditf_pipeline import store as store_module
+from ditf_pipeline.errors import DitfError
+from ditf_pipeline.store import FeatureStore
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from ditf_pipeline.store import FeatureStore
+    with FeatureStore(sys.argv[1]).writer_lock("spair", "tiny-flux", 1, 260):
+        print("locked", flush=True)
+        sys.stdin.read()  # hold the lock until the test closes our stdin
+""")
+
+
+def test_a_second_writer_in_another_process_is_refused_until_the_first_exits(tmp_path):
+    path = tmp_path / "s.zarr"
+    FeatureStore(path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DitfError, match="another process is extracting spair/tiny-flux/k1/t260"):
+            with FeatureStore(path).writer_lock("spair", "tiny-flux", 1, 260):
+                pass
+        with FeatureStore(path).writer_lock("spair", "tiny-flux", 1, 90):  # another key is free
+            pass
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    with FeatureStore(path).writer_lock("spair", "tiny-flux", 1, 260):  # released when its holder ended
+        pass
+    assert (path / ".ditf" / "locks" / "spair%tiny-flux%k1%t260.lock").is_file()
+
+
+def test_the_same_lock_twice_in_one_process_is_refused_too(tmp_path):
+    """POSIX locks belong to the process: ditf refuses the second taker itself."""
+    store = FeatureStore(tmp_path / "s.zarr")
+    with store.writer_lock("spair", "tiny-flux", 1, 260):
+        with pytest.raises(DitfError, match="another process is extracting"):
+            with store.writer_lock("spair", "tiny-flux", 1, 260):
+                pass
+    with store.writer_lock("spair", "tiny-flux", 1, 260):
+        pass
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_file_system_without_locks_is_one_clear_error(tmp_path, monkeypatch, code):
+    store = FeatureStore(tmp_path / "s.zarr")
+
+    def no_locks(fd, operation):
+        raise OSError(code, "locking not supported")
+
+    monkeypatch.setattr(store_module.fcntl, "lockf", no_locks)
+    with pytest.raises(DitfError, match="cannot lock files .*POSIX locks"):
+        with store.writer_lock("spair", "tiny-flux", 1, 260):
+            pass
