@@ -68,6 +68,9 @@ ResampleOpt = Annotated[Optional[str], typer.Option(
 PrecisionOpt = Annotated[str, typer.Option(
     help="default (DiT in --dtype, fp32 ensemble mean, fp32 matching of fp16-stored features) | paper (the "
          "authors' cast points: bf16 DiT, bf16 means, variant in bf16, fp16 upsampling and cosine).")]
+ShardOpt = Annotated[Optional[str], typer.Option(
+    "--shard", help="i/N: only this share of the images (extract) or pair blocks (match), for job arrays, e.g. "
+                    "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; shards may run at once; together they equal one run.")]
 TextDeviceOpt = Annotated[Optional[str], typer.Option(help="Where the text encoders run (cpu | cuda | cuda:N; default: --device). They are freed before the DiT runs; prompts are cached in the store.")]
 OffloadOpt = Annotated[bool, typer.Option("--offload/--no-offload", help="Keep the DiT's blocks in CPU memory and move one at a time to the GPU (for GPUs smaller than the blocks up to k).")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option(help="Target size in pixels of the --resize side, at least the model's patch stride; sides are rounded to multiples of it (default: the benchmark's for Flux, else the model's).")]

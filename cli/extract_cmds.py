@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import (
-    DEFAULT_STORE, BatchSizeOpt, OffloadOpt, TextDeviceOpt, DataRootOpt, DatasetOpt, DeviceOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
+    DEFAULT_STORE, BatchSizeOpt, OffloadOpt, ShardOpt, TextDeviceOpt, DataRootOpt, DatasetOpt, DeviceOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
     PrecisionOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt,
     TOpt, WeightsOpt, WorkersOpt, app, user_errors,
 )
@@ -56,6 +56,7 @@ def extract(
     offload: OffloadOpt = False,
     progress: ProgressOpt = True,
     quiet: QuietOpt = False,
+    shard: ShardOpt = None,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
 ) -> None:
@@ -68,5 +69,6 @@ def extract(
 
     report = run_extract(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
                          prompt, weights, revision, dtype, device, progress and not quiet, workers, scheduler, resize,
-                         resample=resample, precision=precision, text_device=text_device, offload=offload)
+                         resample=resample, precision=precision, text_device=text_device, offload=offload,
+                         shard=shard)
     typer.echo(report.line())

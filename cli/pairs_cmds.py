@@ -13,7 +13,8 @@ import typer
 
 from .app import (
     DEFAULT_STORE, BatchSizeOpt, ChannelsOpt, DataRootOpt, DatasetOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
-    PrecisionOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt,
+    PrecisionOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt,
+    ShardOpt, SplitOpt, StoreOpt,
     TOpt, VariantOpt, WeightsOpt, WorkersOpt, app, user_errors,
 )
 
@@ -96,7 +97,7 @@ def _check_pair_arguments(variants=None, protocol="dift", alphas=None, out=None,
 
 def match_options(model, dataset, data_root, split, store, k, t, variants=None, protocol="dift", channels="auto",
                   soft_window=None, overwrite=False, progress=True, workers=None, scheduler=None, fuse=None,
-                  pca_dim=1280, device="auto", jobs=None):
+                  pca_dim=1280, device="auto", jobs=None, shard=None):
     """Run the match stage for each variant; returns what `score_results` needs."""
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.stages import StageSettings, match
@@ -115,7 +116,7 @@ def match_options(model, dataset, data_root, split, store, k, t, variants=None, 
     chosen = []
     for variant in variants:
         settings = StageSettings(variant=variant, protocol=protocol, channels=channels, soft_window=soft_window,
-                                 fuse=fuse, pca_dim=pca_dim, device=device, jobs=jobs)
+                                 fuse=fuse, pca_dim=pca_dim, device=device, jobs=jobs, shard=shard)
         typer.echo(match(feature_store, data, model, k, t, settings, overwrite=overwrite, progress=progress,
                          client=client).line())
         chosen.append(settings)
@@ -165,6 +166,7 @@ def match(
     jobs: JobsOpt = None,
     progress: ProgressOpt = True,
     quiet: QuietOpt = False,
+    shard: ShardOpt = None,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
 ) -> None:
@@ -173,7 +175,7 @@ def match(
     k and t default to the only key extracted for (dataset, model) in the store.
     """
     match_options(model, dataset, data_root, split, store, k, t, variant, protocol, channels, soft_window, overwrite,
-                  progress and not quiet, workers, scheduler, fuse, pca_dim, device, jobs)
+                  progress and not quiet, workers, scheduler, fuse, pca_dim, device, jobs, shard)
 
 
 @app.command()

@@ -306,10 +306,11 @@ class DistributedExtractor(Extractor):
         self.client, self.args, self.chunk_size = client, args, max(1, chunk_size)
         self.dataset_name: str | None = None
 
-    def run(self, dataset: Dataset, progress: bool = True, records: Sequence[ImageRecord] | None = None) -> ExtractReport:
+    def run(self, dataset: Dataset, progress: bool = True, records: Sequence[ImageRecord] | None = None,
+            shard=None) -> ExtractReport:
         self.dataset_name = dataset.name
         try:
-            return super().run(dataset, progress=progress, records=records)
+            return super().run(dataset, progress=progress, records=records, shard=shard)
         finally:
             self.client.run(release_adapters)
 
@@ -331,10 +332,11 @@ class DistributedExtractor(Extractor):
 def extract_distributed(
     client, args: AdapterArgs, store_path, settings: ExtractSettings, dataset: Dataset,
     progress: bool = True, records: Sequence[ImageRecord] | None = None, chunk_size: int = DEFAULT_CHUNK,
+    shard=None,
 ) -> ExtractReport:
     """`Extractor(...).run(dataset)` with the images spread over the client's workers."""
     extractor = DistributedExtractor(client, args, FeatureStore(store_path), settings, chunk_size=chunk_size)
-    return extractor.run(dataset, progress=progress, records=records)
+    return extractor.run(dataset, progress=progress, records=records, shard=shard)
 
 
 def predict_distributed(client, store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings,

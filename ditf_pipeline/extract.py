@@ -33,6 +33,7 @@ from .errors import DitfError
 from .images import RESAMPLERS, image_size, load_for_model
 from .models.base import DiTAdapter, LatentPosterior, PromptEmbedding
 from .prompts import prompt_identity, prompts_for
+from .shards import Shard
 from .store import FeatureArrays, FeatureStore, config_differences
 
 
@@ -59,6 +60,8 @@ class ExtractSettings:
 #: means rounded to bf16 (their `.mean(0)` of a bf16 batch), and at match time the variant in
 #: bf16, cast to fp16, upsampled and compared in fp16 (`ditf_pipeline.paper`).
 PRECISIONS = ("default", "paper")
+#: seconds a shard waits for another shard (or a whole run) setting up the same key
+SHARD_SETUP_WAIT = 600.0
 
 #: How ensemble member m's posterior sample and noise are drawn (recorded in every key's config)
 VAE_SAMPLING = "vae once per image; member m: eps then noise from seed(seed, key, t, m), float32 on the CPU"
@@ -337,16 +340,25 @@ class Extractor:
         return mean.cpu().numpy()
 
     # ---- the run ----------------------------------------------------------------------------
-    def run(self, dataset: Dataset, progress: bool = True, records: Sequence[ImageRecord] | None = None) -> ExtractReport:
+    def run(self, dataset: Dataset, progress: bool = True, records: Sequence[ImageRecord] | None = None,
+            shard: Shard | None = None) -> ExtractReport:
+        """Extract every image of `dataset` (or `records`) not complete yet in every requested key.
+
+        With `shard` (`--shard i/N`) only that shard's images are extracted, but the image index
+        and the arrays are set up for all of them, so every image gets the row it would get in a
+        single run and the union of the shards equals one run bit for bit.
+        """
         start_time = time.perf_counter()
         adapter, settings, store = self.adapter, self.settings, self.store
+        shard = shard or Shard()
         records = list(records if records is not None else dataset.images())
         if not records:
             raise DitfError(f"dataset {dataset.name} at {dataset.root} has no images")
         sizes = [image_size(record.path) for record in records]
         if dataset.task == "pairs":
             check_annotated_sizes(dataset.pairs(), records, sizes)
-        self._check_decodable(self._pending(dataset, records))  # a bad file fails before the index grows
+        mine = shard.select(records)
+        self._check_decodable(self._pending(dataset, mine))  # a bad file fails before the index grows
         rows = store.register_images(dataset.name, [r.key for r in records], sizes)
         n_rows = len(rows)
         config = store_config(adapter, settings)
@@ -358,14 +370,23 @@ class Extractor:
                     if settings.resize != "long":  # the grid's extent follows each image's aspect ratio
                         grids = [adapter.grid_size(w, h, settings.img_size, settings.resize) for w, h in sizes]
                         rows_max, cols_max = max(g[0] for g in grids), max(g[1] for g in grids)
-                    # one writer per key: a second extract into the same key is refused, not interleaved
-                    locks.enter_context(store.writer_lock(dataset.name, adapter.spec.name, k, t))
-                    arrays[(k, t)] = store.open_features(
-                        dataset.name, adapter.spec.name, k, t, config=config, provenance=provenance(adapter, settings),
-                        n_images=n_rows, grid_max=(rows_max, cols_max), hidden_size=channels,
-                        modulation_names=modulation_names(adapter), adaln=adapter.has_adaln,
-                    )
-            return self._run_locked(dataset, records, rows, arrays, start_time, progress)
+                    def open_key():
+                        return store.open_features(
+                            dataset.name, adapter.spec.name, k, t, config=config, provenance=provenance(adapter, settings),
+                            n_images=n_rows, grid_max=(rows_max, cols_max), hidden_size=channels,
+                            modulation_names=modulation_names(adapter), adaln=adapter.has_adaln,
+                        )
+
+                    if shard.whole:
+                        # one writer per key: a second extract into the same key is refused, not interleaved
+                        locks.enter_context(store.writer_lock(dataset.name, adapter.spec.name, k, t))
+                        arrays[(k, t)] = open_key()
+                    else:
+                        # shards take turns only to set the key up, then write their own images side by side
+                        with store.writer_lock(dataset.name, adapter.spec.name, k, t, wait=SHARD_SETUP_WAIT):
+                            arrays[(k, t)] = open_key()
+                        locks.enter_context(store.writer_lock(dataset.name, adapter.spec.name, k, t, shard=str(shard)))
+            return self._run_locked(dataset, mine, rows, arrays, start_time, progress)
 
     def _pending(self, dataset: Dataset, records: Sequence[ImageRecord]) -> list[ImageRecord]:
         """The records this run will decode: not yet complete in every requested key (read-only).

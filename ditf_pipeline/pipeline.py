@@ -46,6 +46,7 @@ def run_extract(
     precision: str = "default",
     text_device: str | None = None,
     offload: bool = False,
+    shard: str | None = None,
 ) -> ExtractReport:
     """Run the extract stage into `store`; unset settings come from the benchmark's and the model's defaults.
 
@@ -55,16 +56,19 @@ def run_extract(
     `weights`, `revision`, `dtype`, `device`. With `workers` or `scheduler` the images are
     spread over dask workers, each building its own adapter. `resample` and `precision` follow
     the authors' arithmetic when asked (`--resample`, `--precision paper`; see README "Precision");
-    `text_device` and `offload` fit Flux on smaller GPUs (README "Memory").
+    `text_device` and `offload` fit Flux on smaller GPUs (README "Memory"). `shard` ("i/N")
+    extracts only that share of the images (job arrays; README "Scale").
     """
     from .datasets import get_dataset
     from .devices import default_dtype
     from .extract import Extractor, check_run, default_settings
     from .models import get_spec, load_adapter
+    from .shards import Shard
     from .store import FeatureStore
     from .validate import check_at_least
 
     spec = adapter.spec if adapter is not None else get_spec(model)
+    part = Shard.parse(shard)
     check_at_least("--workers", workers)
     data = get_dataset(dataset, data_root, split) if isinstance(dataset, str) else dataset
     if dtype == "auto":  # --precision paper: the authors' bf16 DiT, on any device
@@ -81,8 +85,8 @@ def run_extract(
 
         return extract_distributed(shared_client(workers, scheduler), AdapterArgs(spec.name, weights, revision, dtype, device,
                                                                         text_device, offload),
-                                   Path(store), settings, data, progress=progress)
-    return Extractor(adapter, FeatureStore(store), settings).run(data, progress=progress)
+                                   store, settings, data, progress=progress, shard=part)
+    return Extractor(adapter, FeatureStore(store), settings).run(data, progress=progress, shard=part)
 
 
 def single_key(k: Sequence[int] | None, t: Sequence[int] | None) -> tuple[int | None, int | None]:

@@ -45,6 +45,7 @@ from .fusion import PairFusion, parse_fuse
 from .match import ByteLRU, make_matcher, resolve_match_device
 from .naming import fusion_label, prediction_name
 from .paper import PaperDiftMatcher, paper_feature, paper_matching
+from .shards import Shard
 from .store import FeatureArrays, FeatureStore, prediction_scope
 from .validate import unknown
 
@@ -80,6 +81,7 @@ class MatchSettings:
     jobs: int | None = None  # worker threads (None: every core); CPU only
     device: str = "cpu"  # auto | cpu | cuda | cuda:N
     cache_bytes: int = FEATURE_CACHE_BYTES  # budget of the variant feature cache
+    shard: str | None = None  # "i/N": only blocks b with b mod N == i (job arrays, `shards.Shard`)
 
     @property
     def label(self) -> str:
@@ -331,6 +333,10 @@ def predict(
     from .progress import progress as progress_display
 
     start = time.perf_counter()
+    part = Shard.parse(settings.shard)
+    if overwrite and not part.whole:
+        raise DitfError("--overwrite with --shard would let one shard delete another's predictions: "
+                        "run `ditf match --overwrite` once without --shard (or not at all), then the shards")
     device = resolve_match_device(settings.device)
     if settings.jobs is not None and int(settings.jobs) < 1:
         raise DitfError(f"--jobs must be at least 1, got {settings.jobs}")
@@ -377,7 +383,8 @@ def predict(
     features = pair_feature_cache(arrays, rows, settings.variant, channels, device, settings.cache_bytes,
                                   compute=paper_feature if paper else compute_feature)
     pair_features = features.pair if fusion is None else fusion.bind(features)
-    todo_blocks = [s for s in range(0, len(pairs), BLOCK) if not done[s : s + BLOCK].all()]
+    mine = set(part.blocks(len(pairs), BLOCK))
+    todo_blocks = [s for s in range(0, len(pairs), BLOCK) if s in mine and not done[s : s + BLOCK].all()]
     matched = 0
     if block_runner is not None:
         matched = block_runner(todo_blocks, pairs, rows, channels)

@@ -19,6 +19,7 @@ import numpy as np
 from .datasets.base import Dataset
 from .errors import DitfError
 from .naming import DEFAULT_PCA_DIM, prediction_name
+from .shards import Shard
 from .store import FeatureStore, prediction_scope
 
 
@@ -34,6 +35,7 @@ class StageSettings:
     fuse: str | None = None  # pairs only: partner model concatenated per pair (DiTF + DINOv2)
     pca_dim: int = DEFAULT_PCA_DIM
     jobs: int | None = None  # pairs: worker threads on the CPU (None: every core)
+    shard: str | None = None  # pairs: "i/N", this job's share of the pair blocks (`--shard`)
 
     def prediction_name(self, task: str) -> str:
         if task == "pairs":
@@ -47,7 +49,7 @@ class StageSettings:
 
         return MatchSettings(variant=self.variant, protocol=self.protocol, channels=self.channels,
                              soft_window=self.soft_window, fuse=self.fuse, pca_dim=self.pca_dim, jobs=self.jobs,
-                             device=self.device)
+                             device=self.device, shard=self.shard)
 
 
 @dataclass
@@ -99,6 +101,8 @@ def match(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, set
             report = predict(store, dataset, model, k, t, settings.match_settings(), overwrite=overwrite, progress=progress)
         return StageReport(report.key, report.n_pairs, report.matched, report.skipped, report.channels, report.seconds)
     settings.prediction_name(dataset.task)  # refuses --fuse here
+    if settings.shard is not None and not Shard.parse(settings.shard).whole:
+        raise DitfError(f"--shard applies to keypoint-pair benchmarks; {dataset.name} ({dataset.task}) is matched whole")
     if dataset.task == "video":
         return _match_video(store, dataset, model, k, t, settings, overwrite, progress)
     if dataset.task == "homography":

@@ -993,11 +993,19 @@ class FeatureStore:
         name = node.strip("/").replace("/", "%") + ".lock"
         return self.backend.lock(f"{_META}/locks/{name}", refusal, wait)
 
-    def writer_lock(self, dataset: str, model: str, k: int, t: int):
-        """One extract per key at a time: a second writer is refused, not interleaved."""
+    def writer_lock(self, dataset: str, model: str, k: int, t: int, shard: str | None = None, wait: float = 0.0):
+        """One extract per key at a time: a second writer is refused, not interleaved.
+
+        With `shard` ("i/N", `--shard`) the lock is that shard's alone: shards write disjoint
+        images, so any number of them may run at once, but never the same shard twice.
+        """
         key = feature_path(dataset, model, k, t)
-        return self.lock(key, f"another process is extracting {key} into {self.path}: wait for it to finish "
-                              "(then rerun: completed images are skipped) or use another --store")
+        if shard is None:
+            return self.lock(key, f"another process is extracting {key} into {self.path}: wait for it to finish "
+                                  "(then rerun: completed images are skipped) or use another --store", wait)
+        index, count = shard.split("/")
+        return self.lock(f"{key}%shard-{index}-of-{count}",
+                         f"another process is extracting shard {shard} of {key} into {self.path}: wait for it to finish")
 
     def _subgroups(self, path: str) -> list[tuple[str, zarr.Group]]:
         group = self.root if not path else self._group(path)
