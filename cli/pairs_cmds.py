@@ -12,10 +12,10 @@ from typing import Annotated, Optional
 import typer
 
 from .app import (
-    DEFAULT_STORE, BatchSizeOpt, ChannelsOpt, DataRootOpt, DatasetOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
-    PrecisionOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt,
-    ShardOpt, SplitOpt, StoreOpt,
-    TOpt, VariantOpt, WeightsOpt, WorkersOpt, app, user_errors,
+    BatchSizeOpt, ChannelsOpt, DEFAULT_STORE, DataRootOpt, DatasetOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt,
+    ModelOpt, OffloadOpt, PrecisionOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt, RevisionOpt,
+    SchedulerOpt, SeedOpt, ShardOpt, SplitOpt, StoreOpt, TOpt, TextDeviceOpt, VariantOpt, WeightsOpt, WorkersOpt, app,
+    user_errors,
 )
 
 ProtocolOpt = Annotated[str, typer.Option(help="Pairs: dift (upsample to image size, <=) or geoaware (840 frame, 60x60, <).")]
@@ -252,6 +252,8 @@ def run(
     revision: RevisionOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    text_device: TextDeviceOpt = None,
+    offload: OffloadOpt = False,
     variant: VariantOpt = None,
     protocol: ProtocolOpt = "dift",
     channels: ChannelsOpt = "auto",
@@ -272,7 +274,7 @@ def run(
     _check_pair_arguments(variant, protocol, alpha, out, device, workers)
     report = run_extract(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
                          prompt, weights, revision, dtype, device, progress, workers, scheduler, resize,
-                         resample=resample, precision=precision)
+                         resample=resample, precision=precision, text_device=text_device, offload=offload)
     typer.echo(report.line())
     results = []
     for key in report.keys:
