@@ -41,7 +41,7 @@ class SyntheticPairs:
     def __init__(self, scale: float, seed: int = 0) -> None:
         from ditf_pipeline.datasets.base import Pair
 
-        self.name, self.root = "spair", Path("synthetic")
+        self.name, self.root, self.split = "spair", Path("synthetic"), "test"
         rng = np.random.default_rng(seed)
         n_images, n_pairs = max(N_CATEGORIES * 2, round(N_IMAGES * scale)), max(1, round(N_PAIRS * scale))
         self.images = []

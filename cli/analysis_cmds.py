@@ -253,7 +253,7 @@ def show_options(
     check_variants([variant])
     check_protocol(protocol)
     check_alphas([alpha])
-    check_output_file(out, suffix=".png")
+    check_output_file(out)  # its ending was checked above (png, pdf or svg)
     data = get_dataset(dataset, data_root, split)
     if data.task != "pairs":
         raise DitfError(f"dataset {data.name} is a {data.task} benchmark, not keypoint pairs")

@@ -188,7 +188,7 @@ def test_analyze_cli_stores_channels_plots_and_grid(demo, tmp_path):
     arrays.set_massive_channels(MASSIVE[(1, 260)])
     # vector figures for papers: the same files as PDF
     pdf = tmp_path / "pdf"
-    result = _cli("analyze", *_common(root, store_path), "--no-write", "--figure-format", "pdf", "--pca-images", 1,
+    result = _cli("analyze", *_common(root, store_path), *grid, "--no-write", "--figure-format", "pdf", "--pca-images", 1,
                   "--out", pdf)
     assert result.exit_code == 0, result.output
     assert (pdf / f"spair-{MODEL}-pck-grid.pdf").read_bytes().startswith(b"%PDF")

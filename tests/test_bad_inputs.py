@@ -186,7 +186,7 @@ CASES = {
     "show-variant-unsupported": (f"show {DINO} --pair 1 --variant adaln --out {{base}}/x.png", "'raw' only"),
     "show-missing-key": (f"show {FLUX} --pair 1 --k 7 --out {{base}}/x.png", "has no key k7"),
     "show-alpha": (f"show {FLUX} --pair 1 --alpha 2 --out {{base}}/x.png", "0 < alpha <= 1"),
-    "show-out-not-png": (f"show {FLUX} --pair 1 --out {{base}}/out-dir", "must be a .png file"),
+    "show-out-not-figure": (f"show {FLUX} --pair 1 --out {{base}}/out-dir", "must be a .png, .pdf or .svg file"),
     # analyze
     "analyze-variant-typo": (f"analyze {FLUX} --variant adaln+dc --out {{base}}/an", "did you mean 'adaln+cd'?"),
     "analyze-model-typo": (f"analyze {FLUX} --model flx --out {{base}}/an", "unknown model 'flx'"),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from _store_snapshot import differences, snapshot
+from _store_snapshot import differences, snapshot, without_store
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.doctor import Findings, check_store
@@ -40,7 +40,8 @@ def _match(root: Path, store: Path) -> None:
 
 
 def _score(root: Path, store: Path) -> dict:
-    return score(FeatureStore(store, read_only=True), get_dataset("spair", root, "test"), "tiny-flux", 1, 260, SETTINGS)
+    return without_store(score(FeatureStore(store, read_only=True), get_dataset("spair", root, "test"), "tiny-flux", 1, 260,
+                               SETTINGS))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from _store_snapshot import snapshot
+from _store_snapshot import snapshot, without_store
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.doctor import Findings, check_store
@@ -90,7 +90,8 @@ def stores(tmp_path_factory):
 
 
 def _score(root, path):
-    return score(FeatureStore(path, read_only=True), get_dataset("spair", root, "test"), "tiny-flux", 1, 260, SETTINGS)
+    return without_store(score(FeatureStore(path, read_only=True), get_dataset("spair", root, "test"), "tiny-flux", 1, 260,
+                               SETTINGS))
 
 
 def test_a_schema_1_store_is_read_scored_and_checked_as_it_is(stores):
