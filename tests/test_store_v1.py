@@ -90,8 +90,12 @@ def stores(tmp_path_factory):
 
 
 def _score(root, path):
-    return without_store(score(FeatureStore(path, read_only=True), get_dataset("spair", root, "test"), "tiny-flux", 1, 260,
-                               SETTINGS))
+    result = without_store(score(FeatureStore(path, read_only=True), get_dataset("spair", root, "test"), "tiny-flux", 1,
+                                 260, SETTINGS))
+    # the numbers must agree; the key's recorded settings legitimately differ (a schema-1 key was
+    # written before the resize/VAE/architecture fields existed)
+    result.pop("features", None)
+    return result
 
 
 def test_a_schema_1_store_is_read_scored_and_checked_as_it_is(stores):

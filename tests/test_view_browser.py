@@ -44,13 +44,13 @@ def _unavailable(reason: str):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from ditf_cli.extract_cmds import extract_options
     from ditf_cli.pairs_cmds import match_options
+    from ditf_pipeline.pipeline import run_extract
 
     base = tmp_path_factory.mktemp("view-browser")
     root = make_spair_demo(base / "SPair", pairs_per_category=2)
     store = base / "ditf.zarr"
-    report = extract_options("tiny-flux", "spair", root, None, store, img_size=128, ensemble_size=2, dtype="fp32", progress=False)
+    report = run_extract("tiny-flux", "spair", root, None, store, img_size=128, ensemble_size=2, dtype="fp32", progress=False)
     k, t = (int(part[1:]) for part in report.keys[0].split("/")[-2:])
     data, _, k, t, _ = match_options("tiny-flux", "spair", root, None, store, [k], [t], VARIANTS, progress=False)
     return {"root": root, "store": store, "data": data, "k": k, "t": t, "uploads": base / "uploads"}

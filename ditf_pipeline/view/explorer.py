@@ -21,7 +21,7 @@ import numpy as np
 
 from ..datasets.base import Pair
 from ..errors import DitfError
-from ..store import FeatureStore
+from ..store import FeatureStore, prediction_scope
 from . import queries
 from .uploads import UPLOAD_DATASET, Uploads
 
@@ -125,10 +125,33 @@ class Explorer:
         store, name = self._store_of(key)
         return self._cached("rows", key, lambda: store.image_rows(name))
 
-    def _prediction_configs(self, key: KeyRef) -> dict[str, dict]:
+    def _scope(self, key: KeyRef) -> tuple[str | None, str | None]:
+        """(scope, split) of the pair list the view shows for a key (`store.prediction_scope`, as
+        `ditf match` keys its predictions); scope None when the pairs are not readable here."""
+        if key.dataset == UPLOADS:
+            return None, None
+        if self.data_root is None:
+            return None, self.split
+        try:
+            index = self._dataset(key.dataset)
+        except (DitfError, OSError, ValueError, KeyError):  # another dataset's key, or a root that is not this benchmark's
+            return None, self.split
+        split = getattr(index.reader, "split", self.split)
+        return prediction_scope(split, [p.pair_id for p in index.pairs]), split
+
+    def _predictions(self, key: KeyRef) -> dict:
+        """"variant/protocol" -> stored predictions of the view's pair list (`queries.choose_predictions`)."""
         store, name = self._store_of(key)
-        return self._cached("predictions", key, lambda: {
-            label: arrays.config for label, arrays in store.prediction_groups(name, key.model, key.k, key.t)})
+
+        def compute():
+            scope, split = self._scope(key)
+            return queries.choose_predictions(store.prediction_groups(name, key.model, key.k, key.t), scope, split)
+
+        return self._cached("predictions", key, compute)
+
+    def _prediction_configs(self, key: KeyRef) -> dict[str, dict]:
+        return self._cached("prediction configs", key,
+                            lambda: {name: arrays.config for name, arrays in self._predictions(key).items()})
 
     def _variants_cached(self, key: KeyRef) -> list[str]:
         return self._cached("variants", key, lambda: self.variants(key))
@@ -202,10 +225,8 @@ class Explorer:
             raise ViewNotFound(str(exc)) from None
 
     def _stored_predictions(self, key: KeyRef, name: str) -> dict[str, np.ndarray] | None:
-        if name not in self._prediction_configs(key):
-            return None
-        store, dataset = self._store_of(key)
-        return store.open_predictions((dataset, key.model, key.k, key.t), name).read()
+        arrays = self._predictions(key).get(name)
+        return None if arrays is None else arrays.read()
 
     def pairs(self, key: KeyRef, variant: str, protocol: str, alpha: float, category: str | None = None,
               order: str = "id") -> dict:
@@ -237,25 +258,45 @@ class Explorer:
                     "alpha": alpha, "note": note}
 
     # ---- an open pair -------------------------------------------------------------------------
-    def _maps_for(self, key: KeyRef, pair: Pair, variant: str) -> queries.VariantMaps:
-        cache_key = (key, pair.pair_id, variant)
+    def _maps_for(self, key: KeyRef, pair: Pair, variant: str, protocol: str = "dift") -> queries.VariantMaps:
+        """The variant maps of an open pair, computed as `ditf match` computes them: the float16
+        maps of `predict.pair_feature_cache` (with the authors' arithmetic for a ``--precision
+        paper`` key under ``dift``), fused with the partner's raw maps like `fusion.PairFusion`."""
+        from ..features import compute_feature
+        from ..paper import paper_feature, paper_matching
+        from ..predict import pair_feature_cache
+
+        arrays, rows = self._arrays(key), self._rows(key)
+        paper = paper_matching(arrays.config, protocol)
+        cache_key = (key, pair.pair_id, variant, paper)
         if cache_key in self._maps:
             self._maps.move_to_end(cache_key)
             return self._maps[cache_key]
-        from ..features import USES_CHANNELS, VARIANTS, compute_feature
-
-        arrays, rows = self._arrays(key), self._rows(key)
         for image in (pair.src_key, pair.trg_key):
             if image not in rows or not arrays.complete()[rows[image]]:
                 raise DitfError(f"image {image} has no features in {key.label}: run `ditf extract`")
 
-        def feature(image: str, name: str, channels: Sequence[int]):
-            z, modulation = arrays.read_image(rows[image])
-            return compute_feature(name, z, modulation, channels)
+        def features(name: str, channels: Sequence[int]):  # the view caches the maps itself: no LRU here
+            return pair_feature_cache(arrays, rows, name, channels, max_bytes=0,
+                                      compute=paper_feature if paper else compute_feature)
 
+        with queries.single_thread():  # as `ditf match` computes them (bit for bit, fused PCA included)
+            src, trg = self._pair_maps(key, pair, variant, features)
+        maps = queries.VariantMaps(variant, src, trg, tuple(pair.src_size), tuple(pair.trg_size), paper=paper)
+        self._maps[cache_key] = maps
+        while len(self._maps) > MAPS_CACHE:
+            self._maps.popitem(last=False)
+        return maps
+
+    def _pair_maps(self, key: KeyRef, pair: Pair, variant: str, features) -> tuple:
+        from ..features import USES_CHANNELS, VARIANTS
+        from ..predict import FeatureCache
+
+        rows = self._rows(key)
         if variant in VARIANTS:
             channels = self.channels(key) if variant in USES_CHANNELS else []
-            src, trg = feature(pair.src_key, variant, channels), feature(pair.trg_key, variant, channels)
+            feature = features(variant, channels)
+            src, trg = feature(pair.src_key), feature(pair.trg_key)
         else:
             spec = queries.fused_specs(self._prediction_configs(key)).get(variant)
             if spec is None:
@@ -264,18 +305,14 @@ class Explorer:
 
             store, dataset = self._store_of(key)
             partner = store.open_features(dataset, spec.model, spec.k, spec.t)
-
-            def other(image: str):
-                z, _ = partner.read_image(rows[image])
-                return compute_feature("raw", z)
-
-            src, trg = fuse_pair(feature(pair.src_key, spec.variant, spec.channels), feature(pair.trg_key, spec.variant, spec.channels),
-                                 other(pair.src_key), other(pair.trg_key), spec.pca_dim)
-        maps = queries.VariantMaps(variant, src, trg, tuple(pair.src_size), tuple(pair.trg_size))
-        self._maps[cache_key] = maps
-        while len(self._maps) > MAPS_CACHE:
-            self._maps.popitem(last=False)
-        return maps
+            for image in (pair.src_key, pair.trg_key):
+                if not partner.complete()[rows[image]]:
+                    raise DitfError(f"image {image} has no features in {spec.model}/k{spec.k}/t{spec.t}: run `ditf extract`")
+            feature = features(spec.variant, spec.channels)
+            other = FeatureCache(partner, rows, "raw", [], max_bytes=0)  # as `predict.open_fusion` reads the partner
+            src, trg = fuse_pair(feature(pair.src_key), feature(pair.trg_key), other(pair.src_key), other(pair.trg_key),
+                                 spec.pca_dim)
+        return src, trg
 
     def _check_variants(self, key: KeyRef, variants: Sequence[str]) -> list[str]:
         available = self._variants_cached(key)
@@ -306,7 +343,7 @@ class Explorer:
                 "alpha": alpha, "protocol": protocol, "variants": {},
             }
             for variant in variants:
-                maps = self._maps_for(key, pair, variant)
+                maps = self._maps_for(key, pair, variant, protocol)
                 entry: dict = {"grid": [int(maps.trg.shape[0]), int(maps.trg.shape[1])]}
                 if len(pair.src_kps):
                     computed = maps.match_keypoints(pair.src_kps, protocol)
@@ -342,7 +379,7 @@ class Explorer:
                 px, py = queries.check_point(x, y, pair.src_size)
             out = []
             for variant in variants:
-                maps = self._maps_for(key, pair, variant)
+                maps = self._maps_for(key, pair, variant, protocol)
                 pred = maps.match_keypoints(pair.src_kps, protocol)[keypoint] if keypoint is not None else None
                 out.append(queries.click(maps, px, py, protocol, pred=pred))
             answer = {"point": [px, py], "keypoint": keypoint, "protocol": protocol, "results": out}

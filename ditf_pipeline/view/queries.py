@@ -9,15 +9,20 @@ images), so nothing is ever upsampled to image size per channel:
 * the heatmap is the cosine of that vector with every target CELL (feature resolution,
   h x w values); the browser stretches it over the image, which is where the cells lie
   (align_corners=False: cell j covers [j W / w, (j + 1) W / w));
-* the predicted point is the matcher's exact full-resolution argmax (`match.DiftMatcher`:
-  one interpolation of an (h, w) dot-product map, target norms cached once per open pair),
-  so it equals the stored prediction of `ditf match` for a keypoint.
+* the predicted point is the matcher's exact full-resolution argmax (`predict.pair_matcher`,
+  the matcher `ditf match` builds: one interpolation of an (h, w) dot-product map, target
+  norms cached once per open pair), on the maps of `predict.pair_feature_cache` (float16, as
+  `ditf match` caches them; held here in float32, which is exact), so it equals the stored
+  prediction of `ditf match` for a keypoint. Maps and matches are computed with ONE torch
+  intra-op thread, as `ditf match` on the CPU computes them (`single_thread`): a matmul split
+  over several threads sums in another order, and a near tie of the argmax can flip.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import DitfError
-from ..match import make_matcher, upsampled_vectors
+from ..match import upsampled_vectors
 
 #: the matching rules a view can apply (stored geoaware-softN predictions are listed, not recomputed)
 PROTOCOLS = ("dift", "geoaware")
@@ -64,6 +69,57 @@ def fused_specs(prediction_configs: Mapping[str, Mapping]) -> dict[str, FusedSpe
     return found
 
 
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the block (`predict.run_blocks` matches so), then as before.
+
+    The setting is process-wide: callers hold the explorer's lock, so no other view computation
+    runs meanwhile (`ditf view` serves on one thread by default, where this is a no-op).
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def prediction_scope_name(label: str) -> tuple[str | None, str]:
+    """A `FeatureStore.prediction_groups` label -> (scope or None for schema 1, "variant/protocol")."""
+    parts = label.split("/")
+    if len(parts) >= 3:
+        return parts[0], "/".join(parts[1:])
+    return None, label
+
+
+def choose_predictions(groups: Sequence[tuple[str, object]], scope: str | None, split: str | None) -> dict[str, object]:
+    """The stored predictions a view shows, by "variant/protocol", among a key's groups of every scope.
+
+    A name is taken from `scope` (the view's split and pair list, `store.prediction_scope`) when
+    stored there, else from the unscoped place of schema 1, else from the only scope of `split`
+    (any split when None) holding it: e.g. predictions of a superset of the pairs. A name held by
+    several other pair lists is left out (ambiguous), as `FeatureStore.open_predictions` refuses it.
+    """
+    by_name: dict[str, dict[str | None, object]] = {}
+    for label, arrays in groups:
+        group_scope, name = prediction_scope_name(label)
+        by_name.setdefault(name, {})[group_scope] = arrays
+    chosen: dict[str, object] = {}
+    for name, scopes in by_name.items():
+        if scope is not None and scope in scopes:
+            chosen[name] = scopes[scope]
+        elif None in scopes:
+            chosen[name] = scopes[None]
+        else:
+            candidates = [s for s in scopes if split is None or s.rsplit("-", 1)[0] == split]
+            if len(candidates) == 1:
+                chosen[name] = scopes[candidates[0]]
+    return chosen
+
+
 def check_point(x: float, y: float, size: tuple[int, int]) -> tuple[int, int]:
     """The clicked pixel as integers inside the image (the matcher rounds keypoints the same way)."""
     width, height = size
@@ -80,7 +136,9 @@ class VariantMaps:
     """One variant's feature maps of an open pair, with the per-target work done once.
 
     `trg_inverse_norms` are 1 / |g_j| of the target cells (for the low-resolution heatmap);
-    the matchers keep their own full-resolution target caches (warmed on first use).
+    the matchers keep their own full-resolution target caches (warmed on first use). `paper`:
+    the maps of a ``--precision paper`` key under ``dift`` (`paper.paper_matching`), matched
+    with the authors' fp16 arithmetic as `ditf match` does.
     """
 
     variant: str
@@ -88,6 +146,7 @@ class VariantMaps:
     trg: torch.Tensor  # (h', w', D) float32
     src_size: tuple[int, int]
     trg_size: tuple[int, int]
+    paper: bool = False
     trg_flat: torch.Tensor = field(init=False)
     trg_inverse_norms: torch.Tensor = field(init=False)
     matchers: dict = field(default_factory=dict, init=False)
@@ -105,13 +164,17 @@ class VariantMaps:
         if protocol not in PROTOCOLS:
             raise DitfError(f"unknown protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
         if protocol not in self.matchers:
-            self.matchers[protocol] = make_matcher(protocol, cache_size=1)
+            from ..predict import MatchSettings, pair_matcher
+
+            self.matchers[protocol] = pair_matcher(MatchSettings(protocol=protocol), paper=self.paper and protocol == "dift")
         return self.matchers[protocol]
 
     def match(self, points: np.ndarray, protocol: str) -> np.ndarray:
         """(N, 2) predicted (x, y) for (N, 2) source points: the very call `ditf match` makes."""
         points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        return self.matcher(protocol).match(self.src, self.src_size, self.trg, self.trg_size, points, trg_key="target")
+        matcher = self.matcher(protocol)
+        with single_thread():
+            return matcher.match(self.src, self.src_size, self.trg, self.trg_size, points, trg_key="target")
 
     def match_keypoints(self, keypoints: np.ndarray, protocol: str) -> np.ndarray:
         """All of a pair's keypoints in one batched call, as `ditf match` makes it (cached per protocol)."""
