@@ -9,6 +9,7 @@ instead of skipping it.
 from __future__ import annotations
 
 import json
+import socket
 import os
 import subprocess
 import sys
@@ -36,9 +37,12 @@ def s3():
     try:
         from moto.server import ThreadedMotoServer
 
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        with socket.socket() as probe:  # a free port on loopback (older moto cannot report one it picked)
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        host = "127.0.0.1"
+        server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
         server.start()
-        host, port = server.get_host_and_port()
     except Exception as exc:  # pragma: no cover - only without moto[server]
         if os.environ.get("CI") == "true":
             pytest.fail(f"cannot start the S3 test server (moto[server] is in the dev extra): {exc}")
