@@ -29,7 +29,10 @@ BLOSC = zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 
 def _copy_array(source: zarr.Array, group: zarr.Group, name: str, compressed: bool, dims: bool = True) -> None:
     values = source[...]
-    array = group.create_array(name, shape=source.shape, chunks=source.chunks, dtype=source.dtype,
+    text = source.dtype.kind == "O"  # variable-length strings as numpy object (zarr 3.1.3 with numpy 1.x)
+    if text:
+        values = np.asarray(values).astype(str)
+    array = group.create_array(name, shape=source.shape, chunks=source.chunks, dtype=str if text else source.dtype,
                                fill_value=source.metadata.fill_value, compressors=BLOSC if compressed else None,
                                dimension_names=source.metadata.dimension_names if dims else None, overwrite=True)
     array[...] = values
