@@ -29,9 +29,9 @@ import torch  # noqa: E402
 
 from ditf_pipeline.datasets import get_dataset  # noqa: E402
 from ditf_pipeline.demo import make_spair_demo  # noqa: E402
-from ditf_pipeline.extract import Extractor, ExtractSettings  # noqa: E402
+from ditf_pipeline.extract.extractor import Extractor, ExtractSettings  # noqa: E402
 from ditf_pipeline.models import DTYPES, get_spec, load_adapter, resolve_device  # noqa: E402
-from ditf_pipeline.store import FeatureStore  # noqa: E402
+from ditf_pipeline.store.feature_store import FeatureStore  # noqa: E402
 
 FULL_SIZE = {
     "flux": dict(

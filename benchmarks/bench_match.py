@@ -47,7 +47,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ditf_pipeline.datasets.base import Pair  # noqa: E402
-from ditf_pipeline.match import (  # noqa: E402
+from ditf_pipeline.match.matchers import (  # noqa: E402
     DiftMatcher,
     GeoAwareMatcher,
     _integer_keypoints,
@@ -58,7 +58,7 @@ from ditf_pipeline.match import (  # noqa: E402
     upsampled_norms,
     upsampled_vectors,
 )
-from ditf_pipeline.score import pck  # noqa: E402
+from ditf_pipeline.score.pck import pck  # noqa: E402
 
 N_PAIRS, N_IMAGES, N_CATEGORIES, CHANNELS = 12_234, 481, 18, 3072
 SHAPES = [((30, 40), (500, 375)), ((40, 30), (375, 500)), ((30, 40), (500, 333)), ((40, 30), (333, 500))]

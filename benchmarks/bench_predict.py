@@ -64,7 +64,7 @@ class SyntheticPairs:
 
 
 def build_store(path: Path, data: SyntheticPairs) -> None:
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     store = FeatureStore(path)
     rows = store.register_images(data.name, [im["key"] for im in data.images], [im["size"] for im in data.images])
@@ -86,8 +86,8 @@ def build_store(path: Path, data: SyntheticPairs) -> None:
 
 def run_one(store_path: Path, scale: float, variant: str, jobs: int, protocol: str) -> dict:
     """One match run in this process (called in a fresh subprocess by `main`)."""
-    from ditf_pipeline.predict import MatchSettings, predict
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.match.predict import MatchSettings, predict
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     data = SyntheticPairs(scale)
     store = FeatureStore(store_path)

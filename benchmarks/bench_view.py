@@ -34,7 +34,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from ditf_pipeline.datasets import get_dataset  # noqa: E402
 from ditf_pipeline.demo import make_spair_demo  # noqa: E402
-from ditf_pipeline.store import FeatureStore  # noqa: E402
+from ditf_pipeline.store.feature_store import FeatureStore  # noqa: E402
 from ditf_pipeline.view.app import create_app  # noqa: E402
 from ditf_pipeline.view.explorer import Explorer  # noqa: E402
 

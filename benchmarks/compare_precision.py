@@ -27,13 +27,13 @@ import numpy as np  # noqa: E402
 
 from ditf_pipeline.datasets import get_dataset  # noqa: E402
 from ditf_pipeline.demo import make_demo  # noqa: E402
-from ditf_pipeline.evaluate import score_pairs  # noqa: E402
-from ditf_pipeline.extract import Extractor, default_settings  # noqa: E402
-from ditf_pipeline.features import compute_feature  # noqa: E402
+from ditf_pipeline.score.evaluate import score_pairs  # noqa: E402
+from ditf_pipeline.extract.extractor import Extractor, default_settings  # noqa: E402
+from ditf_pipeline.match.features import compute_feature  # noqa: E402
 from ditf_pipeline.models import get_spec, load_adapter  # noqa: E402
-from ditf_pipeline.paper import paper_feature  # noqa: E402
-from ditf_pipeline.predict import MatchSettings, predict  # noqa: E402
-from ditf_pipeline.store import FeatureStore  # noqa: E402
+from ditf_pipeline.match.paper import paper_feature  # noqa: E402
+from ditf_pipeline.match.predict import MatchSettings, predict  # noqa: E402
+from ditf_pipeline.store.feature_store import FeatureStore  # noqa: E402
 
 RUNS = {"default-fp32": ("fp32", "default"), "default-bf16": ("bf16", "default"), "paper": ("bf16", "paper")}
 

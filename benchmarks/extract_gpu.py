@@ -48,10 +48,10 @@ import torch  # noqa: E402
 
 from ditf_pipeline.datasets import get_dataset  # noqa: E402
 from ditf_pipeline.demo import make_spair_demo  # noqa: E402
-from ditf_pipeline.extract import Extractor, ExtractSettings  # noqa: E402
-from ditf_pipeline.images import load_rgb, preprocess  # noqa: E402
+from ditf_pipeline.extract.extractor import Extractor, ExtractSettings  # noqa: E402
+from ditf_pipeline.extract.images import load_rgb, preprocess  # noqa: E402
 from ditf_pipeline.models import DTYPES, load_adapter, resolve_device  # noqa: E402
-from ditf_pipeline.store import FeatureStore  # noqa: E402
+from ditf_pipeline.store.feature_store import FeatureStore  # noqa: E402
 
 # ---- architectures ------------------------------------------------------------------------------
 FLUX = dict(
@@ -258,7 +258,7 @@ def run_baseline(adapter, records, settings: ExtractSettings, t5, clip, tmp: Pat
       after block k, then ``final_layer`` runs), features averaged over the ensemble;
     * features copied to the host and saved per image.
     """
-    from ditf_pipeline.extract import image_seed
+    from ditf_pipeline.extract.extractor import image_seed
 
     k, t = settings.ks[-1], settings.ts[0]
     out_dir = tmp / "baseline"

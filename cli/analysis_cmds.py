@@ -17,7 +17,7 @@ DpiOpt = Annotated[int, typer.Option(help="Resolution of PNG figures (dots per i
 
 def _check_figure(fmt: str, dpi: int) -> None:
     from ditf_pipeline.errors import DitfError
-    from ditf_pipeline.plots import FORMATS
+    from ditf_pipeline.analysis.plots import FORMATS
 
     if fmt not in FORMATS:
         raise DitfError(f"figure format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -47,7 +47,7 @@ def _selected_keys(feature_store, dataset: str, model: str, k, t) -> list[tuple[
 def _load_image(path) -> "object":
     import numpy as np
 
-    from ditf_pipeline.images import load_rgb
+    from ditf_pipeline.extract.images import load_rgb
 
     return np.asarray(load_rgb(path))
 
@@ -98,11 +98,11 @@ def analyze_options(
     """`ditf analyze` as a function (for `ditf demo`): prints, writes the files, returns the JSON report."""
     import numpy as np
 
-    from ditf_pipeline import analyze as an
-    from ditf_pipeline import plots as pl
+    from ditf_pipeline.analysis import analyze as an
+    from ditf_pipeline.analysis import plots as pl
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.errors import DitfError
-    from ditf_pipeline.store import FeatureStore, store_exists
+    from ditf_pipeline.store.feature_store import FeatureStore, store_exists
 
     if fmt not in ("table", "json"):
         raise DitfError(f"--format must be table or json, got {fmt!r}")
@@ -162,7 +162,7 @@ def analyze_options(
 
     grid_name = f"{variant}/{protocol}"
     if match:
-        from ditf_pipeline.predict import MatchSettings, predict
+        from ditf_pipeline.match.predict import MatchSettings, predict
 
         for kk, tt in keys:
             predict(feature_store, data, model, kk, tt, MatchSettings(variant=variant, protocol=protocol), progress=progress)
@@ -235,11 +235,11 @@ def show_options(
     """`ditf show` as a function (for `ditf demo`): writes the figure and returns its path."""
     import numpy as np
 
-    from ditf_pipeline import analyze as an
-    from ditf_pipeline import plots as pl
+    from ditf_pipeline.analysis import analyze as an
+    from ditf_pipeline.analysis import plots as pl
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.errors import DitfError
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     if not pair:
         raise DitfError("pass at least one --pair ID")
@@ -268,8 +268,8 @@ def show_options(
     name = f"{variant}/{protocol}"
     views = []
     if dense:
-        from ditf_pipeline.features import USES_CHANNELS, compute_feature
-        from ditf_pipeline.predict import check_features, resolve_channels
+        from ditf_pipeline.match.features import USES_CHANNELS, compute_feature
+        from ditf_pipeline.match.predict import check_features, resolve_channels
 
         arrays = feature_store.open_features(data.name, model, kk, tt)
         rows = feature_store.image_rows(data.name)
@@ -290,7 +290,7 @@ def show_options(
                                            f"over {where}"))
         pl.plot_dense(out, views, dpi=dpi)
     else:
-        from ditf_pipeline.store import prediction_scope
+        from ditf_pipeline.store.feature_store import prediction_scope
 
         scope = prediction_scope(data.split, [p.pair_id for p in data.pairs()])
         predictions = feature_store.open_predictions((data.name, model, kk, tt), name, scope=scope).read()

@@ -42,7 +42,7 @@ RowOpt = Annotated[
 def parse_row(spec: str) -> tuple[str, int | None, int | None, str | None, str | None]:
     """``MODEL[/kK/tT][:VARIANT[:FUSE]]`` -> (model, k, t, variant, fuse)."""
     from ditf_pipeline.errors import DitfError
-    from ditf_pipeline.fusion import parse_fuse
+    from ditf_pipeline.match.fusion import parse_fuse
 
     parts = spec.strip().split(":")
     if len(parts) > 3 or not parts[0]:
@@ -90,10 +90,10 @@ def compare(
     """
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.errors import DitfError
-    from ditf_pipeline.evaluate import score_pairs
-    from ditf_pipeline.predict import MatchSettings, predict
-    from ditf_pipeline.report import render_comparison
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.score.evaluate import score_pairs
+    from ditf_pipeline.match.predict import MatchSettings, predict
+    from ditf_pipeline.score.report import render_comparison
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     from ditf_pipeline.validate import check_alphas, check_choice, check_output_file, check_protocol, check_variants
 

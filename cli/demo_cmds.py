@@ -30,7 +30,7 @@ def demo(
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.demo import make_demo
     from ditf_pipeline.pipeline import run_extract
-    from ditf_pipeline.report import render, render_comparison
+    from ditf_pipeline.score.report import render, render_comparison
 
     from .pairs_cmds import default_variants, match_options, score_results
 
@@ -71,8 +71,8 @@ def _demo_probe(model: str, data_root: Path, store: Path, out: Path, progress: b
     """ADE20K has no match stage: extract both splits, then train and score the linear probe."""
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.pipeline import run_extract
-    from ditf_pipeline.probe import ProbeSettings, run_probe
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.analysis.probe import ProbeSettings, run_probe
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     from .probe_cmds import _table
 

@@ -24,7 +24,7 @@ def doctor(
 ) -> None:
     """Report what is missing, corrupt or inconsistent in a dataset root and a store (read-only
     unless --repair or --migrate)."""
-    from ditf_pipeline.doctor import Findings, check_dataset, check_store
+    from ditf_pipeline.store.doctor import Findings, check_dataset, check_store
 
     findings = Findings()
     keys = None

@@ -62,7 +62,7 @@ def default_variants(model, dataset, data_root, split, store, k, t, every: bool 
     Models without AdaLN (DINOv2, DIFT) support `raw` only; PixArt has no c-only variant.
     """
     from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store.feature_store import FeatureStore
     from ditf_pipeline.validate import select_key, supported_variants
 
     data = get_dataset(dataset, data_root, split)
@@ -101,7 +101,7 @@ def match_options(model, dataset, data_root, split, store, k, t, variants=None, 
     """Run the match stage for each variant; returns what `score_results` needs."""
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.stages import StageSettings, match
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     _check_pair_arguments(variants, protocol, device=device, workers=workers)
     data = get_dataset(dataset, data_root, split)
@@ -109,7 +109,7 @@ def match_options(model, dataset, data_root, split, store, k, t, variants=None, 
     feature_store = FeatureStore(store)
     client = None
     if workers or scheduler:  # blocks of pairs spread over dask workers
-        from ditf_pipeline.distributed import shared_client
+        from ditf_pipeline.distributed.runners import shared_client
 
         client = shared_client(workers, scheduler)
     variants = variants or default_variants(model, dataset, data_root, split, store, [k], [t], every=False)
@@ -130,7 +130,7 @@ def score_results(data, feature_store, model, k, t, settings, alphas) -> list[di
 
 
 def _render_all(results: list[dict], fmt: str) -> str:
-    from ditf_pipeline.report import render
+    from ditf_pipeline.score.report import render
 
     if fmt == "json" and len(results) == 1:
         return render(results[0], "json")
@@ -202,12 +202,12 @@ def score(
     homography accuracy, all in percent. No GPU and no torch needed."""
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.errors import DitfError
-    from ditf_pipeline.report import check_rows_path, write_rows
+    from ditf_pipeline.score.report import check_rows_path, write_rows
 
     if per_pair is not None:
         check_rows_path(per_pair)
     from ditf_pipeline.stages import StageSettings
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     _check_pair_arguments(variant, protocol, alpha, out)
     data = get_dataset(dataset, data_root, split)
@@ -222,7 +222,7 @@ def score(
         raise DitfError(f"--per-pair writes keypoint-pair rows; {data.name} is a {data.task} benchmark")
     _emit(_render_all(score_results(data, feature_store, model, k_, t_, settings, alpha), fmt), out)
     if per_pair is not None:
-        from ditf_pipeline.evaluate import per_pair as per_pair_rows
+        from ditf_pipeline.score.evaluate import per_pair as per_pair_rows
 
         rows = [row for s in settings
                 for row in per_pair_rows(feature_store, data, model, k_, t_, s.prediction_name("pairs"), alpha)]
@@ -311,7 +311,7 @@ def ablate(
 ) -> None:
     """Table 4 / Table 5 style comparison of feature variants on a pair benchmark, all from the cache."""
     from ditf_pipeline.errors import DitfError
-    from ditf_pipeline.report import render_comparison
+    from ditf_pipeline.score.report import render_comparison
     from ditf_pipeline.validate import check_choice
 
     _check_pair_arguments(variant, protocol, alpha, out)

@@ -97,8 +97,8 @@ def probe(
 
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.errors import DitfError
-    from ditf_pipeline.probe import ProbeSettings, run_probe
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.analysis.probe import ProbeSettings, run_probe
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     if fmt not in ("table", "json"):
         raise DitfError(f"--format must be table or json, got {fmt!r}")

@@ -28,9 +28,9 @@ _LAZY = {
     "open_store": "api",
     "FeatureStoreReader": "api",
     "run_extract": "pipeline",
-    "export_features": "export",
-    "compute_feature": "features",
-    "variant_names": "features",
+    "export_features": "store.export",
+    "compute_feature": "match.features",
+    "variant_names": "match.features",
     "DitfError": "errors",
 }
 
@@ -39,8 +39,8 @@ __all__ = ["SCHEMA_VERSION", "__version__", *sorted(_LAZY)]
 if TYPE_CHECKING:
     from .api import DiTF, FeatureStoreReader, open_store
     from .errors import DitfError
-    from .export import export_features
-    from .features import compute_feature, variant_names
+    from .store.export import export_features
+    from .match.features import compute_feature, variant_names
     from .pipeline import run_extract
 
 

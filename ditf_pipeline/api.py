@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .models.base import DiTAdapter
-    from .store import FeatureArrays
+    from .store.feature_store import FeatureArrays
 
 #: What `DiTF.features` accepts per image: a path, a PIL image, an (H, W, 3) array (uint8, or
 #: float in [0, 1]) or a torch tensor laid out (3, H, W) or (H, W, 3).
@@ -114,8 +114,8 @@ def _as_list(value: int | Sequence[int] | None) -> list[int] | None:
 def _feature_maps(arrays: FeatureArrays, rows: dict[str, int], keys: Sequence[str], variant: str,
                   channels: str | Sequence[int]) -> list[torch.Tensor]:
     """(h, w, D) float32 maps of `keys`, computed exactly as the match stage computes them."""
-    from .features import USES_CHANNELS, check_variant_applies
-    from .predict import FeatureCache, resolve_channels
+    from .match.features import USES_CHANNELS, check_variant_applies
+    from .match.predict import FeatureCache, resolve_channels
 
     check_variant_applies(variant, bool(arrays.modulation_names))
     spec = channels if isinstance(channels, str) else ",".join(str(int(c)) for c in channels) or "none"
@@ -228,7 +228,7 @@ class DiTF:
         target pixel of highest cosine similarity (the `dift` protocol of `ditf match`).
         `options` go to `features` (one k and one t).
         """
-        from .match import make_matcher
+        from .match.matchers import make_matcher
 
         maps = self.features([source, target], **options)
         if isinstance(maps, dict):
@@ -242,7 +242,7 @@ class DiTF:
 def _image_size(image: ImageLike) -> tuple[int, int]:
     """(width, height) of an image as `features` reads it."""
     if isinstance(image, (str, Path)):
-        from .images import image_size
+        from .extract.images import image_size
 
         return tuple(image_size(Path(image)))
     return _to_pil(image).size
@@ -252,7 +252,7 @@ class FeatureStoreReader:
     """Read access to a feature store: any cached variant of any image, as `ditf match` computes it."""
 
     def __init__(self, path: str | Path) -> None:
-        from .store import FeatureStore
+        from .store.feature_store import FeatureStore
 
         self.store = FeatureStore(path, read_only=True)
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from .errors import DitfError
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     """"auto" -> the first CUDA device when there is one, else the CPU; anything else checked first."""
-    from .validate import check_device
-
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)  # one error line for "tpu" or a GPU this machine lacks
@@ -22,3 +22,21 @@ def resolve_device(device: str = "auto") -> torch.device:
 def default_dtype(device: str = "auto") -> str:
     """The dtype "auto" means on `device`: bf16 on a GPU (the authors' setting), fp32 on the CPU."""
     return "bf16" if resolve_device(device).type == "cuda" else "fp32"
+
+
+def check_device(device: str) -> None:
+    """`auto`, or a device torch can parse and this machine has (one error line for "tpu" or a GPU this machine lacks)."""
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DitfError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DitfError(f"device {device!r}: no CUDA GPU is available here; use auto or cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise DitfError(f"device {device!r}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    elif parsed.type not in ("cpu", "mps"):
+        raise DitfError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")

@@ -16,7 +16,7 @@ __all__ = ["run_extract", "single_key"]
 
 if TYPE_CHECKING:
     from .datasets.base import Dataset
-    from .extract import ExtractReport
+    from .extract.extractor import ExtractReport
     from .models.base import DiTAdapter
 
 
@@ -61,10 +61,10 @@ def run_extract(
     """
     from .datasets import get_dataset
     from .devices import default_dtype
-    from .extract import Extractor, check_run, default_settings
+    from .extract.extractor import Extractor, check_run, default_settings
     from .models import get_spec, load_adapter
     from .shards import Shard
-    from .store import FeatureStore
+    from .store.feature_store import FeatureStore
     from .validate import check_at_least
 
     spec = adapter.spec if adapter is not None else get_spec(model)
@@ -81,7 +81,7 @@ def run_extract(
                                text_device=text_device, offload=offload)
     check_run(adapter, settings, data)  # every argument and the annotations, before the store is opened
     if workers or scheduler:  # the same run with the images spread over dask workers
-        from .distributed import AdapterArgs, extract_distributed, shared_client
+        from .distributed.runners import AdapterArgs, extract_distributed, shared_client
 
         return extract_distributed(shared_client(workers, scheduler), AdapterArgs(spec.name, weights, revision, dtype, device,
                                                                         text_device, offload),

@@ -20,7 +20,7 @@ from .datasets.base import Dataset
 from .errors import DitfError
 from .naming import DEFAULT_PCA_DIM, prediction_name
 from .shards import Shard
-from .store import FeatureStore, prediction_scope
+from .store.feature_store import FeatureStore, prediction_scope
 
 
 @dataclass
@@ -45,7 +45,7 @@ class StageSettings:
         return f"{self.variant}/{task}"
 
     def match_settings(self):
-        from .predict import MatchSettings
+        from .match.predict import MatchSettings
 
         return MatchSettings(variant=self.variant, protocol=self.protocol, channels=self.channels,
                              soft_window=self.soft_window, fuse=self.fuse, pca_dim=self.pca_dim, jobs=self.jobs,
@@ -69,8 +69,8 @@ class StageReport:
 
 def _features(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings: StageSettings):
     """(arrays, rows, channels, key -> variant feature) for the non-pair drivers."""
-    from .features import USES_CHANNELS, variant_names
-    from .predict import FeatureCache, resolve_channels
+    from .match.features import USES_CHANNELS, variant_names
+    from .match.predict import FeatureCache, resolve_channels
 
     if settings.variant not in variant_names():
         from .validate import unknown
@@ -91,12 +91,12 @@ def match(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, set
     """The match stage of any benchmark (pairs: spread over a dask `client` when given)."""
     if dataset.task == "pairs":
         if client is not None:
-            from .distributed import predict_distributed
+            from .distributed.runners import predict_distributed
 
             report = predict_distributed(client, store, dataset, model, k, t, settings.match_settings(),
                                          overwrite=overwrite, progress=progress)
         else:
-            from .predict import predict
+            from .match.predict import predict
 
             report = predict(store, dataset, model, k, t, settings.match_settings(), overwrite=overwrite, progress=progress)
         return StageReport(report.key, report.n_pairs, report.matched, report.skipped, report.channels, report.seconds)
@@ -112,9 +112,9 @@ def match(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, set
 
 def _match_video(store, dataset, model, k, t, settings, overwrite, progress) -> StageReport:
     from .progress import progress as progress_display
-    from .davis_metrics import RUN_MARKER
+    from .score.davis_metrics import RUN_MARKER
     from .devices import resolve_device
-    from .video import PropagationSettings, propagate_davis
+    from .match.video import PropagationSettings, propagate_davis
 
     start = time.perf_counter()
     arrays, channels, features = _features(store, dataset, model, k, t, settings)
@@ -145,8 +145,8 @@ def _match_video(store, dataset, model, k, t, settings, overwrite, progress) -> 
 
 def _match_homography(store, dataset, model, k, t, settings, overwrite, progress) -> StageReport:
     from .progress import progress as progress_display
-    from .homography import match_pair
-    from .match import resolve_match_device
+    from .match.homography import match_pair
+    from .match.matchers import resolve_match_device
 
     start = time.perf_counter()
     device = str(resolve_match_device(settings.device))
@@ -186,16 +186,16 @@ def score(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, set
           alphas=None) -> dict:
     """The score stage of any benchmark, as a JSON-ready dict (no torch)."""
     if dataset.task == "pairs":
-        from .evaluate import score_pairs
+        from .score.evaluate import score_pairs
 
         return score_pairs(store, dataset, model, k, t, settings.prediction_name("pairs"), alphas)
-    from .evaluate import result_context
+    from .score.evaluate import result_context
 
     name = settings.prediction_name(dataset.task)
     context = result_context(store, dataset, model, k, t, name)
     base = {key: context[key] for key in ("dataset", "split", "model", "k", "t")} | {"variant": settings.variant}
     if dataset.task == "video":
-        from .davis_metrics import RUN_MARKER, evaluate_results
+        from .score.davis_metrics import RUN_MARKER, evaluate_results
 
         out = store.results_dir((dataset.name, model, k, t), name)
         marker = out / RUN_MARKER
@@ -204,7 +204,7 @@ def score(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, set
         return {**base, "protocol": "davis2017 (J&F, first and last frames excluded, F tolerance 0.008 x diagonal)",
                 "results_dir": str(out), **result, **_rest(context, result)}
     if dataset.task == "homography":
-        from .homography import corner_error, homography_accuracy
+        from .match.homography import corner_error, homography_accuracy
 
         pairs = dataset.homography_pairs()
         ids = [f"{p.src_key}->{p.trg_key}" for p in pairs]

@@ -10,14 +10,13 @@ datasets, variants, protocols) get a "did you mean" from `difflib`.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .errors import DitfError
+from .errors import DitfError, did_you_mean, unknown  # noqa: F401  (re-exported)
 
 #: the feature variants `features.VARIANTS` computes (kept here, torch-free; a test pins equality)
 VARIANTS = ("raw", "adaln", "adaln+cd", "adaln+cd-post", "adaln-t", "adaln-c")
@@ -26,18 +25,6 @@ PROTOCOLS = ("dift", "geoaware")
 
 
 # ---- names -------------------------------------------------------------------------------------
-def did_you_mean(value: str, choices: Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def unknown(what: str, value: str, choices: Sequence[str], plural: str | None = None) -> DitfError:
-    """The error for a name that is not one of `choices`: value, suggestion, every choice."""
-    return DitfError(f"unknown {what} {value!r}{did_you_mean(value, choices)}; "
-                     f"known {plural or what + 's'}: {', '.join(choices)}")
-
-
 def check_choice(what: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise unknown(what, value, choices)
@@ -108,23 +95,10 @@ def check_img_size(img_size: int | None, patch_stride: int) -> None:
 
 
 def check_device(device: str) -> None:
-    """`auto`, or a device torch can parse and this machine has (torch imported only here)."""
-    if device == "auto":
-        return
-    import torch
+    """`auto`, or a device torch can parse and this machine has (see `devices.check_device`)."""
+    from .devices import check_device as check
 
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise DitfError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise DitfError(f"device {device!r}: no CUDA GPU is available here; use auto or cpu")
-        if parsed.index is not None and parsed.index >= count:
-            raise DitfError(f"device {device!r}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
-    elif parsed.type not in ("cpu", "mps"):
-        raise DitfError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    check(device)
 
 
 # ---- files -------------------------------------------------------------------------------------

@@ -18,13 +18,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ditf_cli.main import app
-from ditf_pipeline import analyze as an
-from ditf_pipeline import plots as pl
+from ditf_pipeline.analysis import analyze as an
+from ditf_pipeline.analysis import plots as pl
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
-from ditf_pipeline.evaluate import score_pairs
-from ditf_pipeline.predict import MatchSettings, predict, resolve_channels
-from ditf_pipeline.store import FeatureStore
+from ditf_pipeline.score.evaluate import score_pairs
+from ditf_pipeline.match.predict import MatchSettings, predict, resolve_channels
+from ditf_pipeline.store.feature_store import FeatureStore
 
 D = 64
 STRIDE = 8
@@ -151,7 +151,7 @@ def test_gate_coincidence_on_a_constructed_case():
 
 
 def test_massive_rule_matches_the_feature_module():
-    from ditf_pipeline.features import detect_massive_channels
+    from ditf_pipeline.match.features import detect_massive_channels
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(50, 32)).astype(np.float32)
@@ -323,5 +323,5 @@ def test_plots_and_statistics_modules_import_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, ditf_pipeline.plots, ditf_pipeline.analyze; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, ditf_pipeline.analysis.plots, ditf_pipeline.analysis.analyze; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

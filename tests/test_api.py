@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from ditf_cli.main import app
 from ditf_pipeline import DiTF, open_store
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.features import variant_names
+from ditf_pipeline.match.features import variant_names
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"img_size": 64, "ensemble_size": 2}
@@ -97,7 +97,7 @@ def test_store_is_filled_and_reused(model, images, tmp_path):
 
 
 def test_match_follows_the_dift_rule(model, images):
-    from ditf_pipeline.match import make_matcher
+    from ditf_pipeline.match.matchers import make_matcher
 
     points = model.match(images / "cat.png", images / "dog.png", [(10, 20), (70, 5)], **SETTINGS)
     src, trg = model.features([images / "cat.png", images / "dog.png"], **SETTINGS)
@@ -179,9 +179,9 @@ def test_layering():
     """Walls the API relies on: the CLI's command files are siblings, matching owns its LayerNorm."""
     assert not any("pairs_cmds" in name for name in _imports("ditf_cli.extract_cmds"))
     assert not any("extract_cmds" in name for name in _imports("ditf_cli.pairs_cmds"))
-    assert not any(name.startswith("ditf_pipeline.predict") for name in _imports("ditf_pipeline.fusion"))
-    for module in ("ditf_pipeline.features", "ditf_pipeline.match", "ditf_pipeline.predict", "ditf_pipeline.fusion",
-                   "ditf_pipeline.stages", "ditf_pipeline.score"):
+    assert not any(name.startswith("ditf_pipeline.match.predict") for name in _imports("ditf_pipeline.match.fusion"))
+    for module in ("ditf_pipeline.match.features", "ditf_pipeline.match.matchers", "ditf_pipeline.match.predict", "ditf_pipeline.match.fusion",
+                   "ditf_pipeline.stages", "ditf_pipeline.score.pck"):
         assert not any(name.startswith("ditf_pipeline.models") for name in _imports(module)), module
 
 

@@ -271,8 +271,8 @@ def test_select_key_prefers_the_model_default_then_the_only_key_then_lists():
 
 
 def test_torch_free_name_lists_match_the_implementations():
-    from ditf_pipeline.features import variant_names
-    from ditf_pipeline.score import PROTOCOL_RULES
+    from ditf_pipeline.match.features import variant_names
+    from ditf_pipeline.score.pck import PROTOCOL_RULES
 
     assert list(VARIANTS) == variant_names() and list(PROTOCOLS) == list(PROTOCOL_RULES)
     assert did_you_mean("adaln+dc", VARIANTS) == " (did you mean 'adaln+cd'?)"

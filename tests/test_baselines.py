@@ -15,12 +15,12 @@ from PIL import Image
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.extract import Extractor, ExtractSettings
-from ditf_pipeline.fusion import co_pca, fuse_pair, fusion_label, normalise, resample
-from ditf_pipeline.match import DiftMatcher
+from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
+from ditf_pipeline.match.fusion import co_pca, fuse_pair, fusion_label, normalise, resample
+from ditf_pipeline.match.matchers import DiftMatcher
 from ditf_pipeline.models import get_spec, load_adapter
-from ditf_pipeline.predict import MatchSettings, predict
-from ditf_pipeline.store import FeatureStore
+from ditf_pipeline.match.predict import MatchSettings, predict
+from ditf_pipeline.store.feature_store import FeatureStore
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +133,7 @@ def test_baselines_store_only_the_raw_map(baseline_store):
     row = store.image_rows("spair")[record.key]
     z, modulation = dino.read_image(row)
     assert modulation == {}
-    from ditf_pipeline.images import load_rgb
+    from ditf_pipeline.extract.images import load_rgb
 
     adapter = load_adapter("tiny-dinov2", device="cpu")
     pixels = adapter.prepare_image(load_rgb(record.path), 112)

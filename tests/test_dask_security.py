@@ -14,7 +14,7 @@ import pytest
 distributed = pytest.importorskip("distributed")
 pytest.importorskip("cryptography")  # Security.temporary() makes its certificates with it
 
-from ditf_pipeline.distributed import dask_client, scheduler_security  # noqa: E402
+from ditf_pipeline.distributed.runners import dask_client, scheduler_security  # noqa: E402
 from ditf_pipeline.errors import DitfError  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def test_unknown_scheduler_protocol_is_refused():
 @pytest.mark.parametrize("gpus", [[], ["0"]], ids=["cpu", "gpu-pinned"])
 def test_local_clusters_listen_on_loopback_only(gpus):
     """Both local cluster flavours (plain, and one worker pinned per GPU) bind to 127.0.0.1."""
-    from ditf_pipeline.distributed import local_cluster
+    from ditf_pipeline.distributed.runners import local_cluster
 
     with local_cluster(1, gpus=gpus) as cluster:
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")

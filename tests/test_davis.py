@@ -16,7 +16,7 @@ from PIL import Image
 
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.datasets.davis import davis_palette, read_mask, write_mask
-from ditf_pipeline.davis_metrics import (
+from ditf_pipeline.score.davis_metrics import (
     RUN_MARKER,
     bound_pixels,
     db_eval_iou,
@@ -29,8 +29,8 @@ from ditf_pipeline.davis_metrics import (
 from ditf_pipeline.demo import make_demo
 from ditf_pipeline.demo.davis import make_davis_demo
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.images import load_rgb
-from ditf_pipeline.video import PropagationSettings, propagate_davis, propagate_step
+from ditf_pipeline.extract.images import load_rgb
+from ditf_pipeline.match.video import PropagationSettings, propagate_davis, propagate_step
 
 STRIDE = 4  # pixels per feature cell of the pixel-colour "features"
 
@@ -184,7 +184,7 @@ def test_evaluate_results_layout(demo, tmp_path):
 
 
 def test_metrics_do_not_import_torch():
-    code = "import sys, ditf_pipeline.davis_metrics, ditf_pipeline.datasets.davis; sys.exit('torch' in sys.modules)"
+    code = "import sys, ditf_pipeline.score.davis_metrics, ditf_pipeline.datasets.davis; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -17,11 +17,11 @@ distributed = pytest.importorskip("distributed")
 
 from ditf_pipeline.datasets import get_dataset  # noqa: E402
 from ditf_pipeline.demo import make_spair_demo  # noqa: E402
-from ditf_pipeline.distributed import AdapterArgs, extract_distributed, predict_distributed  # noqa: E402
-from ditf_pipeline.extract import Extractor, ExtractSettings  # noqa: E402
+from ditf_pipeline.distributed.runners import AdapterArgs, extract_distributed, predict_distributed  # noqa: E402
+from ditf_pipeline.extract.extractor import Extractor, ExtractSettings  # noqa: E402
 from ditf_pipeline.models import load_adapter  # noqa: E402
-from ditf_pipeline.predict import MatchSettings, predict  # noqa: E402
-from ditf_pipeline.store import FeatureStore  # noqa: E402
+from ditf_pipeline.match.predict import MatchSettings, predict  # noqa: E402
+from ditf_pipeline.store.feature_store import FeatureStore  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end-to-end: runs whole commands/scripts/clusters (`-m "not slow"` skips them)
 

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 from ditf_pipeline.demo import make_spair_demo
-from ditf_pipeline.extract import Extractor, ExtractSettings
+from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.models import load_adapter
-from ditf_pipeline.store import FeatureStore
+from ditf_pipeline.store.feature_store import FeatureStore
 
 
 def _tree(path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.features import compute_feature, detect_massive_channels, variant_names
+from ditf_pipeline.match.features import compute_feature, detect_massive_channels, variant_names
 
 D = 48
 

@@ -24,9 +24,9 @@ import zarr
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.extract import Extractor, ExtractSettings
+from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
 from ditf_pipeline.models import load_adapter
-from ditf_pipeline.store import FeatureStore
+from ditf_pipeline.store.feature_store import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -200,7 +200,7 @@ def test_second_writer_on_the_same_key_is_refused_without_damage(small_root, tmp
     before = _arrays(store_path, "spair/tiny-flux/k1/t260")
     # another process holds the key (as a running extract does) until told to stop
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from ditf_pipeline.store import FeatureStore\n"
+        [sys.executable, "-c", "import sys; from ditf_pipeline.store.feature_store import FeatureStore\n"
          f"with FeatureStore({str(store_path)!r}).writer_lock('spair', 'tiny-flux', 1, 90):\n"
          "    print('locked', flush=True); sys.stdin.readline()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV,
@@ -305,7 +305,7 @@ def test_no_pickle_or_eval_of_data_anywhere():
 
 
 def test_caption_file_is_data_not_code(tmp_path):
-    from ditf_pipeline.prompts import prompts_for
+    from ditf_pipeline.extract.prompts import prompts_for
 
     root = make_spair_demo(tmp_path / "SPair", pairs_per_category=1)
     records = get_dataset("spair", root, "test").images()

@@ -18,7 +18,7 @@ from ditf_pipeline.datasets.hpatches import grid_keypoints
 from ditf_pipeline.demo import make_demo
 from ditf_pipeline.demo.hpatches import make_hpatches_demo
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.homography import (
+from ditf_pipeline.match.homography import (
     corner_error,
     estimate_homography,
     homography_accuracy,
@@ -26,7 +26,7 @@ from ditf_pipeline.homography import (
     mutual_nearest_neighbours,
     sample_descriptors,
 )
-from ditf_pipeline.images import load_rgb
+from ditf_pipeline.extract.images import load_rgb
 
 
 @pytest.fixture(scope="module")
@@ -190,5 +190,5 @@ def test_mnn_lmeds_recovers_demo_homographies(demo, tmp_path, keypoints):
 
 
 def test_homography_module_does_not_import_torch():
-    code = "import sys, ditf_pipeline.homography, ditf_pipeline.datasets.hpatches; sys.exit('torch' in sys.modules)"
+    code = "import sys, ditf_pipeline.match.homography, ditf_pipeline.datasets.hpatches; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

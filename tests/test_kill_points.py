@@ -65,8 +65,8 @@ class Runner:
 
         def child() -> None:
             import ditf_pipeline.models as models
-            import ditf_pipeline.predict as predict
-            import ditf_pipeline.store as store
+            import ditf_pipeline.match.predict as predict
+            import ditf_pipeline.store.feature_store as store
             from ditf_cli.main import app
 
             store._KILL_AT, store._writes_seen = kill_at, 0

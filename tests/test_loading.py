@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from ditf_cli.main import app
 from ditf_pipeline.models import _REGISTRY, get_spec, load_adapter
 from ditf_pipeline.models.base import Architecture
-from ditf_pipeline.store import FeatureStore
+from ditf_pipeline.store.feature_store import FeatureStore
 
 FAMILIES = ["tiny-flux", "tiny-sd3", "tiny-pixart"]
 #: blocks checked per family: Flux's last double (1), first single (2) and last (3) blocks

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.match import (
+from ditf_pipeline.match.matchers import (
     DiftMatcher,
     GeoAwareMatcher,
     dift_reference_similarity,

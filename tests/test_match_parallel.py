@@ -12,22 +12,22 @@ import numpy as np
 import pytest
 import torch
 
-from ditf_pipeline import predict as predict_module
+from ditf_pipeline.match import predict as predict_module
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.features import ChannelMeans, detect_massive_channels
-from ditf_pipeline.homography import _device_matches, mutual_nearest_neighbours as numpy_mnn, sample_descriptors
-from ditf_pipeline.images import image_size
-from ditf_pipeline.match import (
+from ditf_pipeline.match.features import ChannelMeans, detect_massive_channels
+from ditf_pipeline.match.homography import _device_matches, mutual_nearest_neighbours as numpy_mnn, sample_descriptors
+from ditf_pipeline.extract.images import image_size
+from ditf_pipeline.match.matchers import (
     ByteLRU,
     DiftMatcher,
     mutual_nearest_neighbours,
     nearest_neighbours,
     resolve_match_device,
 )
-from ditf_pipeline.predict import MatchSettings, match_pairs, predict, run_blocks
-from ditf_pipeline.store import FeatureStore
+from ditf_pipeline.match.predict import MatchSettings, match_pairs, predict, run_blocks
+from ditf_pipeline.store.feature_store import FeatureStore
 
 DIM = 24
 MASSIVE = {3: 400.0, 17: -300.0}
@@ -247,7 +247,7 @@ def test_hpatches_device_path_samples_like_dift():
 
 
 def test_match_stage_imports_no_model_adapter():
-    code = ("import sys, ditf_pipeline.predict, ditf_pipeline.match, ditf_pipeline.features, ditf_pipeline.score; "
+    code = ("import sys, ditf_pipeline.match.predict, ditf_pipeline.match.matchers, ditf_pipeline.match.features, ditf_pipeline.score.pck; "
             "bad = [m for m in sys.modules if m.startswith('ditf_pipeline.models') or m == 'diffusers']; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -258,7 +258,7 @@ def test_float64_taps_give_the_referee_of_the_benchmark():
     materialised upsampling (what F.interpolate computes on float64 input)."""
     import torch.nn.functional as F
 
-    from ditf_pipeline.match import upsampled_norms
+    from ditf_pipeline.match.matchers import upsampled_norms
 
     grid = torch.randn(7, 9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     up = F.interpolate(grid.permute(2, 0, 1)[None], size=(61, 83), mode="bilinear", align_corners=False)[0]

@@ -72,7 +72,7 @@ def _cli(*args) -> str:
 
 # ---- fast: parsing and local files of remote stores ------------------------------------------------
 def test_store_urls_are_parsed_once():
-    from ditf_pipeline.store import local_beside, store_location
+    from ditf_pipeline.store.feature_store import local_beside, store_location
 
     assert store_location("stores/a.zarr") == Path("stores/a.zarr")
     assert store_location("file:///tmp/a.zarr") == Path("/tmp/a.zarr")
@@ -85,7 +85,7 @@ def test_store_urls_are_parsed_once():
 
 
 def test_a_file_url_is_the_local_store(tmp_path):
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     store = FeatureStore(f"file://{tmp_path}/a.zarr")
     assert store.path == tmp_path / "a.zarr" and (tmp_path / "a.zarr" / "zarr.json").is_file() and not store.remote
@@ -98,7 +98,7 @@ def test_an_unknown_bucket_and_a_missing_store_are_one_line_errors(s3):
     assert result.exit_code == 1 and "absent.zarr does not exist" in result.output, result.output
     result = CliRunner().invoke(app, ["extract", "--store", "s3://no-such-bucket/x.zarr", "--data-root", "nowhere"])
     assert result.exit_code == 1 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     with pytest.raises(DitfError, match="does not exist"):
         FeatureStore(f"{s3}/absent.zarr", read_only=True)
@@ -110,7 +110,7 @@ def test_an_unknown_bucket_and_a_missing_store_are_one_line_errors(s3):
 # ---- leases ---------------------------------------------------------------------------------------
 HOLDER = textwrap.dedent("""
     import sys
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store.feature_store import FeatureStore
     with FeatureStore(sys.argv[1]).writer_lock("spair", "tiny-flux", 1, 260):
         print("locked", flush=True)
         sys.stdin.read()  # hold the lease until the test closes our stdin (or kills us)
@@ -127,7 +127,7 @@ def _holder(url: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_holds_the_lease(s3, tmp_path):
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     url = f"{s3}/lease.zarr"
     holder = _holder(url)
@@ -150,7 +150,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lease(s3, tmp_path
 
 
 def test_a_lease_left_by_a_killed_writer_does_not_strand_the_key(s3):
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     url = f"{s3}/killed-holder.zarr"
     holder = _holder(url)
@@ -163,7 +163,7 @@ def test_a_lease_left_by_a_killed_writer_does_not_strand_the_key(s3):
 
 @pytest.mark.parametrize("expired", [True, False])
 def test_a_lease_of_another_host_is_taken_over_only_once_expired(s3, expired):
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     url = f"{s3}/other-host-{expired}.zarr"
     store = FeatureStore(url)
@@ -180,7 +180,7 @@ def test_a_lease_of_another_host_is_taken_over_only_once_expired(s3, expired):
 
 
 def test_the_holder_renews_its_lease(s3, monkeypatch):
-    from ditf_pipeline import store as store_module
+    from ditf_pipeline.store import feature_store as store_module
 
     monkeypatch.setattr(store_module, "_LEASE_SECONDS", 0.6)
     url = f"{s3}/renew.zarr"
@@ -195,7 +195,7 @@ def test_the_holder_renews_its_lease(s3, monkeypatch):
 @pytest.fixture(scope="module")
 def runs(s3, tmp_path_factory):
     """extract -> match -> score of the same tiny run into a local path and into s3://."""
-    from ditf_pipeline import store as store_module
+    from ditf_pipeline.store import feature_store as store_module
 
     tmp = tmp_path_factory.mktemp("objstore")
     root = make_spair_demo(tmp / "SPair", categories=("cat",), pairs_per_category=2)

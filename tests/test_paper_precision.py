@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
-from ditf_pipeline.extract import Extractor, ExtractSettings
+from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
 from ditf_pipeline.models import load_adapter
-from ditf_pipeline.paper import PaperDiftMatcher, paper_feature, paper_matching
-from ditf_pipeline.predict import MatchSettings, predict
-from ditf_pipeline.store import FeatureStore
+from ditf_pipeline.match.paper import PaperDiftMatcher, paper_feature, paper_matching
+from ditf_pipeline.match.predict import MatchSettings, predict
+from ditf_pipeline.store.feature_store import FeatureStore
 
 D = 24
 
@@ -57,7 +57,7 @@ def test_paper_feature_is_the_authors_cd_then_layernorm_then_modulation_in_bf16(
     assert torch.equal(paper_feature("adaln", z, modulation), _authors_feature(z, modulation["shift"], modulation["scale"], []))
     assert torch.equal(paper_feature("raw", z), torch.from_numpy(z).to(torch.float16))
     # not the fp32 computation rounded once at the end
-    from ditf_pipeline.features import compute_feature
+    from ditf_pipeline.match.features import compute_feature
 
     assert not torch.equal(ours, compute_feature("adaln+cd", z, modulation, [3, 10]).to(torch.float16))
 

@@ -19,12 +19,12 @@ import pytest
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.evaluate import score_pairs
-from ditf_pipeline.images import image_size, load_rgb
-from ditf_pipeline.match import DiftMatcher
-from ditf_pipeline.predict import MatchSettings, predict
-from ditf_pipeline.score import pck
-from ditf_pipeline.store import FeatureStore
+from ditf_pipeline.score.evaluate import score_pairs
+from ditf_pipeline.extract.images import image_size, load_rgb
+from ditf_pipeline.match.matchers import DiftMatcher
+from ditf_pipeline.match.predict import MatchSettings, predict
+from ditf_pipeline.score.pck import pck
+from ditf_pipeline.store.feature_store import FeatureStore
 
 STRIDE = 4
 DIM = 16

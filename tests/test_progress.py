@@ -118,7 +118,7 @@ def test_per_pair_refuses_unknown_endings_and_parquet_without_pyarrow(run_args, 
 
 
 def test_write_rows_csv_and_parquet(tmp_path):
-    from ditf_pipeline.report import write_rows
+    from ditf_pipeline.score.report import write_rows
 
     rows = [{"pair_id": "a", "pck@0.1": 2.625, "n_points": 800}, {"pair_id": "b", "pck@0.1": None, "n_points": 0}]
     write_rows(rows, tmp_path / "rows.csv")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.report import render, render_comparison
+from ditf_pipeline.score.report import render, render_comparison
 
 
 def _result(variant="adaln+cd", model="flux", scale=1.0):

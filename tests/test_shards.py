@@ -81,7 +81,7 @@ def test_shards_at_once_equal_one_run(tmp_path: Path):
 
 @pytest.mark.slow
 def test_one_shard_alone_extracts_only_its_images(tmp_path: Path):
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     root = make_spair_demo(tmp_path / "SPair", categories=("cat",), pairs_per_category=3)
     store = str(tmp_path / "s.zarr")

@@ -20,11 +20,11 @@ import pytest
 from _store_snapshot import differences, snapshot, without_store
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
-from ditf_pipeline.doctor import Findings, check_store
+from ditf_pipeline.store.doctor import Findings, check_store
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.extract import Extractor, ExtractSettings
+from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
 from ditf_pipeline.stages import StageSettings, match, score
-from ditf_pipeline.store import FeatureStore
+from ditf_pipeline.store.feature_store import FeatureStore
 
 KEY = "spair/tiny-flux/k1/t260"
 SETTINGS = StageSettings(variant="adaln+cd", channels="none")

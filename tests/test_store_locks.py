@@ -9,13 +9,13 @@ import textwrap
 
 import pytest
 
-from ditf_pipeline import store as store_module
+from ditf_pipeline.store import feature_store as store_module
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.store import FeatureStore
+from ditf_pipeline.store.feature_store import FeatureStore
 
 HOLDER = textwrap.dedent("""
     import sys
-    from ditf_pipeline.store import FeatureStore
+    from ditf_pipeline.store.feature_store import FeatureStore
     with FeatureStore(sys.argv[1]).writer_lock("spair", "tiny-flux", 1, 260):
         print("locked", flush=True)
         sys.stdin.read()  # hold the lock until the test closes our stdin

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from ditf_cli.main import app
 from ditf_pipeline.demo.ap10k import make_ap10k_demo
-from ditf_pipeline.store import FeatureStore
+from ditf_pipeline.store.feature_store import FeatureStore
 
 SPLITS = ("intra-species", "cross-species", "cross-family")
 

@@ -19,9 +19,9 @@ import torch
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.errors import DitfError
-from ditf_pipeline.extract import Extractor, ExtractSettings, member_draws, store_config
+from ditf_pipeline.extract.extractor import Extractor, ExtractSettings, member_draws, store_config
 from ditf_pipeline.models import load_adapter
-from ditf_pipeline.store import FeatureStore
+from ditf_pipeline.store.feature_store import FeatureStore
 
 KEY, T = "cat/img1.jpg", 260
 

@@ -22,12 +22,12 @@ from fastapi.testclient import TestClient  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from ditf_cli.main import app as cli_app  # noqa: E402
-from ditf_pipeline.analyze import keypoint_correct  # noqa: E402
+from ditf_pipeline.analysis.analyze import keypoint_correct  # noqa: E402
 from ditf_pipeline.datasets import get_dataset  # noqa: E402
 from ditf_pipeline.demo import make_spair_demo  # noqa: E402
-from ditf_pipeline.match import DiftMatcher, dift_reference_similarity, upsampled_vectors  # noqa: E402
-from ditf_pipeline.predict import MatchSettings, predict  # noqa: E402
-from ditf_pipeline.store import FeatureStore  # noqa: E402
+from ditf_pipeline.match.matchers import DiftMatcher, dift_reference_similarity, upsampled_vectors  # noqa: E402
+from ditf_pipeline.match.predict import MatchSettings, predict  # noqa: E402
+from ditf_pipeline.store.feature_store import FeatureStore  # noqa: E402
 from ditf_pipeline.view.app import create_app  # noqa: E402
 from ditf_pipeline.view.explorer import Explorer  # noqa: E402
 

@@ -24,7 +24,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from ditf_pipeline.demo import make_spair_demo  # noqa: E402
-from ditf_pipeline.store import FeatureStore  # noqa: E402
+from ditf_pipeline.store.feature_store import FeatureStore  # noqa: E402
 from ditf_pipeline.view.app import create_app  # noqa: E402
 from ditf_pipeline.view.explorer import Explorer  # noqa: E402
 
@@ -159,7 +159,7 @@ def test_click_a_keypoint_in_the_browser(browser, demo, server, tmp_path):
 
 
 def test_upload_two_images_and_query_them(demo, server):
-    """The upload path: decoded, extracted with tiny-flux through `ditf_pipeline.extract`, cached, clickable."""
+    """The upload path: decoded, extracted with tiny-flux through `ditf_pipeline.extract.extractor`, cached, clickable."""
     client = TestClient(create_app(server["explorer"]))
     images = sorted((demo["root"] / "JPEGImages" / "cat").glob("*.jpg"))[:2]
     body = {"model": "tiny-flux", "source": base64.b64encode(images[0].read_bytes()).decode(),

@@ -55,7 +55,7 @@ def get_dataset(name: str, root: Path | str, split: str | None = None, **options
     """
     _discover()
     if name not in _REGISTRY:
-        from ..validate import unknown
+        from ..errors import unknown
 
         raise unknown("dataset", name, dataset_names())
     root = Path(root)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DitfError
-from ..images import image_size
+from ..extract.images import image_size
 from . import register
 from .base import Dataset, ImageRecord
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DitfError
-from ..images import image_size
+from ..extract.images import image_size
 from . import register
 from .base import Dataset, ImageRecord
 

@@ -71,7 +71,7 @@ def model_names() -> list[str]:
 def get_spec(name: str) -> ModelSpec:
     _discover()
     if name not in _REGISTRY:
-        from ..validate import unknown
+        from ..errors import unknown
 
         raise unknown("model", name, model_names())
     return _REGISTRY[name][0]

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DitfError
-from ..hub import looks_local, refuse_pickled
-from ..hub import offline as _offline
+from .hub import looks_local, refuse_pickled
+from .hub import offline as _offline
 from .base import Architecture, BlockFeatures, DiTAdapter, LatentPosterior, ModelSpec, PromptEmbedding
 
 #: diffusers' file names of a model's weights (one file, or shards listed by an index)

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from ..errors import DitfError
-from ..hub import looks_local, refuse_pickled
-from ..hub import offline as _offline
+from .hub import looks_local, refuse_pickled
+from .hub import offline as _offline
 from . import register
 from .base import (
     BlockFeatures,

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..datasets.base import Pair
 from ..errors import DitfError
-from ..store import FeatureStore, prediction_scope
+from ..store.feature_store import FeatureStore, prediction_scope
 from . import queries
 from .uploads import UPLOAD_DATASET, Uploads
 
@@ -183,7 +183,7 @@ class Explorer:
             if stored:
                 self._channels[key] = [int(c) for c in stored[0]]
             else:
-                from ..predict import resolve_channels
+                from ..match.predict import resolve_channels
 
                 self._channels[key] = resolve_channels("auto", self._arrays(key))
         return self._channels[key]
@@ -217,7 +217,7 @@ class Explorer:
         index = self._dataset(key.dataset)
         if pair_id in index.by_id:
             return index.by_id[pair_id]
-        from ..analyze import find_pairs
+        from ..analysis.analyze import find_pairs
 
         try:
             return find_pairs(index.pairs, [str(pair_id)])[0]
@@ -262,9 +262,9 @@ class Explorer:
         """The variant maps of an open pair, computed as `ditf match` computes them: the float16
         maps of `predict.pair_feature_cache` (with the authors' arithmetic for a ``--precision
         paper`` key under ``dift``), fused with the partner's raw maps like `fusion.PairFusion`."""
-        from ..features import compute_feature
-        from ..paper import paper_feature, paper_matching
-        from ..predict import pair_feature_cache
+        from ..match.features import compute_feature
+        from ..match.paper import paper_feature, paper_matching
+        from ..match.predict import pair_feature_cache
 
         arrays, rows = self._arrays(key), self._rows(key)
         paper = paper_matching(arrays.config, protocol)
@@ -289,8 +289,8 @@ class Explorer:
         return maps
 
     def _pair_maps(self, key: KeyRef, pair: Pair, variant: str, features) -> tuple:
-        from ..features import USES_CHANNELS, VARIANTS
-        from ..predict import FeatureCache
+        from ..match.features import USES_CHANNELS, VARIANTS
+        from ..match.predict import FeatureCache
 
         rows = self._rows(key)
         if variant in VARIANTS:
@@ -301,7 +301,7 @@ class Explorer:
             spec = queries.fused_specs(self._prediction_configs(key)).get(variant)
             if spec is None:
                 raise DitfError(f"unknown variant {variant!r} for {key.label}; available: {', '.join(self.variants(key))}")
-            from ..fusion import fuse_pair
+            from ..match.fusion import fuse_pair
 
             store, dataset = self._store_of(key)
             partner = store.open_features(dataset, spec.model, spec.k, spec.t)
@@ -419,7 +419,7 @@ class Explorer:
             return self._pngs[cache_key]
 
     def pca_png(self, key: KeyRef, pair_id: str) -> bytes:
-        from ..images import load_rgb
+        from ..extract.images import load_rgb
 
         with self._lock:
             pair = self._pair(key, pair_id)
@@ -437,7 +437,7 @@ class Explorer:
     # ---- uploads ------------------------------------------------------------------------------
     def upload(self, model: str, k: int | None, t: int | None, source: bytes, target: bytes) -> dict:
         """Cache two images of the user's, extract their features (tiny models on CPU), open them as a pair."""
-        from ..images import image_size
+        from ..extract.images import image_size
 
         if self.uploads is None:
             raise DitfError("uploads are off (start `ditf view` with an uploads folder)")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import DitfError
-from ..match import upsampled_vectors
+from ..match.matchers import upsampled_vectors
 
 #: the matching rules a view can apply (stored geoaware-softN predictions are listed, not recomputed)
 PROTOCOLS = ("dift", "geoaware")
@@ -164,7 +164,7 @@ class VariantMaps:
         if protocol not in PROTOCOLS:
             raise DitfError(f"unknown protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
         if protocol not in self.matchers:
-            from ..predict import MatchSettings, pair_matcher
+            from ..match.predict import MatchSettings, pair_matcher
 
             self.matchers[protocol] = pair_matcher(MatchSettings(protocol=protocol), paper=self.paper and protocol == "dift")
         return self.matchers[protocol]
@@ -213,7 +213,7 @@ def keypoint_marks(pred: np.ndarray, trg_kps: np.ndarray, threshold_base: float,
     """Correct / wrong per keypoint under the protocol's rule (`analyze.keypoint_correct`)."""
     from types import SimpleNamespace
 
-    from ..analyze import keypoint_correct
+    from ..analysis.analyze import keypoint_correct
 
     pair = SimpleNamespace(pair_id="view", trg_kps=trg_kps, threshold_base=threshold_base)
     return [bool(v) for v in keypoint_correct(pred, pair, alpha, protocol)]
@@ -242,8 +242,8 @@ def _png_bytes(draw) -> bytes:
 
 def magnitude_png(arrays, sample: int = 8, title: str = "") -> bytes:
     """`ditf analyze`'s magnitude-per-channel figure of a key (massive channels in red)."""
-    from .. import analyze as an
-    from .. import plots as pl
+    from ..analysis import analyze as an
+    from ..analysis import plots as pl
 
     result = an.analyze_key(arrays, sample=sample)
     massive = result.summary["massive_channels"]
@@ -254,8 +254,8 @@ def magnitude_png(arrays, sample: int = 8, title: str = "") -> bytes:
 def pca_png(arrays, rows: Sequence[int], images: Sequence[np.ndarray], names: Sequence[str], channels: Sequence[int],
             title: str = "") -> bytes:
     """`ditf analyze`'s PCA colour maps (raw, adaln, adaln+cd) of a few images, fitted jointly."""
-    from .. import analyze as an
-    from .. import plots as pl
+    from ..analysis import analyze as an
+    from ..analysis import plots as pl
 
     features = [an.stage_features(arrays, int(row), channels) for row in rows]
     maps = {stage: an.pca_rgb([f[stage] for f in features]) for stage in features[0]}

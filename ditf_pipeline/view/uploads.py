@@ -1,4 +1,4 @@
-"""The user's own image pairs: decoded, checked, cached as PNG and run through `ditf_pipeline.extract`.
+"""The user's own image pairs: decoded, checked, cached as PNG and run through `ditf_pipeline.extract.extractor`.
 
 Uploads never touch the main store (the view opens it read-only): images go to
 ``<folder>/images/<id>.png`` (id = the first 16 hex digits of the SHA-256 of the uploaded
@@ -45,7 +45,7 @@ class Uploads:
 
     def add_image(self, data: bytes) -> str:
         """Decode (EXIF orientation applied, bombs and corrupt files refused), store as PNG; its id."""
-        from ..images import load_rgb
+        from ..extract.images import load_rgb
 
         if not data:
             raise DitfError("the uploaded image is empty")
@@ -82,9 +82,9 @@ class Uploads:
     def extract(self, model: str, k: int | None, t: int | None, image_ids: list[str]) -> tuple[str, str, int, int]:
         """Features of the uploaded images at (model, k, t) (the model's defaults when None); the store key."""
         from ..datasets import get_dataset
-        from ..extract import Extractor, default_settings
+        from ..extract.extractor import Extractor, default_settings
         from ..models import get_spec
-        from ..store import FeatureStore
+        from ..store.feature_store import FeatureStore
 
         spec = get_spec(model)
         paths = {image_id: self.image_path(image_id) for image_id in image_ids}

@@ -12,8 +12,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .datasets.base import ImageRecord
-from .errors import DitfError
+from ..datasets.base import ImageRecord
+from ..errors import DitfError
 
 TEMPLATE = "a photo of a {category}"
 

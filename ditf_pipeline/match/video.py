@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .datasets.davis import VOID_LABEL, VideoSequence, read_mask, write_mask
-from .davis_metrics import RUN_MARKER
-from .errors import DitfError
+from ..datasets.davis import VOID_LABEL, VideoSequence, read_mask, write_mask
+from ..score.davis_metrics import RUN_MARKER
+from ..errors import DitfError
 
 FeatureSource = Callable[[int], "torch.Tensor | np.ndarray"]
 

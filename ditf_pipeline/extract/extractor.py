@@ -27,14 +27,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import SCHEMA_VERSION, __version__
-from .datasets.base import Dataset, ImageRecord, check_annotated_sizes
-from .errors import DitfError
+from .. import SCHEMA_VERSION, __version__
+from ..datasets.base import Dataset, ImageRecord, check_annotated_sizes
+from ..errors import DitfError
 from .images import RESAMPLERS, image_size, load_for_model
-from .models.base import DiTAdapter, LatentPosterior, PromptEmbedding
+from ..models.base import DiTAdapter, LatentPosterior, PromptEmbedding
 from .prompts import prompt_identity, prompts_for
-from .shards import Shard
-from .store import FeatureArrays, FeatureStore, config_differences
+from ..shards import Shard
+from ..store.feature_store import FeatureArrays, FeatureStore, config_differences
 
 
 @dataclass
@@ -58,7 +58,7 @@ class ExtractSettings:
 #: stores z as fp16 (matching then computes in fp32); "paper" is the authors' bf16 path: the DiT
 #: in bf16 (so timestep and guidance embeddings are rounded in bf16, 3500 -> 3504), ensemble
 #: means rounded to bf16 (their `.mean(0)` of a bf16 batch), and at match time the variant in
-#: bf16, cast to fp16, upsampled and compared in fp16 (`ditf_pipeline.paper`).
+#: bf16, cast to fp16, upsampled and compared in fp16 (`ditf_pipeline.match.paper`).
 PRECISIONS = ("default", "paper")
 #: seconds a shard waits for another shard (or a whole run) setting up the same key
 SHARD_SETUP_WAIT = 600.0
@@ -121,7 +121,7 @@ def default_settings(spec, dataset: Dataset, **given) -> ExtractSettings:
 def check_settings(settings: ExtractSettings, patch_stride: int) -> None:
     """Every extract setting in range, before the store is opened: a key configured with a bad
     value would refuse every later valid run."""
-    from .validate import check_at_least, check_blocks, check_choice, check_img_size, check_timesteps
+    from ..validate import check_at_least, check_blocks, check_choice, check_img_size, check_timesteps
 
     check_img_size(settings.img_size, patch_stride)
     check_choice("--resize side", settings.resize, ("long", "short"))
@@ -458,7 +458,7 @@ class Extractor:
                 yield record, pixels
 
     def _extract(self, todo, rows, texts, embeddings, arrays, complete, progress) -> None:
-        from .progress import progress as progress_display
+        from ..progress import progress as progress_display
 
         writes: queue.Queue = queue.Queue(maxsize=4)
         failure: list[BaseException] = []

@@ -56,8 +56,8 @@ import zarr
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from . import SCHEMA_VERSION
-from .errors import DitfError
+from .. import SCHEMA_VERSION
+from ..errors import DitfError
 
 #: every chunk is written, even one equal to the fill value (zarr skips those by default): a
 #: missing chunk of a committed image then always means damage, never "all zeros"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .errors import DitfError
+from ..errors import DitfError
 
 THRESHOLDS = (1.0, 3.0, 5.0)
 METHODS = {"lmeds": cv2.LMEDS, "ransac": cv2.RANSAC}
@@ -192,7 +192,7 @@ def _device_matches(feature_a, feature_b, kps_a, kps_b, size_a, size_b, device: 
     import torch
     import torch.nn.functional as F
 
-    from .match import mutual_nearest_neighbours as device_mnn
+    from .matchers import mutual_nearest_neighbours as device_mnn
 
     def descriptors(feature, kps, size):
         grid = torch.as_tensor(feature).to(device=device, dtype=torch.float32)  # (rows, cols, D)

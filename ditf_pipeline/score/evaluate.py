@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .datasets.base import Dataset
-from .errors import DitfError
-from .score import pck, per_pair_rows
-from .store import FeatureStore, prediction_scope
+from ..datasets.base import Dataset
+from ..errors import DitfError
+from .pck import pck, per_pair_rows
+from ..store.feature_store import FeatureStore, prediction_scope
 
 
 def result_context(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, prediction_name: str,

@@ -1,6 +1,6 @@
 """Figures of `ditf analyze` and `ditf show`: matplotlib (Agg canvas) and numpy only.
 
-No torch, no zarr: every function takes plain arrays computed elsewhere (`ditf_pipeline.analyze`)
+No torch, no zarr: every function takes plain arrays computed elsewhere (`ditf_pipeline.analysis.analyze`)
 and writes one figure, in the format its file name ends with: PNG, or PDF / SVG (vector, for
 papers). Figures are built on `matplotlib.figure.Figure` with an Agg canvas, never through
 pyplot, so nothing depends on (or changes) the global backend. Every figure has a fixed size
@@ -35,7 +35,7 @@ def _figure(width_px: int, height_px: int) -> Figure:
 
 def figure_format(path: Path | str) -> str:
     """png, pdf or svg from the file ending; anything else is a DitfError."""
-    from .errors import DitfError
+    from ..errors import DitfError
 
     fmt = Path(path).suffix.lower().lstrip(".")
     if fmt not in FORMATS:

@@ -27,10 +27,10 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from .datasets.base import Dataset, ImageRecord, Pair
-from .errors import DitfError
-from .extract import Extractor, ExtractReport, ExtractSettings
-from .store import FeatureStore, prediction_scope
+from ..datasets.base import Dataset, ImageRecord, Pair
+from ..errors import DitfError
+from ..extract.extractor import Extractor, ExtractReport, ExtractSettings
+from ..store.feature_store import FeatureStore, prediction_scope
 
 #: images per extraction task: small, so a lost worker costs little and the load stays balanced
 DEFAULT_CHUNK = 4
@@ -54,7 +54,7 @@ class AdapterArgs:
     offload: bool = False
 
     def load(self):
-        from .models import load_adapter
+        from ..models import load_adapter
 
         return load_adapter(self.model, weights=self.weights, revision=self.revision, dtype=self.dtype, device=self.device,
                             text_device=self.text_device, offload=self.offload)
@@ -250,10 +250,10 @@ def match_block(
     The same code as a local `predict` (`predict.match_pairs`, float16 feature cache, one
     intra-op thread), so the bits are the same.
     """
-    from .features import compute_feature
-    from .match import resolve_match_device
-    from .paper import paper_feature, paper_matching
-    from .predict import match_pairs, pair_feature_cache, pair_matcher, run_blocks
+    from ..match.features import compute_feature
+    from ..match.matchers import resolve_match_device
+    from ..match.paper import paper_feature, paper_matching
+    from ..match.predict import match_pairs, pair_feature_cache, pair_matcher, run_blocks
 
     store = FeatureStore(store_path)
     predictions = store.open_predictions(feature_key, settings.name, scope=scope)
@@ -281,7 +281,7 @@ def _run_tasks(client, futures, sizes: dict, total: int, desc: str, progress: bo
     """Wait for every future (first error raised as is), with a progress bar; sum of results."""
     from distributed import as_completed
 
-    from .progress import progress as progress_display
+    from ..progress import progress as progress_display
 
     done = 0
     with progress_display(total, desc, "item", enabled=progress) as bar:
@@ -342,7 +342,7 @@ def extract_distributed(
 def predict_distributed(client, store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings,
                         overwrite: bool = False, progress: bool = True):
     """`predict(...)` with the blocks of pairs spread over the client's workers."""
-    from .predict import BLOCK, predict
+    from ..match.predict import BLOCK, predict
 
     feature_key = (dataset.name, model, k, t)
     scope = prediction_scope(dataset.split, [p.pair_id for p in dataset.pairs()])

@@ -17,8 +17,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from . import __version__
-from .errors import DitfError
+from .. import __version__
+from ..errors import DitfError
 
 FORMATS = ("safetensors", "npy")
 
@@ -60,7 +60,7 @@ def export_features(
     `dataset` is the name the store files the images under (the `--dataset` of the extract
     run, e.g. "spair" or "folder"); `images` restricts the export to those keys.
     """
-    from .api import FeatureStoreReader
+    from ..api import FeatureStoreReader
 
     if fmt not in FORMATS:
         raise DitfError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -77,8 +77,8 @@ def export_features(
         keys = list(images)
     if not keys:
         raise DitfError(f"no extracted images in {arrays.path}")
-    from .features import USES_CHANNELS
-    from .predict import resolve_channels
+    from ..match.features import USES_CHANNELS
+    from ..match.predict import resolve_channels
 
     discarded = resolve_channels(channels, arrays) if variant in USES_CHANNELS else []
     targets = [_target(Path(out), key, "." + fmt) for key in keys]  # all names checked before writing

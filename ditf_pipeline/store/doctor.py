@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DitfError
+from ..errors import DitfError
 
 
 @dataclass
@@ -38,8 +38,8 @@ class Findings:
 
 def check_dataset(name: str, root: Path, split: str | None, findings: Findings, decode: bool = True) -> list[str]:
     """Every image readable, every annotation parsable; returns the image keys."""
-    from .datasets import get_dataset
-    from .images import image_size, load_rgb
+    from ..datasets import get_dataset
+    from ..extract.images import image_size, load_rgb
 
     try:
         dataset = get_dataset(name, root, split)
@@ -79,7 +79,7 @@ def check_store(path: str | Path, findings: Findings, dataset: str | None = None
     images and blocks so that a rerun redoes only those) or `migrate` (bring an old schema up
     to date in place); each change is reported as a "repaired" line.
     """
-    from .store import FeatureStore, audit_store, repair_root_metadata, store_folder_exists
+    from .feature_store import FeatureStore, audit_store, repair_root_metadata, store_folder_exists
 
     if not store_folder_exists(path):
         findings.bad(f"store: store {path} does not exist")

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .datasets.base import Pair
-from .errors import DitfError
+from ..datasets.base import Pair
+from ..errors import DitfError
 
 DEFAULT_ALPHAS = (0.01, 0.05, 0.1)
 
@@ -48,7 +48,7 @@ PROTOCOL_RULES = {"dift": "<=", "geoaware": "<"}
 
 def rule_for(protocol: str) -> str:
     if protocol not in PROTOCOL_RULES:
-        from .validate import unknown
+        from ..validate import unknown
 
         raise unknown("protocol", protocol, list(PROTOCOL_RULES))
     return PROTOCOL_RULES[protocol]

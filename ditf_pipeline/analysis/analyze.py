@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DitfError
+from ..errors import DitfError
 
 #: ranks reported per stage (paper Table 1: top-1..3; and ranks 10 and 20 for contrast)
 STAT_RANKS = (1, 2, 3, 10, 20)
@@ -148,7 +148,7 @@ def analyze_key(
     stream, AdaLN and the gate, once for the channel-discarded feature (it needs the channel set,
     detected in the first pass unless `channels` is given).
     """
-    from .features import MASSIVE_RATIO, compute_feature
+    from ..match.features import MASSIVE_RATIO, compute_feature
 
     ratio = MASSIVE_RATIO if ratio is None else float(ratio)
     rows = sample_rows(arrays.complete(), sample)
@@ -205,7 +205,7 @@ def analyze_key(
 
 def stage_features(arrays, row: int, channels: Sequence[int], stages: Sequence[str] = STAGES) -> dict:
     """stage -> (rows, cols, D) float32 feature map of one image."""
-    from .features import compute_feature
+    from ..match.features import compute_feature
 
     z, modulation = arrays.read_image(row)
     if not {"shift", "scale"} <= set(modulation):
@@ -253,8 +253,8 @@ def pca_rgb(maps: Sequence[np.ndarray], clip: float = 1.0) -> list[np.ndarray]:
 def pck_grid(store, dataset, model: str, keys: Sequence[tuple[int, int]], prediction_name: str, alpha: float = 0.1,
              aggregation: str = "per_point") -> list[dict]:
     """PCK@alpha ("all") of stored predictions at each (k, t); value None with the reason when missing."""
-    from .evaluate import score_pairs
-    from .score import alpha_key
+    from ..score.evaluate import score_pairs
+    from ..score.pck import alpha_key
 
     cells = []
     for k, t in keys:
@@ -268,7 +268,7 @@ def pck_grid(store, dataset, model: str, keys: Sequence[tuple[int, int]], predic
 
 def keypoint_correct(pred: np.ndarray, pair, alpha: float, protocol: str) -> np.ndarray:
     """(N,) bool: is each predicted keypoint correct at `alpha` under the protocol's rule (`score.RULES`)."""
-    from .score import RULES, rule_for
+    from ..score.pck import RULES, rule_for
 
     pred = np.asarray(pred, dtype=np.float64).reshape(-1, 2)
     truth = np.asarray(pair.trg_kps, dtype=np.float64).reshape(-1, 2)
@@ -302,7 +302,7 @@ def dense_matches(src_feat, src_size, trg_feat, trg_size, protocol: str = "dift"
 
     The source points are `points`, else an n x n grid over `box` (or the whole source image).
     """
-    from .match import make_matcher
+    from ..match.matchers import make_matcher
 
     points = grid_points(src_size, n, box=box) if points is None else np.asarray(points, dtype=np.float64)
     base, _, window = protocol.partition("-soft")

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .datasets.base import Dataset, Pair
-from .errors import DitfError
+from ..datasets.base import Dataset, Pair
+from ..errors import DitfError
 from .features import (
     MASSIVE_RATIO,
     USES_CHANNELS,
@@ -42,12 +42,12 @@ from .features import (
     variant_names,
 )
 from .fusion import PairFusion, parse_fuse
-from .match import ByteLRU, make_matcher, resolve_match_device
-from .naming import fusion_label, prediction_name
+from .matchers import ByteLRU, make_matcher, resolve_match_device
+from ..naming import fusion_label, prediction_name
 from .paper import PaperDiftMatcher, paper_feature, paper_matching
-from .shards import Shard
-from .store import FeatureArrays, FeatureStore, prediction_scope
-from .validate import unknown
+from ..shards import Shard
+from ..store.feature_store import FeatureArrays, FeatureStore, prediction_scope
+from ..validate import unknown
 
 #: pairs committed together (one zarr chunk of predictions); DITF_MATCH_BLOCK makes blocks
 #: small so that crash tests see several of them
@@ -328,9 +328,9 @@ def predict(
     """Predict every pair of `dataset` from the cached features of (model, k, t).
 
     `block_runner(todo_blocks, pairs, rows, channels) -> n_matched`, when given, predicts the
-    blocks elsewhere once the prediction arrays exist (`ditf_pipeline.distributed`: dask workers).
+    blocks elsewhere once the prediction arrays exist (`ditf_pipeline.distributed.runners`: dask workers).
     """
-    from .progress import progress as progress_display
+    from ..progress import progress as progress_display
 
     start = time.perf_counter()
     part = Shard.parse(settings.shard)

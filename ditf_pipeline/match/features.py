@@ -29,7 +29,7 @@ import torch
 
 import torch.nn.functional as F
 
-from .errors import DitfError
+from ..errors import DitfError
 
 #: Modulation vectors as they come out of the store: name -> (D,) array or tensor.
 ModulationVectors = Mapping[str, "np.ndarray | torch.Tensor"]

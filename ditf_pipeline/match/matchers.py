@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DitfError
+from ..errors import DitfError
 
 #: (width, height) of an original image, as in `datasets.base.Pair`
 ImageSize = tuple[int, int]
@@ -804,6 +804,6 @@ def make_matcher(protocol: str, **options) -> Matcher:
         return DiftMatcher(**options)
     if protocol == "geoaware":
         return GeoAwareMatcher(**options)
-    from .validate import unknown
+    from ..validate import unknown
 
     raise unknown("matching protocol", protocol, list(PROTOCOL_RULES), "protocols")

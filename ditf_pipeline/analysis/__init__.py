@@ -1,0 +1,1 @@
+"""Looking at the features: massive-activation statistics, figures, the segmentation probe."""

@@ -1,0 +1,1 @@
+"""The extract and match stages spread over dask workers."""

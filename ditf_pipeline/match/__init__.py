@@ -1,0 +1,1 @@
+"""The match stage: feature variants from the cache, matchers, and the per-benchmark drivers."""

@@ -1,0 +1,1 @@
+"""The Zarr feature store (the only code that touches zarr) and what reads it back whole."""
