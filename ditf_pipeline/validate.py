@@ -95,7 +95,11 @@ def check_img_size(img_size: int | None, patch_stride: int) -> None:
 
 
 def check_device(device: str) -> None:
-    """`auto`, or a device torch can parse and this machine has (see `devices.check_device`)."""
+    """`auto`, or a device torch can parse and this machine has (see `devices.check_device`).
+
+    "auto" is answered here, so commands that never run torch (score) never import it."""
+    if device == "auto":
+        return
     from .devices import check_device as check
 
     check(device)
