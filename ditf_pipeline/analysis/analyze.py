@@ -75,16 +75,11 @@ class _Accumulator:
         return float(np.median(np.concatenate(self.samples))) if self.samples else float("nan")
 
 
-def massive_from_means(channel_means: np.ndarray, ratio: float) -> list[int]:
-    """The 100x-median rule on per-channel mean |a| (exactly `features.detect_massive_channels`)."""
-    means = np.asarray(channel_means, dtype=np.float64)
-    median = float(np.median(means))
-    return [int(c) for c in np.flatnonzero(means > ratio * median)]
-
-
 def stage_summary(mean: np.ndarray, std: np.ndarray, median_abs: float, ratio: float,
                   ranks: Sequence[int] = STAT_RANKS) -> dict:
     """Table 1 row of one stage: ranked channels, mean +- std at `ranks`, medians, massive set."""
+    from ..match.features import massive_from_means  # the one 100x-median rule (also `--channels auto`)
+
     order = np.argsort(-mean, kind="stable")
     median_mean = float(np.median(mean))
     return {
@@ -148,7 +143,7 @@ def analyze_key(
     stream, AdaLN and the gate, once for the channel-discarded feature (it needs the channel set,
     detected in the first pass unless `channels` is given).
     """
-    from ..match.features import MASSIVE_RATIO, compute_feature
+    from ..match.features import MASSIVE_RATIO, compute_feature, massive_from_means
 
     ratio = MASSIVE_RATIO if ratio is None else float(ratio)
     rows = sample_rows(arrays.complete(), sample)

@@ -290,13 +290,18 @@ def plot_pairs(path: Path | str, views: Sequence[PairView], dpi: int | None = No
                         markersize=13, markeredgewidth=2.2)
             else:
                 ax.plot(pred[i, 0] + offset, pred[i, 1], "x", color=colour, markersize=11, markeredgewidth=2.5)
-        ax.set_xlim(-0.5, canvas.shape[1] - 0.5)
-        ax.set_ylim(canvas.shape[0] - 0.5, -0.5)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(view.title, fontsize=10)
+        _frame(ax, canvas, view.title)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.95, hspace=0.2)
     return _save(fig, path, dpi)
+
+
+def _frame(ax, canvas: np.ndarray, title: str) -> None:
+    """Fit a pair panel's axes to its side-by-side canvas, image style (y down, no ticks)."""
+    ax.set_xlim(-0.5, canvas.shape[1] - 0.5)
+    ax.set_ylim(canvas.shape[0] - 0.5, -0.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
 
 
 def plot_dense(path: Path | str, views: Sequence[PairView], dpi: int | None = None) -> Path:
@@ -316,10 +321,6 @@ def plot_dense(path: Path | str, views: Sequence[PairView], dpi: int | None = No
             ax.plot([src[i, 0], pred[i, 0] + offset], [src[i, 1], pred[i, 1]], "-", color=colours[i], lw=0.7, alpha=0.8)
         ax.scatter(src[:, 0], src[:, 1], s=16, c=colours, edgecolors="white", linewidths=0.5, zorder=3)
         ax.scatter(pred[:, 0] + offset, pred[:, 1], s=16, c=colours, edgecolors="black", linewidths=0.5, zorder=3)
-        ax.set_xlim(-0.5, canvas.shape[1] - 0.5)
-        ax.set_ylim(canvas.shape[0] - 0.5, -0.5)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(view.title, fontsize=10)
+        _frame(ax, canvas, view.title)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.95, hspace=0.2)
     return _save(fig, path, dpi)
