@@ -64,3 +64,24 @@ def test_a_file_system_without_locks_is_one_clear_error(tmp_path, monkeypatch, c
     with pytest.raises(DitfError, match="cannot lock files .*POSIX locks"):
         with store.writer_lock("spair", "tiny-flux", 1, 260):
             pass
+
+
+def test_registering_images_waits_for_a_concurrent_registration_instead_of_failing(tmp_path):
+    """Shards started together all append to one image index: the later ones queue for it."""
+    path = tmp_path / "s.zarr"
+    FeatureStore(path).register_images("spair", ["a"], [(4, 3)])
+    holder_script = textwrap.dedent("""
+        import sys, time
+        from ditf_pipeline.store.feature_store import FeatureStore
+        with FeatureStore(sys.argv[1]).lock("spair/images", "held"):
+            print("locked", flush=True)
+            time.sleep(1.5)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", holder_script, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert holder.poll() is None  # the index is really held while we register
+        rows = FeatureStore(path).register_images("spair", ["b", "a"], [(5, 5), (4, 3)])
+    finally:
+        holder.wait(timeout=60)
+    assert rows == {"a": 0, "b": 1}

@@ -74,6 +74,7 @@ _META = ".ditf"
 _FEATURE_DTYPES = {"pre_adaln": "float16", "grid": "int32", "complete": "bool"}
 _MODULATION_DTYPE = "float32"
 #: how long a writer waits for the prompt-cache lock held by a concurrent extract of the same model
+_INDEX_LOCK_WAIT = 300.0  # seconds: a registration appends a few rows; only a stuck writer holds it longer
 _PROMPT_LOCK_WAIT = 600.0
 
 
@@ -872,7 +873,9 @@ class FeatureStore:
         between leaves rows that the next call simply overwrites.
         """
         node = f"{dataset}/images"
-        with self.lock(node, f"another process is registering {dataset} images in {self.path}: retry"):
+        # short, so concurrent shards queue here instead of failing
+        with self.lock(node, f"another process is registering {dataset} images in {self.path}: retry",
+                       wait=_INDEX_LOCK_WAIT):
             if self._group(node) is None:
                 with self._staged({"count": 0}) as (staged, group):
                     group.create_array("key", shape=(0,), chunks=(_INDEX_CHUNK,), dtype=str, fill_value="",
