@@ -14,7 +14,12 @@ from .app import app
 
 
 def main() -> None:
-    app()
+    from ditf_pipeline.store.feature_store import close_writers
+
+    try:
+        app()
+    finally:
+        close_writers()  # the last writer of a store writes its consolidated metadata
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: public name -> module that defines it (imported lazily by `__getattr__`)
 _LAZY = {

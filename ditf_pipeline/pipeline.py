@@ -86,7 +86,8 @@ def run_extract(
         return extract_distributed(shared_client(workers, scheduler), AdapterArgs(spec.name, weights, revision, dtype, device,
                                                                         text_device, offload),
                                    store, settings, data, progress=progress, shard=part)
-    return Extractor(adapter, FeatureStore(store), settings).run(data, progress=progress, shard=part)
+    with FeatureStore(store) as feature_store:  # closed: the last writer consolidates the metadata
+        return Extractor(adapter, feature_store, settings).run(data, progress=progress, shard=part)
 
 
 def single_key(k: Sequence[int] | None, t: Sequence[int] | None) -> tuple[int | None, int | None]:

@@ -67,7 +67,7 @@ class Runner:
             import ditf_pipeline.models as models
             import ditf_pipeline.match.predict as predict
             import ditf_pipeline.store.feature_store as store
-            from ditf_cli.main import app
+            from ditf_cli.main import main
 
             store._KILL_AT, store._writes_seen = kill_at, 0
             store._trace = [] if trace else None
@@ -76,7 +76,8 @@ class Runner:
             models.load_adapter = lambda *a, **k: self.adapter
             sys.stdout = sys.stderr = open(self.tmp / "child.log", "a")
             try:
-                app([str(a) for a in args], prog_name="ditf")
+                sys.argv = ["ditf", *map(str, args)]
+                main()  # the real entry point: its closing write (consolidated metadata) is a kill point too
             finally:
                 if trace:
                     trace.write_text(json.dumps(store._trace))

@@ -46,7 +46,8 @@ MATCH = ["--variant", "adaln+cd", "--device", "cpu", "--jobs", "1", "--quiet"]
 
 
 def _ditf(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DITF_MATCH_BLOCK": "2"}  # several pair blocks per shard
+    # several pair blocks per shard, and image rows handed out in blocks of 2 (not 32): shards interleave
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DITF_MATCH_BLOCK": "2", "DITF_ROWS_PER_SHARD": "2"}
     return subprocess.Popen([sys.executable, "-m", "ditf_cli.main", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -88,7 +89,8 @@ def test_one_shard_alone_extracts_only_its_images(tmp_path: Path):
     _all([_ditf(["extract", *COMMON, "--data-root", str(root), "--store", store, *EXTRACT, "--shard", "0/2"])])
     arrays = FeatureStore(store, read_only=True).open_features("spair", "tiny-flux", 2, 260)
     complete = arrays.complete()
-    assert complete.tolist() == [i % 2 == 0 for i in range(len(complete))]  # rows in dataset order, every other one
+    # rows in dataset order, every other block of 2 (a block's small arrays are one file: one writer each)
+    assert complete.tolist() == [(i // 2) % 2 == 0 for i in range(len(complete))]
     bad = _ditf(["match", *COMMON, "--data-root", str(root), "--store", store, *MATCH, "--shard", "0/2", "--overwrite"])
     _, err = bad.communicate(timeout=600)
     assert bad.returncode == 1 and err.count("error:") == 1 and "--overwrite with --shard" in err

@@ -15,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import zarr
 
 from _store_snapshot import differences, snapshot, without_store
 from ditf_pipeline.datasets import get_dataset
@@ -58,8 +60,22 @@ def base(tmp_path_factory):
 
 
 def _chunk(store: Path, array: str, row: int = 1) -> Path:
+    """The file holding `row` of `array`: its own chunk, or the shard of ROWS_PER_SHARD rows it sits in."""
+    meta = json.loads((store / KEY / array / "zarr.json").read_text())
+    per_file = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
     files = sorted(p for p in (store / KEY / array / "c").rglob("*") if p.is_file())
-    return [p for p in files if p.relative_to(store / KEY / array / "c").parts[0] == str(row)][0]
+    return [p for p in files if p.relative_to(store / KEY / array / "c").parts[0] == str(row // per_file)][0]
+
+
+def _vector_lost(store: Path, array: str, row: int = 1) -> None:
+    """One image's chunk inside a shard reads as the fill value (NaN), as if it was never written."""
+    zarr.open_array(str(store / KEY / array), mode="r+")[row] = np.nan
+
+
+def _damage_shard_index(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-6] ^= 0xFF  # the shard's index (and its checksum) sits at the end of the file
+    path.write_bytes(bytes(data))
 
 
 def _flip(path: Path) -> None:
@@ -81,16 +97,23 @@ def _tree(path: Path) -> dict:
 # name -> (damage, what reading does (match or score), pattern of the read error)
 CASES = {
     "deleted pre_adaln chunk": (lambda s: _chunk(s, "pre_adaln").unlink(), "match", r"pre_adaln chunk of committed image cat/\S+ is missing"),
-    "deleted shift chunk": (lambda s: _chunk(s, "shift").unlink(), "match", r"shift chunk of committed image cat/\S+ is missing"),
+    "deleted shift shard": (lambda s: _chunk(s, "shift").unlink(), "match", r"shift chunk of committed image cat/\S+ is missing"),
+    "flipped byte in a shift shard": (lambda s: _flip(_chunk(s, "shift")), "match", r"shift chunk of image cat/\S+ is damaged"),
+    "damaged index of a gate shard": (lambda s: _damage_shard_index(_chunk(s, "gate")), "match",
+                                      r"gate chunk of image cat/\S+ is damaged"),
+    "a vector missing from its shard": (lambda s: _vector_lost(s, "scale"), "match",
+                                        r"scale vector of committed image cat/\S+ is missing"),
+    "damaged complete shard": (lambda s: _flip(_chunk(s, "complete")), "match", r"array complete is damaged"),
     "flipped byte in pre_adaln": (lambda s: _flip(_chunk(s, "pre_adaln")), "match", r"pre_adaln chunk of image cat/\S+ is damaged"),
-    "truncated grid chunk": (lambda s: _chunk(s, "grid").write_bytes(_chunk(s, "grid").read_bytes()[:3]), "match",
+    "truncated grid shard": (lambda s: _chunk(s, "grid").write_bytes(_chunk(s, "grid").read_bytes()[:3]), "match",
                              r"grid chunk of image cat/\S+ is damaged"),
     "corrupt array metadata": (lambda s: (s / KEY / "gate" / "zarr.json").write_text("{not json"), "match",
                                r"metadata is damaged"),
     "corrupt group metadata": (lambda s: (s / KEY / "zarr.json").write_text("\x00garbage"), "match",
                                rf"the metadata of {KEY} is damaged"),
     "wrong dtype in metadata": (lambda s: _edit_json(s / KEY / "shift" / "zarr.json", data_type="int32"), "match",
-                                r"array shift has dtype int32 in its metadata, not float32"),
+                                # (zarr itself refuses it first: the NaN fill is no int32)
+                                r"array shift has dtype int32 in its metadata, not float32|a feature key's metadata is damaged"),
     "flipped byte in predictions": (lambda s: _flip(next(p for p in (s / KEY / "predictions").rglob("pred/c/0/*/*"))),
                                     "score", r"pairs 0\.\.2 are damaged"),
     "corrupt root metadata": (lambda s: (s / "zarr.json").write_text("{"), "score", r"its zarr.json is damaged"),

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from ..datasets.base import Dataset, ImageRecord, Pair
 from ..errors import DitfError
 from ..extract.extractor import Extractor, ExtractReport, ExtractSettings
-from ..store.feature_store import FeatureStore, prediction_scope
+from ..store.feature_store import ROWS_PER_SHARD, FeatureStore, prediction_scope
 
 #: images per extraction task: small, so a lost worker costs little and the load stays balanced
 DEFAULT_CHUNK = 4
@@ -223,18 +223,19 @@ def extract_records(
     """
     adapter = _worker_adapter(args)
     extractor = Extractor(adapter, FeatureStore(store_path, read_only=True), replace(settings))
-    store = FeatureStore(store_path)
-    arrays = {(k, t): store.open_features(dataset, adapter.spec.name, k, t) for t in settings.ts for k in extractor.settings.ks}
-    complete = {key: array.complete() for key, array in arrays.items()}
-    todo = [r for r in records if not all(complete[key][rows[r.key]] for key in arrays)]
-    if not todo:
-        return 0
-    wanted = {texts[r.key] for r in todo}
-    embeddings = extractor.encode_prompts(wanted)  # a read-only cache hit, never an encode
-    if set(embeddings) != wanted:
-        raise DitfError("prompt embeddings missing from the store's prompt cache (the coordinator encodes them)")
-    extractor._extract(todo, rows, texts, embeddings, arrays, complete, progress=False)
-    return len(todo)
+    with FeatureStore(store_path) as store:  # closed after each task: the coordinator consolidates at its end
+        arrays = {(k, t): store.open_features(dataset, adapter.spec.name, k, t)
+                  for t in settings.ts for k in extractor.settings.ks}
+        complete = {key: array.complete() for key, array in arrays.items()}
+        todo = [r for r in records if not all(complete[key][rows[r.key]] for key in arrays)]
+        if not todo:
+            return 0
+        wanted = {texts[r.key] for r in todo}
+        embeddings = extractor.encode_prompts(wanted)  # a read-only cache hit, never an encode
+        if set(embeddings) != wanted:
+            raise DitfError("prompt embeddings missing from the store's prompt cache (the coordinator encodes them)")
+        extractor._extract(todo, rows, texts, embeddings, arrays, complete, progress=False)
+        return len(todo)
 
 
 #: the last FeatureCache per feature key on this worker (neighbouring blocks share images)
@@ -255,25 +256,25 @@ def match_block(
     from ..match.paper import paper_feature, paper_matching
     from ..match.predict import match_pairs, pair_feature_cache, pair_matcher, run_blocks
 
-    store = FeatureStore(store_path)
-    predictions = store.open_predictions(feature_key, settings.name, scope=scope)
-    if predictions.done()[block_start : block_start + len(pairs)].all():
-        return 0
-    arrays = store.open_features(*feature_key)
-    device = resolve_match_device(getattr(settings, "device", "cpu"))
-    paper = paper_matching(arrays.config, settings.protocol)  # --precision paper keys: bf16 / fp16 casts
-    cache_key = (str(store_path), feature_key, settings.variant, tuple(channels), str(device), paper)
-    features = _FEATURES.get(cache_key)
-    if features is None:
-        _FEATURES.clear()
-        features = _FEATURES[cache_key] = pair_feature_cache(arrays, {}, settings.variant, channels, device,
-                                                             compute=paper_feature if paper else compute_feature)
-    features.rows.update(rows)
-    matcher = pair_matcher(settings, paper)
-    batch = device.type != "cpu"
-    for _, out in run_blocks([block_start], lambda _: match_pairs(pairs, features.pair, matcher, batch), jobs=1):
-        predictions.write(block_start, out)
-    return len(pairs)
+    with FeatureStore(store_path) as store:  # closed after each task: the coordinator consolidates at its end
+        predictions = store.open_predictions(feature_key, settings.name, scope=scope)
+        if predictions.done()[block_start : block_start + len(pairs)].all():
+            return 0
+        arrays = store.open_features(*feature_key)
+        device = resolve_match_device(getattr(settings, "device", "cpu"))
+        paper = paper_matching(arrays.config, settings.protocol)  # --precision paper keys: bf16 / fp16 casts
+        cache_key = (str(store_path), feature_key, settings.variant, tuple(channels), str(device), paper)
+        features = _FEATURES.get(cache_key)
+        if features is None:
+            _FEATURES.clear()
+            features = _FEATURES[cache_key] = pair_feature_cache(arrays, {}, settings.variant, channels, device,
+                                                                 compute=paper_feature if paper else compute_feature)
+        features.rows.update(rows)
+        matcher = pair_matcher(settings, paper)
+        batch = device.type != "cpu"
+        for _, out in run_blocks([block_start], lambda _: match_pairs(pairs, features.pair, matcher, batch), jobs=1):
+            predictions.write(block_start, out)
+        return len(pairs)
 
 
 # ---- the coordinator side -----------------------------------------------------------------------
@@ -317,7 +318,7 @@ class DistributedExtractor(Extractor):
     def _extract(self, todo, rows, texts, embeddings, arrays, complete, progress) -> None:
         # called by Extractor.run after images were registered, arrays created/validated and
         # prompts cached: from here on workers only write chunks of their own images
-        chunks = [todo[i : i + self.chunk_size] for i in range(0, len(todo), self.chunk_size)]
+        chunks = _row_block_chunks(todo, rows, self.chunk_size)
         futures, sizes = [], {}
         for chunk in chunks:
             future = self.client.submit(
@@ -329,14 +330,30 @@ class DistributedExtractor(Extractor):
         _run_tasks(self.client, futures, sizes, len(todo), f"extract {self.adapter.spec.name} (dask)", progress)
 
 
+def _row_block_chunks(todo: Sequence[ImageRecord], rows: dict[str, int], size: int) -> list[list[ImageRecord]]:
+    """Tasks of about `size` images that never split a block of ROWS_PER_SHARD rows: a block's
+    small arrays are one file, rewritten whole per commit, so only one worker may write it."""
+    blocks: dict[int, list[ImageRecord]] = {}
+    for record in todo:
+        blocks.setdefault(rows[record.key] // ROWS_PER_SHARD, []).append(record)
+    chunks: list[list[ImageRecord]] = []
+    for block in blocks.values():
+        if chunks and len(chunks[-1]) + len(block) <= size:
+            chunks[-1].extend(block)
+        else:
+            chunks.append(list(block))
+    return chunks
+
+
 def extract_distributed(
     client, args: AdapterArgs, store_path, settings: ExtractSettings, dataset: Dataset,
     progress: bool = True, records: Sequence[ImageRecord] | None = None, chunk_size: int = DEFAULT_CHUNK,
     shard=None,
 ) -> ExtractReport:
     """`Extractor(...).run(dataset)` with the images spread over the client's workers."""
-    extractor = DistributedExtractor(client, args, FeatureStore(store_path), settings, chunk_size=chunk_size)
-    return extractor.run(dataset, progress=progress, records=records, shard=shard)
+    with FeatureStore(store_path) as store:
+        extractor = DistributedExtractor(client, args, store, settings, chunk_size=chunk_size)
+        return extractor.run(dataset, progress=progress, records=records, shard=shard)
 
 
 def predict_distributed(client, store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings,

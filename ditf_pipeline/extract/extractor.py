@@ -34,7 +34,7 @@ from .images import RESAMPLERS, image_size, load_for_model
 from ..models.base import DiTAdapter, LatentPosterior, PromptEmbedding
 from .prompts import prompt_identity, prompts_for
 from ..shards import Shard
-from ..store.feature_store import FeatureArrays, FeatureStore, config_differences
+from ..store.feature_store import ROWS_PER_SHARD, FeatureArrays, FeatureStore, config_differences
 
 
 @dataclass
@@ -357,9 +357,13 @@ class Extractor:
         sizes = [image_size(record.path) for record in records]
         if dataset.task == "pairs":
             check_annotated_sizes(dataset.pairs(), records, sizes)
-        mine = shard.select(records)
+        # a shard owns whole blocks of ROWS_PER_SHARD rows: the small per-image arrays keep one
+        # file per block, rewritten whole on each commit, so two shards must never share a block
+        expected = _expected_rows(store.image_rows(dataset.name), records)
+        mine = [r for r in records if shard.owns(expected[r.key] // ROWS_PER_SHARD)]
         self._check_decodable(self._pending(dataset, mine))  # a bad file fails before the index grows
         rows = store.register_images(dataset.name, [r.key for r in records], sizes)
+        mine = [r for r in records if shard.owns(rows[r.key] // ROWS_PER_SHARD)]
         n_rows = len(rows)
         config = store_config(adapter, settings)
         arrays: dict[tuple[int, int], FeatureArrays] = {}
@@ -498,3 +502,13 @@ class Extractor:
             thread.join()
         if failure:
             raise failure[0]
+
+
+def _expected_rows(rows: dict[str, int], records: Sequence[ImageRecord]) -> dict[str, int]:
+    """The rows `register_images` will give `records` (indexed keys keep theirs, new ones follow in order)."""
+    expected, start = dict(rows), len(rows)
+    for record in records:
+        if record.key not in expected:
+            expected[record.key] = start
+            start += 1
+    return expected

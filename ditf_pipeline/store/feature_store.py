@@ -68,6 +68,11 @@ _CHECKSUM = zarr.codecs.Crc32cCodec()
 _COMPRESSED = (_COMPRESSOR, _CHECKSUM)
 _PLAIN = (_CHECKSUM,)
 _INDEX_CHUNK = 4096
+#: images per file of the small per-image arrays (grid, AdaLN vectors, complete): zarr shards.
+#: A shard is rewritten whole when one of its images is committed (one atomic file replace),
+#: so two writers must never share one: `--shard i/N` hands out rows in blocks of this size.
+#: (DITF_ROWS_PER_SHARD sets it for new keys: tests use small blocks so shards interleave)
+ROWS_PER_SHARD = int(os.environ.get("DITF_ROWS_PER_SHARD") or 32)
 #: ditf's bookkeeping inside the store (locks, staging, trash): no zarr.json, so zarr skips it
 _META = ".ditf"
 #: the dtype of every feature array; anything else in the metadata means it was damaged
@@ -224,6 +229,103 @@ def _fs_lock(path: Path, refusal: str, wait: float = 0.0):
     finally:
         with _HELD_GUARD:
             _HELD.discard(key)
+            os.close(fd)
+
+
+# ---- consolidated metadata: one read opens a store, and it is never stale ------------------------
+#: every process writing a local store holds a shared lock on this file while it may write;
+#: consolidated metadata is written only under the exclusive lock, i.e. by the last writer
+_WRITERS_LOCK = "writers.lock"
+_WRITERS: dict[str, list] = {}  # store folder -> [descriptor of our shared lock, open writable stores, writes then]
+_WRITERS_WAIT = 600.0
+
+
+def _join_writers(path: Path) -> None:
+    """Count this process among the store's writers (a shared `lockf` lock, once per process).
+
+    Waits while another process holds the exclusive lock (it is writing consolidated metadata).
+    """
+    key = os.path.abspath(path)
+    with _HELD_GUARD:
+        if key in _WRITERS:
+            _WRITERS[key][1] += 1
+            return
+    lock = path / _META / "locks" / _WRITERS_LOCK
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise DitfError(f"cannot write to store {path}: {exc.strerror or exc}") from exc
+    deadline = time.monotonic() + _WRITERS_WAIT
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN) or time.monotonic() >= deadline:
+                os.close(fd)
+                if exc.errno in _NO_LOCKING:
+                    raise DitfError(f"the file system holding {path} cannot lock files ({exc.strerror or exc}): ditf needs "
+                                    "POSIX locks (fcntl) to keep two writers apart; put the store on a file system that has them"
+                                    ) from None
+                raise DitfError(f"cannot lock {lock}: {exc.strerror or exc}") from None
+            time.sleep(0.05)
+    with _HELD_GUARD:
+        if key in _WRITERS:  # another thread of this process joined meanwhile
+            os.close(fd)  # (POSIX locks are per process: closing any descriptor of the file drops ours)
+            fcntl.lockf(_WRITERS[key][0], fcntl.LOCK_SH)
+            _WRITERS[key][1] += 1
+        else:
+            _WRITERS[key] = [fd, 1, _writes_seen]  # (the write count: a process that wrote nothing changes nothing)
+
+
+def _consolidate_local(path: Path) -> None:
+    """Write every node's metadata into the root's zarr.json (zarr's consolidated metadata)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr: "not in the v3 spec yet", ".ditf is no zarr node"
+        zarr.consolidate_metadata(_Store(path))
+
+
+def close_writers() -> None:
+    """Close every store this process still has open for writing (the CLI calls it as a command
+    ends; at interpreter exit zarr's event loop is gone already, so atexit cannot do it)."""
+    for key in list(_WRITERS):
+        with _HELD_GUARD:
+            if key in _WRITERS:
+                _WRITERS[key][1] = 1
+        try:
+            _leave_writers(Path(key))
+        except (OSError, DitfError):  # a store removed meanwhile: nothing left to consolidate
+            pass
+
+
+def _leave_writers(path: Path) -> bool:
+    """Uncount one writable store; the last one of the last writing process consolidates.
+
+    True when consolidated metadata was written. With other writers active (their shared
+    locks refuse our exclusive one) nothing is written: the last of them does it.
+    """
+    key = os.path.abspath(path)
+    with _HELD_GUARD:
+        entry = _WRITERS.get(key)
+        if entry is None:
+            return False
+        entry[1] -= 1
+        if entry[1] > 0:
+            return False
+        del _WRITERS[key]
+        fd, wrote = entry[0], _writes_seen != entry[2]
+        try:
+            if not wrote:
+                return False  # nothing written here (e.g. a refused command): the store stays as it was
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # converts our shared lock if we are alone
+            except OSError:
+                return False
+            if (path / "zarr.json").is_file():
+                _consolidate_local(path)
+            return True
+        finally:
             os.close(fd)
 
 
@@ -726,14 +828,31 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def _chunk_exists(array: zarr.Array, coords: tuple[int, ...]) -> bool:
-    """Whether the chunk at `coords` was written (a missing one would read as fill values).
+def _checksummed(array: zarr.Array) -> bool:
+    """Schema 2+ arrays: crc32c on every chunk (directly, or on the inner chunks of a shard)."""
+    for codec in array.metadata.codecs:
+        if isinstance(codec, zarr.codecs.Crc32cCodec):
+            return True
+        if isinstance(codec, zarr.codecs.ShardingCodec):
+            return any(isinstance(inner, zarr.codecs.Crc32cCodec) for inner in codec.codecs)
+    return False
 
-    Only arrays of schema 2 (checksummed) write every chunk; schema 1 skipped chunks equal to
-    the fill value, so there a missing chunk is taken as written.
+
+def _file_rows(array: zarr.Array) -> int:
+    """Rows (images or pairs) per stored file: the chunk, or the shard of a sharded array."""
+    return int(array.metadata.chunk_grid.chunk_shape[0])
+
+
+def _chunk_exists(array: zarr.Array, row: int) -> bool:
+    """Whether the file holding `row` (its chunk, or its shard) was written (a missing one would
+    read as fill values).
+
+    Only schema 2+ arrays (checksummed) write every chunk; schema 1 skipped chunks equal to the
+    fill value, so there a missing chunk is taken as written.
     """
-    if not any(isinstance(codec, zarr.codecs.Crc32cCodec) for codec in array.metadata.codecs):
+    if not _checksummed(array):
         return True
+    coords = (row // _file_rows(array),) + (0,) * (array.ndim - 1)
     key = f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
     return bool(sync(array.store_path.store.exists(key)))
 
@@ -764,8 +883,19 @@ class FeatureStore:
             if read_only:
                 raise DitfError(f"store {self.path} is not a zarr store (no zarr.json)")
             self._create_root()
+        self._writing = False
+        if not read_only:
+            # a writer first joins the store's writers, then drops the consolidated metadata: from
+            # here until `close()` nobody can write a copy that misses what this process writes
+            if not self.remote:
+                _join_writers(self.path)
+                self._writing = True
+            self._drop_consolidated()
         try:
-            self.root = zarr.open_group(store=self.backend.zarr_store("", read_only), mode="r" if read_only else "r+")
+            # readers use the consolidated metadata when there is some (one read on a network file
+            # system); a writer never does: it must see what other writers did since
+            self.root = zarr.open_group(store=self.backend.zarr_store("", read_only), mode="r" if read_only else "r+",
+                                        use_consolidated=None if read_only else False)
             version = self.root.attrs.get("ditf_schema_version")
         except Exception as exc:  # zarr raises several types for damaged metadata
             raise DitfError(f"cannot open store {self.path}: its zarr.json is damaged ({_reason(exc)}): "
@@ -782,12 +912,48 @@ class FeatureStore:
         """The root as one transaction (a renamed folder, or one conditional put)."""
         self.backend.create_root(_root_metadata())
 
+    def _drop_consolidated(self) -> None:
+        """Rewrite the root's zarr.json without its consolidated metadata, if it has any."""
+        try:
+            meta = json.loads(self.backend.read_text("zarr.json"))
+        except (OSError, ValueError):
+            return  # unreadable: opening reports it (and `ditf doctor --repair` rewrites it)
+        if isinstance(meta, dict) and meta.get("consolidated_metadata") is not None:
+            meta.pop("consolidated_metadata")
+            try:
+                self.backend.write_text("zarr.json", json.dumps(meta, indent=2))
+            except OSError as exc:
+                raise DitfError(f"cannot write to store {self.path}: {exc.strerror or exc}") from exc
+
+    @_writes
+    def close(self) -> bool:
+        """End this writer: the last writer of a local store writes consolidated metadata.
+
+        Every node's metadata is then in the root's zarr.json, so a reader opens the store with
+        one read. Any writer drops that copy when it opens the store and keeps others from
+        writing a new one until it closes (the CLI closes what is left as a command ends; a
+        killed process just leaves none), so the copy never misses a change. Object stores have
+        no shared locks and are not consolidated. Returns True when it was written.
+        """
+        if not self._writing:
+            return False
+        self._writing = False
+        return _leave_writers(self.path)
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     @_writes
     def migrate(self) -> list[str]:
-        """Bring a schema-1 store to schema 2 in place (additive: schema-1 data stays as it is).
+        """Bring an older store to schema 3 in place (additive: older data stays as it is).
 
-        Schema 2 adds the image index's commit mark (`count`, set to today's rows); schema-1
-        predictions and prompt caches are still read where they are. The version is written last.
+        Schema 2 added the image index's commit mark (`count`, set to today's rows); schema-1
+        predictions and prompt caches are still read where they are. Schema 3 shards the small
+        per-image arrays of new keys; schema-2 keys keep one chunk per image and are read and
+        resumed as they are. The version is written last.
         """
         done = []
         for name in self._dataset_names():
@@ -969,13 +1135,18 @@ class FeatureStore:
                     "pre_adaln", shape=(n_images, rows, cols, hidden_size), chunks=(1, rows, cols, hidden_size),
                     dtype="float16", fill_value=0, compressors=_COMPRESSED, dimension_names=("image", "row", "col", "channel"),
                 )
-                new.create_array("grid", shape=(n_images, 2), chunks=(1, 2), dtype="int32", fill_value=0,
-                                 compressors=_PLAIN, dimension_names=("image", "axis"))
+                # the small per-image arrays: one chunk per image inside one file per ROWS_PER_SHARD
+                # images (zarr's sharding codec), so an image adds one file (its pre_adaln chunk)
+                # plus a fraction; see stores/README.md "Files per image"
+                new.create_array("grid", shape=(n_images, 2), chunks=(1, 2), shards=(ROWS_PER_SHARD, 2), dtype="int32",
+                                 fill_value=0, compressors=_PLAIN, dimension_names=("image", "axis"))
                 for name in names:
-                    new.create_array(name, shape=(n_images, hidden_size), chunks=(1, hidden_size), dtype="float32",
-                                     fill_value=0, compressors=_PLAIN, dimension_names=("image", "channel"))
-                new.create_array("complete", shape=(n_images,), chunks=(1,), dtype=bool, fill_value=False,
-                                 compressors=_PLAIN, dimension_names=("image",))
+                    # NaN fill: a committed image whose vector is absent from its shard is an error, never zeros
+                    new.create_array(name, shape=(n_images, hidden_size), chunks=(1, hidden_size),
+                                     shards=(ROWS_PER_SHARD, hidden_size), dtype="float32", fill_value=np.nan,
+                                     compressors=_PLAIN, dimension_names=("image", "channel"))
+                new.create_array("complete", shape=(n_images,), chunks=(1,), shards=(ROWS_PER_SHARD,), dtype=bool,
+                                 fill_value=False, compressors=_PLAIN, dimension_names=("image",))
                 self._publish(staged, path)
             group = self._group(path)
         arrays = self._feature_arrays(group, path, dataset)
@@ -1238,6 +1409,15 @@ class FeatureArrays:
         for row in rows:
             self.group["complete"][int(row)] = False
 
+    @_writes
+    def drop_rows(self, committed: Iterable[int], name: str, row: int) -> None:
+        """Un-commit `committed`, then delete the file of array `name` holding `row` (a damaged
+        shard: zarr cannot write into a shard whose index it cannot read)."""
+        self.clear_complete(committed)
+        array = self.group[name]
+        coords = (row // _file_rows(array),) + (0,) * (array.ndim - 1)
+        sync(array.store_path.store.delete(f"{array.path}/{array.metadata.encode_chunk_key(coords)}"))
+
     @property
     def massive_channels(self) -> list[int] | None:
         """The channel set `ditf analyze` recorded, if any."""
@@ -1261,7 +1441,7 @@ class FeatureArrays:
         """One image's slice of one array; a missing or damaged chunk is an error naming both."""
         try:
             array = self.group[name]
-            if not _chunk_exists(array, (row,) + (0,) * (array.ndim - 1)):
+            if not _chunk_exists(array, row):
                 raise DitfError(f"store: {self.path}: the {name} chunk of committed image {self._name(row)} is missing; "
                                 "run `ditf doctor --repair`, then rerun `ditf extract`")
             return array[(row, *selection)]
@@ -1285,7 +1465,12 @@ class FeatureArrays:
             raise DitfError(f"store: {self.path}: the grid of image {self._name(row)} is damaged ({rows}x{cols}); "
                             "run `ditf doctor --repair`")
         pre_adaln = self._read_row("pre_adaln", row, (slice(0, rows), slice(0, cols)))
-        return pre_adaln, {name: self._read_row(name, row) for name in self.modulation_names}
+        modulation = {name: self._read_row(name, row) for name in self.modulation_names}
+        for name, vector in modulation.items():
+            if np.isnan(vector).all():  # the NaN fill: this image's chunk is absent from its shard
+                raise DitfError(f"store: {self.path}: the {name} vector of committed image {self._name(row)} is missing; "
+                                "run `ditf doctor --repair`, then rerun `ditf extract`")
+        return pre_adaln, modulation
 
 
 class PromptCache:
@@ -1392,7 +1577,7 @@ class PredictionArrays:
             if not done[start : start + block].any():
                 continue
             try:
-                if not _chunk_exists(pred, (start // block,) + (0,) * (pred.ndim - 1)):
+                if not _chunk_exists(pred, start):
                     bad.append((start, min(start + block, len(done)), "chunk missing"))
                     continue
                 pred[start : start + block]
@@ -1612,7 +1797,6 @@ def _audit_key(store, node, dataset, findings, ok, remove, read_chunks) -> None:
         return
     try:
         arrays = store._feature_arrays(group, node, dataset)
-        complete = arrays.complete()
         n = arrays.n_images
         short = [name for name in ["pre_adaln", "grid", *arrays.modulation_names] if group[name].shape[0] < n]
         if short:
@@ -1620,13 +1804,41 @@ def _audit_key(store, node, dataset, findings, ok, remove, read_chunks) -> None:
     except DitfError as exc:
         findings.append(remove(node, f"store: {node}: {exc}; its images are extracted again"))
         return
-    broken = []
+    complete = _readable_complete(arrays, node, findings)
+    broken: set[int] = set()
     if read_chunks:
+        # a damaged shard of a small array (its index or an image's chunk): the whole file goes,
+        # with the commit of every image it held (a later write into it could not read it back)
+        for name in ["grid", *arrays.modulation_names]:
+            array = group[name]
+            step = _file_rows(array)
+            if step == 1:
+                continue  # one chunk per image (schema 2): checked image by image below
+            for start in range(0, n, step):
+                stop = min(start + step, n)
+                committed = [int(r) for r in complete[start:stop].nonzero()[0] + start]
+                exists = _chunk_exists(array, start)
+                if not committed and not exists:
+                    continue
+                try:
+                    if not exists:
+                        raise DitfError("its file is missing")
+                    array[start:stop]
+                except Exception as exc:
+                    broken.update(committed)
+                    findings.append(Finding(
+                        f"store: {node}: the {name} file of images {start}..{stop - 1} is damaged ({_reason(exc)}); "
+                        f"{len(committed)} committed images lose their AdaLN vectors or grid",
+                        f"cleared the complete flag of those {len(committed)} images and removed that file of {node}/{name}: "
+                        "the next extract redoes them",
+                        functools.partial(arrays.drop_rows, committed, name, start)))
         for row in map(int, complete.nonzero()[0]):
+            if row in broken:
+                continue
             try:
                 arrays.read_image(row)
             except DitfError as exc:
-                broken.append(row)
+                broken.add(row)
                 findings.append(Finding(f"store: {node}: committed image {arrays._name(row)} is unreadable ({exc})",
                                         f"cleared the complete flag of {arrays._name(row)} in {node}: the next extract redoes it",
                                         functools.partial(arrays.clear_complete, [row])))
@@ -1642,6 +1854,24 @@ def _audit_key(store, node, dataset, findings, ok, remove, read_chunks) -> None:
                 if any(n in ("c", "pair_id", "pred", "done") for n in path.split("/")[-1:]):
                     continue
                 _audit_predictions(store, path, findings, ok, remove)
+
+
+def _readable_complete(arrays: "FeatureArrays", node: str, findings: list[Finding]) -> np.ndarray:
+    """The commit flags, file by file: a damaged file of `complete` costs the images it holds
+    (the repair removes it, so they count as not extracted), never the whole key."""
+    array = arrays.group["complete"]
+    step, n = _file_rows(array), array.shape[0]
+    flags = np.zeros(n, dtype=bool)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        try:
+            flags[start:stop] = np.asarray(array[start:stop], dtype=bool)
+        except Exception as exc:
+            findings.append(Finding(
+                f"store: {node}: the complete flags of images {start}..{stop - 1} are damaged ({_reason(exc)})",
+                f"removed that file of {node}/complete: the next extract redoes those images",
+                functools.partial(arrays.drop_rows, [], "complete", start)))
+    return flags
 
 
 def _audit_predictions(store, path, findings, ok, remove) -> None:
