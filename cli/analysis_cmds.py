@@ -260,9 +260,9 @@ def show_options(
     feature_store = FeatureStore(store, read_only=True)
     if len(k or []) > 1 or len(t or []) > 1:
         raise DitfError("show takes one --k and one --t")
-    from .pairs_cmds import _checked_key
+    from ditf_pipeline.pipeline import check_key
 
-    kk, tt = _checked_key(feature_store, data, model, k, t, [variant])
+    kk, tt = check_key(feature_store, data, model, k, t, [variant])
     chosen = an.find_pairs(data.pairs(), pair)
     paths = {record.key: record.path for record in data.images()}
     name = f"{variant}/{protocol}"

@@ -97,7 +97,9 @@ def compare(
 
     from ditf_pipeline.validate import check_alphas, check_choice, check_output_file, check_protocol, check_variants
 
-    from .pairs_cmds import _checked_key, _emit
+    from ditf_pipeline.pipeline import check_key
+
+    from .pairs_cmds import _emit
 
     check_protocol(protocol)
     check_choice("aggregation", aggregation, ("per_point", "per_image"))
@@ -107,7 +109,7 @@ def compare(
     check_variants([variant for _, _, _, variant, _ in specs if variant])
     data = get_dataset(dataset, data_root, split)
     checked = FeatureStore(store, read_only=True)
-    keys = [_checked_key(checked, data, model, [k] if k is not None else None, [t] if t is not None else None,
+    keys = [check_key(checked, data, model, [k] if k is not None else None, [t] if t is not None else None,
                          [variant] if variant else []) for model, k, t, variant, _ in specs]
     feature_store = FeatureStore(store)
     if row:
@@ -120,7 +122,7 @@ def compare(
     results, labels = [], []
     for model, k, t, variant, fuse in specs:
         if k is None or t is None:
-            k, t = _checked_key(feature_store, data, model, None, None, [])
+            k, t = check_key(feature_store, data, model, None, None)
         if variant is None:
             has_adaln = bool(feature_store.open_features(data.name, model, k, t).modulation_names)
             variant = "adaln+cd" if has_adaln else "raw"

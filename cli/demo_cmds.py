@@ -29,10 +29,9 @@ def demo(
     """
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.demo import make_demo
-    from ditf_pipeline.pipeline import run_extract
+    from ditf_pipeline.pipeline import run_extract, run_match, run_score, stored_variants
     from ditf_pipeline.score.report import render, render_comparison
-
-    from .pairs_cmds import default_variants, match_options, score_results
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     progress = progress and not quiet
     data_root = make_demo(dataset, out / f"{dataset}-demo", overwrite=True)
@@ -44,11 +43,13 @@ def demo(
     report = run_extract(model, dataset, data_root, None, store, **size)
     typer.echo(report.line())
     k, t = (int(part[1:]) for part in report.keys[0].split("/")[-2:])
-    pairs = get_dataset(dataset, data_root).task == "pairs"  # the ablation table is a PCK comparison
-    variants = default_variants(model, dataset, data_root, None, store, [k], [t], every=pairs)
-    data, feature_store, k, t, settings = match_options(model, dataset, data_root, None, store, [k], [t], variants,
-                                                        progress=progress)
-    results = score_results(data, feature_store, model, k, t, settings, None)
+    data = get_dataset(dataset, data_root)
+    pairs = data.task == "pairs"  # the ablation table is a PCK comparison
+    variants = stored_variants(FeatureStore(store, read_only=True), data, model, k, t, every=pairs)
+    echo = lambda report: typer.echo(report.line())  # noqa: E731
+    settings = run_match(model, data, store=store, k=[k], t=[t], variants=variants, progress=progress,
+                         on_report=echo).settings
+    results = run_score(model, data, store=store, k=[k], t=[t], settings=settings).results
     typer.echo("")
     main = next((r for r, s in zip(results, settings) if s.variant == "adaln+cd"), results[0])
     typer.echo(render(main, "table").rstrip())
@@ -56,9 +57,9 @@ def demo(
     if pairs:
         if baseline:
             typer.echo(run_extract(baseline, dataset, data_root, None, store, **size).line())
-            _, _, bk, bt, bsettings = match_options(baseline, dataset, data_root, None, store, None, None, ["raw"],
-                                                    progress=progress)
-            results += score_results(data, feature_store, baseline, bk, bt, bsettings, None)
+            matched = run_match(baseline, data, store=store, variants=["raw"], progress=progress, on_report=echo)
+            results += run_score(baseline, data, store=store, k=[matched.k], t=[matched.t],
+                                 settings=matched.settings).results
         typer.echo(f"\nablation{' and baseline' if baseline else ''} {note}:")
         typer.echo(render_comparison(results, "table", aggregation=data.primary_aggregation).rstrip())
     if dataset == "spair" and views:

@@ -31,14 +31,6 @@ DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (matchi
 JobsOpt = Annotated[Optional[int], typer.Option("--jobs", help="Pairs on the CPU: worker threads, one torch thread each (default: every core). Results are identical for any N.")]
 
 
-def _single_k_t(k: list[int] | None, t: list[int] | None) -> tuple[int | None, int | None]:
-    from ditf_pipeline.errors import DitfError
-
-    if (k and len(k) > 1) or (t and len(t) > 1):
-        raise DitfError("match/score take one --k and one --t (extract accepts several)")
-    return (k[0] if k else None), (t[0] if t else None)
-
-
 def _emit(text: str, out: Path | None) -> None:
     typer.echo(text.rstrip("\n"))
     if out is not None:
@@ -50,83 +42,6 @@ def _emit(text: str, out: Path | None) -> None:
 
             raise DitfError(f"cannot write --out {out}: {exc.strerror or exc}") from None
         typer.echo(f"written to {out}")
-
-
-def _modulation_names(feature_store, data, model, k, t) -> list[str]:
-    return feature_store.open_features(data.name, model, k, t).modulation_names
-
-
-def default_variants(model, dataset, data_root, split, store, k, t, every: bool = True) -> list[str]:
-    """Every variant the stored vectors support (`every`), or the default one.
-
-    Models without AdaLN (DINOv2, DIFT) support `raw` only; PixArt has no c-only variant.
-    """
-    from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.store.feature_store import FeatureStore
-    from ditf_pipeline.validate import select_key, supported_variants
-
-    data = get_dataset(dataset, data_root, split)
-    feature_store = FeatureStore(store, read_only=True)
-    k_, t_ = select_key(feature_store, data.name, model, *_single_k_t(k, t))
-    supported = supported_variants(_modulation_names(feature_store, data, model, k_, t_))
-    return supported if every or supported == ["raw"] else ["adaln+cd"]
-
-
-def _checked_key(feature_store, data, model, k, t, variants) -> tuple[int, int]:
-    """The (k, t) to use (see `select_key`) after checking that its features give `variants`."""
-    from ditf_pipeline.validate import check_variant_supported, select_key
-
-    k_, t_ = select_key(feature_store, data.name, model, *_single_k_t(k, t))
-    stored = _modulation_names(feature_store, data, model, k_, t_)
-    for variant in variants or []:
-        check_variant_supported(variant, model, stored)
-    return k_, t_
-
-
-def _check_pair_arguments(variants=None, protocol="dift", alphas=None, out=None, device="auto", workers=None) -> None:
-    """The arguments match, score, run and ablate share, checked before anything is read or written."""
-    from ditf_pipeline.validate import check_alphas, check_at_least, check_device, check_output_file, check_protocol, check_variants
-
-    check_variants(variants or [])
-    check_protocol(protocol)
-    check_alphas(alphas)
-    check_output_file(out)
-    check_device(device)
-    check_at_least("--workers", workers)
-
-
-def match_options(model, dataset, data_root, split, store, k, t, variants=None, protocol="dift", channels="auto",
-                  soft_window=None, overwrite=False, progress=True, workers=None, scheduler=None, fuse=None,
-                  pca_dim=1280, device="auto", jobs=None, shard=None):
-    """Run the match stage for each variant; returns what `score_results` needs."""
-    from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.stages import StageSettings, match
-    from ditf_pipeline.store.feature_store import FeatureStore
-
-    _check_pair_arguments(variants, protocol, device=device, workers=workers)
-    data = get_dataset(dataset, data_root, split)
-    k, t = _checked_key(FeatureStore(store, read_only=True), data, model, k, t, variants)
-    feature_store = FeatureStore(store)
-    client = None
-    if workers or scheduler:  # blocks of pairs spread over dask workers
-        from ditf_pipeline.distributed.runners import shared_client
-
-        client = shared_client(workers, scheduler)
-    variants = variants or default_variants(model, dataset, data_root, split, store, [k], [t], every=False)
-    chosen = []
-    for variant in variants:
-        settings = StageSettings(variant=variant, protocol=protocol, channels=channels, soft_window=soft_window,
-                                 fuse=fuse, pca_dim=pca_dim, device=device, jobs=jobs, shard=shard)
-        typer.echo(match(feature_store, data, model, k, t, settings, overwrite=overwrite, progress=progress,
-                         client=client).line())
-        chosen.append(settings)
-    return data, feature_store, k, t, chosen
-
-
-def score_results(data, feature_store, model, k, t, settings, alphas) -> list[dict]:
-    from ditf_pipeline.stages import score as score_stage
-
-    return [score_stage(feature_store, data, model, k, t, s, alphas) for s in settings]
 
 
 def _render_all(results: list[dict], fmt: str) -> str:
@@ -174,8 +89,11 @@ def match(
 
     k and t default to the only key extracted for (dataset, model) in the store.
     """
-    match_options(model, dataset, data_root, split, store, k, t, variant, protocol, channels, soft_window, overwrite,
-                  progress and not quiet, workers, scheduler, fuse, pca_dim, device, jobs, shard)
+    from ditf_pipeline.pipeline import run_match
+
+    run_match(model, dataset, data_root, split, store, k, t, variant, protocol, channels, soft_window, overwrite,
+              progress and not quiet, workers, scheduler, fuse, pca_dim, device, jobs, shard,
+              on_report=lambda report: typer.echo(report.line()))
 
 
 @app.command()
@@ -202,30 +120,25 @@ def score(
     homography accuracy, all in percent. No GPU and no torch needed."""
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.pipeline import check_pair_arguments, run_score
     from ditf_pipeline.score.report import check_rows_path, write_rows
+    from ditf_pipeline.store.feature_store import FeatureStore
 
     if per_pair is not None:
         check_rows_path(per_pair)
-    from ditf_pipeline.stages import StageSettings
-    from ditf_pipeline.store.feature_store import FeatureStore
-
-    _check_pair_arguments(variant, protocol, alpha, out)
+    check_pair_arguments(variant, protocol, alpha, out)
     data = get_dataset(dataset, data_root, split)
-    feature_store = FeatureStore(store, read_only=True)
-    k_, t_ = _checked_key(feature_store, data, model, k, t, variant)
-    if variant is None:
-        stored = _modulation_names(feature_store, data, model, k_, t_)
-        variant = ["adaln+cd"] if "shift" in stored else ["raw"]
-    settings = [StageSettings(variant=v, protocol=protocol, soft_window=soft_window, fuse=fuse, pca_dim=pca_dim)
-                for v in variant]
     if per_pair is not None and data.task != "pairs":
         raise DitfError(f"--per-pair writes keypoint-pair rows; {data.name} is a {data.task} benchmark")
-    _emit(_render_all(score_results(data, feature_store, model, k_, t_, settings, alpha), fmt), out)
+    scored = run_score(model, data, store=store, k=k, t=t, variants=variant, protocol=protocol, soft_window=soft_window,
+                       fuse=fuse, pca_dim=pca_dim, alphas=alpha)
+    _emit(_render_all(scored.results, fmt), out)
     if per_pair is not None:
         from ditf_pipeline.score.evaluate import per_pair as per_pair_rows
 
-        rows = [row for s in settings
-                for row in per_pair_rows(feature_store, data, model, k_, t_, s.prediction_name("pairs"), alpha)]
+        feature_store = FeatureStore(store, read_only=True)
+        rows = [row for s in scored.settings
+                for row in per_pair_rows(feature_store, data, model, scored.k, scored.t, s.prediction_name("pairs"), alpha)]
         write_rows(rows, per_pair)
         typer.echo(f"per-pair rows ({len(rows)}) written to {per_pair}")
 
@@ -268,10 +181,10 @@ def run(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """extract + match + score in one command (each stage resumes from the cache)."""
-    from ditf_pipeline.pipeline import run_extract
+    from ditf_pipeline.pipeline import check_pair_arguments, run_extract, run_match, run_score
 
     progress = progress and not quiet
-    _check_pair_arguments(variant, protocol, alpha, out, device, workers)
+    check_pair_arguments(variant, protocol, alpha, out, device, workers)
     report = run_extract(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
                          prompt, weights, revision, dtype, device, progress, workers, scheduler, resize,
                          resample=resample, precision=precision, text_device=text_device, offload=offload)
@@ -279,11 +192,12 @@ def run(
     results = []
     for key in report.keys:
         k_name, t_name = key.split("/")[-2:]
-        data, feature_store, k_, t_, settings = match_options(
-            model, dataset, data_root, split, store, [int(k_name[1:])], [int(t_name[1:])], variant, protocol,
-            channels, soft_window, overwrite, progress, workers, scheduler, device=device,
-        )
-        results += score_results(data, feature_store, model, k_, t_, settings, alpha)
+        key_k, key_t = [int(k_name[1:])], [int(t_name[1:])]
+        matched = run_match(model, dataset, data_root, split, store, key_k, key_t, variant, protocol, channels,
+                            soft_window, overwrite, progress, workers, scheduler, device=device,
+                            on_report=lambda report: typer.echo(report.line()))
+        results += run_score(model, matched.data, store=store, k=key_k, t=key_t, alphas=alpha,
+                             settings=matched.settings).results
     _emit(_render_all(results, fmt), out)
 
 
@@ -310,18 +224,24 @@ def ablate(
     progress: ProgressOpt = True,
 ) -> None:
     """Table 4 / Table 5 style comparison of feature variants on a pair benchmark, all from the cache."""
+    from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.pipeline import check_key, check_pair_arguments, run_match, run_score, stored_variants
     from ditf_pipeline.score.report import render_comparison
+    from ditf_pipeline.store.feature_store import FeatureStore
     from ditf_pipeline.validate import check_choice
 
-    _check_pair_arguments(variant, protocol, alpha, out)
+    check_pair_arguments(variant, protocol, alpha, out)
     if aggregation is not None:
         check_choice("aggregation", aggregation, ("per_point", "per_image"))
-    variants = variant or default_variants(model, dataset, data_root, split, store, k, t)
-    data, feature_store, k_, t_, settings = match_options(
-        model, dataset, data_root, split, store, k, t, variants, protocol, channels, None, False, progress
-    )
+    data = get_dataset(dataset, data_root, split)
     if data.task != "pairs":
         raise DitfError(f"ablate compares PCK tables; for {data.name} run `ditf score --variant ...` per variant")
-    results = score_results(data, feature_store, model, k_, t_, settings, alpha)
+    if not variant:
+        reader = FeatureStore(store, read_only=True)
+        variant = stored_variants(reader, data, model, *check_key(reader, data, model, k, t))
+    matched = run_match(model, data, store=store, k=k, t=t, variants=variant, protocol=protocol, channels=channels,
+                        progress=progress, on_report=lambda report: typer.echo(report.line()))
+    results = run_score(model, data, store=store, k=[matched.k], t=[matched.t], alphas=alpha,
+                        settings=matched.settings).results
     _emit(render_comparison(results, fmt, aggregation=aggregation or data.primary_aggregation), out)

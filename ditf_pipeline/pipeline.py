@@ -8,16 +8,20 @@ stays cheap.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-__all__ = ["run_extract", "single_key"]
+__all__ = ["MatchRun", "ScoreRun", "check_key", "check_pair_arguments", "run_extract", "run_match", "run_score",
+           "single_key", "stored_variants"]
 
 if TYPE_CHECKING:
     from .datasets.base import Dataset
     from .extract.extractor import ExtractReport
     from .models.base import DiTAdapter
+    from .stages import StageReport, StageSettings
+    from .store.feature_store import FeatureStore
 
 
 def run_extract(
@@ -97,3 +101,159 @@ def single_key(k: Sequence[int] | None, t: Sequence[int] | None) -> tuple[int | 
     if (k and len(k) > 1) or (t and len(t) > 1):
         raise DitfError("this command takes one --k and one --t (extract accepts several)")
     return (k[0] if k else None), (t[0] if t else None)
+
+
+# ---- match and score: the DiT never runs, every number comes from the store ----------------------
+def check_pair_arguments(variants: Sequence[str] | None = None, protocol: str = "dift",
+                         alphas: Sequence[float] | None = None, out: Path | None = None, device: str = "auto",
+                         workers: int | None = None) -> None:
+    """The arguments match, score, run and ablate share, checked before anything is read or written."""
+    from .validate import check_alphas, check_at_least, check_device, check_output_file, check_protocol, check_variants
+
+    check_variants(variants or [])
+    check_protocol(protocol)
+    check_alphas(alphas)
+    check_output_file(out)
+    check_device(device)
+    check_at_least("--workers", workers)
+
+
+def check_key(store: FeatureStore, data: Dataset, model: str, k: Sequence[int] | None, t: Sequence[int] | None,
+              variants: Sequence[str] | None = None) -> tuple[int, int]:
+    """The (k, t) to use (the only one stored when not given) after checking it gives `variants`."""
+    from .validate import check_variant_supported, select_key
+
+    k_, t_ = select_key(store, data.name, model, *single_key(k, t))
+    stored = store.open_features(data.name, model, k_, t_).modulation_names
+    for variant in variants or []:
+        check_variant_supported(variant, model, stored)
+    return k_, t_
+
+
+def stored_variants(store: FeatureStore, data: Dataset, model: str, k: int, t: int, every: bool = True) -> list[str]:
+    """Every variant the stored vectors support (`every`), or the default one.
+
+    Models without AdaLN (DINOv2, DIFT) support `raw` only; PixArt has no c-only variant.
+    """
+    from .validate import supported_variants
+
+    supported = supported_variants(store.open_features(data.name, model, k, t).modulation_names)
+    return supported if every or supported == ["raw"] else ["adaln+cd"]
+
+
+@dataclass
+class MatchRun:
+    """What `run_match` did: the benchmark, the key it read and one settings + report per variant."""
+
+    data: Dataset
+    k: int
+    t: int
+    settings: list[StageSettings] = field(default_factory=list)
+    reports: list[StageReport] = field(default_factory=list)
+
+
+def run_match(
+    model: str,
+    dataset: str | Dataset,
+    data_root: Path | str | None = None,
+    split: str | None = None,
+    store: Path | str = "stores/ditf.zarr",
+    k: Sequence[int] | None = None,
+    t: Sequence[int] | None = None,
+    variants: Sequence[str] | None = None,
+    protocol: str = "dift",
+    channels: str = "auto",
+    soft_window: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    fuse: str | None = None,
+    pca_dim: int = 1280,
+    device: str = "auto",
+    jobs: int | None = None,
+    shard: str | None = None,
+    on_report: Callable[[StageReport], None] | None = None,
+) -> MatchRun:
+    """Run the match stage for each of `variants` (default: the model's default variant).
+
+    Predictions go next to the features; a rerun resumes. `on_report` hears each variant's
+    report as it finishes (the CLI prints its line). With `workers`/`scheduler` the blocks of
+    pairs go to dask workers.
+    """
+    from .datasets import get_dataset
+    from .stages import StageSettings, match
+    from .store.feature_store import FeatureStore
+
+    check_pair_arguments(variants, protocol, device=device, workers=workers)
+    data = get_dataset(dataset, data_root, split) if isinstance(dataset, str) else dataset
+    reader = FeatureStore(store, read_only=True)
+    k_, t_ = check_key(reader, data, model, k, t, variants)
+    variants = list(variants or stored_variants(reader, data, model, k_, t_, every=False))
+    client = None
+    if workers or scheduler:  # blocks of pairs spread over dask workers
+        from .distributed.runners import shared_client
+
+        client = shared_client(workers, scheduler)
+    run = MatchRun(data, k_, t_)
+    with FeatureStore(store) as feature_store:  # closed: the last writer consolidates the metadata
+        for variant in variants:
+            settings = StageSettings(variant=variant, protocol=protocol, channels=channels, soft_window=soft_window,
+                                     fuse=fuse, pca_dim=pca_dim, device=device, jobs=jobs, shard=shard)
+            report = match(feature_store, data, model, k_, t_, settings, overwrite=overwrite, progress=progress,
+                           client=client)
+            run.settings.append(settings)
+            run.reports.append(report)
+            if on_report is not None:
+                on_report(report)
+    return run
+
+
+@dataclass
+class ScoreRun:
+    """What `run_score` computed: the key it read, one settings and one result per variant."""
+
+    data: Dataset
+    k: int
+    t: int
+    settings: list[StageSettings]
+    results: list[dict]
+
+
+def run_score(
+    model: str,
+    dataset: str | Dataset,
+    data_root: Path | str | None = None,
+    split: str | None = None,
+    store: Path | str = "stores/ditf.zarr",
+    k: Sequence[int] | None = None,
+    t: Sequence[int] | None = None,
+    variants: Sequence[str] | None = None,
+    protocol: str = "dift",
+    soft_window: int | None = None,
+    fuse: str | None = None,
+    pca_dim: int = 1280,
+    alphas: Sequence[float] | None = None,
+    settings: Sequence[StageSettings] | None = None,
+) -> ScoreRun:
+    """Metrics of cached predictions (PCK, J&F or homography accuracy), one result per variant.
+
+    Read-only, no torch. Variants default to `adaln+cd` where AdaLN vectors are stored, else
+    `raw`; `settings` (e.g. `MatchRun.settings`) replaces the variant options.
+    """
+    from .datasets import get_dataset
+    from .stages import StageSettings, score
+    from .store.feature_store import FeatureStore
+
+    check_pair_arguments(variants, protocol, alphas)
+    data = get_dataset(dataset, data_root, split) if isinstance(dataset, str) else dataset
+    feature_store = FeatureStore(store, read_only=True)
+    k_, t_ = check_key(feature_store, data, model, k, t, variants)
+    if settings is None:
+        if not variants:
+            stored = feature_store.open_features(data.name, model, k_, t_).modulation_names
+            variants = ["adaln+cd"] if "shift" in stored else ["raw"]
+        settings = [StageSettings(variant=v, protocol=protocol, soft_window=soft_window, fuse=fuse, pca_dim=pca_dim)
+                    for v in variants]
+    results = [score(feature_store, data, model, k_, t_, s, alphas) for s in settings]
+    return ScoreRun(data, k_, t_, list(settings), results)

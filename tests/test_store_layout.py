@@ -94,12 +94,19 @@ def test_a_writer_drops_the_copy_at_once_and_only_the_last_writer_writes_it(demo
         store = FeatureStore(sys.argv[1])
         print("open", flush=True)
         sys.stdin.readline()
+        store.open_features("spair", "tiny-flux", 1, 260).set_massive_channels([5])
+        print("wrote", flush=True)
+        sys.stdin.readline()
         print(store.close(), flush=True)
     """), str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "open"
         assert holder.poll() is None  # the other writer is really there
-        assert _consolidated(store) is None  # dropped as soon as a writer opened the store
+        assert _consolidated(store) is not None  # opening for writing changes nothing yet
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "wrote"
+        assert _consolidated(store) is None  # dropped right before that writer's first write
         _extract(demo, store, ks=(1, 2))  # this writer adds a key, but is not the last: no copy yet
         assert _consolidated(store) is None
         holder.stdin.write("\n")
@@ -108,7 +115,9 @@ def test_a_writer_drops_the_copy_at_once_and_only_the_last_writer_writes_it(demo
     finally:
         holder.kill()
         holder.wait(timeout=60)
-    assert "spair/tiny-flux/k2/t260" in _consolidated(store)["metadata"]  # and it holds the other writer's key
+    copy = _consolidated(store)["metadata"]
+    assert "spair/tiny-flux/k2/t260" in copy  # it holds the other writer's key
+    assert copy[KEY]["attributes"]["massive_channels"] == [5]  # and its own last change
     assert FeatureStore(store, read_only=True).feature_keys("spair") == [("spair", "tiny-flux", 1, 260),
                                                                         ("spair", "tiny-flux", 2, 260)]
 

@@ -44,7 +44,7 @@ def _unavailable(reason: str):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from ditf_cli.pairs_cmds import match_options
+    from ditf_pipeline.pipeline import run_match
     from ditf_pipeline.pipeline import run_extract
 
     base = tmp_path_factory.mktemp("view-browser")
@@ -52,7 +52,8 @@ def demo(tmp_path_factory):
     store = base / "ditf.zarr"
     report = run_extract("tiny-flux", "spair", root, None, store, img_size=128, ensemble_size=2, dtype="fp32", progress=False)
     k, t = (int(part[1:]) for part in report.keys[0].split("/")[-2:])
-    data, _, k, t, _ = match_options("tiny-flux", "spair", root, None, store, [k], [t], VARIANTS, progress=False)
+    matched = run_match("tiny-flux", "spair", root, None, store, [k], [t], VARIANTS, progress=False)
+    data, k, t = matched.data, matched.k, matched.t
     return {"root": root, "store": store, "data": data, "k": k, "t": t, "uploads": base / "uploads"}
 
 

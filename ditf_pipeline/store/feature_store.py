@@ -100,6 +100,8 @@ def _write_point(what: str = "") -> None:
     DITF_WRITE_COUNT_FILE receives the number of writes at exit (to size those tests).
     """
     global _writes_seen
+    if _WRITERS:
+        _note_write(what)
     with _writes_lock:
         _writes_seen += 1
         n = _writes_seen
@@ -236,11 +238,32 @@ def _fs_lock(path: Path, refusal: str, wait: float = 0.0):
 #: every process writing a local store holds a shared lock on this file while it may write;
 #: consolidated metadata is written only under the exclusive lock, i.e. by the last writer
 _WRITERS_LOCK = "writers.lock"
-_WRITERS: dict[str, list] = {}  # store folder -> [descriptor of our shared lock, open writable stores, writes then]
 _WRITERS_WAIT = 600.0
 
 
-def _join_writers(path: Path) -> None:
+@dataclass
+class _Writer:
+    """This process as one writer of one local store (POSIX locks belong to processes)."""
+
+    fd: int  # the descriptor holding our shared lock on `.ditf/locks/writers.lock`
+    names: tuple[str, ...]  # the store's folder as given and absolute: how write targets name it
+    drop: Callable[[], None]  # drops the consolidated copy; run right before the first write
+    count: int = 1  # FeatureStore objects of this process open for writing
+    wrote: bool = False  # anything written since we joined (a refused command writes nothing)
+
+
+_WRITERS: dict[str, _Writer] = {}  # absolute store folder -> this process as its writer
+
+
+def _note_write(what: str) -> None:
+    """Before the first write to a store: drop its consolidated copy (called by `_write_point`)."""
+    for writer in list(_WRITERS.values()):
+        if not writer.wrote and any(name in what for name in writer.names):
+            writer.wrote = True
+            writer.drop()  # (its own write finds `wrote` set: no recursion)
+
+
+def _join_writers(path: Path, drop: Callable[[], None]) -> None:
     """Count this process among the store's writers (a shared `lockf` lock, once per process).
 
     Waits while another process holds the exclusive lock (it is writing consolidated metadata).
@@ -248,7 +271,7 @@ def _join_writers(path: Path) -> None:
     key = os.path.abspath(path)
     with _HELD_GUARD:
         if key in _WRITERS:
-            _WRITERS[key][1] += 1
+            _WRITERS[key].count += 1
             return
     lock = path / _META / "locks" / _WRITERS_LOCK
     try:
@@ -273,10 +296,10 @@ def _join_writers(path: Path) -> None:
     with _HELD_GUARD:
         if key in _WRITERS:  # another thread of this process joined meanwhile
             os.close(fd)  # (POSIX locks are per process: closing any descriptor of the file drops ours)
-            fcntl.lockf(_WRITERS[key][0], fcntl.LOCK_SH)
-            _WRITERS[key][1] += 1
+            fcntl.lockf(_WRITERS[key].fd, fcntl.LOCK_SH)
+            _WRITERS[key].count += 1
         else:
-            _WRITERS[key] = [fd, 1, _writes_seen]  # (the write count: a process that wrote nothing changes nothing)
+            _WRITERS[key] = _Writer(fd, tuple(dict.fromkeys((str(path), key))), drop)
 
 
 def _consolidate_local(path: Path) -> None:
@@ -292,7 +315,7 @@ def close_writers() -> None:
     for key in list(_WRITERS):
         with _HELD_GUARD:
             if key in _WRITERS:
-                _WRITERS[key][1] = 1
+                _WRITERS[key].count = 1
         try:
             _leave_writers(Path(key))
         except (OSError, DitfError):  # a store removed meanwhile: nothing left to consolidate
@@ -310,13 +333,13 @@ def _leave_writers(path: Path) -> bool:
         entry = _WRITERS.get(key)
         if entry is None:
             return False
-        entry[1] -= 1
-        if entry[1] > 0:
+        entry.count -= 1
+        if entry.count > 0:
             return False
         del _WRITERS[key]
-        fd, wrote = entry[0], _writes_seen != entry[2]
+        fd = entry.fd
         try:
-            if not wrote:
+            if not entry.wrote:
                 return False  # nothing written here (e.g. a refused command): the store stays as it was
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # converts our shared lock if we are alone
@@ -885,12 +908,14 @@ class FeatureStore:
             self._create_root()
         self._writing = False
         if not read_only:
-            # a writer first joins the store's writers, then drops the consolidated metadata: from
-            # here until `close()` nobody can write a copy that misses what this process writes
-            if not self.remote:
-                _join_writers(self.path)
+            # a writer joins the store's writers: from here until `close()` nobody else writes a
+            # consolidated copy, and ours is dropped right before our first write (a command
+            # refused before writing leaves the store as it was)
+            if self.remote:
+                self._drop_consolidated()  # no shared locks on object stores: drop at once
+            else:
+                _join_writers(self.path, self._drop_consolidated)
                 self._writing = True
-            self._drop_consolidated()
         try:
             # readers use the consolidated metadata when there is some (one read on a network file
             # system); a writer never does: it must see what other writers did since
