@@ -196,3 +196,18 @@ def test_no_dependency_warnings(images, tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
+
+
+@pytest.mark.slow
+def test_readme_pipeline_block_runs(tmp_path, monkeypatch):
+    """The README's second "Use from Python" block (the stage functions), as written, on a generated SPair."""
+    from ditf_pipeline.demo import make_spair_demo
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Use from Python", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[1]
+    monkeypatch.chdir(tmp_path)
+    make_spair_demo(Path("data/SPair-71k"), categories=("cat",), pairs_per_category=2)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert [r["variant"] for r in namespace["scores"]] == ["raw", "adaln+cd"]
