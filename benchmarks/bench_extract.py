@@ -94,7 +94,8 @@ def main() -> None:
     ks = args.k or [spec.default_k if args.arch == "tiny" else 28]
     with tempfile.TemporaryDirectory() as tmp:
         warmup = max(1, args.batch_images)
-        pairs = max(1, args.images + warmup)
+        per_category = (args.images + warmup + 1) // 2  # the generator makes n images for n(n-1)/2 >= pairs
+        pairs = max(1, per_category * (per_category - 1) // 2)
         # one aspect ratio (the generator scales by 0.9 / 1.0 / 1.1): one token grid, so batches fill
         root = make_spair_demo(Path(tmp) / "data", categories=("cat", "car"), pairs_per_category=pairs,
                                image_size=(img_size, img_size * 3 // 4))

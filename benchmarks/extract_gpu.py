@@ -242,7 +242,8 @@ def _sync_warnings(device, flagged: list[str]):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield
-        flagged.extend(str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message))
+        # where in Python each one was called from (the writer thread's wait for its copies is expected)
+        flagged.extend(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -79,7 +79,7 @@ EnsembleOpt = Annotated[Optional[int], typer.Option(help="Noise draws averaged p
 BatchSizeOpt = Annotated[Optional[int], typer.Option(help="Split the ensemble into batches of this size.")]
 BatchImagesOpt = Annotated[Optional[int], typer.Option(
     "--batch-images", help="Images of the same token grid per DiT forward (rows = images x ensemble batch); each image's "
-                           "noise stays seeded by its own key (default: 4 on CUDA, 1 on CPU).")]
+                           "noise stays seeded by its own key (default: 4 on CUDA, 1 on CPU or with --batch-size / --offload).")]
 CompileOpt = Annotated[str, typer.Option(
     "--compile", help="auto | on | off: torch.compile the DiT blocks that run, one block at a time (auto: on for CUDA "
                       "without --offload, off on CPU). Recorded in the key's provenance; features equal eager within "

@@ -197,3 +197,31 @@ def test_transfers_are_plain_handovers_on_the_cpu():
     copy = HostCopies(cpu).start({"a": x})
     assert copy.done is None
     np.testing.assert_array_equal(copy.wait()["a"], x.numpy())
+
+
+def test_groups_cut_on_grid_and_size_not_on_how_a_prompt_dict_is_ordered(flux, tmp_path):
+    extractor = Extractor(flux, FeatureStore(tmp_path / "g.zarr"),
+                          ExtractSettings(ks=[1], ts=[260], img_size=64, batch_images=2))
+    cached = {"pooled_prompt_embeds": torch.zeros(32), "prompt_embeds": torch.zeros(4, 32)}  # as the store returns it
+    fresh = {"prompt_embeds": torch.zeros(4, 32), "pooled_prompt_embeds": torch.zeros(32)}  # as the encoder does
+    wide = torch.zeros(3, 48, 64)
+    tall = torch.zeros(3, 64, 48)
+    decoded = [(type("R", (), {"key": key})(), pixels)
+               for key, pixels in [("a", wide), ("b", wide), ("c", wide), ("d", tall), ("e", wide)]]
+    texts = {"a": "x", "b": "y", "c": "y", "d": "x", "e": "x"}
+    groups = list(extractor._groups(decoded, texts, {"x": cached, "y": fresh}))
+    assert [[record.key for record, _ in group] for group in groups] == [["a", "b"], ["c"], ["d"], ["e"]]
+
+
+def test_batch_images_default_is_4_on_cuda_unless_memory_is_short():
+    from types import SimpleNamespace
+
+    from ditf_pipeline.extract.extractor import batch_images
+
+    settings = ExtractSettings(ks=[1], ts=[260], img_size=64)
+    gpu = SimpleNamespace(device=torch.device("cuda"), offload=False)
+    assert batch_images(gpu, settings) == 4
+    assert batch_images(SimpleNamespace(device=torch.device("cpu"), offload=False), settings) == 1
+    assert batch_images(SimpleNamespace(device=torch.device("cuda"), offload=True), settings) == 1
+    assert batch_images(gpu, ExtractSettings(ks=[1], ts=[260], img_size=64, batch_size=4)) == 1
+    assert batch_images(gpu, ExtractSettings(ks=[1], ts=[260], img_size=64, batch_images=2)) == 2

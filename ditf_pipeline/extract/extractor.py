@@ -69,15 +69,17 @@ class ExtractSettings:
 #: means rounded to bf16 (their `.mean(0)` of a bf16 batch), and at match time the variant in
 #: bf16, cast to fp16, upsampled and compared in fp16 (`ditf_pipeline.match.paper`).
 PRECISIONS = ("default", "paper")
-#: --compile: "auto" compiles on CUDA (not with --offload), runs eagerly on the CPU, where
-#: inductor's compile time outweighs the gain on small runs
+#: --compile: "auto" compiles on CUDA (not with --offload) and runs eagerly on the CPU, where
+#: compiled blocks took more CPU time per image on tiny-flux (benchmarks/results/bench_extract-lean-*)
 COMPILE_MODES = ("auto", "on", "off")
 #: how the blocks are compiled when --compile resolves to on (the tests swap in "aot_eager")
 COMPILE = CompileOptions()
 #: --batch-images default on CUDA: at the default ensemble of 8 that is 32 rows per forward,
 #: enough to keep a large GPU busy on small token grids (few-hundred-token images, ensemble 1
-#: videos) while activations at Flux 640 px stay a small share of the weights; on the CPU
-#: batching buys nothing, so 1
+#: videos) while the activations of Flux at 640 px (about 36 bytes x rows x tokens x width,
+#: 7 GiB at 32 rows) stay well inside an 80 GB card next to the 15 GiB of blocks. Not the
+#: default where memory is short (--batch-size or --offload given) nor on the CPU, where
+#: batching buys nothing: 1 there.
 CUDA_BATCH_IMAGES = 4
 #: seconds a shard waits for another shard (or a whole run) setting up the same key
 SHARD_SETUP_WAIT = 600.0
@@ -179,8 +181,12 @@ def compiles(adapter: DiTAdapter, settings: ExtractSettings) -> bool:
 
 
 def batch_images(adapter: DiTAdapter, settings: ExtractSettings) -> int:
-    """--batch-images, or its default for the adapter's device (`CUDA_BATCH_IMAGES`, 1 on the CPU)."""
-    return settings.batch_images or (CUDA_BATCH_IMAGES if adapter.device.type == "cuda" else 1)
+    """--batch-images, or its default: `CUDA_BATCH_IMAGES` on CUDA, 1 on the CPU and when
+    --batch-size or --offload says GPU memory is short."""
+    if settings.batch_images is not None:
+        return settings.batch_images
+    short = settings.batch_size is not None or adapter.offload
+    return CUDA_BATCH_IMAGES if adapter.device.type == "cuda" and not short else 1
 
 
 def check_run(adapter: DiTAdapter, settings: ExtractSettings, dataset: Dataset | None = None) -> None:
@@ -569,7 +575,7 @@ class Extractor:
         signature = None
         for record, pixels in decoded:
             prompt = embeddings[texts[record.key]]
-            mine = (tuple(pixels.shape), tuple((name, tuple(value.shape)) for name, value in prompt.items()))
+            mine = (tuple(pixels.shape), tuple(sorted((name, tuple(value.shape)) for name, value in prompt.items())))
             if group and (mine != signature or len(group) == self.batch_images):
                 yield group
                 group = []
