@@ -11,7 +11,9 @@ The transformer of a folder is never loaded whole: its architecture comes from i
 block lists are cut after the deepest block asked for, and only the tensors the cut model holds
 are read from the safetensors files (`safe_open` reads tensor by tensor). Memory then grows
 with k (DiTF at Flux k = 28 needs 29 of 57 blocks). With `offload`, the blocks stay in host
-memory and `BlockStreamer` moves one at a time to the device.
+memory and `BlockStreamer` moves one at a time to the device. With `set_compile`, each forward
+runs the block lists cut after the deepest tapped block, the untapped blocks compiled one at a
+time (`_blocks_that_run`).
 """
 
 from __future__ import annotations

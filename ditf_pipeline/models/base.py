@@ -344,7 +344,9 @@ class DiTAdapter(ABC):
 
         Each family only says *where* its tensors live (`BlockTap`); hooking, ordering and the
         early exit (an exception from the deepest block's feature hook, caught here: independent
-        of the diffusers version) are written once.
+        of the diffusers version) are written once. The diffusers families also cut their block
+        lists after the deepest block for the forward (`DiffusersAdapter._blocks_that_run`), so
+        the exception only skips the rest of that eager block and never crosses a compiled one.
         """
         captured: dict[int, BlockFeatures] = {}
         modulation: dict[int, Modulation] = {}
