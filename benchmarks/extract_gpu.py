@@ -2,12 +2,20 @@
 
     python benchmarks/extract_gpu.py                 # on a GPU: full-size Flux (and SD3.5-large), bf16
     python benchmarks/extract_gpu.py --tiny          # CPU smoke (< 1 min): same code, toy widths
+                                                     # (the lean row compiles with aot_eager there)
 
 What it measures (all with random weights, which cost exactly what real weights cost):
 
 * ours: the real `Extractor` (decode-ahead threads, writer thread, text encoders never resident,
   early exit after block k) into a real Zarr store; Flux at 640x640 (1600 image + 512 text
-  tokens), ensemble 8 in one batch, k=28; images/s and peak GPU memory.
+  tokens), ensemble 8 in one batch, k=28; images/s and peak GPU memory. Eager blocks, one image
+  per forward (`--compile off --batch-images 1`): the path before the lean one.
+* lean: the same `Extractor` as `ditf extract` runs it on CUDA by default: the blocks that run
+  compiled one at a time (`--compile on`, inductor), images of one token grid batched
+  (`--batch-images 4`: 32 rows per forward at ensemble 8), no host wait per image (pinned,
+  non-blocking copies; the store writer waits for the copies). Warm-up: one whole batch, so the
+  compiles of both batch shapes stay out of the timing. On a GPU the run also counts the
+  synchronizing calls PyTorch flags (`torch.cuda.set_sync_debug_mode`) during the lean run.
 * floor: the FLOPs of what actually runs per image (the 19 double blocks, 9 single blocks and the
   modulation linear of single block 28 where the early exit stops, plus the input embedders) x
   the ensemble, counted analytically and cross-checked with `torch.utils.flop_counter`, divided
@@ -48,7 +56,9 @@ import torch  # noqa: E402
 
 from ditf_pipeline.datasets import get_dataset  # noqa: E402
 from ditf_pipeline.demo import make_spair_demo  # noqa: E402
+import ditf_pipeline.extract.extractor as extractor_module  # noqa: E402
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings  # noqa: E402
+from ditf_pipeline.models.base import CompileOptions  # noqa: E402
 from ditf_pipeline.extract.images import load_rgb, preprocess  # noqa: E402
 from ditf_pipeline.models import DTYPES, load_adapter, resolve_device  # noqa: E402
 from ditf_pipeline.store.feature_store import FeatureStore  # noqa: E402
@@ -196,16 +206,46 @@ def _peak_gib(device: torch.device) -> float | None:
 
 
 # ---- the two ways of running ------------------------------------------------------------------
-def run_ours(adapter, dataset, records, settings: ExtractSettings, tmp: Path, device) -> dict:
-    extractor = Extractor(adapter, FeatureStore(tmp / f"ours-{adapter.spec.family}.zarr"), settings)
-    extractor.run(dataset, progress=False, records=records[:1])  # warm-up: allocator, kernels, model on device
-    _reset_peak(device)
-    start = time.perf_counter()
-    report = extractor.run(dataset, progress=False, records=records[1:])
-    _sync(device)
-    seconds = time.perf_counter() - start
-    return {"images": report.extracted, "seconds": seconds, "images_per_s": report.extracted / seconds,
-            "peak_gpu_gib": _peak_gib(device)}
+def run_ours(adapter, dataset, records, settings: ExtractSettings, tmp: Path, device, warmup: int = 1,
+             label: str = "ours", sync_check: bool = False) -> dict:
+    """`records[:warmup]` untimed (allocator, kernels, compiles), then the rest timed."""
+    extractor = Extractor(adapter, FeatureStore(tmp / f"{label}-{adapter.spec.family}.zarr"), settings)
+    try:
+        extractor.run(dataset, progress=False, records=records[:warmup])
+        _reset_peak(device)
+        flagged: list[str] = []
+        with _sync_warnings(device, flagged) if sync_check else contextlib.nullcontext():
+            start = time.perf_counter()
+            report = extractor.run(dataset, progress=False, records=records[warmup:])
+            _sync(device)
+            seconds = time.perf_counter() - start
+    finally:
+        adapter.set_compile(None)  # FLOP counting and the baseline run eagerly
+    out = {"images": report.extracted, "seconds": seconds, "images_per_s": report.extracted / seconds,
+           "peak_gpu_gib": _peak_gib(device), "compile": settings.compile, "batch_images": settings.batch_images}
+    if sync_check and device.type == "cuda":
+        out["host_syncs_flagged"] = len(flagged)
+        out["host_sync_examples"] = sorted(set(flagged))[:5]
+    return out
+
+
+@contextlib.contextmanager
+def _sync_warnings(device, flagged: list[str]):
+    """Collect PyTorch's warnings about calls that make the host wait for the GPU (CUDA only)."""
+    if device.type != "cuda":
+        yield
+        return
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        # where in Python each one was called from (the writer thread's wait for its copies is expected)
+        flagged.extend(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def build_text_encoders(device, dtype, tiny: bool):
@@ -342,6 +382,9 @@ def main() -> None:
     parser.add_argument("--ensemble-size", type=int, default=None, help="default 8 (--tiny: 2)")
     parser.add_argument("--models", default="flux,sd3.5", help="comma list of flux, sd3.5")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--batch-images", type=int, default=4, help="images per forward of the lean row (default 4)")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend of the lean row (default inductor; --tiny: aot_eager, no C compiles)")
     parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
                         help="attention kernel for the timed runs (auto: PyTorch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results on a GPU)")
@@ -351,6 +394,9 @@ def main() -> None:
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     tiny = args.tiny
     n_images = args.images or (1 if tiny else 8)
+    batch = max(1, args.batch_images)
+    n_images = max(n_images, batch)  # the lean row times at least one whole batch
+    extractor_module.COMPILE = CompileOptions(backend=args.compile_backend or ("aot_eager" if tiny else "inductor"))
     ensemble = args.ensemble_size or (2 if tiny else 8)
     if device.type == "cuda":
         ceiling = matmul_ceiling(device, DTYPES[dtype], 8192, 50)
@@ -374,14 +420,21 @@ def main() -> None:
             family = {"flux": "flux", "sd3.5": "sd3"}[name]
             work = _workload(family, args, tiny)
             img = work["img"]
-            root = make_spair_demo(tmp / f"data-{img}", categories=("cat", "car"), pairs_per_category=max(1, n_images),
+            # square images (scaled 0.9 / 1.0 / 1.1 by the generator): one token grid, so the lean row batches
+            root = make_spair_demo(tmp / f"data-{img}", categories=("cat", "car", "dog"), pairs_per_category=n_images + batch,
                                    image_size=(img, img)) if not (tmp / f"data-{img}").exists() else tmp / f"data-{img}"
             dataset = get_dataset("spair", root, "test")
-            records = dataset.images()[: n_images + 1]
-            settings = ExtractSettings(ks=[work["k"]], ts=[work["t"]], img_size=img, ensemble_size=ensemble)
+            records = dataset.images()
+            if len(records) < n_images + batch:
+                raise SystemExit(f"the demo set has {len(records)} images, {n_images + batch} needed")
+            settings = ExtractSettings(ks=[work["k"]], ts=[work["t"]], img_size=img, ensemble_size=ensemble,
+                                       compile="off", batch_images=1)
             n_txt = work["n_txt"]
             adapter = build_adapter(family, work["config"], TINY_VAE if tiny else VAE, device, dtype, n_txt)
-            ours = run_ours(adapter, dataset, records, settings, tmp, device)
+            ours = run_ours(adapter, dataset, records[: n_images + 1], settings, tmp, device)
+            lean_settings = replace(settings, compile="on", batch_images=batch)
+            lean = run_ours(adapter, dataset, records[: n_images + batch], lean_settings, tmp, device, warmup=batch,
+                            label="lean", sync_check=True)
             # the FLOP floor of one image: what the forward actually runs, x the ensemble
             side = img // 16
             prompt = adapter.encode_prompts(["x"])[0]
@@ -399,16 +452,24 @@ def main() -> None:
             floor_s = (counted + vae_once) / ceiling
             entry["floor_seconds_per_image"] = floor_s
             entry["ours"]["fraction_of_floor"] = floor_s * ours["images_per_s"]
+            lean["fraction_of_floor"] = floor_s * lean["images_per_s"]
+            entry["lean"] = lean
+            entry["lean_vs_ours"] = lean["images_per_s"] / ours["images_per_s"]
             peak = f"; peak GPU {ours['peak_gpu_gib']:.2f} GiB" if ours["peak_gpu_gib"] is not None else ""
             print(f"RESULT {name} ours: {ours['images_per_s']:.3f} img/s ({img}x{img}, ensemble {ensemble}, k={work['k']}, "
                   f"{adapter.spec.num_blocks} blocks d={adapter.spec.hidden_size}){peak}; "
                   f"{counted / 1e12:.4g} TFLOP/image; floor {1 / floor_s:.3f} img/s; "
                   f"fraction of floor {entry['ours']['fraction_of_floor']:.3f}")
+            peak = f"; peak GPU {lean['peak_gpu_gib']:.2f} GiB" if lean["peak_gpu_gib"] is not None else ""
+            syncs = f"; host syncs flagged {lean['host_syncs_flagged']}" if "host_syncs_flagged" in lean else ""
+            print(f"RESULT {name} lean (compile {extractor_module.COMPILE.backend}, {batch} images/forward): "
+                  f"{lean['images_per_s']:.3f} img/s{peak}{syncs}; fraction of floor {lean['fraction_of_floor']:.3f}; "
+                  f"lean/ours = {entry['lean_vs_ours']:.2f}x")
             if "flops_per_image_analytic" in entry:
                 print(f"RESULT {name} flops analytic/counted = {entry['flops_per_image_analytic'] / counted:.4f}")
             if family == "flux" and not args.no_baseline:
                 t5, clip = build_text_encoders(device, DTYPES[dtype], tiny)
-                base = run_baseline(adapter, records, settings, t5, clip, tmp, device, n_txt)
+                base = run_baseline(adapter, records[: n_images + 1], settings, t5, clip, tmp, device, n_txt)
                 del t5, clip
                 print(f"RESULT {name} baseline FLOPs per image: {base['flops_per_image_counted'] / 1e12:.4g} TFLOP "
                       f"(DiT through block {work['k']} + final layer {base['flops_dit'] / 1e12:.4g}, "
@@ -416,9 +477,11 @@ def main() -> None:
                 base["fraction_of_floor"] = floor_s * base["images_per_s"]
                 entry["baseline"] = base
                 entry["speedup_vs_baseline"] = ours["images_per_s"] / base["images_per_s"]
+                entry["lean_vs_baseline"] = lean["images_per_s"] / base["images_per_s"]
                 peak = f"; peak GPU {base['peak_gpu_gib']:.2f} GiB" if base["peak_gpu_gib"] is not None else ""
                 print(f"RESULT {name} baseline (authors' style): {base['images_per_s']:.3f} img/s{peak}; "
-                      f"fraction of floor {base['fraction_of_floor']:.3f}; ours/baseline = {entry['speedup_vs_baseline']:.2f}x")
+                      f"fraction of floor {base['fraction_of_floor']:.3f}; ours/baseline = {entry['speedup_vs_baseline']:.2f}x; "
+                      f"lean/baseline = {entry['lean_vs_baseline']:.2f}x")
             results["models"][name] = entry
             del adapter
             if device.type == "cuda":
@@ -440,7 +503,7 @@ def render_markdown(results: dict) -> str:
              "| model | image | ensemble | k | run | img/s | peak GPU GiB | fraction of FLOP floor |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, entry in results["models"].items():
-        for run in ("ours", "baseline"):
+        for run in ("ours", "lean", "baseline"):
             if run in entry:
                 r = entry[run]
                 peak = f"{r['peak_gpu_gib']:.2f}" if r["peak_gpu_gib"] is not None else "-"
@@ -448,6 +511,7 @@ def render_markdown(results: dict) -> str:
                              f"{r['images_per_s']:.3f} | {peak} | {r['fraction_of_floor']:.3f} |")
         if "speedup_vs_baseline" in entry:
             lines.append(f"\n{name}: ours / baseline = {entry['speedup_vs_baseline']:.2f}x; "
+                         f"lean / baseline = {entry['lean_vs_baseline']:.2f}x; lean / ours = {entry['lean_vs_ours']:.2f}x; "
                          f"FLOP floor {1 / entry['floor_seconds_per_image']:.2f} img/s "
                          f"({(entry['flops_per_image_counted'] + entry.get('flops_vae_once', 0)) / 1e12:.1f} TFLOP per image, "
                          f"VAE included)\n")

@@ -77,6 +77,13 @@ ImgSizeOpt = Annotated[Optional[int], typer.Option(help="Target size in pixels o
 ResizeOpt = Annotated[Optional[str], typer.Option(help="Side set to --img-size: long (SPair script) or short (DAVIS script; long side floored to /32).")]
 EnsembleOpt = Annotated[Optional[int], typer.Option(help="Noise draws averaged per image, batched together (default 8; DAVIS 1).")]
 BatchSizeOpt = Annotated[Optional[int], typer.Option(help="Split the ensemble into batches of this size.")]
+BatchImagesOpt = Annotated[Optional[int], typer.Option(
+    "--batch-images", help="Images of the same token grid per DiT forward (rows = images x ensemble batch); each image's "
+                           "noise stays seeded by its own key (default: 4 on CUDA, 1 on CPU or with --batch-size / --offload).")]
+CompileOpt = Annotated[str, typer.Option(
+    "--compile", help="auto | on | off: torch.compile the DiT blocks that run, one block at a time (auto: on for CUDA "
+                      "without --offload, off on CPU). Recorded in the key's provenance; features equal eager within "
+                      "float tolerance.")]
 SeedOpt = Annotated[int, typer.Option(help="Base seed; noise is seeded per image and t.")]
 PromptOpt = Annotated[Optional[str], typer.Option(help="template (\"a photo of a {category}\", default) | captions:FILE | text:STRING | none")]
 WeightsOpt = Annotated[Optional[str], typer.Option(help="Local diffusers pipeline folder or hub id overriding the model's.")]

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import (
-    DEFAULT_STORE, BatchSizeOpt, OffloadOpt, ShardOpt, TextDeviceOpt, DataRootOpt, DatasetOpt, DeviceOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
+    DEFAULT_STORE, BatchImagesOpt, BatchSizeOpt, CompileOpt, OffloadOpt, ShardOpt, TextDeviceOpt, DataRootOpt, DatasetOpt, DeviceOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
     PrecisionOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt,
     TOpt, WeightsOpt, WorkersOpt, app, user_errors,
 )
@@ -46,6 +46,8 @@ def extract(
     precision: PrecisionOpt = "default",
     ensemble_size: EnsembleOpt = None,
     batch_size: BatchSizeOpt = None,
+    batch_images: BatchImagesOpt = None,
+    compile: CompileOpt = "auto",
     seed: SeedOpt = 0,
     prompt: PromptOpt = None,
     weights: WeightsOpt = None,
@@ -70,5 +72,6 @@ def extract(
     report = run_extract(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
                          prompt, weights, revision, dtype, device, progress and not quiet, workers, scheduler, resize,
                          resample=resample, precision=precision, text_device=text_device, offload=offload,
+                         batch_images=batch_images, compile=compile,
                          shard=shard)
     typer.echo(report.line())

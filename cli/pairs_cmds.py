@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .app import (
-    BatchSizeOpt, ChannelsOpt, DEFAULT_STORE, DataRootOpt, DatasetOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt,
+    BatchImagesOpt, BatchSizeOpt, ChannelsOpt, CompileOpt, DEFAULT_STORE, DataRootOpt, DatasetOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt,
     ModelOpt, OffloadOpt, PrecisionOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt, RevisionOpt,
     SchedulerOpt, SeedOpt, ShardOpt, SplitOpt, StoreOpt, TOpt, TextDeviceOpt, VariantOpt, WeightsOpt, WorkersOpt, app,
     user_errors,
@@ -159,6 +159,8 @@ def run(
     precision: PrecisionOpt = "default",
     ensemble_size: EnsembleOpt = None,
     batch_size: BatchSizeOpt = None,
+    batch_images: BatchImagesOpt = None,
+    compile: CompileOpt = "auto",
     seed: SeedOpt = 0,
     prompt: PromptOpt = None,
     weights: WeightsOpt = None,
@@ -187,7 +189,8 @@ def run(
     check_pair_arguments(variant, protocol, alpha, out, device, workers)
     report = run_extract(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
                          prompt, weights, revision, dtype, device, progress, workers, scheduler, resize,
-                         resample=resample, precision=precision, text_device=text_device, offload=offload)
+                         resample=resample, precision=precision, text_device=text_device, offload=offload,
+                         batch_images=batch_images, compile=compile)
     typer.echo(report.line())
     results = []
     for key in report.keys:

@@ -174,6 +174,8 @@ class DiTF:
         seed: int = 0,
         batch_size: int | None = None,
         progress: bool = False,
+        batch_images: int | None = None,
+        compile: str = "auto",
     ) -> list[torch.Tensor] | dict[tuple[int, int], list[torch.Tensor]]:
         """The feature map of each image, a (C, h, w) float32 tensor on the model's token grid.
 
@@ -185,6 +187,7 @@ class DiTF:
         "adaln-t", "adaln-c". `channels`: channels the "+cd" variants discard, "auto" (the
         100x-median rule over these images), "none" or a list. `store`: a Zarr store to cache
         into and reuse (images already there are not run again); default a temporary one.
+        `batch_images`, `compile`: as `ditf extract --batch-images / --compile` (speed only).
         """
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
@@ -202,6 +205,7 @@ class DiTF:
                 self.name, _ImageList(list({r.key: r for r in records}.values())), store=store_path,
                 k=_as_list(k), t=_as_list(t), img_size=img_size, ensemble_size=ensemble_size, batch_size=batch_size,
                 seed=seed, prompt=prompt, progress=progress, resize=resize, adapter=self.adapter,
+                batch_images=batch_images, compile=compile,
             )
             reader = FeatureStoreReader(store_path)
             keys = [r.key for r in records]

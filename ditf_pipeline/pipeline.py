@@ -51,6 +51,8 @@ def run_extract(
     text_device: str | None = None,
     offload: bool = False,
     shard: str | None = None,
+    batch_images: int | None = None,
+    compile: str = "auto",
 ) -> ExtractReport:
     """Run the extract stage into `store`; unset settings come from the benchmark's and the model's defaults.
 
@@ -61,7 +63,9 @@ def run_extract(
     spread over dask workers, each building its own adapter. `resample` and `precision` follow
     the authors' arithmetic when asked (`--resample`, `--precision paper`; see README "Precision");
     `text_device` and `offload` fit Flux on smaller GPUs (README "Memory"). `shard` ("i/N")
-    extracts only that share of the images (job arrays; README "Scale").
+    extracts only that share of the images (job arrays; README "Scale"). `batch_images` (images
+    of one token grid per forward) and `compile` ("auto" | "on" | "off": torch.compile the blocks
+    that run) change how fast, not what is computed: provenance only (README "Performance").
     """
     from .datasets import get_dataset
     from .devices import default_dtype
@@ -79,7 +83,7 @@ def run_extract(
         dtype = "bf16" if precision == "paper" else default_dtype(device)
     settings = default_settings(spec, data, ks=k, ts=t, img_size=img_size, ensemble_size=ensemble_size,
                                 batch_size=batch_size, seed=seed, prompt=prompt, resize=resize,
-                                resample=resample, precision=precision)
+                                resample=resample, precision=precision, batch_images=batch_images, compile=compile)
     if adapter is None:  # lazy: building an adapter loads no weights yet
         adapter = load_adapter(spec.name, weights=weights, revision=revision, dtype=dtype, device=device,
                                text_device=text_device, offload=offload)

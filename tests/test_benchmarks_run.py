@@ -27,6 +27,9 @@ def test_extract_gpu_tiny(tmp_path):
     assert "RESULT flux ours:" in out and "fraction of floor" in out
     assert "RESULT flux baseline (authors' style):" in out and "ours/baseline =" in out
     assert "RESULT sd3.5 ours:" in out
+    # the lean rows (compiled blocks, 4 images per forward) next to the eager one-image row
+    assert "RESULT flux lean (compile aot_eager, 4 images/forward):" in out and "lean/baseline =" in out
+    assert "RESULT sd3.5 lean" in out and "lean/ours =" in out
     # the analytic FLOP count of the early-exited Flux forward equals torch's flop counter
     ratio = float(out.split("flops analytic/counted = ")[1].split()[0])
     assert ratio == pytest.approx(1.0, abs=1e-3)
@@ -41,6 +44,9 @@ def test_extract_gpu_tiny(tmp_path):
 def test_bench_extract_runs():
     out = _run("benchmarks/bench_extract.py", "--images", "3", "--ensemble-size", "2")
     assert "img/s" in out and "model=tiny-flux" in out
+    out = _run("benchmarks/bench_extract.py", "--images", "2", "--ensemble-size", "2", "--compile", "on",
+               "--compile-backend", "aot_eager", "--batch-images", "2")
+    assert "compile=on/aot_eager batch_images=2: 2 images" in out
 
 
 def test_bench_match_smoke():

@@ -6,14 +6,19 @@ whatever the batch size), run one forward per batch that serves every requested 
 (stopping after the deepest), average the raw pre-AdaLN z and the (shift, scale, gate) over the
 ensemble, add the t-only / c-only modulation (paper Table 5), and commit the image to the store.
 
-Images are decoded ahead of the DiT on a thread pool and store writes run on a writer thread,
-so neither sits on the critical path; the store's per-image commit mark makes the run
-resumable after a crash at any point.
+The GPU path is lean: images of the same token grid share a forward (`--batch-images`: rows =
+images x ensemble members, each image's noise still seeded by its own key), the blocks that run
+are compiled (`--compile`), and the main thread never waits for the GPU: pixels, noise and
+prompts go up through pinned memory without blocking, the ensemble means come back on a side
+stream (`transfer`), and the store writer thread waits for each copy and commits image i while
+image i+1 computes. Images are decoded ahead of the DiT on a thread pool. Each image is still
+committed on its own, in order, so the run is resumable after a crash at any point.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import platform
@@ -31,8 +36,9 @@ from .. import SCHEMA_VERSION, __version__
 from ..datasets.base import Dataset, ImageRecord, check_annotated_sizes
 from ..errors import DitfError
 from .images import RESAMPLERS, image_size, load_for_model
-from ..models.base import DiTAdapter, LatentPosterior, PromptEmbedding
+from ..models.base import CompileOptions, DiTAdapter, LatentPosterior, PromptEmbedding
 from .prompts import prompt_identity, prompts_for
+from .transfer import HostCopies, HostCopy, pinned, upload
 from ..shards import Shard
 from ..store.feature_store import ROWS_PER_SHARD, FeatureArrays, FeatureStore, config_differences
 
@@ -52,6 +58,9 @@ class ExtractSettings:
     resample: str = "pil-bicubic"  # `images.RESAMPLERS`: "cv2-bilinear" is the DAVIS script's
     precision: str = "default"  # `PRECISIONS`: "paper" = the authors' bf16 / fp16 cast points
     workers: int = 2  # image decoding threads
+    # how the work runs, not what it computes: provenance only, never the key's config
+    compile: str = "auto"  # `COMPILE_MODES`: torch.compile the DiT blocks that run
+    batch_images: int | None = None  # images of one token grid per forward; None: `batch_images()`
 
 
 #: --precision: "default" runs the DiT in the dtype asked for, averages the ensemble in fp32 and
@@ -60,6 +69,18 @@ class ExtractSettings:
 #: means rounded to bf16 (their `.mean(0)` of a bf16 batch), and at match time the variant in
 #: bf16, cast to fp16, upsampled and compared in fp16 (`ditf_pipeline.match.paper`).
 PRECISIONS = ("default", "paper")
+#: --compile: "auto" compiles on CUDA (not with --offload) and runs eagerly on the CPU, where
+#: compiled blocks took more CPU time per image on tiny-flux (benchmarks/results/bench_extract-lean-*)
+COMPILE_MODES = ("auto", "on", "off")
+#: how the blocks are compiled when --compile resolves to on (the tests swap in "aot_eager")
+COMPILE = CompileOptions()
+#: --batch-images default on CUDA: at the default ensemble of 8 that is 32 rows per forward,
+#: enough to keep a large GPU busy on small token grids (few-hundred-token images, ensemble 1
+#: videos) while the activations of Flux at 640 px (about 36 bytes x rows x tokens x width,
+#: 7 GiB at 32 rows) stay well inside an 80 GB card next to the 15 GiB of blocks. Not the
+#: default where memory is short (--batch-size or --offload given) nor on the CPU, where
+#: batching buys nothing: 1 there.
+CUDA_BATCH_IMAGES = 4
 #: seconds a shard waits for another shard (or a whole run) setting up the same key
 SHARD_SETUP_WAIT = 600.0
 
@@ -113,6 +134,8 @@ def default_settings(spec, dataset: Dataset, **given) -> ExtractSettings:
         precision=given.get("precision", "default"),
         ensemble_size=given.get("ensemble_size", data.get("ensemble_size", 8)),
         batch_size=given.get("batch_size"),
+        batch_images=given.get("batch_images"),
+        compile=given.get("compile", "auto"),
         seed=given.get("seed", 0),
         prompt=prompt,
     )
@@ -127,6 +150,8 @@ def check_settings(settings: ExtractSettings, patch_stride: int) -> None:
     check_choice("--resize side", settings.resize, ("long", "short"))
     check_at_least("--ensemble-size", settings.ensemble_size)
     check_at_least("--batch-size", settings.batch_size)
+    check_at_least("--batch-images", settings.batch_images)
+    check_choice("--compile", settings.compile, COMPILE_MODES)
     check_at_least("decoding workers", settings.workers)
     check_blocks(settings.ks)
     check_timesteps(settings.ts)
@@ -145,11 +170,31 @@ def check_precision(adapter: DiTAdapter, settings: ExtractSettings) -> None:
         )
 
 
+def compiles(adapter: DiTAdapter, settings: ExtractSettings) -> bool:
+    """Whether --compile resolves to on for this adapter (auto: on CUDA, without --offload)."""
+    if settings.compile == "auto":
+        return adapter.device.type == "cuda" and not adapter.offload
+    if settings.compile == "on" and adapter.offload:
+        raise DitfError("--compile on cannot be combined with --offload (the streamed blocks move between host and "
+                        "device on every call); use --compile off or auto")
+    return settings.compile == "on"
+
+
+def batch_images(adapter: DiTAdapter, settings: ExtractSettings) -> int:
+    """--batch-images, or its default: `CUDA_BATCH_IMAGES` on CUDA, 1 on the CPU and when
+    --batch-size or --offload says GPU memory is short."""
+    if settings.batch_images is not None:
+        return settings.batch_images
+    short = settings.batch_size is not None or adapter.offload
+    return CUDA_BATCH_IMAGES if adapter.device.type == "cuda" and not short else 1
+
+
 def check_run(adapter: DiTAdapter, settings: ExtractSettings, dataset: Dataset | None = None) -> None:
     """Everything an extract can check before it opens the store: settings, block indices
     for this model and, with `dataset`, the annotations (parsed and checked by the reader)."""
     check_settings(settings, adapter.patch_stride)
     check_precision(adapter, settings)
+    compiles(adapter, settings)
     adapter.check_indices(settings.ks)
     if dataset is not None:
         dataset.images()
@@ -218,6 +263,8 @@ def provenance(adapter: DiTAdapter, settings: ExtractSettings) -> dict:
         "text_device": str(adapter.text_device),
         "offload": adapter.offload,
         "batch_size": settings.batch_size,
+        "batch_images": batch_images(adapter, settings),
+        "compile": f"{COMPILE.backend} (per block)" if compiles(adapter, settings) else "off",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -225,8 +272,9 @@ def provenance(adapter: DiTAdapter, settings: ExtractSettings) -> dict:
 def _conditioning_variants(
     adapter: DiTAdapter, prompt: PromptEmbedding, timestep: int, ks: Sequence[int], image_size: tuple[int, int]
 ) -> dict:
-    """{k: {"shift_t": ..., "scale_t": ..., ...}} for the conditioning ablation, where defined."""
-    out: dict[int, dict[str, np.ndarray]] = {k: {} for k in ks}
+    """{k: {"shift_t": ..., "scale_t": ..., ...}} for the conditioning ablation, where defined
+    (float32 tensors where the adapter runs: they go to the host with the features)."""
+    out: dict[int, dict[str, torch.Tensor]] = {k: {} for k in ks}
     for conditioning in ("t", "c"):
         try:
             mods = adapter.modulation(prompt, timestep, ks, conditioning, image_size=image_size)
@@ -234,7 +282,7 @@ def _conditioning_variants(
             continue  # e.g. PixArt: AdaLN sees t only, no c-only variant
         for k, mod in mods.items():
             for name in ("shift", "scale", "gate"):
-                out[k][f"{name}_{conditioning}"] = getattr(mod, name).float().cpu().numpy()
+                out[k][f"{name}_{conditioning}"] = getattr(mod, name).float()
     return out
 
 
@@ -261,6 +309,10 @@ class Extractor:
         if not adapter.conditioned:
             settings.prompt = "none"
         check_precision(adapter, settings)
+        adapter.set_compile(COMPILE if compiles(adapter, settings) else None)
+        #: images of one token grid per forward
+        self.batch_images = batch_images(adapter, settings)
+        self.copies = HostCopies(adapter.device)
 
     # ---- prompts ------------------------------------------------------------------------------
     def encode_prompts(self, texts: set[str]) -> dict[str, PromptEmbedding]:
@@ -280,64 +332,108 @@ class Extractor:
             adapter.release_text_encoders()
         return {text: {name: torch.from_numpy(np.asarray(v)) for name, v in emb.items()} for text, emb in found.items()}
 
-    # ---- one image ----------------------------------------------------------------------------
-    def encode(self, pixels: np.ndarray) -> LatentPosterior:
+    # ---- one image, or images of one grid ------------------------------------------------------
+    def encode(self, pixels: np.ndarray | torch.Tensor) -> LatentPosterior:
         """The VAE posterior of one image: encoded once, shared by every t and ensemble member."""
-        return self.adapter.encode_posterior(torch.from_numpy(pixels)[None])
+        pixels = torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels
+        return self.adapter.encode_posterior(upload(pixels, self.adapter.device)[None])
+
+    def device_prompt(self, prompt: PromptEmbedding) -> PromptEmbedding:
+        """A prompt embedding queued to the adapter's device (no wait: pinned, non-blocking)."""
+        return {name: upload(value, self.adapter.device) for name, value in prompt.items()}
 
     def features_for(
         self, pixels: np.ndarray, prompt: PromptEmbedding, key: str, timestep: int, ks: Sequence[int],
         posterior: LatentPosterior | None = None,
     ):
-        """Ensemble-averaged features of one image at one timestep for blocks `ks`.
+        """Ensemble-averaged features of one image at one timestep for blocks `ks`, on the host:
+        {k: (z as float16 (h, w, D), {"shift": ..., "scale": ..., ...} float32)}.
 
         `posterior` is the image's `encode` (computed here when not given). Member m's latents
         are ``posterior.sample(eps_m)``, noised with noise_m (`member_draws`); the sums run
         member by member in order, so the mean does not depend on the batch size either.
         """
-        adapter, settings = self.adapter, self.settings
         posterior = posterior if posterior is not None else self.encode(pixels)
+        prompt = self.device_prompt(prompt)
+        means = self.ensemble_means([(key, posterior, prompt)], timestep, ks)[0]
+        extra = self._extras(prompt, timestep, ks, tuple(pixels.shape[1:]))
+        return self._checked(key, timestep, ks, self._copy_to_host(means, extra).wait())
+
+    def ensemble_means(
+        self, images: Sequence[tuple[str, LatentPosterior, PromptEmbedding]], timestep: int, ks: Sequence[int],
+    ) -> list[dict[int, dict[str, torch.Tensor]]]:
+        """Per image (key, posterior, prompt) of one token grid: {k: {"pre_adaln": (h, w, D), "shift": (D,), ...}},
+        float32 ensemble means where the adapter runs (nothing is waited for).
+
+        All images go through each forward together: rows = images x the members of the batch,
+        image-major. Each image's members are drawn from its own seeds and summed in member
+        order, so an image's numbers do not depend on which images share its forward, up to the
+        last bits of the DiT's batched matrix products.
+        """
+        adapter, settings = self.adapter, self.settings
+        device = adapter.device
         ensemble = settings.ensemble_size
         batch = settings.batch_size or ensemble
+        n = len(images)
         sums: dict[int, dict[str, torch.Tensor]] = {}
         for start in range(0, ensemble, batch):
             members = range(start, min(start + batch, ensemble))
-            eps, noise = member_draws(settings.seed, key, timestep, members, tuple(posterior.mean.shape[1:]))
-            latents = posterior.sample(eps if posterior.std is not None else None)
-            if latents.shape[0] != len(members):  # a deterministic posterior: one row for everyone
-                latents = latents.expand(len(members), *latents.shape[1:])
-            noisy = adapter.add_noise(latents, noise.to(latents.device, latents.dtype), timestep)
-            for k, block in adapter.forward_intermediates(noisy, prompt, timestep, ks).items():
+            rows = []
+            for key, posterior, _ in images:
+                eps, noise = member_draws(settings.seed, key, timestep, members, tuple(posterior.mean.shape[1:]))
+                latents = posterior.sample(upload(eps, device) if posterior.std is not None else None)
+                if latents.shape[0] != len(members):  # a deterministic posterior: one row for everyone
+                    latents = latents.expand(len(members), *latents.shape[1:])
+                rows.append(adapter.add_noise(latents, upload(noise, device).to(latents.dtype), timestep))
+            prompts = [prompt for _, _, prompt in images]
+            noisy = rows[0] if n == 1 else torch.cat(rows)
+            for k, block in adapter.forward_intermediates(noisy, prompts[0] if n == 1 else prompts, timestep, ks).items():
                 parts = {"pre_adaln": block.pre_adaln}
                 if block.modulation is not None:  # None: a model without AdaLN
                     for name in ("shift", "scale", "gate"):
                         parts[name] = getattr(block.modulation, name)
                 into = sums.setdefault(k, {})
                 for name, value in parts.items():
-                    for row in value.float():  # member order, whatever the batching
+                    value = value.float().reshape(n, len(members), *value.shape[1:])
+                    for member in range(len(members)):  # member order, whatever the batching
+                        row = value[:, member]
                         into[name] = row.clone() if name not in into else into[name].add_(row)
-        extra = (
-            _conditioning_variants(adapter, prompt, timestep, ks, image_size=tuple(pixels.shape[1:]))
-            if adapter.has_adaln else {k: {} for k in ks}
-        )
-        out = {}
-        for k, parts in sums.items():
-            means = {name: self._mean(value, ensemble) for name, value in parts.items()}
-            pre_adaln = means.pop("pre_adaln")
-            if not np.isfinite(pre_adaln).all():
-                raise DitfError(f"non-finite features for {key} at k={k}, t={timestep} (try --dtype fp32)")
-            if np.abs(pre_adaln).max() > 65504:
-                raise DitfError(f"features of {key} at k={k} overflow float16 storage")
-            out[k] = (pre_adaln.astype(np.float16), {**means, **extra[k]})
-        return out
+        return [{k: {name: self._mean(total[i], ensemble) for name, total in parts.items()} for k, parts in sums.items()}
+                for i in range(n)]
 
-    def _mean(self, total: torch.Tensor, count: int) -> np.ndarray:
-        """Ensemble mean as float32 numpy; `--precision paper` rounds it to bf16 as the authors'
+    def _mean(self, total: torch.Tensor, count: int) -> torch.Tensor:
+        """Ensemble mean in float32; `--precision paper` rounds it to bf16 as the authors'
         ``.mean(0)`` of a bf16 batch does (fp16 storage then holds those values exactly)."""
         mean = total / count
         if self.settings.precision == "paper":
             mean = mean.to(torch.bfloat16).float()
-        return mean.cpu().numpy()
+        return mean
+
+    def _extras(self, prompt: PromptEmbedding, timestep: int, ks: Sequence[int], image_size: tuple[int, int]) -> dict:
+        """The t-only / c-only modulation of blocks `ks` (none for models without AdaLN)."""
+        if not self.adapter.has_adaln:
+            return {k: {} for k in ks}
+        return _conditioning_variants(self.adapter, prompt, timestep, ks, image_size=image_size)
+
+    def _copy_to_host(self, means: dict[int, dict[str, torch.Tensor]], extra: dict) -> HostCopy:
+        """Start copying one image's means and conditioning variants to the host ("k/name" keys)."""
+        return self.copies.start({f"{k}/{name}": value for k, parts in means.items()
+                                  for name, value in {**parts, **extra[k]}.items()})
+
+    def _checked(self, key: str, timestep: int, ks: Sequence[int], host: dict[str, np.ndarray]) -> dict:
+        """{k: (z as float16, modulation)} from one image's host arrays, refusing what float16 cannot hold."""
+        out = {}
+        for k in ks:
+            pre_adaln = host[f"{k}/pre_adaln"]
+            if not np.isfinite(pre_adaln).all():
+                raise DitfError(f"non-finite features for {key} at k={k}, t={timestep} (try --dtype fp32)")
+            if np.abs(pre_adaln).max() > 65504:
+                raise DitfError(f"features of {key} at k={k} overflow float16 storage")
+            prefix = f"{k}/"
+            modulation = {name[len(prefix):]: value for name, value in host.items()
+                          if name.startswith(prefix) and name != f"{k}/pre_adaln"}
+            out[k] = (pre_adaln.astype(np.float16), modulation)
+        return out
 
     # ---- the run ----------------------------------------------------------------------------
     def run(self, dataset: Dataset, progress: bool = True, records: Sequence[ImageRecord] | None = None,
@@ -441,18 +537,20 @@ class Extractor:
         report.seconds = time.perf_counter() - start_time
         return report
 
-    def _decoded(self, records: Sequence[ImageRecord]) -> Iterator[tuple[ImageRecord, np.ndarray]]:
-        """Decode and preprocess images ahead of the DiT (bounded lookahead)."""
-        settings = self.settings
+    def _decoded(self, records: Sequence[ImageRecord]) -> Iterator[tuple[ImageRecord, torch.Tensor]]:
+        """Decode and preprocess images ahead of the DiT (bounded lookahead), as (3, H, W) float32
+        tensors, already in pinned memory when they go to a GPU (the pinning runs in the pool)."""
+        settings, device = self.settings, self.adapter.device
 
-        def load(record: ImageRecord) -> np.ndarray:
-            return self.adapter.prepare_image(
+        def load(record: ImageRecord) -> torch.Tensor:
+            pixels = self.adapter.prepare_image(
                 load_for_model(record.path, settings.resample), settings.img_size, side=settings.resize,
                 resample=settings.resample,
             )
+            return pinned(torch.from_numpy(pixels), device)
 
         with ThreadPoolExecutor(max_workers=max(1, self.settings.workers)) as pool:
-            lookahead = 2 * max(1, self.settings.workers)
+            lookahead = max(2 * max(1, self.settings.workers), 2 * self.batch_images)
             futures = [pool.submit(load, r) for r in records[:lookahead]]
             for i, record in enumerate(records):
                 pixels = futures[i].result()
@@ -461,47 +559,118 @@ class Extractor:
                 futures[i] = None
                 yield record, pixels
 
+    def _ordered(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+        """With --batch-images > 1, images of one token grid next to each other (stable order
+        otherwise), so they can share forwards; grids come from the headers, nothing is decoded."""
+        if self.batch_images == 1:
+            return list(records)
+        settings = self.settings
+
+        def grid(record: ImageRecord) -> tuple[int, int]:
+            width, height = image_size(record.path)
+            return self.adapter.grid_size(width, height, settings.img_size, settings.resize)
+
+        return sorted(records, key=grid)
+
+    def _groups(self, decoded, texts: dict[str, str], embeddings: dict[str, PromptEmbedding]):
+        """Consecutive decoded images that can share a forward: same pixel size (so same token
+        grid) and prompt embeddings of the same shapes, at most `batch_images` of them."""
+        group: list[tuple[ImageRecord, torch.Tensor]] = []
+        signature = None
+        for record, pixels in decoded:
+            prompt = embeddings[texts[record.key]]
+            mine = (tuple(pixels.shape), tuple(sorted((name, tuple(value.shape)) for name, value in prompt.items())))
+            if group and (mine != signature or len(group) == self.batch_images):
+                yield group
+                group = []
+            group.append((record, pixels))
+            signature = mine
+        if group:
+            yield group
+
     def _extract(self, todo, rows, texts, embeddings, arrays, complete, progress) -> None:
         from ..progress import progress as progress_display
 
-        writes: queue.Queue = queue.Queue(maxsize=4)
-        failure: list[BaseException] = []
-
-        def writer() -> None:
-            while (item := writes.get()) is not None:
-                if failure:
-                    continue
-                try:
-                    array, row, pre_adaln, modulation = item
-                    array.write_image(row, pre_adaln, modulation)
-                except BaseException as exc:  # surfaced on the main thread
-                    failure.append(exc)
-
-        thread = threading.Thread(target=writer, name="ditf-store-writer", daemon=True)
-        thread.start()
+        writer = _StoreWriter(depth=2 * self.batch_images + 2)
         try:
             bar = progress_display(len(todo), f"extract {self.adapter.spec.name}", "img", enabled=progress)
-            for record, pixels in self._decoded(todo):
-                row = rows[record.key]
-                prompt = embeddings[texts[record.key]]
-                posterior = None  # the VAE runs once per image, for every t
+            for group in self._groups(self._decoded(self._ordered(todo)), texts, embeddings):
+                images = [_Image(record, rows[record.key], upload(pixels, self.adapter.device),
+                                 self.device_prompt(embeddings[texts[record.key]])) for record, pixels in group]
                 for t in self.settings.ts:
-                    ks = [k for k in self.settings.ks if not complete[(k, t)][row]]
-                    if not ks:
+                    wanted = [(image, [k for k in self.settings.ks if not complete[(k, t)][image.row]]) for image in images]
+                    wanted = [(image, ks) for image, ks in wanted if ks]
+                    if not wanted:
                         continue
-                    posterior = posterior if posterior is not None else self.encode(pixels)
-                    features = self.features_for(pixels, prompt, record.key, t, ks, posterior)
-                    for k, (pre_adaln, modulation) in features.items():
-                        writes.put((arrays[(k, t)], row, pre_adaln, modulation))
-                    if failure:
-                        raise failure[0]
-                bar.update(1)
+                    for image, _ in wanted:  # the VAE runs once per image, for every t
+                        image.posterior = image.posterior if image.posterior is not None else self.encode(image.pixels)
+                    ks_run = sorted({k for _, ks in wanted for k in ks})
+                    means = self.ensemble_means([(image.record.key, image.posterior, image.prompt) for image, _ in wanted],
+                                                t, ks_run)
+                    for (image, ks), mean in zip(wanted, means):
+                        extra = self._extras(image.prompt, t, ks, tuple(image.pixels.shape[1:]))
+                        copy = self._copy_to_host({k: mean[k] for k in ks}, extra)
+                        writer.put(functools.partial(self._commit, image, t, ks, copy, arrays))
+                bar.update(len(group))
             bar.close()
         finally:
-            writes.put(None)
-            thread.join()
-        if failure:
-            raise failure[0]
+            writer.close()
+        writer.check()
+
+    def _commit(self, image: "_Image", timestep: int, ks: Sequence[int], copy: HostCopy, arrays) -> None:
+        """On the writer thread: wait for one image's copy to land, check it, write it (the
+        commit mark of each key last, in `write_image`)."""
+        features = self._checked(image.record.key, timestep, ks, copy.wait())
+        for k, (pre_adaln, modulation) in features.items():
+            arrays[(k, timestep)].write_image(image.row, pre_adaln, modulation)
+
+
+@dataclass
+class _Image:
+    """One image of a group: where it goes in the store, its pixels and prompt on the device,
+    and its VAE posterior once encoded (shared by every t)."""
+
+    record: ImageRecord
+    row: int
+    pixels: torch.Tensor
+    prompt: PromptEmbedding
+    posterior: LatentPosterior | None = None
+
+
+class _StoreWriter:
+    """Store writes on one thread, one at a time, in the order queued.
+
+    The first failure is kept, later jobs are skipped, and the main thread raises that one
+    error (`check`, called on every `put` and after `close`). The bounded queue holds back a
+    main thread that runs ahead of the writes, so at most `depth` images wait in host memory.
+    """
+
+    def __init__(self, depth: int) -> None:
+        self.jobs: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="ditf-store-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.failure is not None:
+                continue
+            try:
+                job()
+            except BaseException as exc:  # raised on the main thread
+                self.failure = exc
+
+    def put(self, job) -> None:
+        self.check()
+        self.jobs.put(job)
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
 
 
 def _expected_rows(rows: dict[str, int], records: Sequence[ImageRecord]) -> dict[str, int]:

@@ -11,7 +11,9 @@ The transformer of a folder is never loaded whole: its architecture comes from i
 block lists are cut after the deepest block asked for, and only the tensors the cut model holds
 are read from the safetensors files (`safe_open` reads tensor by tensor). Memory then grows
 with k (DiTF at Flux k = 28 needs 29 of 57 blocks). With `offload`, the blocks stay in host
-memory and `BlockStreamer` moves one at a time to the device.
+memory and `BlockStreamer` moves one at a time to the device. With `set_compile`, each forward
+runs the block lists cut after the deepest tapped block, the untapped blocks compiled one at a
+time (`_blocks_that_run`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from ..errors import DitfError
 from .hub import looks_local, refuse_pickled
 from .hub import offline as _offline
-from .base import Architecture, BlockFeatures, DiTAdapter, LatentPosterior, ModelSpec, PromptEmbedding
+from .base import Architecture, BlockFeatures, CompileOptions, DiTAdapter, LatentPosterior, ModelSpec, Prompts
 
 #: diffusers' file names of a model's weights (one file, or shards listed by an index)
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -61,6 +63,8 @@ class DiffusersAdapter(DiTAdapter):
         #: deepest block the loaded transformer holds
         self._loaded_depth: int | None = None
         self._streamer: BlockStreamer | None = None
+        #: {id(block): the block compiled}; emptied when the transformer or the options change
+        self._compiled: dict[int, torch.nn.Module] = {}
 
     # ---- tiny models ------------------------------------------------------------------------
     def build_tiny_components(self) -> dict:
@@ -201,6 +205,7 @@ class DiffusersAdapter(DiTAdapter):
         if self._transformer is not None and self._loaded_depth is not None and self._loaded_depth < k:
             self._transformer = self._streamer = None
             self._loaded_depth = None
+            self._compiled.clear()
 
     def text_pipe(self):
         """The pipeline holding only the text side, on the device, loaded on first use."""
@@ -314,13 +319,62 @@ class DiffusersAdapter(DiTAdapter):
             )
         return files
 
+    def set_compile(self, options: CompileOptions | None) -> None:
+        if options is not None and self.offload:
+            raise DitfError(f"{self.spec.name}: compiled blocks cannot be streamed (offload moves each block between "
+                            "host and device on every call)")
+        super().set_compile(options)
+        self._compiled.clear()
+
     def capture(self, taps, forward, stop_early: bool = True) -> dict[int, BlockFeatures]:
-        """As the base class; with offload the block left on the device by the early exit goes back."""
+        """As the base class, with the transformer's block lists as this forward runs them
+        (`_blocks_that_run`); with offload the block left on the device by the early exit goes back."""
         try:
-            return super().capture(taps, forward, stop_early)
+            with self._blocks_that_run(set(taps), stop_early):
+                return super().capture(taps, forward, stop_early)
         finally:
             if self._streamer is not None:
                 self._streamer.evict()
+
+    @contextlib.contextmanager
+    def _blocks_that_run(self, tapped: set[int], stop_early: bool) -> Iterator[None]:
+        """The block lists cut after the deepest tapped block, untapped blocks compiled if asked.
+
+        The cut makes the early exit a property of the block list: no block after the deepest
+        is ever called, compiled or not. Tapped blocks stay eager, so their capture hooks (and
+        the exception that ends the forward inside the deepest one, before its MLP) never sit
+        inside a compiled graph. The lists are put back afterwards: the module is unchanged.
+        """
+        if not self.block_lists or (not stop_early and self.compile_options is None):
+            yield
+            return
+        transformer = self.transformer
+        deepest = max(tapped)
+        saved: dict[str, torch.nn.Module] = {}
+        start = 0
+        for (attr, _, _), (_, count) in zip(self.block_lists, self.architecture.blocks):
+            blocks = list(getattr(transformer, attr))
+            keep = [block for i, block in enumerate(blocks) if not stop_early or start + i <= deepest]
+            saved[attr] = getattr(transformer, attr)
+            run = [block if start + i in tapped else self._compiled_block(block) for i, block in enumerate(keep)]
+            setattr(transformer, attr, torch.nn.ModuleList(run))
+            start += count
+        try:
+            yield
+        finally:
+            for attr, blocks in saved.items():
+                setattr(transformer, attr, blocks)
+
+    def _compiled_block(self, block: torch.nn.Module) -> torch.nn.Module:
+        """`block` compiled per `compile_options` (made once per block), or itself when not compiling."""
+        options = self.compile_options
+        if options is None:
+            return block
+        compiled = self._compiled.get(id(block))
+        if compiled is None:  # the compiled module holds the block, so its id cannot be reused meanwhile
+            compiled = torch.compile(block, backend=options.backend, fullgraph=options.fullgraph, dynamic=options.dynamic)
+            self._compiled[id(block)] = compiled
+        return compiled
 
     def dit_classes(self) -> dict[str, type]:
         """diffusers classes of the transformer and the VAE."""
@@ -350,13 +404,21 @@ class DiffusersAdapter(DiTAdapter):
         )
 
     @staticmethod
-    def stack_prompt(prompt: PromptEmbedding, batch: int, device, dtype) -> dict[str, torch.Tensor]:
-        """Repeat one prompt's embeddings over the batch (the ensemble shares the prompt)."""
-        return {
-            name: value.to(device=device, dtype=dtype).unsqueeze(0).expand(batch, *value.shape).contiguous()
-            for name, value in prompt.items()
-            if value.is_floating_point()
-        }
+    def stack_prompt(prompt: Prompts, batch: int, device, dtype) -> dict[str, torch.Tensor]:
+        """The prompt embeddings as (batch, ...) tensors: one embedding repeated over the batch
+        (the ensemble shares it), or n embeddings each repeated over batch / n consecutive rows
+        (images batched together, each with its ensemble)."""
+        prompts = [prompt] if isinstance(prompt, dict) else list(prompt)
+        if not prompts or batch % len(prompts):
+            raise ValueError(f"{len(prompts)} prompt(s) cannot condition a batch of {batch} rows")
+        repeat = batch // len(prompts)
+
+        def rows(name: str) -> torch.Tensor:
+            stacked = torch.stack([p[name].to(device=device, dtype=dtype) for p in prompts])
+            # expand + reshape, not repeat_interleave: no output size for the device to report back
+            return stacked.unsqueeze(1).expand(len(prompts), repeat, *stacked.shape[1:]).reshape(batch, *stacked.shape[1:])
+
+        return {name: rows(name) for name, value in prompts[0].items() if value.is_floating_point()}
 
 
 @contextlib.contextmanager

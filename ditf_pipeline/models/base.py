@@ -35,8 +35,29 @@ from ..match.features import layer_norm, modulate  # noqa: F401
 
 Conditioning = Literal["tc", "t", "c"]
 #: Prompt conditioning as the family's DiT consumes it, e.g. {"prompt_embeds": [L, C],
-#: "pooled_prompt_embeds": [C']}: CPU tensors without batch dimension (cacheable in the store).
+#: "pooled_prompt_embeds": [C']}: tensors without batch dimension (cacheable in the store).
 PromptEmbedding = dict[str, torch.Tensor]
+#: What a forward is conditioned on: one embedding shared by every row, or one per image when
+#: images are batched together (embedding i serves rows i*m .. (i+1)*m - 1 of a batch of n*m).
+Prompts = PromptEmbedding | Sequence[PromptEmbedding]
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How the DiT blocks that run are compiled (`torch.compile`, one block at a time).
+
+    Per block, not the whole model: the blocks of a family share one code object, so one
+    compiled graph serves all of them (compile time does not grow with k), the early exit stays
+    the truncated block list (nothing is raised inside a compiled graph), and the tapped blocks
+    run eagerly with their capture hooks. `fullgraph=False` in production: a graph break on
+    another diffusers version costs speed, not the run; the tests compile with `fullgraph=True`
+    to prove there is none. `dynamic=None`: a second token grid makes the sizes symbolic
+    instead of compiling once per aspect ratio.
+    """
+
+    backend: str = "inductor"
+    fullgraph: bool = False
+    dynamic: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +201,15 @@ class DiTAdapter(ABC):
         self.text_device = torch.device(text_device) if text_device is not None else self.device
         #: keep the DiT's blocks in host memory and move one at a time to `device` (families that support it)
         self.offload = offload
+        #: None: the blocks run eagerly; else how the untapped blocks are compiled (`set_compile`)
+        self.compile_options: CompileOptions | None = None
+
+    def set_compile(self, options: CompileOptions | None) -> None:
+        """Compile the DiT blocks that run from the next forward on (None: eager again).
+
+        Families without block lists (DINOv2, the SD UNet) ignore it and run eagerly.
+        """
+        self.compile_options = options
 
     # ---- blocks ---------------------------------------------------------------------------
     @property
@@ -279,15 +309,16 @@ class DiTAdapter(ABC):
     def forward_intermediates(
         self,
         noisy_latents: torch.Tensor,
-        prompt: PromptEmbedding,
+        prompt: Prompts,
         timestep: int,
         indices: Sequence[int],
         stop_early: bool = True,
     ) -> dict[int, BlockFeatures]:
-        """Run the DiT on a batch (one prompt shared by the batch) and capture the blocks.
+        """Run the DiT on a batch and capture the blocks.
 
-        One forward serves all requested blocks; with `stop_early` nothing after the deepest
-        one is computed.
+        `prompt`: one embedding shared by the batch, or one per image of images batched
+        together (see `Prompts`). One forward serves all requested blocks; with `stop_early`
+        nothing after the deepest one is computed.
         """
 
     @abstractmethod
@@ -313,7 +344,9 @@ class DiTAdapter(ABC):
 
         Each family only says *where* its tensors live (`BlockTap`); hooking, ordering and the
         early exit (an exception from the deepest block's feature hook, caught here: independent
-        of the diffusers version) are written once.
+        of the diffusers version) are written once. The diffusers families also cut their block
+        lists after the deepest block for the forward (`DiffusersAdapter._blocks_that_run`), so
+        the exception only skips the rest of that eager block and never crosses a compiled one.
         """
         captured: dict[int, BlockFeatures] = {}
         modulation: dict[int, Modulation] = {}

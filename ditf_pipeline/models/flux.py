@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from . import register
 from ._diffusers import DiffusersAdapter, RectifiedFlowNoise, chunk_modulation, time_text_parts
 from ._tiny_text import tiny_clip, tiny_clip_tokenizer, tiny_t5, tiny_t5_tokenizer
-from .base import BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding
+from .base import BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding, Prompts
 
 
 def tiny_vae(latent_channels: int, **config) -> AutoencoderKL:
@@ -46,6 +46,10 @@ class FluxAdapter(RectifiedFlowNoise, DiffusersAdapter):
     pipeline_cls = FluxPipeline
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     block_lists = (("transformer_blocks", "num_layers", "double"), ("single_transformer_blocks", "num_single_layers", "single"))
+
+    def __init__(self, spec: ModelSpec, **kwargs) -> None:
+        super().__init__(spec, **kwargs)
+        self._image_ids_cache: dict[tuple, torch.Tensor] = {}
 
     # ---- construction -----------------------------------------------------------------------
     def build_tiny_components(self) -> dict:
@@ -82,13 +86,13 @@ class FluxAdapter(RectifiedFlowNoise, DiffusersAdapter):
         return out
 
     # ---- the DiT ----------------------------------------------------------------------------
-    def _inputs(self, noisy_latents: torch.Tensor, prompt: PromptEmbedding, timestep: int) -> dict:
+    def _inputs(self, noisy_latents: torch.Tensor, prompt: Prompts, timestep: int) -> dict:
         batch, channels, height, width = noisy_latents.shape
         grid_h, grid_w = height // 2, width // 2
         transformer = self.transformer
         dtype, device = transformer.dtype, self.device
         hidden = FluxPipeline._pack_latents(noisy_latents.to(device, dtype), batch, channels, height, width)
-        image_ids = FluxPipeline._prepare_latent_image_ids(batch, grid_h, grid_w, device, dtype)
+        image_ids = self._image_ids(grid_h, grid_w, device, dtype)
         cond = self.stack_prompt(prompt, batch, device, dtype)
         text_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=device, dtype=dtype)
         inputs = {
@@ -104,10 +108,18 @@ class FluxAdapter(RectifiedFlowNoise, DiffusersAdapter):
             inputs["guidance"] = torch.full((batch,), self.spec.guidance or 3.5, device=device)
         return inputs
 
+    def _image_ids(self, grid_h: int, grid_w: int, device, dtype) -> torch.Tensor:
+        """The image tokens' position ids, made once per grid: diffusers builds them on the host,
+        and copying them to the device on every forward would make the host wait for the GPU."""
+        key = (grid_h, grid_w, str(device), dtype)
+        if key not in self._image_ids_cache:
+            self._image_ids_cache[key] = FluxPipeline._prepare_latent_image_ids(1, grid_h, grid_w, device, dtype)
+        return self._image_ids_cache[key]
+
     def forward_intermediates(
         self,
         noisy_latents: torch.Tensor,
-        prompt: PromptEmbedding,
+        prompt: Prompts,
         timestep: int,
         indices: Sequence[int],
         stop_early: bool = True,

@@ -39,7 +39,7 @@ from ..errors import DitfError
 from . import register
 from ._diffusers import DiffusersAdapter
 from ._tiny_text import tiny_t5, tiny_t5_tokenizer
-from .base import BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding
+from .base import BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding, Prompts
 from .flux import tiny_vae
 
 #: PixArt-alpha's training noise schedule (IDDPM, linear betas); the pipeline's DPM-Solver
@@ -112,16 +112,20 @@ class PixArtAdapter(DiffusersAdapter):
             return None
         height, width = image_size
         dtype, device = transformer.dtype, self.device
+        # filled on the device (a host tensor copied per forward would make the host wait for the
+        # GPU), with the casts of `torch.tensor(...).to(dtype)`: int64 and float32 first
+        resolution = torch.empty((batch, 2), dtype=torch.long, device=device)
+        resolution[:, 0], resolution[:, 1] = height, width
         return {
-            "resolution": torch.tensor([height, width]).repeat(batch, 1).to(dtype=dtype, device=device),
-            "aspect_ratio": torch.tensor([float(height / width)]).repeat(batch, 1).to(dtype=dtype, device=device),
+            "resolution": resolution.to(dtype),
+            "aspect_ratio": torch.full((batch, 1), float(height / width), dtype=torch.float32, device=device).to(dtype),
         }
 
     def _pixels(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         vae_factor = self.patch_stride // self.transformer.config.patch_size
         return latent_hw[0] * vae_factor, latent_hw[1] * vae_factor
 
-    def _inputs(self, noisy_latents: torch.Tensor, prompt: PromptEmbedding, timestep: int) -> dict:
+    def _inputs(self, noisy_latents: torch.Tensor, prompt: Prompts, timestep: int) -> dict:
         batch, _, height, width = noisy_latents.shape
         transformer = self.transformer
         dtype, device = transformer.dtype, self.device
@@ -138,7 +142,7 @@ class PixArtAdapter(DiffusersAdapter):
     def forward_intermediates(
         self,
         noisy_latents: torch.Tensor,
-        prompt: PromptEmbedding,
+        prompt: Prompts,
         timestep: int,
         indices: Sequence[int],
         stop_early: bool = True,

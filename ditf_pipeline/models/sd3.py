@@ -34,7 +34,7 @@ from ..errors import DitfError
 from . import register
 from ._diffusers import DiffusersAdapter, RectifiedFlowNoise, chunk_modulation, time_text_parts
 from ._tiny_text import tiny_clip, tiny_clip_tokenizer, tiny_t5, tiny_t5_tokenizer
-from .base import BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding
+from .base import BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding, Prompts
 from .flux import tiny_vae
 
 #: shift_mlp, scale_mlp, gate_mlp in both AdaLayerNormZero (6-way) and SD35AdaLayerNormZeroX (9-way)
@@ -81,7 +81,7 @@ class SD3Adapter(RectifiedFlowNoise, DiffusersAdapter):
         return out
 
     # ---- the DiT ----------------------------------------------------------------------------
-    def _inputs(self, noisy_latents: torch.Tensor, prompt: PromptEmbedding, timestep: int) -> dict:
+    def _inputs(self, noisy_latents: torch.Tensor, prompt: Prompts, timestep: int) -> dict:
         batch, _, height, width = noisy_latents.shape
         transformer = self.transformer
         dtype, device = transformer.dtype, self.device
@@ -106,7 +106,7 @@ class SD3Adapter(RectifiedFlowNoise, DiffusersAdapter):
     def forward_intermediates(
         self,
         noisy_latents: torch.Tensor,
-        prompt: PromptEmbedding,
+        prompt: Prompts,
         timestep: int,
         indices: Sequence[int],
         stop_early: bool = True,
