@@ -126,6 +126,16 @@ VARIANTS: dict[str, VariantFn] = {
 #: variants that read the discarded-channel list
 USES_CHANNELS = frozenset({"adaln+cd", "adaln+cd-post"})
 
+#: the AdaLN vectors each variant reads (the store reads just these: 2 of up to 9 per image)
+VECTORS_USED: dict[str, tuple[str, ...]] = {
+    "raw": (),
+    "adaln": ("shift", "scale"),
+    "adaln+cd": ("shift", "scale"),
+    "adaln+cd-post": ("shift", "scale"),
+    "adaln-t": ("shift_t", "scale_t"),
+    "adaln-c": ("shift_c", "scale_c"),
+}
+
 
 def variant_names() -> list[str]:
     return list(VARIANTS)

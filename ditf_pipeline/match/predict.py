@@ -36,6 +36,7 @@ from ..errors import DitfError
 from .features import (
     MASSIVE_RATIO,
     USES_CHANNELS,
+    VECTORS_USED,
     ChannelMeans,
     check_variant_applies,
     compute_feature,
@@ -122,7 +123,7 @@ def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list
             return []
         means = ChannelMeans(arrays.hidden_size)
         for row in rows:
-            means.add(arrays.read_image(int(row))[0])
+            means.add(arrays.read_image(int(row), vectors=())[0])
         channels = means.massive(MASSIVE_RATIO)
         info = {"criterion": f"mean |z| over tokens > {MASSIVE_RATIO:g} x median of the channel means",
                 "images": int(len(rows)), "tokens": int(means.tokens), "by": "ditf match --channels auto"}
@@ -163,7 +164,6 @@ class FeatureCache:
             grid = arrays.group["pre_adaln"].shape[1:3]  # the store's largest grid
             max_bytes = min(max_bytes, int(size) * int(grid[0]) * int(grid[1]) * dim * torch.finfo(dtype).bits // 8)
         self._cache = ByteLRU(max_bytes)
-        self._read_lock = threading.Lock()
 
     @property
     def hits(self) -> int:
@@ -178,8 +178,8 @@ class FeatureCache:
         return self(src_key), self(trg_key), trg_key
 
     def _compute(self, key: str) -> torch.Tensor:
-        with self._read_lock:  # one zarr read at a time: reads are short, the variant is not
-            pre_adaln, modulation = self.arrays.read_image(self.rows[key])
+        # (no lock: zarr reads from several threads overlap in its event loop and codec threads)
+        pre_adaln, modulation = self.arrays.read_image(self.rows[key], vectors=VECTORS_USED.get(self.variant))
         z = torch.from_numpy(np.ascontiguousarray(pre_adaln)).to(self.device)
         if self.variant == "raw" and z.dtype == self.dtype:
             return z.contiguous()  # the cached z itself (what compute_feature would round back to)

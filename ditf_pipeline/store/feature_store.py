@@ -1476,8 +1476,12 @@ class FeatureArrays:
             raise DitfError(f"store: {self.path}: the {name} chunk of image {self._name(row)} is damaged ({_reason(exc)}); "
                             "run `ditf doctor --repair`, then rerun `ditf extract`") from exc
 
-    def read_image(self, row: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(pre_adaln of the valid grid, float16 (rows, cols, D); modulation name -> (D,))."""
+    def read_image(self, row: int, vectors: Iterable[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(pre_adaln of the valid grid, float16 (rows, cols, D); modulation name -> (D,)).
+
+        `vectors` names the AdaLN vectors to read (default: all stored); a variant needs at most
+        two, and each is a read of its own.
+        """
         try:
             committed = bool(self.group["complete"][row])
         except Exception as exc:
@@ -1490,7 +1494,8 @@ class FeatureArrays:
             raise DitfError(f"store: {self.path}: the grid of image {self._name(row)} is damaged ({rows}x{cols}); "
                             "run `ditf doctor --repair`")
         pre_adaln = self._read_row("pre_adaln", row, (slice(0, rows), slice(0, cols)))
-        modulation = {name: self._read_row(name, row) for name in self.modulation_names}
+        names = self.modulation_names if vectors is None else [n for n in self.modulation_names if n in set(vectors)]
+        modulation = {name: self._read_row(name, row) for name in names}
         for name, vector in modulation.items():
             if np.isnan(vector).all():  # the NaN fill: this image's chunk is absent from its shard
                 raise DitfError(f"store: {self.path}: the {name} vector of committed image {self._name(row)} is missing; "
