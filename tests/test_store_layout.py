@@ -218,3 +218,28 @@ def test_dask_tasks_never_split_a_block_of_rows():
         for record in chunk:
             assert owner.setdefault(rows[record.key] // ROWS_PER_SHARD, index) == index
     assert len(chunks) == len(owner)  # with blocks larger than `size`, one task per block
+
+
+@pytest.mark.parametrize("edit", ["attribute changed by hand", "node removed by hand"])
+def test_doctor_finds_a_stale_consolidated_copy_and_repair_drops_it(demo, tmp_path, edit):
+    from ditf_pipeline.store.doctor import Findings, check_store
+
+    store = tmp_path / "s.zarr"
+    _extract(demo, store)
+    assert _consolidated(store) is not None
+    if edit == "attribute changed by hand":
+        meta = json.loads((store / KEY / "zarr.json").read_text())
+        meta["attributes"]["massive_channels"] = [7]
+        (store / KEY / "zarr.json").write_text(json.dumps(meta))
+    else:
+        shutil.rmtree(store / "prompts")
+    findings = Findings()
+    check_store(store, findings)
+    assert any("consolidated metadata in the root zarr.json is stale" in p for p in findings.problems), findings.problems
+    check_store(store, Findings(), repair=True)
+    assert _consolidated(store) is None
+    if edit == "attribute changed by hand":  # readers now see the node as it is
+        assert FeatureStore(store, read_only=True).open_features("spair", "tiny-flux", 1, 260).massive_channels == [7]
+        after = Findings()
+        check_store(store, after)
+        assert not after.problems, after.problems

@@ -94,7 +94,7 @@ def check_store(path: str | Path, findings: Findings, dataset: str | None = None
             findings.bad(f"store: the root metadata of {path} was damaged")
             findings.fixed(fixed)
     try:
-        store = FeatureStore(path, read_only=not (repair or migrate))
+        store = FeatureStore(path, read_only=not (repair or migrate), consolidated=False)  # each node's own metadata
     except DitfError as exc:
         findings.bad(f"store: {exc}")
         return

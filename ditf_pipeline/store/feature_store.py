@@ -887,10 +887,12 @@ def _text_digest(text: str) -> str:
 class FeatureStore:
     """A Zarr group holding cached DiT features, prompt embeddings and predictions."""
 
-    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+    def __init__(self, path: str | Path, read_only: bool = False, consolidated: bool = True) -> None:
         """`path`: a folder (or file:// URL), or an object-store URL (s3://bucket/prefix, gs://, az://).
 
-        `self.path` is a Path for a local store and the URL (str) for an object store.
+        `self.path` is a Path for a local store and the URL (str) for an object store. A reader
+        uses the root's consolidated metadata when there is some, unless `consolidated=False`
+        (`ditf doctor` reads every node's own).
         """
         self.path = store_location(path)
         self.backend = _backend(self.path)
@@ -920,7 +922,7 @@ class FeatureStore:
             # readers use the consolidated metadata when there is some (one read on a network file
             # system); a writer never does: it must see what other writers did since
             self.root = zarr.open_group(store=self.backend.zarr_store("", read_only), mode="r" if read_only else "r+",
-                                        use_consolidated=None if read_only else False)
+                                        use_consolidated=None if read_only and consolidated else False)
             version = self.root.attrs.get("ditf_schema_version")
         except Exception as exc:  # zarr raises several types for damaged metadata
             raise DitfError(f"cannot open store {self.path}: its zarr.json is damaged ({_reason(exc)}): "
@@ -1721,6 +1723,15 @@ def audit_store(store: FeatureStore, read_chunks: bool = True) -> tuple[list[str
         findings.append(Finding(f"store: leftover of a write interrupted by a crash: {partial}",
                                 f"removed {partial}", discard, harmless=True))
 
+    # 1b. a consolidated copy of the metadata that no longer matches the nodes (edited by hand,
+    # or written by another tool while ditf wrote): readers would trust it
+    stale = _stale_consolidated(fs)
+    if stale:
+        findings.append(Finding(f"store: the consolidated metadata in the root zarr.json is stale ({stale}); "
+                                "readers would see the store as it was",
+                                "dropped the consolidated metadata (the next ditf writer writes it anew)",
+                                store._drop_consolidated))
+
     # 2. every node's metadata parses (a damaged zarr.json must not crash the walk)
     damaged_nodes: list[str] = []
     for folder in fs.metadata_nodes():
@@ -1884,6 +1895,34 @@ def _audit_key(store, node, dataset, findings, ok, remove, read_chunks) -> None:
                 if any(n in ("c", "pair_id", "pred", "done") for n in path.split("/")[-1:]):
                     continue
                 _audit_predictions(store, path, findings, ok, remove)
+
+
+#: what a consolidated entry must agree on with the node's own zarr.json
+_CONSOLIDATED_FIELDS = ("node_type", "shape", "data_type", "chunk_grid", "codecs", "fill_value", "attributes")
+
+
+def _stale_consolidated(fs) -> str | None:
+    """How the root's consolidated metadata differs from the nodes' own, or None (or no copy)."""
+    try:
+        copy = (json.loads(fs.read_text("zarr.json")).get("consolidated_metadata") or {}).get("metadata")
+    except (OSError, ValueError, AttributeError):
+        return None  # no copy, or a damaged root (reported below)
+    if copy is None:
+        return None
+    on_disk = {n for n in fs.metadata_nodes() if n and not n.startswith(_META) and "c" not in n.split("/")}
+    missing, extra = sorted(on_disk - set(copy)), sorted(set(copy) - on_disk)
+    if missing or extra:
+        return f"{len(missing)} node(s) missing from it, e.g. {missing[0]}" if missing else \
+            f"{len(extra)} node(s) no longer in the store, e.g. {extra[0]}"
+    for node, entry in copy.items():
+        try:
+            own = json.loads(fs.read_text(f"{node}/zarr.json"))
+        except (OSError, ValueError):
+            continue  # a damaged node: reported on its own below
+        differs = [key for key in _CONSOLIDATED_FIELDS if key in own and own.get(key) != entry.get(key)]
+        if differs:
+            return f"{node}: {', '.join(differs)} differ"
+    return None
 
 
 def _readable_complete(arrays: "FeatureArrays", node: str, findings: list[Finding]) -> np.ndarray:
