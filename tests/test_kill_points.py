@@ -21,9 +21,7 @@ import sys
 import traceback
 from pathlib import Path
 
-import numpy as np
 import pytest
-import zarr
 
 from ditf_pipeline.demo import make_spair_demo
 

@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-import torch.nn.functional as F
 
 from ..errors import DitfError
 

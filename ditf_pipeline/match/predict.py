@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -360,7 +359,6 @@ def predict(
         "channels": channels,
         "features": arrays.config,
     }
-    compute = compute_feature
     paper = paper_matching(arrays.config, settings.protocol)  # --precision paper: the authors' bf16 / fp16 casts
     if paper:
         attrs["precision"] = "paper"
