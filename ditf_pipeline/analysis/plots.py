@@ -265,12 +265,7 @@ def plot_pairs(path: Path | str, views: Sequence[PairView], dpi: int | None = No
     Size `show_size(len(views))`."""
     from matplotlib.patches import Circle
 
-    width, height = show_size(len(views))
-    fig = _figure(width, height)
-    axes = fig.subplots(len(views), 1, squeeze=False)[:, 0]
-    for ax, view in zip(axes, views):
-        canvas, offset = _side_by_side(view.src_image, view.trg_image)
-        ax.imshow(canvas)
+    def draw(ax, view: PairView, offset: int) -> None:
         colours = _keypoint_colours(len(view.src_points))
         src, pred = np.asarray(view.src_points, float), np.asarray(view.pred_points, float)
         truth = np.asarray(view.trg_truth, float) if view.trg_truth is not None else None
@@ -290,6 +285,20 @@ def plot_pairs(path: Path | str, views: Sequence[PairView], dpi: int | None = No
                         markersize=13, markeredgewidth=2.2)
             else:
                 ax.plot(pred[i, 0] + offset, pred[i, 1], "x", color=colour, markersize=11, markeredgewidth=2.5)
+
+    return _pair_figure(path, views, draw, dpi)
+
+
+def _pair_figure(path: Path | str, views: Sequence[PairView], draw, dpi: int | None) -> Path:
+    """One source | target panel per view, stacked (size `show_size`); `draw(ax, view, offset)`
+    adds the marks, with target x shifted right by `offset`."""
+    width, height = show_size(len(views))
+    fig = _figure(width, height)
+    axes = fig.subplots(len(views), 1, squeeze=False)[:, 0]
+    for ax, view in zip(axes, views):
+        canvas, offset = _side_by_side(view.src_image, view.trg_image)
+        ax.imshow(canvas)
+        draw(ax, view, offset)
         _frame(ax, canvas, view.title)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.95, hspace=0.2)
     return _save(fig, path, dpi)
@@ -307,12 +316,8 @@ def _frame(ax, canvas: np.ndarray, title: str) -> None:
 def plot_dense(path: Path | str, views: Sequence[PairView], dpi: int | None = None) -> Path:
     """Dense nearest-neighbour matches: a grid of source points and their matches in the target,
     joined by lines and coloured by source position within the grid (x -> red, y -> green). Size `show_size`."""
-    width, height = show_size(len(views))
-    fig = _figure(width, height)
-    axes = fig.subplots(len(views), 1, squeeze=False)[:, 0]
-    for ax, view in zip(axes, views):
-        canvas, offset = _side_by_side(view.src_image, view.trg_image)
-        ax.imshow(canvas)
+
+    def draw(ax, view: PairView, offset: int) -> None:
         src, pred = np.asarray(view.src_points, float), np.asarray(view.pred_points, float)
         span = np.maximum(np.ptp(src, axis=0), 1.0) if len(src) else np.ones(2)
         unit = (src - src.min(axis=0)) / span if len(src) else src
@@ -321,6 +326,5 @@ def plot_dense(path: Path | str, views: Sequence[PairView], dpi: int | None = No
             ax.plot([src[i, 0], pred[i, 0] + offset], [src[i, 1], pred[i, 1]], "-", color=colours[i], lw=0.7, alpha=0.8)
         ax.scatter(src[:, 0], src[:, 1], s=16, c=colours, edgecolors="white", linewidths=0.5, zorder=3)
         ax.scatter(pred[:, 0] + offset, pred[:, 1], s=16, c=colours, edgecolors="black", linewidths=0.5, zorder=3)
-        _frame(ax, canvas, view.title)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.95, hspace=0.2)
-    return _save(fig, path, dpi)
+
+    return _pair_figure(path, views, draw, dpi)

@@ -11,7 +11,9 @@ raise `DitfError("cannot read image <path>: <reason>")` on one line.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """`Image.open(path)`, with every way a file can be bad (missing, not decodable, over the
+    decompression-bomb limit) turned into one DitfError naming it."""
+    if not path.is_file():
+        raise _fail(path, "no such file" if not path.exists() else "not a regular file")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns between 1x and 2x the limit and raises above 2x; we reject both.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                yield img
+    except DitfError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise _fail(path, f"decompression-bomb limit exceeded ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "bad file"
+        raise _fail(path, f"{type(exc).__name__}: {exc}") from exc
+
+
 def load_rgb(path: Path | str) -> Image.Image:
     """Fully decode an image file into an 8-bit RGB image in its displayed orientation.
 
@@ -81,34 +103,22 @@ def load_rgb(path: Path | str) -> Image.Image:
     ``Image.MAX_IMAGE_PIXELS`` (None disables it); anything above it is rejected, not warned.
     """
     path = Path(path)
-    if not path.is_file():
-        raise _fail(path, "no such file" if not path.exists() else "not a regular file")
-    try:
-        with warnings.catch_warnings():
-            # PIL warns between 1x and 2x the limit and raises above 2x; we reject both.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if width <= 0 or height <= 0:
-                    raise _fail(path, f"zero-size image ({width}x{height})")
-                limit = Image.MAX_IMAGE_PIXELS
-                if limit is not None and width * height > limit:
-                    raise _fail(
-                        path,
-                        f"{width}x{height} = {width * height} pixels exceeds the "
-                        f"decompression-bomb limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)",
-                    )
-                img.load()
-                oriented = ImageOps.exif_transpose(img)
-                rgb = to_rgb(oriented)
-                if rgb is img:  # keep nothing that refers to the open file
-                    rgb = rgb.copy()
-    except DitfError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise _fail(path, f"decompression-bomb limit exceeded ({exc})") from exc
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "bad file"
-        raise _fail(path, f"{type(exc).__name__}: {exc}") from exc
+    with _opened(path) as img:
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise _fail(path, f"zero-size image ({width}x{height})")
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and width * height > limit:
+            raise _fail(
+                path,
+                f"{width}x{height} = {width * height} pixels exceeds the "
+                f"decompression-bomb limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)",
+            )
+        img.load()
+        oriented = ImageOps.exif_transpose(img)
+        rgb = to_rgb(oriented)
+        if rgb is img:  # keep nothing that refers to the open file
+            rgb = rgb.copy()
     if rgb.width <= 0 or rgb.height <= 0:
         raise _fail(path, f"zero-size image ({rgb.width}x{rgb.height})")
     return rgb
@@ -125,18 +135,9 @@ def image_size(path: Path | str) -> tuple[int, int]:
     further in still fails later, in `load_rgb`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise _fail(path, "no such file" if not path.exists() else "not a regular file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except Image.DecompressionBombError as exc:
-        raise _fail(path, f"decompression-bomb limit exceeded ({exc})") from exc
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "bad file"
-        raise _fail(path, f"{type(exc).__name__}: {exc}") from exc
+    with _opened(path) as img:
+        width, height = img.size
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     if width <= 0 or height <= 0:
         raise _fail(path, f"zero-size image ({width}x{height})")
     return (height, width) if orientation in _ORIENTATIONS_SWAPPING_AXES else (width, height)

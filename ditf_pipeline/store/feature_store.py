@@ -189,6 +189,14 @@ _HELD_GUARD = threading.Lock()
 _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF, errno.ENOTSUP}
 
 
+def _lock_failure(lock: Path, exc: OSError) -> DitfError:
+    """The one error line for a lock that failed other than by being held."""
+    if exc.errno in _NO_LOCKING:
+        return DitfError(f"the file system holding {lock.parent} cannot lock files ({exc.strerror or exc}): ditf needs "
+                         "POSIX locks (fcntl) to keep two writers apart; put the store on a file system that has them")
+    return DitfError(f"cannot lock {lock}: {exc.strerror or exc}")
+
+
 @contextlib.contextmanager
 def _fs_lock(path: Path, refusal: str, wait: float = 0.0):
     """Exclusive right to one lock file: `fcntl.lockf` on a descriptor opened read-write.
@@ -215,13 +223,8 @@ def _fs_lock(path: Path, refusal: str, wait: float = 0.0):
                     fd = candidate
                 except OSError as exc:
                     os.close(candidate)  # this process holds no lock on the file: closing frees nothing
-                    if exc.errno in _NO_LOCKING:
-                        raise DitfError(
-                            f"the file system holding {path.parent} cannot lock files ({exc.strerror or exc}): ditf needs "
-                            "POSIX locks (fcntl) to keep two writers apart; put the store on a file system that has them"
-                        ) from None
                     if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                        raise DitfError(f"cannot lock {path}: {exc.strerror or exc}") from None
+                        raise _lock_failure(path, exc) from None
         if fd is None:
             if time.monotonic() >= deadline:
                 raise DitfError(refusal)
@@ -287,11 +290,7 @@ def _join_writers(path: Path, drop: Callable[[], None]) -> None:
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EAGAIN) or time.monotonic() >= deadline:
                 os.close(fd)
-                if exc.errno in _NO_LOCKING:
-                    raise DitfError(f"the file system holding {path} cannot lock files ({exc.strerror or exc}): ditf needs "
-                                    "POSIX locks (fcntl) to keep two writers apart; put the store on a file system that has them"
-                                    ) from None
-                raise DitfError(f"cannot lock {lock}: {exc.strerror or exc}") from None
+                raise _lock_failure(lock, exc) from None
             time.sleep(0.05)
     with _HELD_GUARD:
         if key in _WRITERS:  # another thread of this process joined meanwhile
@@ -866,6 +865,12 @@ def _file_rows(array: zarr.Array) -> int:
     return int(array.metadata.chunk_grid.chunk_shape[0])
 
 
+def _file_key(array: zarr.Array, row: int) -> str:
+    """The store key of the file (chunk, or shard) holding `row` of `array`."""
+    coords = (row // _file_rows(array),) + (0,) * (array.ndim - 1)
+    return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+
+
 def _chunk_exists(array: zarr.Array, row: int) -> bool:
     """Whether the file holding `row` (its chunk, or its shard) was written (a missing one would
     read as fill values).
@@ -875,9 +880,7 @@ def _chunk_exists(array: zarr.Array, row: int) -> bool:
     """
     if not _checksummed(array):
         return True
-    coords = (row // _file_rows(array),) + (0,) * (array.ndim - 1)
-    key = f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
-    return bool(sync(array.store_path.store.exists(key)))
+    return bool(sync(array.store_path.store.exists(_file_key(array, row))))
 
 
 def _text_digest(text: str) -> str:
@@ -1442,8 +1445,7 @@ class FeatureArrays:
         shard: zarr cannot write into a shard whose index it cannot read)."""
         self.clear_complete(committed)
         array = self.group[name]
-        coords = (row // _file_rows(array),) + (0,) * (array.ndim - 1)
-        sync(array.store_path.store.delete(f"{array.path}/{array.metadata.encode_chunk_key(coords)}"))
+        sync(array.store_path.store.delete(_file_key(array, row)))
 
     @property
     def massive_channels(self) -> list[int] | None:
@@ -1496,7 +1498,8 @@ class FeatureArrays:
             raise DitfError(f"store: {self.path}: the grid of image {self._name(row)} is damaged ({rows}x{cols}); "
                             "run `ditf doctor --repair`")
         pre_adaln = self._read_row("pre_adaln", row, (slice(0, rows), slice(0, cols)))
-        names = self.modulation_names if vectors is None else [n for n in self.modulation_names if n in set(vectors)]
+        wanted = None if vectors is None else set(vectors)
+        names = [n for n in self.modulation_names if wanted is None or n in wanted]
         modulation = {name: self._read_row(name, row) for name in names}
         for name, vector in modulation.items():
             if np.isnan(vector).all():  # the NaN fill: this image's chunk is absent from its shard
