@@ -243,3 +243,20 @@ def test_doctor_finds_a_stale_consolidated_copy_and_repair_drops_it(demo, tmp_pa
         after = Findings()
         check_store(store, after)
         assert not after.problems, after.problems
+
+
+def test_a_refused_command_adds_no_consolidated_copy(demo, tmp_path):
+    """A writer that wrote nothing (refused after opening the store) leaves the root as it was."""
+    _, root = demo
+    store = tmp_path / "s.zarr"
+    _extract(demo, store)
+    meta = json.loads((store / "zarr.json").read_text())  # a store without a copy (as older ditf wrote them)
+    del meta["consolidated_metadata"]
+    (store / "zarr.json").write_text(json.dumps(meta))
+    before = (store / "zarr.json").read_bytes()
+    refused = subprocess.run([sys.executable, "-m", "ditf_cli.main", "match", "--model", "tiny-flux", "--data-root",
+                              str(root), "--store", str(store), "--k", "1", "--t", "260", "--channels", "99999",
+                              "--overwrite", "--no-progress"], capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert refused.returncode == 1 and "out of range" in refused.stderr, refused.stderr
+    assert (store / "zarr.json").read_bytes() == before
