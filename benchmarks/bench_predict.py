@@ -7,7 +7,18 @@ channels) with AdaLN vectors; pairs are drawn within 18 categories as in SPair's
 (12,234 pairs over 481 images at --scale 1). Each (variant, jobs) run is a fresh process, so
 its peak RSS is its own; the store is built once and reused (--store).
 
-    python benchmarks/bench_predict.py [--scale 0.25] [--jobs 1,2] [--variants raw,adaln+cd] [--json PATH]
+Memory with several jobs (worker processes): `peak_rss_mib` is the calling process's own peak,
+`worker_peak_rss_mib` the largest worker's (both exact, from getrusage), and `tree_peak_rss_mib`
+/ `tree_peak_pss_mib` the peak of their sum over the process and its workers, sampled every
+second from /proc (Linux; a sample costs ~2 ms of CPU per process read, so more often would
+tax the 2-job runs, whose cores are both busy, more than the 1-job ones). RSS counts the shared libraries (torch) once per process; PSS splits
+shared pages between the processes that map them, so the PSS sum is the memory the run takes.
+
+    python benchmarks/bench_predict.py [--scale 0.25] [--jobs 1,2] [--variants raw,adaln+cd] [--ceiling] [--json PATH]
+
+`--ceiling` also runs, per variant, two independent one-job processes at the same time, each on
+one contiguous half of the pairs: the best a 2-job run could do on this machine (nothing
+shared, no start-up, no tail), so the 1 -> 2 jobs speed-up can be read against it.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -84,23 +96,85 @@ def build_store(path: Path, data: SyntheticPairs) -> None:
         arrays.write_image(row, z.astype(np.float16), vectors)
 
 
-def run_one(store_path: Path, scale: float, variant: str, jobs: int, protocol: str) -> dict:
-    """One match run in this process (called in a fresh subprocess by `main`)."""
+class TreeMemory(threading.Thread):
+    """Peak summed RSS and PSS (MiB) of this process and its children, sampled from /proc."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.stopped = interval, threading.Event()
+        self.peak_rss = self.peak_pss = 0.0
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        out = []
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                out += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return out
+
+    def sample(self) -> None:
+        rss = pss = 0
+        for pid in [os.getpid(), *self._children(os.getpid())]:
+            try:
+                text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue  # a worker that just ended
+            fields = dict(line.split(":", 1) for line in text.splitlines()[1:] if ":" in line)
+            rss += int(fields["Rss"].split()[0])
+            pss += int(fields["Pss"].split()[0])
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss / 1024), max(self.peak_pss, pss / 1024)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "TreeMemory":
+        if Path("/proc/self/smaps_rollup").exists():
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        if self.is_alive():
+            self.join()
+            self.sample()
+
+
+def run_one(store_path: Path, scale: float, variant: str, jobs: int, protocol: str, half: int | None = None) -> dict:
+    """One match run in this process (called in a fresh subprocess by `main`); with `half` (0 or
+    1), only that contiguous half of the pairs."""
+    from ditf_pipeline.match.pool import limit_malloc_arenas
     from ditf_pipeline.match.predict import MatchSettings, predict
     from ditf_pipeline.store.feature_store import FeatureStore
 
+    limit_malloc_arenas()  # as `ditf` does
     data = SyntheticPairs(scale)
+    if half is not None:
+        middle = len(data.pairs()) // 2
+        data._pairs = data._pairs[:middle] if half == 0 else data._pairs[middle:]
     store = FeatureStore(store_path)
     arrays = store.open_features(data.name, "synthetic", 28, 260)
     arrays.group.attrs.pop("massive_channels", None)  # every run detects (and stores) them itself
     settings = MatchSettings(variant=variant, protocol=protocol, jobs=jobs)
-    cpu, wall = time.process_time(), time.perf_counter()
-    report = predict(store, data, "synthetic", 28, 260, settings, overwrite=True, progress=False)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    return {"variant": variant, "protocol": protocol, "jobs": jobs, "pairs": report.matched, "channels": report.channels,
+    cpu, wall = _cpu_seconds(), time.perf_counter()
+    with TreeMemory() as memory:
+        report = predict(store, data, "synthetic", 28, 260, settings, overwrite=True, progress=False)
+    cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
+    return {"variant": variant, "protocol": protocol, "jobs": jobs, "workers": report.workers, "pairs": report.matched,
+            "channels": report.channels,
             "wall_s": wall, "cpu_s": cpu, "cpu_ms_per_pair": 1000 * cpu / report.matched,
             "wall_ms_per_pair": 1000 * wall / report.matched,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            "tree_peak_rss_mib": memory.peak_rss or None, "tree_peak_pss_mib": memory.peak_pss or None}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its ended children (the worker processes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -112,10 +186,13 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=None, help="store to build/reuse (default: a temporary one)")
     parser.add_argument("--machine", default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--ceiling", action="store_true", help="also two independent 1-job halves at once")
     parser.add_argument("--one", nargs=3, metavar=("STORE", "VARIANT", "JOBS"), help=argparse.SUPPRESS)
+    parser.add_argument("--half", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("RUN " + json.dumps(run_one(Path(args.one[0]), args.scale, args.one[1], int(args.one[2]), args.protocol)))
+        run = run_one(Path(args.one[0]), args.scale, args.one[1], int(args.one[2]), args.protocol, args.half)
+        print("RUN " + json.dumps(run))
         return
 
     data = SyntheticPairs(args.scale)
@@ -124,27 +201,46 @@ def main() -> None:
         start = time.perf_counter()
         build_store(store, data)
         print(f"store: {len(data.images)} images, {len(data.pairs())} pairs ({time.perf_counter() - start:.0f} s to build)")
-        runs = []
+        runs, ceilings = [], {}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+        def start(variant: str, jobs: int, half: int | None = None) -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, __file__, "--scale", str(args.scale), "--protocol", args.protocol,
+                                     "--one", str(store), variant, str(jobs),
+                                     *([] if half is None else ["--half", str(half)])],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+        def result(process: subprocess.Popen) -> dict:
+            out, err = process.communicate()
+            if process.returncode != 0:
+                raise SystemExit(err[-3000:])
+            return json.loads(out.split("RUN ", 1)[1])
+
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
             for jobs in [int(j) for j in args.jobs.split(",")]:
-                env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-                out = subprocess.run([sys.executable, __file__, "--scale", str(args.scale), "--protocol", args.protocol,
-                                      "--one", str(store), variant, str(jobs)], capture_output=True, text=True, env=env)
-                if out.returncode != 0:
-                    raise SystemExit(out.stderr[-3000:])
-                run = json.loads(out.stdout.split("RUN ", 1)[1])
+                run = result(start(variant, jobs))
                 runs.append(run)
-                print(f"{variant:14s} jobs={jobs}: {run['cpu_ms_per_pair']:.2f} ms CPU/pair, {run['wall_s']:.1f} s wall "
-                      f"({run['wall_ms_per_pair']:.2f} ms/pair), peak RSS {run['peak_rss_mib']:.0f} MiB, channels {run['channels']}")
+                print(f"{variant:14s} jobs={jobs} ({run['workers']} worker(s)): {run['cpu_ms_per_pair']:.2f} ms CPU/pair, {run['wall_s']:.1f} s wall "
+                      f"({run['wall_ms_per_pair']:.2f} ms/pair), peak RSS {run['peak_rss_mib']:.0f} MiB "
+                      f"(largest worker {run['worker_peak_rss_mib']:.0f}, summed {run['tree_peak_rss_mib'] or 0:.0f}, "
+                      f"summed PSS {run['tree_peak_pss_mib'] or 0:.0f}), channels {run['channels']}")
+            if args.ceiling:
+                halves = [result(p) for p in [start(variant, 1, 0), start(variant, 1, 1)]]
+                ceilings[variant] = {"halves": halves, "wall_s": max(h["wall_s"] for h in halves)}
+                print(f"{variant:14s} two independent 1-job halves at once: {ceilings[variant]['wall_s']:.1f} s wall")
         speedups = {}
         for variant in {r["variant"] for r in runs}:
             by_jobs = {r["jobs"]: r["wall_s"] for r in runs if r["variant"] == variant}
             if 1 in by_jobs and 2 in by_jobs:
                 speedups[variant] = by_jobs[1] / by_jobs[2]
                 print(f"{variant:14s} wall-clock speed-up 1 -> 2 jobs: {speedups[variant]:.2f}x")
+            if 1 in by_jobs and variant in ceilings:
+                ceilings[variant]["speedup"] = by_jobs[1] / ceilings[variant]["wall_s"]
+                print(f"{variant:14s} ceiling (two independent halves): {ceilings[variant]['speedup']:.2f}x")
     result = {"machine": args.machine, "date": datetime.date.today().isoformat(), "scale": args.scale,
               "images": len(data.images), "pairs": len(data.pairs()), "protocol": args.protocol, "runs": runs,
-              "speedup_1_to_2_jobs": speedups, "load_average_at_end": list(os.getloadavg())}
+              "speedup_1_to_2_jobs": speedups, "two_independent_halves": ceilings,
+              "load_average_at_end": list(os.getloadavg())}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

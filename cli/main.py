@@ -14,8 +14,10 @@ from .app import app
 
 
 def main() -> None:
+    from ditf_pipeline.match.pool import limit_malloc_arenas
     from ditf_pipeline.store.feature_store import close_writers
 
+    limit_malloc_arenas()  # this process's memory: two glibc arenas (see `pool.MALLOC_ARENAS`)
     try:
         app()
     finally:

@@ -28,7 +28,7 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Also write the re
 PerPairOpt = Annotated[Optional[Path], typer.Option("--per-pair", help="Also write one row per pair (correct keypoints and PCK per alpha, with the settings) to FILE.csv, or FILE.parquet with pyarrow installed.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Recompute predictions stored with other settings.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (matching and propagation)")]
-JobsOpt = Annotated[Optional[int], typer.Option("--jobs", help="Pairs on the CPU: worker threads, one torch thread each (default: every core). Results are identical for any N.")]
+JobsOpt = Annotated[Optional[int], typer.Option("--jobs", help="Pairs on the CPU: N workers (a thread here and N-1 processes), one torch thread each (default: every core). Results are identical for any N.")]
 
 
 def _emit(text: str, out: Path | None) -> None:

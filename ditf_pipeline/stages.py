@@ -34,7 +34,7 @@ class StageSettings:
     device: str = "auto"
     fuse: str | None = None  # pairs only: partner model concatenated per pair (DiTF + DINOv2)
     pca_dim: int = DEFAULT_PCA_DIM
-    jobs: int | None = None  # pairs: worker threads on the CPU (None: every core)
+    jobs: int | None = None  # pairs: workers on the CPU (`match.pool`; None: every core)
     shard: str | None = None  # pairs: "i/N", this job's share of the pair blocks (`--shard`)
 
     def prediction_name(self, task: str) -> str:

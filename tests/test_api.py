@@ -208,6 +208,10 @@ def test_readme_pipeline_block_runs(tmp_path, monkeypatch):
     code = re.findall(r"```python\n(.*?)```", section, re.S)[1]
     monkeypatch.chdir(tmp_path)
     make_spair_demo(Path("data/SPair-71k"), categories=("cat",), pairs_per_category=2)
+    from ditf_pipeline.match import predict as predict_module
+
+    monkeypatch.setattr(predict_module, "BLOCK", 1)  # two blocks: matched by a worker process too
+    monkeypatch.setattr(predict_module, "POOL_MIN_PAIRS", 1)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert [r["variant"] for r in namespace["scores"]] == ["raw", "adaln+cd"]

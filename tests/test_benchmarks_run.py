@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +59,9 @@ def test_bench_match_smoke():
 
 @pytest.mark.slow
 def test_bench_predict_runs(tmp_path):
-    out = _run("benchmarks/bench_predict.py", "--scale", "0.03", "--variants", "raw", "--jobs", "1,2",
+    out = _run("benchmarks/bench_predict.py", "--scale", "0.03", "--variants", "raw", "--jobs", "1,2", "--ceiling",
                "--json", str(tmp_path / "p.json"))
-    assert "raw            jobs=2:" in out and "speed-up 1 -> 2 jobs" in out
+    assert "raw            jobs=2 (1 worker(s)):" in out and "speed-up 1 -> 2 jobs" in out  # 367 pairs: too few for workers
+    assert "ceiling (two independent halves)" in out
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert sum(h["pairs"] for h in result["two_independent_halves"]["raw"]["halves"]) == result["pairs"]

@@ -1,8 +1,10 @@
-"""Match on every core and on any device: byte-bounded caches, worker threads, stored channels,
-device plumbing (exercised with device="cpu"; no GPU here)."""
+"""Match on every core and on any device: byte-bounded caches, workers (the same bits as one job),
+stored channels, device plumbing (exercised with device="cpu"; no GPU here)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,6 +28,7 @@ from ditf_pipeline.match.matchers import (
     nearest_neighbours,
     resolve_match_device,
 )
+from ditf_pipeline.match.pool import WorkerPool
 from ditf_pipeline.match.predict import MatchSettings, match_pairs, predict, run_blocks
 from ditf_pipeline.store.feature_store import FeatureStore
 
@@ -98,21 +101,69 @@ def _stored(store, name):
     return store.open_predictions(("spair", "rand", 0, 0), name).read()
 
 
-@pytest.mark.parametrize("variant, protocol", [("adaln+cd", "dift"), ("raw", "geoaware")])
-def test_any_job_count_gives_the_same_bits(demo_store, monkeypatch, variant, protocol):
-    store, dataset, _ = demo_store
-    monkeypatch.setattr(predict_module, "BLOCK", 2)  # many blocks for few pairs
-    results = []
-    for jobs in (1, 2, 3):
-        settings = MatchSettings(variant=variant, protocol=protocol, jobs=jobs)
-        report = predict(store, dataset, "rand", 0, 0, settings, overwrite=True, progress=False)
-        assert report.matched == len(dataset.pairs())
-        results.append(_stored(store, settings.name))
-    assert len(dataset.pairs()) > 3 * 2
-    for other in results[1:]:
-        assert other.keys() == results[0].keys()
-        for pair_id, value in results[0].items():
-            assert np.array_equal(other[pair_id], value), pair_id
+def _predict(path, dataset, jobs, **settings):
+    with FeatureStore(path) as store:
+        settings = MatchSettings(jobs=jobs, **settings)
+        predict(store, dataset, "rand", 0, 0, settings, overwrite=True, progress=False)
+        return store.open_predictions(("spair", "rand", 0, 0), settings.name).read()
+
+
+@pytest.mark.parametrize("variant, protocol", [("adaln", "dift"), ("raw", "geoaware")])
+def test_workers_give_the_bits_of_one_job(demo_store, monkeypatch, variant, protocol):
+    _, dataset, base = demo_store
+    path = base / "s.zarr"
+    monkeypatch.setattr(predict_module, "BLOCK", 3)
+    monkeypatch.setattr(predict_module, "POOL_MIN_PAIRS", 1)
+    used = []
+
+    class CountedPool(WorkerPool):
+        def run(self, blocks, make_runner):
+            used.append((len(blocks), self.jobs))
+            return super().run(blocks, make_runner)
+
+    monkeypatch.setattr(predict_module, "WorkerPool", CountedPool)
+    one = _predict(path, dataset, 1, variant=variant, protocol=protocol)
+    assert not used  # one job: in this process
+    for jobs in (2, 3):
+        many = _predict(path, dataset, jobs, variant=variant, protocol=protocol)
+        assert used[-1] == (-(-len(dataset.pairs()) // 3), jobs)  # the pool ran: blocks, workers
+        assert many.keys() == one.keys()
+        for pair_id, value in one.items():
+            assert np.array_equal(many[pair_id], value), (jobs, pair_id)
+
+
+def test_a_small_run_stays_in_this_process(demo_store, monkeypatch):
+    _, dataset, base = demo_store
+    path = base / "s.zarr"
+    monkeypatch.setattr(predict_module, "BLOCK", 3)
+    monkeypatch.setattr(predict_module, "WorkerPool", lambda *a: pytest.fail("no workers for a few pairs"))
+    assert len(dataset.pairs()) < predict_module.POOL_MIN_PAIRS
+    assert _predict(path, dataset, 2, variant="raw")
+
+
+def test_an_error_in_a_worker_is_the_one_line_of_one_job(demo_store, tmp_path, monkeypatch):
+    _, dataset, base = demo_store
+    path = base / "s.zarr"
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(path, damaged)
+    # flip a byte in the features of the image of the last pair: worker 1's span (or a steal) reads it
+    key = dataset.pairs()[-1].trg_key
+    with FeatureStore(damaged, read_only=True) as store:
+        row = store.image_rows("spair")[key]
+    chunks = damaged / "spair/rand/k0/t0/pre_adaln/c" / str(row)  # one chunk (file) per image
+    chunk = next(p for p in chunks.rglob("*") if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    monkeypatch.setattr(predict_module, "BLOCK", 3)
+    monkeypatch.setattr(predict_module, "POOL_MIN_PAIRS", 1)
+    messages = []
+    for jobs in (1, 2):
+        with pytest.raises(DitfError) as caught:
+            _predict(damaged, dataset, jobs, variant="adaln")
+        messages.append(str(caught.value))
+    assert "\n" not in messages[1] and key in messages[1]
+    assert messages[1].split(": ", 1)[1] == messages[0].split(": ", 1)[1]  # the same words, after "pair <id>"
 
 
 def test_matching_runs_with_one_intra_op_thread_and_restores_the_setting():
@@ -123,7 +174,7 @@ def test_matching_runs_with_one_intra_op_thread_and_restores_the_setting():
         return [start]
 
     before = torch.get_num_threads()
-    assert [s for s, _ in run_blocks([0, 1, 2, 3], run_block, jobs=2)] and set(seen) == {1}
+    assert [s for s, _ in run_blocks([0, 1, 2, 3], run_block)] == [0, 1, 2, 3] and set(seen) == {1}
     assert torch.get_num_threads() == before
 
 
@@ -273,3 +324,29 @@ def test_cli_match_has_jobs():
 
     result = CliRunner().invoke(app, ["match", "--help"])
     assert result.exit_code == 0 and "--jobs" in result.output
+
+
+def _child_processes() -> list[int]:
+    from pathlib import Path
+
+    return [int(c) for task in Path(f"/proc/{os.getpid()}/task").glob("*")
+            for c in (task / "children").read_text().split()]
+
+
+def test_workers_started_early_are_stopped_when_nothing_is_left_to_match(demo_store, monkeypatch):
+    _, dataset, base = demo_store
+    monkeypatch.setattr(predict_module, "POOL_MIN_PAIRS", 1)
+    started = []
+
+    class SeenPool(WorkerPool):
+        def __init__(self, jobs):
+            super().__init__(jobs)
+            started.extend(process.pid for _, process in self._processes)
+
+    monkeypatch.setattr(predict_module, "WorkerPool", SeenPool)
+    with FeatureStore(base / "s.zarr") as store:
+        predict(store, dataset, "rand", 0, 0, MatchSettings(variant="raw", jobs=2), overwrite=True, progress=False)
+        report = predict(store, dataset, "rand", 0, 0, MatchSettings(variant="raw", jobs=2), progress=False)
+    assert report.matched == 0 and report.workers == 1  # the second run found every pair done
+    assert len(started) == 2  # both runs started a worker process at once...
+    assert not set(started) & set(_child_processes())  # ...and none is left

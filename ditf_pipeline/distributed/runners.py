@@ -238,8 +238,9 @@ def extract_records(
         return len(todo)
 
 
-#: the last FeatureCache per feature key on this worker (neighbouring blocks share images)
-_FEATURES: dict[tuple, object] = {}
+#: the last block matcher (and the rows its feature cache knows) per feature key on this worker:
+#: neighbouring blocks share images
+_MATCHERS: dict[tuple, tuple] = {}
 
 
 def match_block(
@@ -248,13 +249,12 @@ def match_block(
 ) -> int:
     """Predict one block of consecutive pairs and commit it (its own chunk of `pred`/`done`).
 
-    The same code as a local `predict` (`predict.match_pairs`, float16 feature cache, one
+    The same code as a local `predict` (`predict.block_matcher`: float16 feature cache, one
     intra-op thread), so the bits are the same.
     """
-    from ..match.features import compute_feature
     from ..match.matchers import resolve_match_device
-    from ..match.paper import paper_feature, paper_matching
-    from ..match.predict import match_pairs, pair_feature_cache, pair_matcher, run_blocks
+    from ..match.paper import paper_matching
+    from ..match.predict import block_matcher, run_blocks
 
     with FeatureStore(store_path) as store:  # closed after each task: the coordinator consolidates at its end
         predictions = store.open_predictions(feature_key, settings.name, scope=scope)
@@ -263,16 +263,14 @@ def match_block(
         arrays = store.open_features(*feature_key)
         device = resolve_match_device(getattr(settings, "device", "cpu"))
         paper = paper_matching(arrays.config, settings.protocol)  # --precision paper keys: bf16 / fp16 casts
-        cache_key = (str(store_path), feature_key, settings.variant, tuple(channels), str(device), paper)
-        features = _FEATURES.get(cache_key)
-        if features is None:
-            _FEATURES.clear()
-            features = _FEATURES[cache_key] = pair_feature_cache(arrays, {}, settings.variant, channels, device,
-                                                                 compute=paper_feature if paper else compute_feature)
-        features.rows.update(rows)
-        matcher = pair_matcher(settings, paper)
-        batch = device.type != "cpu"
-        for _, out in run_blocks([block_start], lambda _: match_pairs(pairs, features.pair, matcher, batch), jobs=1):
+        cache_key = (str(store_path), feature_key, settings.name, settings.cache_bytes, tuple(channels), str(device), paper)
+        if cache_key not in _MATCHERS:
+            _MATCHERS.clear()
+            known_rows: dict[str, int] = {}
+            _MATCHERS[cache_key] = known_rows, block_matcher(arrays, known_rows, settings, channels, paper, device)
+        known_rows, run_block = _MATCHERS[cache_key]
+        known_rows.update(rows)
+        for _, out in run_blocks([block_start], lambda _: run_block(pairs)):
             predictions.write(block_start, out)
         return len(pairs)
 

@@ -5,14 +5,19 @@ Reads only the store (the DiT never runs here), computes each image's feature va
 yet, and commits predictions to the store in blocks next to the features, so a rerun is
 incremental and a crash loses at most one block.
 
-Parallelism (`MatchSettings.jobs`, CLI ``--jobs``): blocks of pairs go to `jobs` worker
-threads that share the feature cache and the matcher's per-target caches, each with ONE
-intra-op torch thread. Why threads with one intra-op thread each: a pair is a few
-millisecond-sized torch kernels (they release the GIL), and letting torch split each of them
-over the cores cost more in synchronisation than it gained (measured: CPU per pair rose
-4x with 2 intra-op threads). Matching always runs with one intra-op thread, whatever the job
-count, so the predictions are bit-identical for every ``--jobs`` (the kernels' summation
-order does not depend on how the pairs are spread). The main thread alone writes to the store.
+Parallelism (`MatchSettings.jobs`, CLI ``--jobs``): with more than one job on the CPU (and at
+least `POOL_MIN_PAIRS` pairs to match) the blocks go to that many workers (`pool`: a thread of
+this process and fresh worker processes; each owns a contiguous span of blocks and its own
+feature cache, steals from the others' spans when its own is done, and sends the predictions
+back). Every block, in any worker, runs torch with ONE intra-op thread: a pair is a few
+millisecond-sized kernels, and letting torch split each of them over the cores cost more in
+synchronisation than it gained (measured: CPU per pair rose 4x with 2 intra-op threads). It
+also makes the predictions bit-identical for every ``--jobs`` (the kernels' summation order
+does not depend on how the pairs are spread). The calling process alone writes to the store.
+Why processes: worker threads (used before) share the GIL for the Python between kernels: two
+of them gave 1.47x at SPair size on two cores, the pool 1.7-1.8x, close to what two fully
+independent processes reach there (`benchmarks/bench_predict.py --ceiling`, README
+"Benchmarks (speed)").
 
 On a GPU (``--device cuda``) the feature cache lives on the device and the pairs of a block
 that share a target are matched in one batch (`DiftMatcher.match_batch`); one job.
@@ -23,8 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,9 +46,10 @@ from .features import (
     variant_names,
 )
 from .fusion import PairFusion, parse_fuse
-from .matchers import ByteLRU, make_matcher, resolve_match_device
+from .matchers import ByteLRU, make_matcher, one_intra_op_thread, resolve_match_device
 from ..naming import fusion_label, prediction_name
 from .paper import PaperDiftMatcher, paper_feature, paper_matching
+from .pool import BlockRunner, WorkerPool
 from ..shards import Shard
 from ..store.feature_store import FeatureArrays, FeatureStore, prediction_scope
 from ..validate import unknown
@@ -52,6 +57,10 @@ from ..validate import unknown
 #: pairs committed together (one zarr chunk of predictions); DITF_MATCH_BLOCK makes blocks
 #: small so that crash tests see several of them
 BLOCK = int(os.environ.get("DITF_MATCH_BLOCK") or 256)
+#: fewest pairs to match for which more jobs start worker processes: each costs about a second
+#: of a core to start (a fresh interpreter importing torch), ~150 pairs' worth of matching;
+#: DITF_MATCH_POOL_MIN_PAIRS lowers it for tests
+POOL_MIN_PAIRS = int(os.environ.get("DITF_MATCH_POOL_MIN_PAIRS") or 512)
 #: default byte budget of the variant feature cache (float16 40x30x3072 maps are 7.4 MB: ~34
 #: images; an SPair category has ~27, and its pairs are consecutive)
 FEATURE_CACHE_BYTES = 256 * 2**20
@@ -78,7 +87,7 @@ class MatchSettings:
     channel_sample: int = 32  # images used to detect massive channels for "auto"
     fuse: str | None = None  # partner model (e.g. "dinov2-b14"), concatenated per pair (`fusion`)
     pca_dim: int = 1280  # PCA of the DiT part over each pair before fusing (0: none)
-    jobs: int | None = None  # worker threads (None: every core); CPU only
+    jobs: int | None = None  # workers: this thread + jobs-1 processes (None: every core); CPU only
     device: str = "cpu"  # auto | cpu | cuda | cuda:N
     cache_bytes: int = FEATURE_CACHE_BYTES  # budget of the variant feature cache
     shard: str | None = None  # "i/N": only blocks b with b mod N == i (job arrays, `shards.Shard`)
@@ -102,6 +111,7 @@ class MatchReport:
     skipped: int
     channels: list[int]
     seconds: float
+    workers: int = 1  # how many matched (more jobs start workers only for enough pairs: `POOL_MIN_PAIRS`)
 
 
 def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list[int]:
@@ -146,7 +156,7 @@ def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list
 class FeatureCache:
     """Variant features of recently used images, each computed once while it stays cached.
 
-    Thread-safe (the match workers share it). `dtype` is what is kept: float16 for pair
+    Thread-safe (`ditf view` serves requests from threads). `dtype` is what is kept: float16 for pair
     matching (the authors' script casts the AdaLN feature to float16 at this very point, and it
     halves the memory; the matchers compute in float32), float32 by default for the other
     stages. At most `max_bytes` (and `size` images, when given) stay cached; on `device`.
@@ -196,7 +206,7 @@ class FeatureCache:
 
 
 def pair_matcher(settings: MatchSettings, paper: bool = False):
-    """The matcher of the settings' protocol (thread-safe: shared by the workers); with `paper`,
+    """The matcher of the settings' protocol (thread-safe); with `paper`,
     the authors' fp16 `dift` arithmetic (`paper.PaperDiftMatcher`)."""
     if paper:
         return PaperDiftMatcher()
@@ -217,7 +227,7 @@ PairFeatures = Callable[[str, str], tuple]
 
 def match_pairs(pairs: Sequence[Pair], pair_features: PairFeatures, matcher, batch_by_target: bool = False,
                 advance: Callable[[int], object] | None = None) -> list[np.ndarray]:
-    """Predictions of consecutive pairs, in order (one block; runs in a worker thread).
+    """Predictions of consecutive pairs, in order (one block, in one worker).
 
     `batch_by_target` (GPU): pairs sharing a target go through `matcher.match_batch` together.
     Errors name the pair (a batch that fails is redone pair by pair to find it).
@@ -243,7 +253,9 @@ def match_pairs(pairs: Sequence[Pair], pair_features: PairFeatures, matcher, bat
                 out[i] = result
             if advance is not None:
                 advance(len(members))
-    for i in sorted(todo):
+    # pairs that share a target back to back: its float32 copy and norms are reused while hot in
+    # the core's cache (each pair's result is its own: the order changes no bit)
+    for i in sorted(todo, key=lambda i: (pairs[i].trg_key, i)):
         pair = pairs[i]
         try:
             src, trg, trg_key = pair_features(pair.src_key, pair.trg_key)
@@ -255,39 +267,42 @@ def match_pairs(pairs: Sequence[Pair], pair_features: PairFeatures, matcher, bat
     return out  # type: ignore[return-value]
 
 
-def run_blocks(block_starts: Sequence[int], run_block: Callable[[int], list], jobs: int):
-    """Yield (block_start, predictions) as blocks finish, computed by `jobs` worker threads.
+def run_blocks(block_starts: Sequence[int], run_block: Callable[[int], list]) -> Iterator[tuple[int, list]]:
+    """Yield (block_start, predictions) block after block, with torch on one intra-op thread."""
+    with one_intra_op_thread():
+        for start in block_starts:
+            yield start, run_block(start)
 
-    Every worker (and the calling thread while it waits) runs torch with one intra-op thread;
-    the caller's setting is restored at the end. At most 2 x jobs blocks are in flight, so
-    neighbouring blocks (which share images) are matched together and memory stays bounded.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if jobs <= 1 or len(block_starts) <= 1:
-            for start in block_starts:
-                yield start, run_block(start)
-            return
-        with ThreadPoolExecutor(max_workers=min(jobs, len(block_starts)), initializer=torch.set_num_threads,
-                                initargs=(1,), thread_name_prefix="ditf-match") as pool:
-            pending: dict = {}
-            queue = list(block_starts)
-            try:
-                while queue or pending:
-                    while queue and len(pending) < 2 * jobs:
-                        start = queue.pop(0)
-                        pending[pool.submit(run_block, start)] = start
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in sorted(finished, key=lambda f: pending[f]):
-                        start = pending.pop(future)
-                        yield start, future.result()
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
-    finally:
-        torch.set_num_threads(previous)
+
+def block_matcher(arrays: FeatureArrays, rows: dict[str, int], settings: MatchSettings, channels: Sequence[int],
+                  paper: bool, device: torch.device, fusion: PairFusion | None = None,
+                  advance: Callable[[int], object] | None = None) -> BlockRunner:
+    """The function that predicts one block of pairs: the settings' feature cache and matcher,
+    built once and kept for every block (in `predict` and in each worker process alike)."""
+    matcher = pair_matcher(settings, paper)
+    features = pair_feature_cache(arrays, rows, settings.variant, channels, device, settings.cache_bytes,
+                                  compute=paper_feature if paper else compute_feature)
+    pair_features = features.pair if fusion is None else fusion.bind(features)
+    batch = device.type != "cpu" and fusion is None
+    return lambda block: match_pairs(block, pair_features, matcher, batch, advance)
+
+
+@dataclass(frozen=True)
+class WorkerBlockMatcher:
+    """What a worker process needs to build the same `block_matcher` as `predict` (picklable:
+    it opens the store itself, read-only)."""
+
+    store: str
+    feature_key: tuple[str, str, int, int]
+    rows: dict[str, int]
+    settings: MatchSettings
+    channels: tuple[int, ...]
+    paper: bool
+
+    def __call__(self) -> BlockRunner:
+        torch.set_num_threads(1)  # in the worker's own thread: the setting is per thread with OpenMP
+        arrays = FeatureStore(self.store, read_only=True).open_features(*self.feature_key)
+        return block_matcher(arrays, self.rows, self.settings, self.channels, self.paper, torch.device("cpu"))
 
 
 def check_features(pairs: Sequence[Pair], rows: dict[str, int], arrays: FeatureArrays) -> None:
@@ -351,54 +366,62 @@ def predict(
         raise DitfError(f"dataset {dataset.name} at {dataset.root} has no pairs")
     check_features(pairs, rows, arrays)
     check_variant_applies(settings.variant, bool(arrays.modulation_names))
-    channels = resolve_channels(settings.channels, arrays, settings.channel_sample) if settings.variant in USES_CHANNELS else []
-    attrs = {
-        "variant": settings.variant,
-        "protocol": settings.protocol,
-        "soft_window": settings.soft_window,
-        "channels": channels,
-        "features": arrays.config,
-    }
-    paper = paper_matching(arrays.config, settings.protocol)  # --precision paper: the authors' bf16 / fp16 casts
-    if paper:
-        attrs["precision"] = "paper"
-    fusion = None
-    if settings.fuse:
+    # one job on a GPU (the device is the parallel part) and with --fuse (its partner's cache is
+    # opened here, not in the workers)
+    jobs = 1 if device.type != "cpu" or settings.fuse else max(1, int(settings.jobs or default_jobs()))
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if jobs > 1 and block_runner is None and len(pairs) >= POOL_MIN_PAIRS:
+            # the worker processes boot (import torch) while channels are detected and the
+            # prediction arrays set up; closed unused when too few pairs are left to match
+            pool = stack.enter_context(WorkerPool(jobs))
+        channels = resolve_channels(settings.channels, arrays, settings.channel_sample) if settings.variant in USES_CHANNELS else []
+        attrs = {
+            "variant": settings.variant,
+            "protocol": settings.protocol,
+            "soft_window": settings.soft_window,
+            "channels": channels,
+            "features": arrays.config,
+        }
+        paper = paper_matching(arrays.config, settings.protocol)  # --precision paper: the authors' bf16 / fp16 casts
+        if paper:
+            attrs["precision"] = "paper"
+        fusion = None
+        if settings.fuse:
+            if block_runner is not None:
+                raise DitfError("--fuse is not supported by the distributed match runner yet")
+            fusion = open_fusion(store, dataset, rows, pairs, settings.fuse, settings.pca_dim)
+            attrs.update(variant=settings.label, fuse=fusion.describe())
+        feature_key = (dataset.name, model, k, t)
+        max_kps = max(len(p.src_kps) for p in pairs)
+        pair_ids = [p.pair_id for p in pairs]
+        predictions = store.open_predictions(feature_key, settings.name, pair_ids, max_kps, attrs, block=BLOCK,
+                                             scope=prediction_scope(dataset.split, pair_ids), overwrite=overwrite)
+        done = predictions.done()
+        mine = set(part.blocks(len(pairs), BLOCK))
+        todo_blocks = [s for s in range(0, len(pairs), BLOCK) if s in mine and not done[s : s + BLOCK].all()]
+        matched = 0
         if block_runner is not None:
-            raise DitfError("--fuse is not supported by the distributed match runner yet")
-        fusion = open_fusion(store, dataset, rows, pairs, settings.fuse, settings.pca_dim)
-        attrs.update(variant=settings.label, fuse=fusion.describe())
-    feature_key = (dataset.name, model, k, t)
-    # one job on a GPU (the device is the parallel part) and with --fuse (its seeded low-rank PCA
-    # forks the process-global RNG, which two threads must not do at once)
-    jobs = 1 if device.type != "cpu" or fusion is not None else max(1, int(settings.jobs or default_jobs()))
-    max_kps = max(len(p.src_kps) for p in pairs)
-    pair_ids = [p.pair_id for p in pairs]
-    predictions = store.open_predictions(feature_key, settings.name, pair_ids, max_kps, attrs, block=BLOCK,
-                                         scope=prediction_scope(dataset.split, pair_ids), overwrite=overwrite)
-    done = predictions.done()
-    matcher = pair_matcher(settings, paper)
-    features = pair_feature_cache(arrays, rows, settings.variant, channels, device, settings.cache_bytes,
-                                  compute=paper_feature if paper else compute_feature)
-    pair_features = features.pair if fusion is None else fusion.bind(features)
-    mine = set(part.blocks(len(pairs), BLOCK))
-    todo_blocks = [s for s in range(0, len(pairs), BLOCK) if s in mine and not done[s : s + BLOCK].all()]
-    matched = 0
-    if block_runner is not None:
-        matched = block_runner(todo_blocks, pairs, rows, channels)
-        todo_blocks = []
-    batch = device.type != "cpu" and fusion is None
-    with progress_display(sum(len(pairs[s : s + BLOCK]) for s in todo_blocks), f"match {settings.name}", "pair",
-                          enabled=progress) as bar:
-
-        def run_block(block_start: int) -> list[np.ndarray]:
-            return match_pairs(pairs[block_start : block_start + BLOCK], pair_features, matcher, batch, bar.update)
-
-        with contextlib.closing(run_blocks(todo_blocks, run_block, jobs)) as finished:
-            for block_start, out in finished:
-                predictions.write(block_start, out)  # the main thread alone writes
-                matched += len(out)
+            matched = block_runner(todo_blocks, pairs, rows, channels)
+            todo_blocks = []
+        n_todo = sum(len(pairs[s : s + BLOCK]) for s in todo_blocks)
+        with progress_display(n_todo, f"match {settings.name}", "pair", enabled=progress) as bar:
+            in_workers = pool is not None and len(todo_blocks) > 1 and n_todo >= POOL_MIN_PAIRS
+            if in_workers:
+                needed = {key for s in todo_blocks for p in pairs[s : s + BLOCK] for key in (p.src_key, p.trg_key)}
+                recipe = WorkerBlockMatcher(str(store.path), feature_key, {key: rows[key] for key in needed}, settings,
+                                            tuple(channels), paper)
+                finished = pool.run([(s, pairs[s : s + BLOCK]) for s in todo_blocks], recipe)
+            else:
+                run_block = block_matcher(arrays, rows, settings, channels, paper, device, fusion, bar.update)
+                finished = run_blocks(todo_blocks, lambda start: run_block(pairs[start : start + BLOCK]))
+            with contextlib.closing(finished):
+                for block_start, out in finished:
+                    predictions.write(block_start, out)  # this process alone writes
+                    matched += len(out)
+                    if in_workers:
+                        bar.update(len(out))
     return MatchReport(
-        key=predictions.path, n_pairs=len(pairs), matched=matched,
-        skipped=len(pairs) - matched, channels=channels, seconds=time.perf_counter() - start,
+        key=predictions.path, n_pairs=len(pairs), matched=matched, skipped=len(pairs) - matched, channels=channels,
+        seconds=time.perf_counter() - start, workers=min(jobs, len(todo_blocks)) if in_workers else 1,
     )

@@ -280,7 +280,7 @@ class Explorer:
             return pair_feature_cache(arrays, rows, name, channels, max_bytes=0,
                                       compute=paper_feature if paper else compute_feature)
 
-        with queries.single_thread():  # as `ditf match` computes them (bit for bit, fused PCA included)
+        with queries.one_intra_op_thread():  # as `ditf match` computes them (bit for bit, fused PCA included)
             src, trg = self._pair_maps(key, pair, variant, features)
         maps = queries.VariantMaps(variant, src, trg, tuple(pair.src_size), tuple(pair.trg_size), paper=paper)
         self._maps[cache_key] = maps

@@ -14,15 +14,14 @@ images), so nothing is ever upsampled to image size per channel:
   norms cached once per open pair), on the maps of `predict.pair_feature_cache` (float16, as
   `ditf match` caches them; held here in float32, which is exact), so it equals the stored
   prediction of `ditf match` for a keypoint. Maps and matches are computed with ONE torch
-  intra-op thread, as `ditf match` on the CPU computes them (`single_thread`): a matmul split
+  intra-op thread, as `ditf match` on the CPU computes them (`one_intra_op_thread`): a matmul split
   over several threads sums in another order, and a near tie of the argmax can flip.
 """
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import DitfError
-from ..match.matchers import upsampled_vectors
+from ..match.matchers import one_intra_op_thread, upsampled_vectors
 
 #: the matching rules a view can apply (stored geoaware-softN predictions are listed, not recomputed)
 PROTOCOLS = ("dift", "geoaware")
@@ -67,24 +66,6 @@ def fused_specs(prediction_configs: Mapping[str, Mapping]) -> dict[str, FusedSpe
         except (TypeError, ValueError):
             continue  # a config this ditf cannot read is skipped, not fatal
     return found
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """torch on one intra-op thread for the block (`predict.run_blocks` matches so), then as before.
-
-    The setting is process-wide: callers hold the explorer's lock, so no other view computation
-    runs meanwhile (`ditf view` serves on one thread by default, where this is a no-op).
-    """
-    previous = torch.get_num_threads()
-    if previous == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def prediction_scope_name(label: str) -> tuple[str | None, str]:
@@ -173,7 +154,7 @@ class VariantMaps:
         """(N, 2) predicted (x, y) for (N, 2) source points: the very call `ditf match` makes."""
         points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         matcher = self.matcher(protocol)
-        with single_thread():
+        with one_intra_op_thread():
             return matcher.match(self.src, self.src_size, self.trg, self.trg_size, points, trg_key="target")
 
     def match_keypoints(self, keypoints: np.ndarray, protocol: str) -> np.ndarray:

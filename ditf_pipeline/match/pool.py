@@ -1,0 +1,284 @@
+"""Blocks of pairs matched on every core: one worker per job, each owning a span of blocks.
+
+Why processes and not threads: a pair is a few millisecond-sized kernels plus Python glue
+around them. In threads the glue holds the GIL, so two threads reached 1.55-1.70x on two
+cores; the same kernels in two processes reach 2.0x (measured, `benchmarks/bench_predict.py`).
+
+Why spans: neighbouring pairs share images (SPair's pairs are grouped by category), and each
+worker keeps its own feature cache. Handing out blocks round robin would make every worker
+compute nearly every image; instead worker i owns the i-th contiguous span of the blocks and
+walks it front to back. A worker that runs out steals single blocks from the back of the span
+with the most left, so a slow or busy core never holds up the end of the run.
+
+The calling process hands out the blocks (one at a time per worker, over one pipe each) and
+receives `(block start, predictions)` back; it alone writes to the store, so crash safety
+stays what `predict` documents (a block is committed when it is written, a killed run loses
+the blocks in flight). Pipes, not queues or shared locks: a dead parent is an EOF for its
+workers (they stop before their next block), a dead worker an EOF for the parent (one error
+line), and nothing is left behind to clean up.
+
+Worker 0 is a thread of the calling process (ready at once, with everything imported; the
+calling process only waits and writes otherwise), workers 1.. are fresh interpreters
+(`python -c`, each takes about a second to import torch) that receive the work over their
+pipe. Not multiprocessing's "fork": the parent's threads (zarr's event loop) must not be
+forked. Not its "spawn" either: spawn re-imports the caller's main script in every worker, so
+a script without an ``if __name__ == "__main__":`` guard would run its own top level again
+there (an `--overwrite` included) before failing. These workers import only ditf. As with any spawn-based pool (torch's DataLoader, dask's
+LocalCluster), a Python script that calls this must keep its top-level code under
+``if __name__ == "__main__":``; `ditf` itself does.
+
+The module knows nothing of features or torch: `make_runner` (a picklable callable, built
+in the parent and called once in each worker) returns the function that matches one block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import Connection, wait
+
+from ..errors import DitfError
+
+BlockRunner = Callable[[Sequence], list]
+
+
+class Spans:
+    """Which block each worker does next: worker i owns the i-th contiguous span of the blocks
+    (sizes differ by at most one) and takes it front to back; once its span is empty it takes
+    from the back of the span with the most left (work stealing)."""
+
+    def __init__(self, n_blocks: int, workers: int) -> None:
+        bounds = [round(i * n_blocks / workers) for i in range(workers + 1)]
+        self.front, self.end = bounds[:-1], bounds[1:]
+
+    def next(self, worker: int) -> int | None:
+        if self.front[worker] < self.end[worker]:
+            self.front[worker] += 1
+            return self.front[worker] - 1
+        victim = max(range(len(self.end)), key=lambda j: self.end[j] - self.front[j])
+        if self.end[victim] <= self.front[victim]:
+            return None
+        self.end[victim] -= 1
+        return self.end[victim]
+
+
+#: what a worker process runs: Ctrl-C ignored (the parent stops it by closing the pipe), the
+#: parent's module path, then `_worker` on the inherited pipe
+_BOOTSTRAP = ("import signal, sys\n"
+              "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+              "from multiprocessing.connection import Connection\n"
+              "conn = Connection(int(sys.argv[1]))\n"
+              "try:\n"
+              "    sys.path[:] = conn.recv()\n"
+              "except (EOFError, OSError):\n"
+              "    sys.exit(0)  # the parent is gone already\n"
+              "from ditf_pipeline.match.pool import _worker\n"
+              "_worker(conn)\n")
+
+Work = tuple[Callable[[], BlockRunner], Sequence[tuple[int, Sequence]]]
+
+
+def _worker(conn: Connection, work: Work | None = None) -> None:
+    """A worker: receive the work (a process) or take it (the thread), then match the blocks
+    whose indices arrive until None, or until the parent is gone (EOF on the pipe, or a broken
+    pipe when sending)."""
+    try:
+        if work is None:
+            try:
+                work = conn.recv()
+            except (EOFError, OSError):
+                return
+        make_runner, blocks = work
+        run_block = make_runner()
+        while True:
+            try:
+                index = conn.recv()
+            except (EOFError, OSError):
+                return
+            if index is None:
+                return
+            start, block = blocks[index]
+            result = run_block(block)
+            try:
+                conn.send(("block", start, result))
+            except OSError:
+                return
+    except DitfError as exc:
+        message = ("error", "ditf", str(exc))
+    except BaseException:
+        message = ("error", "crash", traceback.format_exc())
+    with contextlib.suppress(OSError):
+        conn.send(message)
+
+
+def _thread_worker(conn: Connection, work: Work) -> None:
+    """Worker 0, in this process: `_worker`, then its end of the pipe closed (as a process's exit would)."""
+    try:
+        _worker(conn, work)
+    finally:
+        conn.close()
+
+
+#: glibc malloc arenas of a worker process (and of `ditf`, `limit_malloc_arenas`): with zarr's
+#: decoding threads each thread got its own arena by default, and the freed buffers of feature
+#: maps spread over them: at SPair size 925 -> 743 MiB peak RSS with 2, no slower (measured)
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas() -> None:
+    """At most `MALLOC_ARENAS` glibc malloc arenas in this process, unless MALLOC_ARENA_MAX says
+    otherwise (glibc reads that at start); nothing on other C libraries. `ditf` calls this."""
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, MALLOC_ARENAS)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
+def _start_process() -> tuple[Connection, subprocess.Popen]:
+    """A worker in a fresh interpreter, and the parent's end of its pipe (the work is sent later)."""
+    parent_end, child_end = multiprocessing.Pipe()
+    env = {"MALLOC_ARENA_MAX": str(MALLOC_ARENAS), **os.environ}
+    try:
+        process = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, str(child_end.fileno())], env=env,
+                                   pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL)
+    finally:
+        child_end.close()  # its end lives in the worker only: the worker's exit is our EOF
+    return parent_end, process
+
+
+class WorkerPool:
+    """`jobs` workers: a thread of this process (started by `run`) and `jobs - 1` worker
+    processes, started at once so that they boot (import torch, ~1 s) while the caller gets the
+    work ready. `run` once; `close` always (or use it as a context manager)."""
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = max(1, jobs)
+        self._processes: list[tuple[Connection, subprocess.Popen]] = []
+        self._working: set[int] = set()  # pids of the processes that were sent work
+        try:
+            for _ in range(1, self.jobs):
+                self._processes.append(_start_process())
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes: EOF on their pipes (they stop before their next block),
+        killed when one has not stopped 5 s later; one that was never sent work is killed at
+        once (it is still importing, or waiting: there is nothing to lose)."""
+        for conn, _ in self._processes:
+            conn.close()
+        for _, process in self._processes:
+            if process.pid not in self._working:
+                process.kill()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def run(self, blocks: Sequence[tuple[int, Sequence]], make_runner: Callable[[], BlockRunner]
+            ) -> Iterator[tuple[int, list]]:
+        """Yield (block start, predictions) as the workers finish blocks (in no fixed order).
+
+        `blocks`: (start, pairs) per block, in pair order. An error in a worker is raised here
+        (a `DitfError` with the worker's message), as is a worker that dies; the pool is closed
+        when this ends, whichever way.
+        """
+        work: Work = (make_runner, blocks)
+        jobs = max(1, min(self.jobs, len(blocks)))
+        parent_end, thread_end = multiprocessing.Pipe()
+        thread_started = False
+        try:
+            for conn, _ in self._processes[jobs - 1:]:  # more processes than blocks: not needed
+                conn.close()
+            thread = threading.Thread(target=_thread_worker, args=(thread_end, work), name="ditf-match-0", daemon=True)
+            thread.start()
+            thread_started = True
+            conns = [parent_end, *(conn for conn, _ in self._processes[: jobs - 1])]
+            workers = [thread, *(process for _, process in self._processes[: jobs - 1])]
+            for i in range(1, jobs):
+                try:
+                    self._working.add(workers[i].pid)
+                    conns[i].send(list(sys.path))  # so that the worker imports the same ditf as this process
+                    conns[i].send(work)
+                except OSError:
+                    raise DitfError(_stopped(i, workers[i])) from None
+            yield from _serve(conns, workers, len(blocks))
+        finally:
+            parent_end.close()  # worker 0 (a daemon thread) sees it after its block in flight and ends
+            if not thread_started:
+                thread_end.close()
+            self.close()
+
+
+def _serve(conns: list[Connection], workers: list, n_blocks: int) -> Iterator[tuple[int, list]]:
+    """Hand out block indices one at a time per worker and yield the results as they come.
+
+    One at a time, so that at the end every block not yet started can still go to whichever
+    worker is free (the next index goes out as soon as a result arrives).
+    """
+    spans = Spans(n_blocks, len(conns))
+    owner = {id(conn): i for i, conn in enumerate(conns)}
+    sent = [0] * len(conns)  # blocks handed to each worker and not yet returned
+    waiting = set(conns)  # workers that have not been sent their None yet
+
+    def hand_out(i: int) -> None:
+        """The worker's next block, or None (sent once: the worker stops after its last block)."""
+        index = spans.next(i)
+        conns[i].send(index)
+        if index is None:
+            waiting.discard(conns[i])
+        else:
+            sent[i] += 1
+
+    for i in range(len(conns)):
+        hand_out(i)
+    left = n_blocks
+    while left:
+        for conn in wait([c for c in conns if c in waiting or sent[owner[id(c)]]]):
+            i = owner[id(conn)]
+            try:
+                kind, start, payload = conn.recv()
+            except (EOFError, OSError):  # EOF, or a reset: it died with our message unread
+                raise DitfError(_stopped(i, workers[i])) from None
+            if kind == "error":
+                if start == "ditf":
+                    raise DitfError(payload)
+                raise RuntimeError(f"match worker {i} failed:\n{payload}")
+            left -= 1
+            sent[i] -= 1
+            if conn in waiting:
+                hand_out(i)
+            yield start, payload
+
+
+def _stopped(i: int, worker) -> str:
+    """The error line for a worker gone before its blocks were done (killed, out of memory, or
+    failed to start)."""
+    if isinstance(worker, threading.Thread):
+        return f"match worker {i} (a thread of this process) stopped before its blocks were done"
+    try:
+        code = worker.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        code = None
+    cause = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    return (f"match worker {i} stopped before its blocks were done ({cause}); the blocks already written are "
+            "kept: rerun the same command to resume, or pass --jobs 1")
