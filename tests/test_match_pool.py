@@ -68,9 +68,10 @@ COMMON = ["--model", "tiny-flux", "--dataset", "spair", "--k", "1", "--t", "260"
 MATCH = ["match", *COMMON, "--variant", "adaln+cd", "--device", "cpu", "--quiet"]
 
 
-def _ditf(args, **env) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DITF_MATCH_BLOCK": "1", "DITF_MATCH_POOL_MIN_PAIRS": "1", **env}
-    return subprocess.Popen([sys.executable, "-m", "ditf_cli.main", *map(str, args)], env=env,
+def _ditf(args) -> subprocess.Popen:
+    """`ditf ARGS` in its own process group (as a shell runs a command: a Ctrl-C reaches that group)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DITF_MATCH_BLOCK": "1", "DITF_MATCH_POOL_MIN_PAIRS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ditf_cli.main", *map(str, args)], env=env, process_group=0,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -218,8 +219,10 @@ def test_ctrl_c_is_one_line_and_stops_the_workers(extracted):
     _, root, _, reference = extracted
     work, parent, worker = _match_with_a_frozen_worker(extracted, "interrupted")
     assert parent.poll() is None and _state(worker) == "T"  # both alive when interrupted
-    for pid in (parent.pid, worker):  # a terminal's Ctrl-C reaches the whole process group
-        os.kill(pid, signal.SIGINT)
+    # the worker is outside the command's group: a Ctrl-C cannot hit it while its interpreter
+    # starts (before it ignores SIGINT), when Python would die with a traceback
+    assert os.getpgid(worker) != os.getpgid(parent.pid)
+    os.killpg(parent.pid, signal.SIGINT)  # a terminal's Ctrl-C: to the command's process group
     os.kill(worker, signal.SIGCONT)
     out, err = parent.communicate(timeout=300)
     assert parent.returncode == 130, err

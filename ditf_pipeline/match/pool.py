@@ -68,7 +68,7 @@ class Spans:
         return self.end[victim]
 
 
-#: what a worker process runs: Ctrl-C ignored (the parent stops it by closing the pipe), the
+#: what a worker process runs: SIGINT ignored (the parent stops it by closing the pipe), the
 #: parent's module path, then `_worker` on the inherited pipe
 _BOOTSTRAP = ("import signal, sys\n"
               "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
@@ -150,8 +150,10 @@ def _start_process() -> tuple[Connection, subprocess.Popen]:
     parent_end, child_end = multiprocessing.Pipe()
     env = {"MALLOC_ARENA_MAX": str(MALLOC_ARENAS), **os.environ}
     try:
+        # its own process group: a terminal's Ctrl-C goes to `ditf` alone (even while the worker's
+        # interpreter starts, before it could ignore SIGINT), which then closes the pipe
         process = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, str(child_end.fileno())], env=env,
-                                   pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL)
+                                   pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, process_group=0)
     finally:
         child_end.close()  # its end lives in the worker only: the worker's exit is our EOF
     return parent_end, process
