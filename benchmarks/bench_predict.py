@@ -10,9 +10,10 @@ its peak RSS is its own; the store is built once and reused (--store).
 Memory with several jobs (worker processes): `peak_rss_mib` is the calling process's own peak,
 `worker_peak_rss_mib` the largest worker's (both exact, from getrusage), and `tree_peak_rss_mib`
 / `tree_peak_pss_mib` the peak of their sum over the process and its workers, sampled every
-second from /proc (Linux; a sample costs ~2 ms of CPU per process read, so more often would
-tax the 2-job runs, whose cores are both busy, more than the 1-job ones). RSS counts the shared libraries (torch) once per process; PSS splits
-shared pages between the processes that map them, so the PSS sum is the memory the run takes.
+second from /proc (Linux; a sample costs ~2 ms of CPU per process read, so sampling more often
+would tax the 2-job runs, whose cores are both busy, more than the 1-job ones). RSS counts the
+shared libraries (torch) once per process; PSS splits shared pages between the processes that
+map them, so the PSS sum is the memory the run takes.
 
     python benchmarks/bench_predict.py [--scale 0.25] [--jobs 1,2] [--variants raw,adaln+cd] [--ceiling] [--json PATH]
 
@@ -210,7 +211,7 @@ def main() -> None:
                                      *([] if half is None else ["--half", str(half)])],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
-        def result(process: subprocess.Popen) -> dict:
+        def finished(process: subprocess.Popen) -> dict:
             out, err = process.communicate()
             if process.returncode != 0:
                 raise SystemExit(err[-3000:])
@@ -218,14 +219,14 @@ def main() -> None:
 
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
             for jobs in [int(j) for j in args.jobs.split(",")]:
-                run = result(start(variant, jobs))
+                run = finished(start(variant, jobs))
                 runs.append(run)
                 print(f"{variant:14s} jobs={jobs} ({run['workers']} worker(s)): {run['cpu_ms_per_pair']:.2f} ms CPU/pair, {run['wall_s']:.1f} s wall "
                       f"({run['wall_ms_per_pair']:.2f} ms/pair), peak RSS {run['peak_rss_mib']:.0f} MiB "
                       f"(largest worker {run['worker_peak_rss_mib']:.0f}, summed {run['tree_peak_rss_mib'] or 0:.0f}, "
                       f"summed PSS {run['tree_peak_pss_mib'] or 0:.0f}), channels {run['channels']}")
             if args.ceiling:
-                halves = [result(p) for p in [start(variant, 1, 0), start(variant, 1, 1)]]
+                halves = [finished(p) for p in [start(variant, 1, 0), start(variant, 1, 1)]]
                 ceilings[variant] = {"halves": halves, "wall_s": max(h["wall_s"] for h in halves)}
                 print(f"{variant:14s} two independent 1-job halves at once: {ceilings[variant]['wall_s']:.1f} s wall")
         speedups = {}

@@ -2,8 +2,9 @@
 when a worker fails or dies, no orphan when the parent dies, no re-run of the calling script.
 (The same bits as one job, and a worker's error as one job's: `test_match_parallel.py`.)
 
-The two kill tests freeze the worker process with SIGSTOP as soon as it exists, so nothing
-depends on timing: its block cannot come back until the test decides what happens next.
+The CLI tests (a worker killed, `ditf` killed, Ctrl-C) freeze the worker process with SIGSTOP
+as soon as it exists, so nothing depends on timing: its block cannot come back until the test
+decides what happens next.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def test_every_block_is_handed_out_exactly_once(n_blocks, workers):
     assert sorted(seen) == list(range(n_blocks))
 
 
-def test_worker_failing_outside_ditf_names_itself(monkeypatch):
+def test_worker_failing_outside_ditf_names_itself():
     def make_runner():
         return lambda block: 1 / 0
 
@@ -63,7 +64,7 @@ def test_worker_failing_outside_ditf_names_itself(monkeypatch):
         list(pool.WorkerPool(1).run([(0, [1]), (1, [2])], make_runner))
 
 
-# ---- the real CLI: a worker killed, the parent killed ---------------------------------------------------
+# ---- the real CLI: a worker killed, the parent killed, Ctrl-C------------------------------------------------
 COMMON = ["--model", "tiny-flux", "--dataset", "spair", "--k", "1", "--t", "260"]
 MATCH = ["match", *COMMON, "--variant", "adaln+cd", "--device", "cpu", "--quiet"]
 
@@ -93,7 +94,7 @@ def _ends(pid: int) -> bool:
 
 
 def _stopped_worker(parent: subprocess.Popen) -> int:
-    """The spawned match worker of `parent`, frozen with SIGSTOP as soon as it exists."""
+    """The match worker process of `parent`, frozen with SIGSTOP as soon as it exists."""
     for _ in range(6000):
         for task in Path(f"/proc/{parent.pid}/task").glob("*"):
             for child in (task / "children").read_text().split() if (task / "children").exists() else []:

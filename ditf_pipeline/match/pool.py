@@ -1,8 +1,9 @@
 """Blocks of pairs matched on every core: one worker per job, each owning a span of blocks.
 
 Why processes and not threads: a pair is a few millisecond-sized kernels plus Python glue
-around them. In threads the glue holds the GIL, so two threads reached 1.55-1.70x on two
-cores; the same kernels in two processes reach 2.0x (measured, `benchmarks/bench_predict.py`).
+around them. In threads the glue holds the GIL: two threads reached 1.47x at SPair size on two
+cores, this pool 1.75-1.86x, close to two fully independent processes (1.79-1.93x; measured
+with `benchmarks/bench_predict.py --ceiling`).
 
 Why spans: neighbouring pairs share images (SPair's pairs are grouped by category), and each
 worker keeps its own feature cache. Handing out blocks round robin would make every worker
@@ -23,9 +24,9 @@ calling process only waits and writes otherwise), workers 1.. are fresh interpre
 pipe. Not multiprocessing's "fork": the parent's threads (zarr's event loop) must not be
 forked. Not its "spawn" either: spawn re-imports the caller's main script in every worker, so
 a script without an ``if __name__ == "__main__":`` guard would run its own top level again
-there (an `--overwrite` included) before failing. These workers import only ditf. As with any spawn-based pool (torch's DataLoader, dask's
-LocalCluster), a Python script that calls this must keep its top-level code under
-``if __name__ == "__main__":``; `ditf` itself does.
+there (an `--overwrite` included) before failing. These workers import only ditf, so a
+script needs no such guard. Each runs in its own process group: a terminal's Ctrl-C reaches
+`ditf` alone, which stops the workers by closing their pipes.
 
 The module knows nothing of features or torch: `make_runner` (a picklable callable, built
 in the parent and called once in each worker) returns the function that matches one block.
@@ -238,25 +239,21 @@ def _serve(conns: list[Connection], workers: list, n_blocks: int) -> Iterator[tu
     worker is free (the next index goes out as soon as a result arrives).
     """
     spans = Spans(n_blocks, len(conns))
-    owner = {id(conn): i for i, conn in enumerate(conns)}
-    sent = [0] * len(conns)  # blocks handed to each worker and not yet returned
-    waiting = set(conns)  # workers that have not been sent their None yet
+    owner = {conn: i for i, conn in enumerate(conns)}
+    busy: set[Connection] = set()  # workers with a block in flight
 
     def hand_out(i: int) -> None:
-        """The worker's next block, or None (sent once: the worker stops after its last block)."""
+        """The worker's next block, or None once there is none (it then stops)."""
         index = spans.next(i)
         conns[i].send(index)
-        if index is None:
-            waiting.discard(conns[i])
-        else:
-            sent[i] += 1
+        if index is not None:
+            busy.add(conns[i])
 
     for i in range(len(conns)):
         hand_out(i)
-    left = n_blocks
-    while left:
-        for conn in wait([c for c in conns if c in waiting or sent[owner[id(c)]]]):
-            i = owner[id(conn)]
+    while busy:
+        for conn in wait(list(busy)):
+            i = owner[conn]
             try:
                 kind, start, payload = conn.recv()
             except (EOFError, OSError):  # EOF, or a reset: it died with our message unread
@@ -265,10 +262,8 @@ def _serve(conns: list[Connection], workers: list, n_blocks: int) -> Iterator[tu
                 if start == "ditf":
                     raise DitfError(payload)
                 raise RuntimeError(f"match worker {i} failed:\n{payload}")
-            left -= 1
-            sent[i] -= 1
-            if conn in waiting:
-                hand_out(i)
+            busy.discard(conn)
+            hand_out(i)
             yield start, payload
 
 
