@@ -16,7 +16,7 @@ DpiOpt = Annotated[int, typer.Option(help="Resolution of PNG figures (dots per i
 
 
 def _check_figure(fmt: str, dpi: int) -> None:
-    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.core.errors import DitfError
     from ditf_pipeline.analysis.plots import FORMATS
 
     if fmt not in FORMATS:
@@ -27,7 +27,7 @@ def _check_figure(fmt: str, dpi: int) -> None:
 
 def _selected_keys(feature_store, dataset: str, model: str, k, t) -> list[tuple[int, int]]:
     """Every stored key within the --k/--t given; with neither, the one `select_key` picks."""
-    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.core.errors import DitfError
     from ditf_pipeline.validate import select_key
 
     if not k and not t:
@@ -101,7 +101,7 @@ def analyze_options(
     from ditf_pipeline.analysis import analyze as an
     from ditf_pipeline.analysis import plots as pl
     from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.core.errors import DitfError
     from ditf_pipeline.store.feature_store import FeatureStore, store_exists
 
     if fmt not in ("table", "json"):
@@ -238,7 +238,7 @@ def show_options(
     from ditf_pipeline.analysis import analyze as an
     from ditf_pipeline.analysis import plots as pl
     from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.core.errors import DitfError
     from ditf_pipeline.store.feature_store import FeatureStore
 
     if not pair:

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 
 app = typer.Typer(
     help="DiTF: Diffusion Transformer Features for visual correspondence.\n\n"

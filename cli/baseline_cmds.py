@@ -41,7 +41,7 @@ RowOpt = Annotated[
 
 def parse_row(spec: str) -> tuple[str, int | None, int | None, str | None, str | None]:
     """``MODEL[/kK/tT][:VARIANT[:FUSE]]`` -> (model, k, t, variant, fuse)."""
-    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.core.errors import DitfError
     from ditf_pipeline.match.fusion import parse_fuse
 
     parts = spec.strip().split(":")
@@ -89,7 +89,7 @@ def compare(
     dinov2-b14`, `--model sd2.1`, `--model flux`, ...); predictions are computed once and reused.
     """
     from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.core.errors import DitfError
     from ditf_pipeline.score.evaluate import score_pairs
     from ditf_pipeline.match.predict import MatchSettings, predict
     from ditf_pipeline.score.report import render_comparison

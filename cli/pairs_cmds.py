@@ -38,7 +38,7 @@ def _emit(text: str, out: Path | None) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text, encoding="utf-8")
         except OSError as exc:
-            from ditf_pipeline.errors import DitfError
+            from ditf_pipeline.core.errors import DitfError
 
             raise DitfError(f"cannot write --out {out}: {exc.strerror or exc}") from None
         typer.echo(f"written to {out}")
@@ -119,7 +119,7 @@ def score(
     """Benchmark metrics from cached predictions: PCK per image / per point / category mean, J&F, or
     homography accuracy, all in percent. No GPU and no torch needed."""
     from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.core.errors import DitfError
     from ditf_pipeline.pipeline import check_pair_arguments, run_score
     from ditf_pipeline.score.report import check_rows_path, write_rows
     from ditf_pipeline.store.feature_store import FeatureStore
@@ -228,7 +228,7 @@ def ablate(
 ) -> None:
     """Table 4 / Table 5 style comparison of feature variants on a pair benchmark, all from the cache."""
     from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.core.errors import DitfError
     from ditf_pipeline.pipeline import check_key, check_pair_arguments, run_match, run_score, stored_variants
     from ditf_pipeline.score.report import render_comparison
     from ditf_pipeline.store.feature_store import FeatureStore

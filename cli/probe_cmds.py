@@ -28,7 +28,7 @@ ProbeStoreOpt = Annotated[
 
 
 def _single(values: list[int] | None, name: str) -> int | None:
-    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.core.errors import DitfError
 
     if values and len(values) > 1:
         raise DitfError(f"probe takes one --{name}")
@@ -96,7 +96,7 @@ def probe(
     import json
 
     from ditf_pipeline.datasets import get_dataset
-    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.core.errors import DitfError
     from ditf_pipeline.analysis.probe import ProbeSettings, run_probe
     from ditf_pipeline.store.feature_store import FeatureStore
 

@@ -26,7 +26,7 @@ def view(
     Click a source point: the cosine heatmap and argmax of raw / adaln / adaln+cd (and fused)
     features on the target, with the ground truth; pairs sorted by stored PCK; key figures.
     """
-    from ditf_pipeline.errors import DitfError
+    from ditf_pipeline.core.errors import DitfError
 
     try:
         from ditf_pipeline.view.app import serve

@@ -31,14 +31,14 @@ _LAZY = {
     "export_features": "store.export",
     "compute_feature": "match.features",
     "variant_names": "match.features",
-    "DitfError": "errors",
+    "DitfError": "core.errors",
 }
 
 __all__ = ["SCHEMA_VERSION", "__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:
     from .api import DiTF, FeatureStoreReader, open_store
-    from .errors import DitfError
+    from .core.errors import DitfError
     from .store.export import export_features
     from .match.features import compute_feature, variant_names
     from .pipeline import run_extract

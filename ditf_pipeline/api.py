@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from .datasets.base import Dataset, ImageRecord
-from .errors import DitfError
+from .core.errors import DitfError
 
 if TYPE_CHECKING:
     import torch

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DitfError
+from .core.errors import DitfError
 
 
 def resolve_device(device: str = "auto") -> torch.device:

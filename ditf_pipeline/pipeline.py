@@ -71,7 +71,7 @@ def run_extract(
     from .devices import default_dtype
     from .extract.extractor import Extractor, check_run, default_settings
     from .models import get_spec, load_adapter
-    from .shards import Shard
+    from .core.shards import Shard
     from .store.feature_store import FeatureStore
     from .validate import check_at_least
 
@@ -100,7 +100,7 @@ def run_extract(
 
 def single_key(k: Sequence[int] | None, t: Sequence[int] | None) -> tuple[int | None, int | None]:
     """One k and one t from repeatable options (None: the only ones stored)."""
-    from .errors import DitfError
+    from .core.errors import DitfError
 
     if (k and len(k) > 1) or (t and len(t) > 1):
         raise DitfError("this command takes one --k and one --t (extract accepts several)")

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .datasets.base import Dataset
-from .errors import DitfError
-from .naming import DEFAULT_PCA_DIM, prediction_name
-from .shards import Shard
+from .core.errors import DitfError
+from .core.naming import DEFAULT_PCA_DIM, prediction_name
+from .core.shards import Shard
 from .store.feature_store import FeatureStore, prediction_scope
 
 
@@ -111,7 +111,7 @@ def match(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, set
 
 
 def _match_video(store, dataset, model, k, t, settings, overwrite, progress) -> StageReport:
-    from .progress import progress as progress_display
+    from .core.progress import progress as progress_display
     from .score.davis_metrics import RUN_MARKER
     from .devices import resolve_device
     from .match.video import PropagationSettings, propagate_davis
@@ -144,7 +144,7 @@ def _match_video(store, dataset, model, k, t, settings, overwrite, progress) -> 
 
 
 def _match_homography(store, dataset, model, k, t, settings, overwrite, progress) -> StageReport:
-    from .progress import progress as progress_display
+    from .core.progress import progress as progress_display
     from .match.homography import match_pair
     from .match.matchers import resolve_match_device
 

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .errors import DitfError, did_you_mean, unknown  # noqa: F401  (re-exported)
+from .core.errors import DitfError, did_you_mean, unknown  # noqa: F401  (re-exported)
 
 #: the feature variants `features.VARIANTS` computes (kept here, torch-free; a test pins equality)
 VARIANTS = ("raw", "adaln", "adaln+cd", "adaln+cd-post", "adaln-t", "adaln-c")

@@ -17,7 +17,7 @@ import dataclasses
 import pytest
 import torch
 
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.models import get_spec, load_adapter
 from ditf_pipeline.models.base import DiTAdapter, modulate
 

@@ -12,7 +12,7 @@ from PIL import Image
 from ditf_pipeline.datasets import dataset_names, get_dataset
 from ditf_pipeline.demo import demo_names, make_demo
 from ditf_pipeline.demo.ap10k import PART_TO_SLOT, make_ap10k_demo
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.extract.images import load_rgb
 
 

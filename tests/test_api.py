@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from ditf_cli.main import app
 from ditf_pipeline import DiTF, open_store
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.match.features import variant_names
 
 ROOT = Path(__file__).resolve().parents[1]

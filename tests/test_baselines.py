@@ -14,7 +14,7 @@ from PIL import Image
 
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
 from ditf_pipeline.match.fusion import co_pca, fuse_pair, fusion_label, normalise, resample
 from ditf_pipeline.match.matchers import DiftMatcher

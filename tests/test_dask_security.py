@@ -15,7 +15,7 @@ distributed = pytest.importorskip("distributed")
 pytest.importorskip("cryptography")  # Security.temporary() makes its certificates with it
 
 from ditf_pipeline.distributed.runners import dask_client, scheduler_security  # noqa: E402
-from ditf_pipeline.errors import DitfError  # noqa: E402
+from ditf_pipeline.core.errors import DitfError  # noqa: E402
 
 
 def _square(x: int) -> int:

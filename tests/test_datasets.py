@@ -11,7 +11,7 @@ from PIL import Image
 
 from ditf_pipeline.datasets import dataset_names, get_dataset
 from ditf_pipeline.datasets.base import Dataset, Pair
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 
 PAIR = {
     "pair_id": 7,

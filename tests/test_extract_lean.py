@@ -26,7 +26,7 @@ from PIL import Image
 
 import ditf_pipeline.extract.extractor as extractor_module
 from ditf_pipeline.datasets import get_dataset
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
 from ditf_pipeline.extract.transfer import HostCopies, upload
 from ditf_pipeline.models import load_adapter

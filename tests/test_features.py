@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.match.features import compute_feature, detect_massive_channels, variant_names
 
 D = 48

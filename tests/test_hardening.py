@@ -23,7 +23,7 @@ import zarr
 
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
 from ditf_pipeline.models import load_adapter
 from ditf_pipeline.store.feature_store import FeatureStore

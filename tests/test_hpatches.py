@@ -17,7 +17,7 @@ from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.datasets.hpatches import grid_keypoints
 from ditf_pipeline.demo import make_demo
 from ditf_pipeline.demo.hpatches import make_hpatches_demo
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.match.homography import (
     corner_error,
     estimate_homography,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.models.hub import offline, refuse_pickled
 from ditf_pipeline.models import load_adapter
 

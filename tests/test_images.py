@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.extract.images import image_size, load_rgb, model_size, preprocess
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from ditf_pipeline.demo import make_spair_demo
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.match import pool
 from ditf_pipeline.match.pool import Spans
 from ditf_pipeline.store.feature_store import FeatureStore

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from ditf_cli.main import app
 from ditf_pipeline.demo import make_spair_demo
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 
 from _store_snapshot import differences, snapshot, without_store
 

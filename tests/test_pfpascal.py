@@ -13,7 +13,7 @@ from ditf_pipeline.datasets import dataset_names, get_dataset
 from ditf_pipeline.datasets.pfpascal import CLASSES
 from ditf_pipeline.demo import demo_names, make_demo
 from ditf_pipeline.demo.pfpascal import make_pfpascal_demo
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.extract.images import load_rgb
 
 HEADER = "source_image,target_image,class,XA,YA,XB,YB"

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from ditf_cli.main import app
 from ditf_pipeline.demo import make_demo
-from ditf_pipeline.progress import LineProgress, progress
+from ditf_pipeline.core.progress import LineProgress, progress
 
 
 class _Clock:

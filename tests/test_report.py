@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.score.report import render, render_comparison
 
 

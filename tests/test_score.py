@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ditf_pipeline.datasets.base import Pair
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.score.pck import alpha_key, describe_rule, pck, per_pair_rows
 
 

@@ -13,8 +13,8 @@ from _store_snapshot import differences, snapshot
 
 from ditf_pipeline.demo import make_spair_demo
 
-from ditf_pipeline.errors import DitfError
-from ditf_pipeline.shards import Shard
+from ditf_pipeline.core.errors import DitfError
+from ditf_pipeline.core.shards import Shard
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7])

@@ -23,7 +23,7 @@ from _store_snapshot import differences, snapshot, without_store
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.store.doctor import Findings, check_store
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
 from ditf_pipeline.stages import StageSettings, match, score
 from ditf_pipeline.store.feature_store import FeatureStore

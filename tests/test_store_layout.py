@@ -18,7 +18,7 @@ import pytest
 
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
 from ditf_pipeline.store import feature_store as store_module
 from ditf_pipeline.store.feature_store import ROWS_PER_SHARD, FeatureStore

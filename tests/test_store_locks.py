@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from ditf_pipeline.store import feature_store as store_module
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.store.feature_store import FeatureStore
 
 HOLDER = textwrap.dedent("""

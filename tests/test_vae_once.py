@@ -18,7 +18,7 @@ import torch
 
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.datasets import get_dataset
-from ditf_pipeline.errors import DitfError
+from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings, member_draws, store_config
 from ditf_pipeline.models import load_adapter
 from ditf_pipeline.store.feature_store import FeatureStore

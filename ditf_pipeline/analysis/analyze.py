@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 #: ranks reported per stage (paper Table 1: top-1..3; and ranks 10 and 20 for contrast)
 STAT_RANKS = (1, 2, 3, 10, 20)

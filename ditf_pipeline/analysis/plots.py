@@ -35,7 +35,7 @@ def _figure(width_px: int, height_px: int) -> Figure:
 
 def figure_format(path: Path | str) -> str:
     """png, pdf or svg from the file ending; anything else is a DitfError."""
-    from ..errors import DitfError
+    from ..core.errors import DitfError
 
     fmt = Path(path).suffix.lower().lstrip(".")
     if fmt not in FORMATS:

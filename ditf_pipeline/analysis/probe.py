@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..datasets.base import Dataset
-from ..errors import DitfError
+from ..core.errors import DitfError
 from ..match.features import compute_feature
 from ..store.feature_store import FeatureArrays, FeatureStore, config_differences, local_beside
 
@@ -432,7 +432,7 @@ def train_probe(
     interruption would; the next call with `resume` continues from there. Returns the head (on
     the CPU, eval mode) and {"steps", "total_steps", "resumed_from", "finished"}.
     """
-    from ..progress import progress as progress_display
+    from ..core.progress import progress as progress_display
 
     num_classes, ignore_index, _ = _num_classes(train)
     if settings.epochs < 1 or settings.batch_size < 1 or settings.lr <= 0:
@@ -503,7 +503,7 @@ def evaluate_probe(
 ) -> dict:
     """Confusion matrices on `val`: single scale (first source) and, with several sources,
     multi-scale (per-scale softmax probabilities, or logits, averaged at label size)."""
-    from ..progress import progress as progress_display
+    from ..core.progress import progress as progress_display
 
     if ms_average not in ("softmax", "logits"):
         raise DitfError(f"ms_average must be 'softmax' or 'logits', got {ms_average!r}")

@@ -12,7 +12,7 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from .base import Dataset, ImageRecord, Pair
 
 __all__ = ["Dataset", "ImageRecord", "Pair", "dataset_names", "get_dataset", "register"]
@@ -55,7 +55,7 @@ def get_dataset(name: str, root: Path | str, split: str | None = None, **options
     """
     _discover()
     if name not in _REGISTRY:
-        from ..errors import unknown
+        from ..core.errors import unknown
 
         raise unknown("dataset", name, dataset_names())
     root = Path(root)

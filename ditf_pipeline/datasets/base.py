@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 
 def load_json_object(path: Path, what: str) -> dict:

@@ -21,7 +21,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from . import register
 from .base import Dataset, ImageRecord
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from . import register
 from .base import Dataset, ImageRecord
 

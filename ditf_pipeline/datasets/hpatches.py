@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from ..extract.images import image_size
 from . import register
 from .base import Dataset, ImageRecord

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from ..extract.images import image_size
 from . import register
 from .base import Dataset, ImageRecord, Pair, check_pair_geometry

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from . import register
 from .base import Dataset, ImageRecord, Pair, check_pair_geometry, load_json_object
 

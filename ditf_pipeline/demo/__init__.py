@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from .spair import make_spair_demo
 
 _GENERATORS = {"spair": ("spair", "make_spair_demo")}

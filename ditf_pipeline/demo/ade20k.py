@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..datasets.ade20k import CLASSES
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 #: class colours (class i -> PALETTE[i]); well apart in RGB
 PALETTE = (

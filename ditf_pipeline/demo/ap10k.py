@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..datasets.ap10k import NUM_KEYPOINTS
-from ..errors import DitfError
+from ..core.errors import DitfError
 from .spair import _MIN_VISIBLE, _SCALES, _render
 
 #: demo part id (top, left_upper, right_upper, centre, left_lower, right_lower, tail, bottom) ->

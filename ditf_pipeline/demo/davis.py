@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..datasets.davis import davis_palette, write_mask
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 _SUBDIRS = ("JPEGImages", "Annotations", "ImageSets")
 

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..datasets.hpatches import KEYPOINT_DIR, RELEASE_DIR
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 
 def _texture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:

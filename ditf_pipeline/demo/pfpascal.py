@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..datasets.pfpascal import CLASSES, PF_FOLDER
-from ..errors import DitfError
+from ..core.errors import DitfError
 from .spair import _MIN_VISIBLE, _SCALES, _render
 
 _HEADER = ("source_image", "target_image", "class", "XA", "YA", "XB", "YB")

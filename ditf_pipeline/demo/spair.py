@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 KEYPOINT_NAMES = ("top", "left_upper", "right_upper", "centre", "left_lower", "right_lower", "tail", "bottom")
 _U = (0.0, 0.55, -0.55, 0.0, 0.50, -0.50, 1.15, 0.0)

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from ..datasets.base import Dataset, ImageRecord, Pair
-from ..errors import DitfError
+from ..core.errors import DitfError
 from ..extract.extractor import Extractor, ExtractReport, ExtractSettings
 from ..store.feature_store import ROWS_PER_SHARD, FeatureStore, prediction_scope
 
@@ -280,7 +280,7 @@ def _run_tasks(client, futures, sizes: dict, total: int, desc: str, progress: bo
     """Wait for every future (first error raised as is), with a progress bar; sum of results."""
     from distributed import as_completed
 
-    from ..progress import progress as progress_display
+    from ..core.progress import progress as progress_display
 
     done = 0
     with progress_display(total, desc, "item", enabled=progress) as bar:

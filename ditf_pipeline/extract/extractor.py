@@ -34,12 +34,12 @@ import torch
 
 from .. import SCHEMA_VERSION, __version__
 from ..datasets.base import Dataset, ImageRecord, check_annotated_sizes
-from ..errors import DitfError
+from ..core.errors import DitfError
 from .images import RESAMPLERS, image_size, load_for_model
 from ..models.base import CompileOptions, DiTAdapter, LatentPosterior, PromptEmbedding
 from .prompts import prompt_identity, prompts_for
 from .transfer import HostCopies, HostCopy, pinned, upload
-from ..shards import Shard
+from ..core.shards import Shard
 from ..store.feature_store import ROWS_PER_SHARD, FeatureArrays, FeatureStore, config_differences
 
 
@@ -589,7 +589,7 @@ class Extractor:
             yield group
 
     def _extract(self, todo, rows, texts, embeddings, arrays, complete, progress) -> None:
-        from ..progress import progress as progress_display
+        from ..core.progress import progress as progress_display
 
         writer = _StoreWriter(depth=2 * self.batch_images + 2)
         try:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..datasets.base import ImageRecord
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 TEMPLATE = "a photo of a {category}"
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 #: Modulation vectors as they come out of the store: name -> (D,) array or tensor.
 ModulationVectors = Mapping[str, "np.ndarray | torch.Tensor"]

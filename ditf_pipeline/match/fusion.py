@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import DitfError
-from ..naming import DEFAULT_PCA_DIM, fusion_label  # noqa: F401  (re-exported: results name fused variants)
+from ..core.errors import DitfError
+from ..core.naming import DEFAULT_PCA_DIM, fusion_label  # noqa: F401  (re-exported: results name fused variants)
 
 #: GeoAware-SC's epsilon in ``normalize_feats``
 EPS = 1e-10

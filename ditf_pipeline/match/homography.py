@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 THRESHOLDS = (1.0, 3.0, 5.0)
 METHODS = {"lmeds": cv2.LMEDS, "ransac": cv2.RANSAC}

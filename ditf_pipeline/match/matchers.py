@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 #: (width, height) of an original image, as in `datasets.base.Pair`
 ImageSize = tuple[int, int]

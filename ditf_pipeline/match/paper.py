@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from .features import check_variant_applies, variant_names
 
 #: variant -> (shift name, scale name, where channels are zeroed: "pre" LayerNorm, "post", None)

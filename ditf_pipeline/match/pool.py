@@ -44,7 +44,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 BlockRunner = Callable[[Sequence], list]
 

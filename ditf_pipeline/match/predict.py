@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..datasets.base import Dataset, Pair
-from ..errors import DitfError
+from ..core.errors import DitfError
 from .features import (
     MASSIVE_RATIO,
     USES_CHANNELS,
@@ -47,10 +47,10 @@ from .features import (
 )
 from .fusion import PairFusion, parse_fuse
 from .matchers import ByteLRU, make_matcher, one_intra_op_thread, resolve_match_device
-from ..naming import fusion_label, prediction_name
+from ..core.naming import fusion_label, prediction_name
 from .paper import PaperDiftMatcher, paper_feature, paper_matching
 from .pool import BlockRunner, WorkerPool
-from ..shards import Shard
+from ..core.shards import Shard
 from ..store.feature_store import FeatureArrays, FeatureStore, prediction_scope
 from ..validate import unknown
 
@@ -344,7 +344,7 @@ def predict(
     `block_runner(todo_blocks, pairs, rows, channels) -> n_matched`, when given, predicts the
     blocks elsewhere once the prediction arrays exist (`ditf_pipeline.distributed.runners`: dask workers).
     """
-    from ..progress import progress as progress_display
+    from ..core.progress import progress as progress_display
 
     start = time.perf_counter()
     part = Shard.parse(settings.shard)

@@ -51,7 +51,7 @@ from PIL import Image
 
 from ..datasets.davis import VOID_LABEL, VideoSequence, read_mask, write_mask
 from ..score.davis_metrics import RUN_MARKER
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 FeatureSource = Callable[[int], "torch.Tensor | np.ndarray"]
 

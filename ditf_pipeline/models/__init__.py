@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from ..devices import resolve_device  # noqa: F401  (re-exported: `models.resolve_device`)
-from ..errors import DitfError
+from ..core.errors import DitfError
 from .base import DiTAdapter, ModelSpec
 
 _REGISTRY: dict[str, tuple[ModelSpec, type[DiTAdapter]]] = {}
@@ -71,7 +71,7 @@ def model_names() -> list[str]:
 def get_spec(name: str) -> ModelSpec:
     _discover()
     if name not in _REGISTRY:
-        from ..errors import unknown
+        from ..core.errors import unknown
 
         raise unknown("model", name, model_names())
     return _REGISTRY[name][0]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from .hub import looks_local, refuse_pickled
 from .hub import offline as _offline
 from .base import Architecture, BlockFeatures, CompileOptions, DiTAdapter, LatentPosterior, ModelSpec, Prompts

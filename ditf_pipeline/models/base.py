@@ -226,7 +226,7 @@ class DiTAdapter(ABC):
         return self.architecture.kind(block_index)
 
     def check_indices(self, indices: Sequence[int]) -> list[int]:
-        from ..errors import DitfError
+        from ..core.errors import DitfError
 
         bad = [k for k in indices if not 0 <= k < self.num_blocks]
         if bad:

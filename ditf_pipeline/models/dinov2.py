@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from .hub import looks_local, refuse_pickled
 from .hub import offline as _offline
 from . import register

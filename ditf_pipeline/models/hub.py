@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 #: huggingface_hub's own truthy values (its `constants.ENV_VARS_TRUE_VALUES`), used if it moves
 _TRUE = {"1", "ON", "YES", "TRUE"}

@@ -35,7 +35,7 @@ from diffusers import (
     PixArtTransformer2DModel,
 )
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from . import register
 from ._diffusers import DiffusersAdapter
 from ._tiny_text import tiny_t5, tiny_t5_tokenizer

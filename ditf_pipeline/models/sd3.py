@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from . import register
 from ._diffusers import DiffusersAdapter, RectifiedFlowNoise, chunk_modulation, time_text_parts
 from ._tiny_text import tiny_clip, tiny_clip_tokenizer, tiny_t5, tiny_t5_tokenizer

@@ -32,7 +32,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from . import register
 from ._diffusers import DiffusersAdapter
 from ._tiny_text import tiny_clip, tiny_clip_tokenizer

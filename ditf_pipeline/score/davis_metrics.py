@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from ..datasets.davis import VOID_LABEL, VideoSequence, read_mask
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 BOUND_TH = 0.008
 #: name of the marker a propagation run writes into its output folder (see `video.py`)

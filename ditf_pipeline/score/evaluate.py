@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..datasets.base import Dataset
-from ..errors import DitfError
+from ..core.errors import DitfError
 from .pck import pck, per_pair_rows
 from ..store.feature_store import FeatureStore, prediction_scope
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..datasets.base import Pair
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 DEFAULT_ALPHAS = (0.01, 0.05, 0.1)
 

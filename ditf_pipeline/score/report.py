@@ -87,7 +87,7 @@ def _with_context(result: dict, header: list[str], rows: list[list[str]], fmt: s
 
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
-        from ..errors import DitfError
+        from ..core.errors import DitfError
 
         raise DitfError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
@@ -166,7 +166,7 @@ def render_comparison(
     if not results:
         return ""
     if aggregation not in AGGREGATIONS:
-        from ..errors import DitfError
+        from ..core.errors import DitfError
 
         raise DitfError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
     alphas = list(alphas) if alphas is not None else list(results[0]["pck"])
@@ -204,7 +204,7 @@ def check_rows_path(path) -> None:
     """Refuse an unknown ending, or Parquet without pyarrow, before any work is done."""
     from pathlib import Path
 
-    from ..errors import DitfError
+    from ..core.errors import DitfError
 
     suffix = Path(path).suffix.lower()
     if suffix not in ROW_FORMATS:

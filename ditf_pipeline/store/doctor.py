@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 
 @dataclass

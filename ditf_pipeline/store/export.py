@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .. import __version__
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 FORMATS = ("safetensors", "npy")
 

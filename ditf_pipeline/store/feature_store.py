@@ -57,7 +57,8 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from .. import SCHEMA_VERSION
-from ..errors import DitfError
+from ..core.errors import DitfError
+from ..core.keys import FeatureKey
 
 #: every chunk is written, even one equal to the fill value (zarr skips those by default): a
 #: missing chunk of a committed image then always means damage, never "all zeros"
@@ -823,7 +824,8 @@ def _root_metadata() -> bytes:
 
 
 def feature_path(dataset: str, model: str, k: int, t: int) -> str:
-    return f"{dataset}/{model}/k{k}/t{t}"
+    """The group of a feature key (see `FeatureKey.path`)."""
+    return FeatureKey(dataset, model, k, t).path
 
 
 def prediction_scope(split: str | None, pair_ids: Sequence[str]) -> str:

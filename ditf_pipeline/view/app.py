@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from .explorer import Explorer, KeyRef, ViewNotFound
 from .uploads import MAX_UPLOAD_BYTES
 

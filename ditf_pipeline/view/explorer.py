@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..datasets.base import Pair
-from ..errors import DitfError
+from ..core.errors import DitfError
 from ..store.feature_store import FeatureStore, prediction_scope
 from . import queries
 from .uploads import UPLOAD_DATASET, Uploads

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 from ..match.matchers import one_intra_op_thread, upsampled_vectors
 
 #: the matching rules a view can apply (stored geoaware-softN predictions are listed, not recomputed)

@@ -15,7 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from ..errors import DitfError
+from ..core.errors import DitfError
 
 #: largest upload accepted, in bytes (a phone photo is a few MB)
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
