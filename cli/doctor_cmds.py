@@ -24,26 +24,14 @@ def doctor(
 ) -> None:
     """Report what is missing, corrupt or inconsistent in a dataset root and a store (read-only
     unless --repair or --migrate)."""
-    from ditf_pipeline.store.doctor import Findings, check_dataset, check_store
+    from ditf_pipeline.pipeline import run_doctor
 
-    findings = Findings()
-    keys = None
-    if data_root is not None:
-        keys = check_dataset(dataset, data_root, split, findings, decode=not quick)
     store = store if store is not None else (DEFAULT_STORE if Path(DEFAULT_STORE).exists() else None)
-    if store is not None:
-        name = None
-        if data_root is not None:
-            from ditf_pipeline.datasets import get_dataset
-
-            try:
-                name = get_dataset(dataset, data_root, split).name
-            except Exception:
-                name = dataset
-        check_store(store, findings, name, keys, read_chunks=not quick, repair=repair, migrate=migrate)
     if data_root is None and store is None:
         typer.echo("nothing to check: pass --data-root and/or --store", err=True)
         raise typer.Exit(2)
+    findings = run_doctor(dataset=dataset, data_root=data_root, split=split, store=store, quick=quick, repair=repair,
+                          migrate=migrate)
     for line in findings.ok:
         typer.echo(f"ok       {line}")
     for line in findings.problems:

@@ -25,7 +25,7 @@ def export(
     image: Annotated[Optional[list[str]], typer.Option("--image", help="Only this image key; repeat for several (default: all).")] = None,
 ) -> None:
     """Write each image's features of one variant to its own file: (C, h, w) float32 + grid and settings."""
-    from ditf_pipeline.store.export import export_features
+    from ditf_pipeline.match.export import export_features
     from ditf_pipeline.pipeline import single_key
 
     k_, t_ = single_key(k, t)

@@ -28,7 +28,7 @@ _LAZY = {
     "open_store": "api",
     "FeatureStoreReader": "api",
     "run_extract": "pipeline",
-    "export_features": "store.export",
+    "export_features": "match.export",
     "compute_feature": "match.features",
     "variant_names": "match.features",
     "DitfError": "core.errors",
@@ -39,7 +39,7 @@ __all__ = ["SCHEMA_VERSION", "__version__", *sorted(_LAZY)]
 if TYPE_CHECKING:
     from .api import DiTF, FeatureStoreReader, open_store
     from .core.errors import DitfError
-    from .store.export import export_features
+    from .match.export import export_features
     from .match.features import compute_feature, variant_names
     from .pipeline import run_extract
 

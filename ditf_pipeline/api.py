@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .models.base import DiTAdapter
-    from .store.feature_store import FeatureArrays
 
 #: What `DiTF.features` accepts per image: a path, a PIL image, an (H, W, 3) array (uint8, or
 #: float in [0, 1]) or a torch tensor laid out (3, H, W) or (H, W, 3).
@@ -109,22 +108,6 @@ def _as_list(value: int | Sequence[int] | None) -> list[int] | None:
     if value is None:
         return None
     return [int(value)] if isinstance(value, (int, np.integer)) else [int(v) for v in value]
-
-
-def _feature_maps(arrays: FeatureArrays, rows: dict[str, int], keys: Sequence[str], variant: str,
-                  channels: str | Sequence[int]) -> list[torch.Tensor]:
-    """(h, w, D) float32 maps of `keys`, computed exactly as the match stage computes them."""
-    from .match.features import USES_CHANNELS, check_variant_applies
-    from .match.predict import FeatureCache, resolve_channels
-
-    check_variant_applies(variant, bool(arrays.modulation_names))
-    spec = channels if isinstance(channels, str) else ",".join(str(int(c)) for c in channels) or "none"
-    discarded = resolve_channels(spec, arrays) if variant in USES_CHANNELS else []
-    missing = [key for key in keys if key not in rows]
-    if missing:
-        raise DitfError(f"image {missing[0]!r} has no features in {arrays.path}")
-    cache = FeatureCache(arrays, rows, variant, discarded)
-    return [cache(key) for key in keys]
 
 
 class DiTF:
@@ -276,8 +259,10 @@ class FeatureStoreReader:
     def feature_maps(self, dataset: str, model: str, k: int, t: int, variant: str, images: Sequence[str],
                      channels: str | Sequence[int] = "auto") -> list[torch.Tensor]:
         """(h, w, D) float32 maps of several images of one key (channels resolved once)."""
+        from .match.export import feature_maps
+
         arrays = self.store.open_features(dataset, model, k, t)
-        return _feature_maps(arrays, self.store.image_rows(dataset), images, variant, channels)
+        return feature_maps(arrays, self.store.image_rows(dataset), images, variant, channels)
 
     def features(self, dataset: str, model: str, k: int | None = None, t: int | None = None,
                  variant: str = "adaln+cd", image: str = "", channels: str | Sequence[int] = "auto") -> torch.Tensor:

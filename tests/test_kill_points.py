@@ -1,7 +1,8 @@
 """SIGKILL before every single store write of the setup (and a spread of later ones), then resume.
 
-The hook sits at the lowest level every store write passes through (`store._write_point`:
-zarr's store `set`/`delete`, and ditf's own renames and removals). For kill point N the
+The hook sits at the lowest level every store write passes through (`store.faults`: a zarr
+`WrapperStore` around every zarr store's `set`/`delete`, and the backends' own renames and
+removals). For kill point N the
 command runs with the hook armed at N: it leaves a marker and SIGKILLs itself right before its
 N-th write. The next plain run of the same command must complete, and the final store (every
 array, every attribute but timestamps: image index, feature arrays, prompt cache, predictions)
@@ -64,12 +65,11 @@ class Runner:
         def child() -> None:
             import ditf_pipeline.models as models
             import ditf_pipeline.match.predict as predict
-            import ditf_pipeline.store.feature_store as store
             from ditf_cli.main import main
+            from ditf_pipeline.store import faults
 
-            store._KILL_AT, store._writes_seen = kill_at, 0
-            store._trace = [] if trace else None
             os.environ["DITF_KILL_MARKER"] = str(marker)
+            counter = faults.arm(kill_at=kill_at, trace=bool(trace))
             predict.BLOCK = MATCH_BLOCK
             models.load_adapter = lambda *a, **k: self.adapter
             sys.stdout = sys.stderr = open(self.tmp / "child.log", "a")
@@ -78,7 +78,7 @@ class Runner:
                 main()  # the real entry point: its closing write (consolidated metadata) is a kill point too
             finally:
                 if trace:
-                    trace.write_text(json.dumps(store._trace))
+                    trace.write_text(json.dumps(counter.trace))
 
         code = _fork(child)
         if kill_at is not None and code == -9:

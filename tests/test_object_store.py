@@ -180,11 +180,12 @@ def test_a_lease_of_another_host_is_taken_over_only_once_expired(s3, expired):
 
 
 def test_the_holder_renews_its_lease(s3, monkeypatch):
-    from ditf_pipeline.store import feature_store as store_module
+    from ditf_pipeline.store import leases
+    from ditf_pipeline.store.feature_store import FeatureStore
 
-    monkeypatch.setattr(store_module, "_LEASE_SECONDS", 0.6)
+    monkeypatch.setattr(leases, "LEASE_SECONDS", 0.6)
     url = f"{s3}/renew.zarr"
-    store = store_module.FeatureStore(url)
+    store = FeatureStore(url)
     with store.writer_lock("spair", "tiny-flux", 1, 260):
         first = json.loads(_fs().cat_file(f"{url[5:]}/{LEASE}"))["expires"]
         time.sleep(1.5)  # well past the first expiry: the heartbeat must have pushed it forward
@@ -195,7 +196,7 @@ def test_the_holder_renews_its_lease(s3, monkeypatch):
 @pytest.fixture(scope="module")
 def runs(s3, tmp_path_factory):
     """extract -> match -> score of the same tiny run into a local path and into s3://."""
-    from ditf_pipeline.store import feature_store as store_module
+    from ditf_pipeline.store import faults
 
     tmp = tmp_path_factory.mktemp("objstore")
     root = make_spair_demo(tmp / "SPair", categories=("cat",), pairs_per_category=2)
@@ -204,10 +205,10 @@ def runs(s3, tmp_path_factory):
     match = ["match", *common, "--variant", "adaln+cd", "--no-progress"]
     out = {}
     for name, store in (("local", tmp / "local.zarr"), ("s3", f"{s3}/run/ditf.zarr")):
-        store_module._trace, store_module._writes_seen = [], 0
+        counter = faults.arm(trace=True)
         _cli(*extract, "--store", store)
-        trace = store_module._trace
-        store_module._trace = None
+        trace = counter.trace
+        faults.disarm()
         extracted = snapshot(store)  # as extract leaves it (match adds predictions and the detected channels)
         _cli(*match, "--store", store)
         score = tmp / f"{name}.json"

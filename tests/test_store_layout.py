@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
-from ditf_pipeline.store import feature_store as store_module
 from ditf_pipeline.store.feature_store import ROWS_PER_SHARD, FeatureStore
 
 KEY = "spair/tiny-flux/k1/t260"
@@ -71,13 +71,13 @@ def test_the_last_writer_consolidates_and_a_reader_opens_with_one_metadata_read(
     consolidated = _consolidated(store)
     assert consolidated is not None and KEY in consolidated["metadata"] and f"{KEY}/pre_adaln" in consolidated["metadata"]
     reads: list[str] = []
-    original = store_module._Store.get
+    original = zarr.storage.LocalStore.get
 
     async def counting_get(self, key, *args, **kwargs):
         reads.append(key)
         return await original(self, key, *args, **kwargs)
 
-    monkeypatch.setattr(store_module._Store, "get", counting_get)
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", counting_get)
     reader = FeatureStore(store, read_only=True)
     arrays = reader.open_features("spair", "tiny-flux", 1, 260)
     assert arrays.hidden_size > 0 and arrays.modulation_names

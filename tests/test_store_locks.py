@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from ditf_pipeline.store import feature_store as store_module
+from ditf_pipeline.store import locks
 from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.store.feature_store import FeatureStore
 
@@ -60,7 +60,7 @@ def test_a_file_system_without_locks_is_one_clear_error(tmp_path, monkeypatch, c
     def no_locks(fd, operation):
         raise OSError(code, "locking not supported")
 
-    monkeypatch.setattr(store_module.fcntl, "lockf", no_locks)
+    monkeypatch.setattr(locks.fcntl, "lockf", no_locks)
     with pytest.raises(DitfError, match="cannot lock files .*POSIX locks"):
         with store.writer_lock("spair", "tiny-flux", 1, 260):
             pass

@@ -5,24 +5,53 @@ token grid, as ``OUT/<image key>.safetensors`` (metadata in the file's header) o
 ``OUT/<image key>.npy`` with a ``.json`` sidecar. The metadata says what the numbers are
 (model, k, t, variant, discarded channels, the grid and the original image size, and the
 store's extraction settings), so a file is self-describing without the store. The features
-are computed by the match stage's own code (`api.FeatureStoreReader`), so an exported file
-equals what `DiTF.features` and `ditf match` use.
+are computed by the match stage's own code (`feature_maps`, which `api.FeatureStoreReader`
+uses too), so an exported file equals what `DiTF.features` and `ditf match` use.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import __version__
 from ..core.errors import DitfError
+from ..store.feature_store import FeatureArrays, FeatureStore
+from .features import USES_CHANNELS, check_variant_applies
+from .predict import FeatureCache, resolve_channels
+
+if TYPE_CHECKING:
+    import torch
 
 FORMATS = ("safetensors", "npy")
 
-__all__ = ["FORMATS", "ExportReport", "export_features"]
+__all__ = ["FORMATS", "ExportReport", "export_features", "feature_maps"]
+
+
+def feature_maps(arrays: FeatureArrays, rows: dict[str, int], keys: Sequence[str], variant: str,
+                 channels: str | Sequence[int]) -> list[torch.Tensor]:
+    """(h, w, D) float32 maps of `keys`, computed exactly as the match stage computes them.
+
+    `channels` is a `--channels` spec ("auto", "none", "3,4") or the channel indices to discard.
+
+    Raises
+    ------
+    DitfError
+        When the variant needs AdaLN vectors the key lacks, or an image has no features.
+    """
+    check_variant_applies(variant, bool(arrays.modulation_names))
+    spec = channels if isinstance(channels, str) else ",".join(str(int(c)) for c in channels) or "none"
+    discarded = resolve_channels(spec, arrays) if variant in USES_CHANNELS else []
+    missing = [key for key in keys if key not in rows]
+    if missing:
+        raise DitfError(f"image {missing[0]!r} has no features in {arrays.path}")
+    cache = FeatureCache(arrays, rows, variant, discarded)
+    return [cache(key) for key in keys]
 
 
 @dataclass
@@ -60,14 +89,12 @@ def export_features(
     `dataset` is the name the store files the images under (the `--dataset` of the extract
     run, e.g. "spair" or "folder"); `images` restricts the export to those keys.
     """
-    from ..api import FeatureStoreReader
-
     if fmt not in FORMATS:
         raise DitfError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    reader = FeatureStoreReader(store)
-    k, t = reader.store.find_feature_key(dataset, model, k, t)
-    arrays = reader.store.open_features(dataset, model, k, t)
-    rows = reader.store.image_rows(dataset)
+    feature_store = FeatureStore(store, read_only=True)
+    k, t = feature_store.find_feature_key(dataset, model, k, t)
+    arrays = feature_store.open_features(dataset, model, k, t)
+    rows = feature_store.image_rows(dataset)
     complete = arrays.complete()
     keys = [key for key in sorted(rows, key=rows.__getitem__) if rows[key] < len(complete) and complete[rows[key]]]
     if images is not None:
@@ -77,14 +104,11 @@ def export_features(
         keys = list(images)
     if not keys:
         raise DitfError(f"no extracted images in {arrays.path}")
-    from ..match.features import USES_CHANNELS
-    from ..match.predict import resolve_channels
-
     discarded = resolve_channels(channels, arrays) if variant in USES_CHANNELS else []
     targets = [_target(Path(out), key, "." + fmt) for key in keys]  # all names checked before writing
-    maps = reader.feature_maps(dataset, model, k, t, variant, keys, discarded or "none")
+    maps = feature_maps(arrays, rows, keys, variant, discarded or "none")
     settings = {
-        "ditf": __version__, "store": str(reader.path), "dataset": dataset, "model": model, "k": k, "t": t,
+        "ditf": __version__, "store": str(feature_store.path), "dataset": dataset, "model": model, "k": k, "t": t,
         "variant": variant, "channels": discarded, "layout": "CHW float32 (channels, grid rows, grid cols)",
         "extract": arrays.config,
     }

@@ -1,0 +1,27 @@
+"""Where a store lives: the backend interface, its implementations and `--store` parsing.
+
+`base` declares the interface (`ReadBackend`, `Backend`); `local` (a folder, NFS included) and
+`object` (S3, GCS, Azure through fsspec) implement it; `locations` parses a `--store` value.
+`backend_for` picks the implementation for a parsed location.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import AnnouncingStore, Backend, ReadBackend, WriteHook
+from .locations import is_remote, local_beside, store_location
+
+__all__ = ["AnnouncingStore", "Backend", "ReadBackend", "WriteHook", "backend_for", "is_remote", "local_beside",
+           "store_location"]
+
+
+def backend_for(location: str | Path, *, on_write: WriteHook | None = None) -> Backend:
+    """The backend of a location parsed by `store_location` (a Path, or an object-store URL)."""
+    if isinstance(location, Path):
+        from .local import LocalBackend
+
+        return LocalBackend(location, on_write=on_write)
+    from .object import ObjectBackend
+
+    return ObjectBackend(location, on_write=on_write)

@@ -1,0 +1,197 @@
+"""A store in object storage (S3, GCS, Azure) through fsspec; zarr's own `FsspecStore` for the arrays.
+
+Object stores have single-object atomic puts but no directory rename and no locks, so a node is
+published by copying its staged objects into place and writing the node's own zarr.json last (a
+node without it is absent to every reader, and the next publish clears the leftovers); a removal
+deletes that zarr.json first. Writers hold leases (`leases.ObjectLease`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from zarr.abc.store import Store
+from zarr.storage import FsspecStore
+
+from ...core.errors import DitfError
+from .. import faults, layout
+from ..failures import reason
+from ..leases import ObjectLease
+from .base import AnnouncingStore, WriteHook
+from .locations import OBJECT_SCHEMES
+
+__all__ = ["ObjectBackend"]
+
+
+class ObjectBackend:
+    """A store under an object-store URL (s3://bucket/prefix, gs://, az://)."""
+
+    remote = True
+
+    def __init__(self, url: str, *, on_write: WriteHook | None = None) -> None:
+        """`on_write` is told of every write before it happens (see `backends.base`).
+
+        Raises
+        ------
+        DitfError
+            When the URL's fsspec backend is not installed or rejects the URL.
+        """
+        import fsspec
+
+        self.url = url
+        self.on_write = on_write
+        scheme = url.split("://", 1)[0]
+        try:
+            # no listing cache: other processes write the same prefixes
+            self.fs, self.root = fsspec.url_to_fs(url, use_listings_cache=False, skip_instance_cache=True)
+        except ImportError as exc:
+            raise DitfError(f"--store {url} needs {OBJECT_SCHEMES.get(scheme, 'an fsspec backend')}: {exc}") from exc
+        except (ValueError, TypeError) as exc:
+            raise DitfError(f"--store {url}: {reason(exc)}") from exc
+        self.root = self.root.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def _before_write(self, what: str) -> None:
+        if self.on_write is not None:
+            self.on_write(what)
+        faults.before_write(what)
+
+    def key(self, rel: str) -> str:
+        """The object key (bucket/prefix/rel) of `rel`."""
+        return f"{self.root}/{rel}".rstrip("/") if rel else self.root
+
+    def where(self, rel: str) -> str:
+        return f"{self.url}/{rel}" if rel else self.url
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one fsspec call; its failures (but not found / exists) become one error line."""
+        try:
+            return fn(*args, **kwargs)
+        except (FileNotFoundError, FileExistsError, DitfError):
+            raise
+        except OSError as exc:
+            raise DitfError(f"store {self.url}: cannot {what}: {exc.strerror or exc}") from exc
+        except Exception as exc:  # botocore and friends: credentials, endpoint, permissions
+            raise DitfError(f"store {self.url}: cannot {what}: {reason(exc)}") from exc
+
+    def exists(self, rel: str) -> bool:
+        return bool(self.call("read", self.fs.exists, self.key(rel)))
+
+    def is_dir(self, rel: str) -> bool:
+        return bool(self.call("read", self.fs.isdir, self.key(rel)))
+
+    def list(self, rel: str) -> list[str]:
+        try:
+            entries = self.call("list", self.fs.ls, self.key(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        prefix = self.key(rel).rstrip("/") + "/"
+        return sorted({e.rstrip("/")[len(prefix):].split("/")[0] for e in entries if e.rstrip("/").startswith(prefix)} - {""})
+
+    def read_text(self, rel: str) -> str:
+        return self.call("read", self.fs.cat_file, self.key(rel)).decode()
+
+    def write_text(self, rel: str, text: str) -> None:
+        self._before_write(self.where(rel))
+        self.call("write", self.fs.pipe_file, self.key(rel), text.encode())
+
+    def zarr_store(self, rel: str = "", read_only: bool = False) -> Store:
+        # no listing cache: other processes write the same prefixes
+        store: Store = faults.wrap(FsspecStore.from_url(self.where(rel), storage_options={"use_listings_cache": False},
+                                                        read_only=read_only))
+        return store if read_only or self.on_write is None else AnnouncingStore(store, self.on_write)
+
+    def root_problem(self, read_only: bool) -> str | None:
+        bucket = self.root.split("/", 1)[0]
+        try:
+            if not self.call("read", self.fs.exists, bucket):
+                return f"store {self.url}: bucket {bucket} does not exist (or these credentials cannot see it)"
+        except FileNotFoundError:
+            return f"store {self.url}: bucket {bucket} does not exist"
+        if read_only and not self.exists("zarr.json"):
+            return f"store {self.url} does not exist"
+        return None
+
+    def create_root(self, metadata: bytes) -> None:
+        """The root is one object, created only if absent (a conditional put)."""
+        self._before_write(self.where("zarr.json"))
+        try:
+            self.call("write", self.fs.pipe_file, self.key("zarr.json"), metadata, mode="create")
+        except FileExistsError:
+            pass  # another process created the store first
+
+    def new_staging(self) -> str:
+        return f"{layout.STAGING}/{uuid.uuid4().hex}"
+
+    def discard(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError, DitfError):
+            self.call("delete", self.fs.rm, self.key(rel), recursive=True)
+
+    def _files(self, rel: str) -> list[str]:
+        """Every object under `rel`, relative to it."""
+        prefix = self.key(rel) + "/"
+        try:
+            found = self.call("list", self.fs.find, self.key(rel))
+        except FileNotFoundError:
+            return []
+        return sorted(f[len(prefix):] for f in found if f.startswith(prefix))
+
+    def publish(self, staged: str, node: str) -> bool:
+        """Copy the staged node's objects into place, its zarr.json last (the commit mark).
+
+        Objects under `node` without its zarr.json are the leftovers of an interrupted publish
+        (never visible): they are removed first. False when the node exists (another writer won).
+        """
+        if self.exists(f"{node}/zarr.json"):
+            return False
+        if self._files(node):
+            self.remove(node)
+        for name in self._files(staged):
+            if name != "zarr.json":
+                self._before_write(f"copy {self.where(staged)}/{name} -> {self.where(node)}/{name}")
+                self.call("write", self.fs.copy, self.key(f"{staged}/{name}"), self.key(f"{node}/{name}"))
+        metadata = self.call("read", self.fs.cat_file, self.key(f"{staged}/zarr.json"))
+        self._before_write(f"{self.where(node)}/zarr.json")
+        try:
+            self.call("write", self.fs.pipe_file, self.key(f"{node}/zarr.json"), metadata, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def remove(self, rel: str) -> None:
+        """The node's zarr.json first (it vanishes for every reader), then its objects."""
+        files = self._files(rel)
+        if not files:
+            return
+        self._before_write(f"remove {self.where(rel)}")
+        if "zarr.json" in files:
+            with contextlib.suppress(FileNotFoundError):
+                self.call("delete", self.fs.rm_file, self.key(f"{rel}/zarr.json"))
+        with contextlib.suppress(FileNotFoundError):
+            self.call("delete", self.fs.rm, self.key(rel), recursive=True)
+
+    def lock(self, rel: str, refusal: str, wait: float) -> contextlib.AbstractContextManager[None]:
+        """A lease object beside where the lock file would be (`.lease` for `.lock`)."""
+        rel = rel.removesuffix(".lock") + ".lease"
+        return ObjectLease(fs=self.fs, key=self.key(rel), name=f"{self.url}#{rel}", call=self.call,
+                           refusal=refusal, wait=wait).held()
+
+    def metadata_nodes(self) -> list[str]:
+        nodes = []
+        for name in self._files(""):
+            if name == "zarr.json":
+                nodes.append("")
+            elif name.endswith("/zarr.json"):
+                nodes.append(name[: -len("/zarr.json")])
+        return sorted(nodes)
+
+    def stray_creations(self) -> list[tuple[str, Callable[[], None]]]:
+        return []  # the root is one conditional put: nothing is built beside it
+
+    def partial_files(self) -> list[tuple[str, Callable[[], None]]]:
+        return []  # an object put is atomic: no temp files

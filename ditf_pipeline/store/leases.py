@@ -1,0 +1,135 @@
+"""Leases: the exclusion between writers of an object store (which has no locks).
+
+A lease is one object, created by a conditional put (only if absent), holding its owner (host,
+pid, a random id) and an expiry that a heartbeat thread pushes forward while the holder runs.
+Another writer is refused while the lease is live; it may take over a lease that expired (its
+holder died or hung) or whose holder is a dead process on this host. Taking over is read,
+compare, delete, conditional create: see stores/README.md for the race that remains.
+
+Lease reads and writes are not announced as store writes (`faults`): the heartbeat's timing
+would make the write counts of the crash tests depend on the clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..core.errors import DitfError
+from . import locks
+
+__all__ = ["LEASE_SECONDS", "ObjectLease"]
+
+#: how long an object-store writer's lease lasts without a heartbeat (seconds)
+LEASE_SECONDS = float(os.environ.get("DITF_LEASE_SECONDS") or 60)
+
+#: runs one fsspec call, turning its failures into one error line (`ObjectBackend.call`)
+Call = Callable[..., Any]
+
+
+class ObjectLease:
+    """The right to write one node of an object store, held as a lease object at `key`."""
+
+    def __init__(self, *, fs: Any, key: str, name: str, call: Call, refusal: str, wait: float) -> None:
+        """`fs`: the fsspec file system; `key`: the lease object's path in it; `name`: how this
+        process records that it holds the lease (`locks.claim`)."""
+        self.fs, self.key, self.name, self.call = fs, key, name, call
+        self.refusal, self.wait = refusal, wait
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.ttl = LEASE_SECONDS
+        self.lost = False
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "host": os.uname().nodename, "pid": os.getpid(),
+                           "expires": time.time() + self.ttl}).encode()
+
+    def _read(self) -> tuple[bytes, dict] | None:
+        try:
+            raw = self.call("read", self.fs.cat_file, self.key)
+        except FileNotFoundError:
+            return None
+        try:
+            return raw, json.loads(raw)
+        except ValueError:
+            return raw, {}  # a damaged lease counts as expired
+
+    @staticmethod
+    def _stale(lease: dict) -> bool:
+        if float(lease.get("expires", 0)) < time.time():
+            return True
+        if lease.get("host") == os.uname().nodename and isinstance(lease.get("pid"), int):
+            try:
+                os.kill(lease["pid"], 0)
+            except ProcessLookupError:
+                return True  # its process died on this host: no need to wait for the expiry
+            except PermissionError:
+                pass
+        return False
+
+    def _create(self) -> bool:
+        try:
+            self.call("take a lease", self.fs.pipe_file, self.key, self._body(), mode="create")
+            return True
+        except FileExistsError:
+            return False
+
+    def _try(self) -> bool:
+        if self._create():
+            return True
+        found = self._read()
+        if found is None or not self._stale(found[1]):
+            return False
+        again = self._read()  # the same stale lease still there: remove it, then race for a new one
+        if again is None or again[0] != found[0]:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            self.call("remove a stale lease", self.fs.rm_file, self.key)
+        return self._create()
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.ttl / 3):
+            try:
+                found = self._read()
+                if found is None or found[1].get("owner") != self.owner:
+                    self.lost = True
+                    warnings.warn(f"ditf: the lease {self.key} was taken over by another writer", stacklevel=1)
+                    return
+                self.fs.pipe_file(self.key, self._body())
+            except Exception:  # a transient network error: try again at the next beat
+                continue
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the lease for the `with` block (waiting up to `wait` seconds for it)."""
+        deadline = time.monotonic() + self.wait
+        while True:
+            with locks.GUARD:
+                mine = locks.claim(self.name)
+                if mine and not self._try():
+                    locks.release(self.name)
+                    mine = False
+            if mine:
+                break
+            if time.monotonic() >= deadline:
+                raise DitfError(self.refusal)
+            time.sleep(min(1.0, max(self.wait / 20, 0.1)))
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(stop,), daemon=True, name=f"ditf-lease {self.key}")
+        beat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beat.join()
+            locks.release(self.name)
+            found = self._read() if not self.lost else None
+            if found is not None and found[1].get("owner") == self.owner:
+                with contextlib.suppress(Exception):
+                    self.fs.rm_file(self.key)
