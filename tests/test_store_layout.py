@@ -260,3 +260,15 @@ def test_a_refused_command_adds_no_consolidated_copy(demo, tmp_path):
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert refused.returncode == 1 and "out of range" in refused.stderr, refused.stderr
     assert (store / "zarr.json").read_bytes() == before
+
+
+def test_chunks_equal_to_the_fill_value_are_written_with_no_process_wide_zarr_setting(tmp_path):
+    """An all-zero feature map is still a chunk file: a missing chunk of a committed image always
+    means damage. The store asks zarr for it per array, leaving the process's zarr config as it was."""
+    store = FeatureStore(tmp_path / "s.zarr")
+    arrays = store.open_features("spair", "m", 1, 2, config={"x": 1}, n_images=2, grid_max=(2, 2), hidden_size=4)
+    arrays.write_image(0, np.zeros((2, 2, 4), np.float16), {n: np.zeros(4, np.float32) for n in arrays.modulation_names})
+    assert zarr.config.get("array.write_empty_chunks") is False  # zarr's own default, untouched
+    assert (tmp_path / "s.zarr" / "spair" / "m" / "k1" / "t2" / "pre_adaln" / "c" / "0" / "0" / "0" / "0").is_file()
+    pre_adaln, _ = arrays.read_image(0)  # found, not "chunk missing"
+    assert not pre_adaln.any()
