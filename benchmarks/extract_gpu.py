@@ -30,7 +30,7 @@ What it measures (all with random weights, which cost exactly what real weights 
 * SD3.5-large (38 joint blocks, d=2432) at its paper defaults (960 px, k=23): ours only.
 
 Results go to benchmarks/results/extract_gpu-<device>.{json,md} when run on a GPU (or --out DIR).
-Flags left as hooks for GPU tuning: --sdpa (attention kernel choice); see the README.
+Flags left as hooks for GPU tuning: --sdpa (attention kernel choice); see docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """GPU memory of `ditf extract`, COMPUTED (no GPU needed): parameters of the truncated models + an activation estimate.
 
-    python benchmarks/gpu_memory.py            # prints the README table (markdown)
+    python benchmarks/gpu_memory.py            # prints the table of docs/models.md (markdown)
 
 Parameters are counted exactly: each real model's transformer is built from its published
 config on the meta device (no memory), its block lists cut after block k as ditf loads it, and

@@ -18,7 +18,7 @@ from .app import (
     user_errors,
 )
 
-#: SPair-71k PCK@0.10 per point reported by the DiTF paper (docs/method.md), for the footnote
+#: SPair-71k PCK@0.10 per point reported by the DiTF paper (Table 2; docs/reproducing.md), for the footnote
 PAPER_SPAIR = {
     ("sd2.1", "raw"): ("DIFT (SD2.1)", 57.7),
     ("dinov2-b14", "raw"): ("DINOv2+NN", 55.6),

@@ -96,7 +96,7 @@ def _demo_probe(model: str, data_root: Path, store: Path, out: Path, progress: b
 
 
 def _demo_views(model, data, data_root, store, k, t, views, progress) -> None:
-    """The analyze/show PNGs of the README, with a second k and t so the k x t grid has cells."""
+    """The analyze/show PNGs of the docs (docs/explore.md), with a second k and t so the k x t grid has cells."""
     from ditf_pipeline.pipeline import run_extract
 
     from .analysis_cmds import analyze_options, show_options

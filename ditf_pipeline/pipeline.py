@@ -62,11 +62,12 @@ def run_extract(
     `model` (the API keeps its weights loaded across calls); otherwise one is built from
     `weights`, `revision`, `dtype`, `device`. With `workers` or `scheduler` the images are
     spread over dask workers, each building its own adapter. `resample` and `precision` follow
-    the authors' arithmetic when asked (`--resample`, `--precision paper`; see README "Precision");
-    `text_device` and `offload` fit Flux on smaller GPUs (README "Memory"). `shard` ("i/N")
-    extracts only that share of the images (job arrays; README "Scale"). `batch_images` (images
-    of one token grid per forward) and `compile` ("auto" | "on" | "off": torch.compile the blocks
-    that run) change how fast, not what is computed: provenance only (README "Performance").
+    the authors' arithmetic when asked (`--resample`, `--precision paper`; docs/reproducing.md
+    "Precision and the authors' arithmetic"); `text_device` and `offload` fit Flux on smaller GPUs
+    (docs/models.md "Fitting the GPU you have"). `shard` ("i/N") extracts only that share of the
+    images (job arrays; docs/scale.md). `batch_images` (images of one token grid per forward) and
+    `compile` ("auto" | "on" | "off": torch.compile the blocks that run) change how fast, not what
+    is computed: provenance only (docs/models.md "Speed options on a GPU").
     """
     from .datasets import get_dataset
     from .devices import default_dtype

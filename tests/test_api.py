@@ -1,4 +1,5 @@
-"""The Python API (`DiTF`, `open_store`), `ditf export`, `ditf --version` and the README example.
+"""The Python API (`DiTF`, `open_store`), `ditf export` and `ditf --version` (the examples in README.md and
+`docs/` run in `tests/test_docs.py`).
 
 The API is the command line's own path: features extracted through `DiTF.features` must equal,
 bit for bit, those `ditf extract` caches, for every variant.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +25,6 @@ from ditf_pipeline import DiTF, open_store
 from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.match.features import variant_names
 
-ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"img_size": 64, "ensemble_size": 2}
 CLI_SETTINGS = ["--img-size", "64", "--ensemble-size", "2", "--dtype", "fp32", "--no-progress"]
 
@@ -135,19 +134,6 @@ def test_export_refuses_bad_input(cli_store, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow
-def test_readme_example_runs(tmp_path, monkeypatch):
-    """The README's "Use from Python" block, executed as written, on generated images."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Use from Python", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    Image.fromarray(_image(2, (96, 64))).save("cat.png")
-    Image.fromarray(_image(3, (80, 80))).save("dog.png")
-    exec(compile(code, "README.md", "exec"), {})
-    assert Path("cache.zarr").is_dir()
-
-
 def test_light_import_and_version():
     code = "import sys, ditf_pipeline; assert ditf_pipeline.__all__; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -196,22 +182,3 @@ def test_no_dependency_warnings(images, tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-
-
-@pytest.mark.slow
-def test_readme_pipeline_block_runs(tmp_path, monkeypatch):
-    """The README's second "Use from Python" block (the stage functions), as written, on a generated SPair."""
-    from ditf_pipeline.demo import make_spair_demo
-
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Use from Python", 1)[1].split("\n## ", 1)[0]
-    code = re.findall(r"```python\n(.*?)```", section, re.S)[1]
-    monkeypatch.chdir(tmp_path)
-    make_spair_demo(Path("data/SPair-71k"), categories=("cat",), pairs_per_category=2)
-    from ditf_pipeline.match import predict as predict_module
-
-    monkeypatch.setattr(predict_module, "BLOCK", 1)  # two blocks: matched by a worker process too
-    monkeypatch.setattr(predict_module, "POOL_MIN_PAIRS", 1)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    assert [r["variant"] for r in namespace["scores"]] == ["raw", "adaln+cd"]

@@ -1,4 +1,4 @@
-"""All splits of a benchmark in one store: the README's AP-10K loop works as written."""
+"""All splits of a benchmark in one store: the AP-10K loop of docs/reproducing.md works as written."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = os.environ.get("DITF_CHROMIUM", "/usr/bin/chromium")
 VARIANTS = ["raw", "adaln", "adaln+cd"]
-#: set to a folder to keep the screenshots (the README's docs/images/view.png comes from here)
+#: set to a folder to keep the screenshots (docs/images/view.png, shown in docs/explore.md, comes from here)
 SCREENSHOT_DIR = os.environ.get("DITF_VIEW_SCREENSHOTS")
 
 

@@ -1,4 +1,4 @@
-"""AP-10K correspondence benchmark reader, in the layout GeoAware-SC builds (docs/protocols.md).
+"""AP-10K correspondence benchmark reader, in the layout GeoAware-SC builds (docs/reproducing.md).
 
 GeoAware-SC's ``prepare_ap10k.ipynb`` turns the AP-10K pose dataset into::
 

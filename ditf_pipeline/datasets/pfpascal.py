@@ -1,4 +1,4 @@
-"""PF-Pascal reader, in the layout the public evaluations use (see docs/protocols.md).
+"""PF-Pascal reader, in the layout the public evaluations use (see docs/reproducing.md).
 
 GeoAware-SC (``data/prepare_pfpascal.sh`` + ``utils/utils_dataset.py::load_pascal_data``), which
 sd-dino and DiTF-era papers follow, keeps the weakalign pair lists next to the images::

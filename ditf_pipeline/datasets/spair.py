@@ -1,4 +1,4 @@
-"""SPair-71k reader, in the dataset's real on-disk layout (see docs/protocols.md).
+"""SPair-71k reader, in the dataset's real on-disk layout (see docs/reproducing.md).
 
     JPEGImages/<category>/<imname>.jpg
     PairAnnotation/{trn,val,test}/<pairid>-<src_stem>-<trg_stem>:<category>.json

@@ -135,7 +135,7 @@ def scheduler_security(scheduler: str):
         raise DitfError(f"--scheduler {scheduler}: unknown protocol {parts.scheme!r}; use tls://HOST:PORT or tcp://HOST:PORT")
     if parts.hostname not in ("127.0.0.1", "localhost", "::1", None):
         print(f"warning: {scheduler} is plain TCP: dask unpickles what it receives, so only trusted hosts may reach "
-              "that port; prefer tls:// (see README, 'Scale')", file=sys.stderr)
+              "that port; prefer tls:// (see docs/scale.md, 'Network safety')", file=sys.stderr)
     return None
 
 

@@ -16,8 +16,7 @@ also makes the predictions bit-identical for every ``--jobs`` (the kernels' summ
 does not depend on how the pairs are spread). The calling process alone writes to the store.
 Why processes: worker threads (used before) share the GIL for the Python between kernels: two
 of them gave 1.47x at SPair size on two cores, the pool 1.7-1.8x, close to what two fully
-independent processes reach there (`benchmarks/bench_predict.py --ceiling`, README
-"Benchmarks (speed)").
+independent processes reach there (`benchmarks/bench_predict.py --ceiling`, docs/benchmarks.md).
 
 On a GPU (``--device cuda``) the feature cache lives on the device and the pairs of a block
 that share a target are matched in one batch (`DiftMatcher.match_batch`); one job.
