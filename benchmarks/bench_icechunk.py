@@ -25,7 +25,7 @@ Icechunk 2.x needs Python >= 3.12 (ditf supports 3.11), so this runs in a venv o
     /tmp/icevenv/bin/pip install icechunk==2.3.0 zarr==3.1.6 numcodecs==0.16.6 numpy s3fs 'moto[server]' \\
         xarray aiohttp requests
     /tmp/icevenv/bin/pip install --no-deps -e .
-    /tmp/icevenv/bin/python benchmarks/bench_icechunk.py --json benchmarks/results/bench_icechunk-cpu-2core-DATE.json
+    /tmp/icevenv/bin/python benchmarks/bench_icechunk.py --kill-every 1 --json OUT.json
 """
 
 from __future__ import annotations
