@@ -315,15 +315,16 @@ def check_features(pairs: Sequence[Pair], rows: dict[str, int], arrays: FeatureA
 
 
 def open_fusion(store: FeatureStore, dataset: Dataset, rows: dict[str, int], pairs: Sequence[Pair], fuse: str,
-                pca_dim: int) -> PairFusion:
-    """The `--fuse MODEL` partner: its raw features in the same store, checked for every image of the pairs."""
+                pca_dim: int, device: str | torch.device = "cpu") -> PairFusion:
+    """The `--fuse MODEL` partner: its raw features in the same store, checked for every image of the
+    pairs, cached on the matching `device` (fusion concatenates them with the DiT's maps there)."""
     if pca_dim < 0:
         raise DitfError(f"--pca-dim must be 0 (no PCA) or positive, got {pca_dim}")
     model, k, t = parse_fuse(fuse)
     k, t = store.find_feature_key(dataset.name, model, k, t)
     arrays = store.open_features(dataset.name, model, k, t)
     check_features(pairs, rows, arrays)
-    return PairFusion(model=model, k=k, t=t, pca_dim=pca_dim, other=FeatureCache(arrays, rows, "raw", []),
+    return PairFusion(model=model, k=k, t=t, pca_dim=pca_dim, other=FeatureCache(arrays, rows, "raw", [], device=device),
                       config=arrays.config)
 
 
@@ -389,7 +390,7 @@ def predict(
         if settings.fuse:
             if block_runner is not None:
                 raise DitfError("--fuse is not supported by the distributed match runner yet")
-            fusion = open_fusion(store, dataset, rows, pairs, settings.fuse, settings.pca_dim)
+            fusion = open_fusion(store, dataset, rows, pairs, settings.fuse, settings.pca_dim, device)
             attrs.update(variant=settings.label, fuse=fusion.describe())
         feature_key = (dataset.name, model, k, t)
         max_kps = max(len(p.src_kps) for p in pairs)
