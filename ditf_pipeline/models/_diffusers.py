@@ -29,6 +29,7 @@ import torch
 from ..core.errors import DitfError
 from .hub import looks_local, refuse_pickled
 from .hub import offline as _offline
+from .compiled import DynamicBlock
 from .base import Architecture, BlockFeatures, CompileOptions, DiTAdapter, LatentPosterior, ModelSpec, Prompts
 
 #: diffusers' file names of a model's weights (one file, or shards listed by an index)
@@ -371,7 +372,7 @@ class DiffusersAdapter(DiTAdapter):
             return block
         compiled = self._compiled.get(id(block))
         if compiled is None:  # the compiled module holds the block, so its id cannot be reused meanwhile
-            compiled = torch.compile(block, backend=options.backend, fullgraph=options.fullgraph, dynamic=options.dynamic)
+            compiled = DynamicBlock(block, backend=options.backend, fullgraph=options.fullgraph, dynamic=options.dynamic)
             self._compiled[id(block)] = compiled
         return compiled
 
