@@ -476,7 +476,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="toy widths on CPU, for CI (< 1 min)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--images", type=int, default=None, help="timed images per run (default 32; --tiny 8)")
+    parser.add_argument("--images", type=int, default=None, help="timed images per run (default 32; --tiny 4)")
     parser.add_argument("--img-size", type=int, default=None, help="Flux image side (default 640; --tiny 64)")
     parser.add_argument("--ensemble-size", type=int, default=None, help="default 8 (--tiny: 2)")
     parser.add_argument("--models", default="flux,sd3.5", help="comma list of flux, sd3.5")
@@ -492,7 +492,7 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     tiny = args.tiny
-    n_images = args.images or (8 if tiny else 32)
+    n_images = args.images or (4 if tiny else 32)
     batch = max(1, args.batch_images)
     n_images = max(n_images, batch)  # the lean row times at least one whole batch
     extractor_module.COMPILE = CompileOptions(backend=args.compile_backend or ("aot_eager" if tiny else "inductor"))
