@@ -216,6 +216,7 @@ def fake_cuda() -> Iterator[FakeCuda]:
         mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None),
         mock.patch.object(torch.cuda, "get_device_name", lambda *a, **k: "fake-cuda (CPU)"),
         mock.patch.object(torch.cuda, "empty_cache", lambda: None),
+        mock.patch.object(torch.cuda, "mem_get_info", lambda *a, **k: (60 * 2**30, 80 * 2**30)),
     ]
     with contextlib.ExitStack() as stack:
         for patch in patches:

@@ -155,3 +155,19 @@ def test_hpatches_matching_on_the_device():
         gpu = match_pair(torch.from_numpy(fa).to("cuda"), fb, kps, kps, (64, 64), (64, 64), H_gt=np.eye(3),
                          device="cuda")
     assert gpu.n_matches == cpu.n_matches
+
+
+def test_the_gpu_pair_loop_waits_for_the_device_once_per_block(tmp_path, monkeypatch):
+    """Keypoints go up once per source (both coordinates in one copy), each image's map once per
+    run (the device's cache budget holds them all), and results come back once per block."""
+    import ditf_pipeline.match.predict as predict_module
+
+    store, data = build(tmp_path)
+    monkeypatch.setattr(predict_module, "BLOCK", 8)
+    n_blocks = -(-len(data.pairs()) // 8)
+    with fake_cuda() as fake:
+        run(store, data, "cuda", variant="adaln+cd", channels="3")
+    downloads = {where: n for where, n in fake.downloads_by.items() if where.startswith(("predict.py", "matchers.py"))}
+    assert downloads == {"predict.py:match_pairs": n_blocks}, fake.downloads_by
+    assert fake.uploads_by["matchers.py:upsampled_vectors"] == len(data.pairs())
+    assert fake.uploads_by["predict.py:_to_device"] == len(data.images) * 3  # z, shift and scale of each image, once

@@ -592,11 +592,20 @@ class Extractor:
         from ..core.progress import progress as progress_display
 
         writer = _StoreWriter(depth=2 * self.batch_images + 2)
+        # each distinct prompt goes to the device once per run (a category's images share one),
+        # not once per image: a pinned staging copy and an upload per image bought nothing
+        on_device: dict[str, PromptEmbedding] = {}
+
+        def device_prompt(text: str) -> PromptEmbedding:
+            if text not in on_device:
+                on_device[text] = self.device_prompt(embeddings[text])
+            return on_device[text]
+
         try:
             bar = progress_display(len(todo), f"extract {self.adapter.spec.name}", "img", enabled=progress)
             for group in self._groups(self._decoded(self._ordered(todo)), texts, embeddings):
                 images = [_Image(record, rows[record.key], upload(pixels, self.adapter.device),
-                                 self.device_prompt(embeddings[texts[record.key]])) for record, pixels in group]
+                                 device_prompt(texts[record.key])) for record, pixels in group]
                 for t in self.settings.ts:
                     wanted = [(image, [k for k in self.settings.ks if not complete[(k, t)][image.row]]) for image in images]
                     wanted = [(image, ks) for image, ks in wanted if ks]
