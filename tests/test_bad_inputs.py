@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from ditf_cli.main import app
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.core.errors import DitfError
-from ditf_pipeline.validate import PROTOCOLS, VARIANTS, did_you_mean, select_key
+from ditf_pipeline.selection import select_key
+from ditf_pipeline.validate import PROTOCOLS, VARIANTS, did_you_mean
 
 
 def _invoke(*args):

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import DitfError
-from ..extract.images import image_size
+from ..core.images import image_size
 from . import register
 from .base import Dataset, ImageRecord
 

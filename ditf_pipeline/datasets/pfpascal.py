@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import DitfError
-from ..extract.images import image_size
+from ..core.images import image_size
 from . import register
 from .base import Dataset, ImageRecord, Pair, check_pair_geometry
 

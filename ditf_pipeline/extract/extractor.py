@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import SCHEMA_VERSION, __version__
+from ..core.version import SCHEMA_VERSION, __version__
 from ..datasets.base import Dataset, ImageRecord, check_annotated_sizes
 from ..core.errors import DitfError
-from .images import RESAMPLERS, image_size, load_for_model
+from ..core.images import RESAMPLERS, image_size, load_for_model
 from ..models.base import CompileOptions, DiTAdapter, LatentPosterior, PromptEmbedding
 from .prompts import prompt_identity, prompts_for
 from .transfer import HostCopies, HostCopy, pinned, upload
@@ -248,16 +248,17 @@ def store_config(adapter: DiTAdapter, settings: ExtractSettings) -> dict:
 
 
 def provenance(adapter: DiTAdapter, settings: ExtractSettings) -> dict:
+    from importlib.metadata import version
+
     import diffusers
     import transformers
-    import zarr
 
     return {
         "ditf": __version__,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
-        "zarr": zarr.__version__,
+        "zarr": version("zarr"),  # read from the metadata: only store/ imports zarr
         "python": platform.python_version(),
         "device": str(adapter.device),
         "text_device": str(adapter.text_device),

@@ -45,7 +45,7 @@ class Uploads:
 
     def add_image(self, data: bytes) -> str:
         """Decode (EXIF orientation applied, bombs and corrupt files refused), store as PNG; its id."""
-        from ..extract.images import load_rgb
+        from ..core.images import load_rgb
 
         if not data:
             raise DitfError("the uploaded image is empty")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..core.errors import DitfError
+from .errors import DitfError
 
 #: Resampling filter for `preprocess`. DIFT's public eval (`eval_spair.py` ->
 #: `SDFeaturizer4Eval.forward`) calls ``img.resize(img_size)`` with PIL's default filter, which
