@@ -287,7 +287,8 @@ def check_dataset(name: str, root: Path, split: str | None, findings: Findings, 
     unreadable = 0
     for record in records:
         try:
-            load_rgb(record.path) if decode else image_size(record.path)
+            orientation = {"exif_transpose": dataset.exif_transpose}
+            load_rgb(record.path, **orientation) if decode else image_size(record.path, **orientation)
         except DitfError as exc:
             unreadable += 1
             findings.bad(f"dataset: {exc}")

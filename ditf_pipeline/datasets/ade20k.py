@@ -161,7 +161,7 @@ class ADE20K(Dataset):
         """
         path = self.label_path(key)
         labels = reduce_zero_label(read_label_png(path, self.num_classes))
-        width, height = image_size(self._by_key[key].path)
+        width, height = image_size(self._by_key[key].path, exif_transpose=self.exif_transpose)
         if labels.shape != (height, width):
             raise DitfError(
                 f"ADE20K annotation {path} is {labels.shape[1]}x{labels.shape[0]} but its image "

@@ -195,7 +195,7 @@ class HPatches(Dataset):
     def size_of(self, key: str) -> tuple[int, int]:
         """(width, height) of an image, from its header."""
         if key not in self._sizes:
-            self._sizes[key] = image_size(self._path(key))
+            self._sizes[key] = image_size(self._path(key), exif_transpose=self.exif_transpose)
         return self._sizes[key]
 
     def keypoints(self, key: str) -> np.ndarray:

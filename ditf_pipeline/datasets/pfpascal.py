@@ -209,7 +209,7 @@ class PFPascal(Dataset):
             if path not in self._sizes:  # images recur across pairs: read each header once
                 if not path.is_file():
                     raise DitfError(f"missing image {path} (needed by {where})")
-                self._sizes[path] = image_size(path)
+                self._sizes[path] = image_size(path, exif_transpose=self.exif_transpose)
             sizes.append(self._sizes[path])
         src_size, trg_size = sizes
         return Pair(
