@@ -98,6 +98,7 @@ class ADE20K(Dataset):
     """
 
     name = "ade20k"
+    exif_transpose = False  # annotations in the stored pixel orientation
     task = "segmentation"
     alphas = ()
     threshold_rule = "none (semantic segmentation: mIoU over 150 classes, label 0 ignored)"

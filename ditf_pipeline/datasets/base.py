@@ -133,10 +133,11 @@ class Dataset(ABC):
     threshold_rule: str = ""
     #: the aggregation the benchmark's papers report (comparison tables default to it)
     primary_aggregation: str = "per_point"
-    #: whether pixels are read with the EXIF orientation tag applied. No for annotated
-    #: benchmarks: their keypoints, boxes and sizes are in the stored pixel orientation, and
-    #: the authors read the files with plain PIL, which ignores the tag. Photos say yes.
-    exif_transpose: bool = False
+    #: whether pixels are read with the EXIF orientation tag applied, as a viewer shows them
+    #: (photos: a folder, the API's images). The annotated benchmarks say no: their keypoints,
+    #: boxes, masks and sizes are in the stored pixel orientation, and the authors read the
+    #: files with plain PIL, which ignores the tag.
+    exif_transpose: bool = True
 
     def __init__(self, root: Path | str, split: str | None = None) -> None:
         self.root = Path(root)

@@ -25,7 +25,6 @@ class ImageFolder(Dataset):
     name = "folder"
     alphas = ()
     threshold_rule = "none (unannotated images)"
-    exif_transpose = True  # photos: read as a viewer shows them
 
     def __init__(self, root: Path | str, split: str | None = None) -> None:
         super().__init__(root, split)

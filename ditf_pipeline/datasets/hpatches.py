@@ -117,6 +117,7 @@ class HPatches(Dataset):
     """HPatches full sequences (116 in the release: 57 illumination, 59 viewpoint)."""
 
     name = "hpatches"
+    exif_transpose = False  # annotations in the stored pixel orientation
     task = "homography"
     alphas = ()
     threshold_rule = "mean distance of the 4 warped image corners <= 1 / 3 / 5 px (DIFT eval_homography.py)"

@@ -107,6 +107,7 @@ class PFPascal(Dataset):
     """PF-Pascal, one split (default ``test``: 299 pairs in the public list)."""
 
     name = "pfpascal"
+    exif_transpose = False  # annotations in the stored pixel orientation
     alphas = (0.05, 0.1, 0.15)
     threshold_rule = "alpha * max(H, W) of the target image (as GeoAware-SC load_pascal_data)"
 
