@@ -111,3 +111,24 @@ def test_a_folder_of_photos_reads_the_displayed_pixels(tmp_path):
     reference = _extract(upright, tmp_path / "upright.zarr", dataset="folder")
     assert _config(store, "folder")["orientation"] == "exif applied"
     np.testing.assert_array_equal(_features(store, "folder", "photo"), _features(reference, "folder", "photo"))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # zarr's notes on consolidating a ditf store by hand
+def test_a_key_that_does_not_record_the_orientation_resumes_as_it_is(spair_roots, tmp_path):
+    """Such a key read every image with the tag applied: the same pixels for every untagged file,
+    so it is resumed (not refused as "written with another configuration") and keeps its config."""
+    import zarr
+
+    base, plain, _, _ = spair_roots
+    store = tmp_path / "s.zarr"
+    _extract(plain, store)
+    (_, _, k, t), = FeatureStore(store, read_only=True).feature_keys("spair")
+    group = zarr.open_group(str(store), mode="a")[f"spair/tiny-flux/k{k}/t{t}"]
+    group.attrs["config"] = {name: value for name, value in group.attrs["config"].items() if name != "orientation"}
+    zarr.consolidate_metadata(str(store))  # readers see the consolidated copy
+    assert "orientation" not in _config(FeatureStore(store, read_only=True), "spair")
+    result = CliRunner().invoke(app, ["extract", "--model", "tiny-flux", "--data-root", str(plain), "--store", str(store),
+                                      "--img-size", "64", "--ensemble-size", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "already complete" in result.output
+    assert "orientation" not in _config(FeatureStore(store, read_only=True), "spair")
