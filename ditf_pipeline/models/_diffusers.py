@@ -186,8 +186,14 @@ class DiffusersAdapter(DiTAdapter):
         missing += [entry for _, entry, _ in self.block_lists if entry not in config]
         if missing:
             raise DitfError(f"the transformer config of {self.source} lacks {', '.join(missing)}")
-        width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-        return Architecture(width, tuple((kind, int(config[entry])) for _, entry, kind in self.block_lists))
+        width = self.width_of(config)
+        return Architecture(width, tuple((kind, int(config[entry])) for _, entry, kind in self.block_lists),
+                            cls=self.dit_classes()["transformer"].__name__)
+
+    @staticmethod
+    def width_of(config: dict) -> int:
+        """The transformer's hidden width from its config (heads x head size in most families)."""
+        return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
 
     def check_indices(self, indices: Sequence[int]) -> list[int]:
         """Validate against the checkpoint's blocks; the transformer then holds blocks up to the deepest."""
