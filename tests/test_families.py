@@ -71,7 +71,10 @@ def _table_hooks(transformer, k: int, hw, seen: dict) -> list:
 CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "tiny-sd3.5-medium": (_sd3_hooks, ("transformer_blocks",)),
     "tiny-pixart-sigma": (_table_hooks, ("transformer_blocks",)),
+    "tiny-sana": (_table_hooks, ("transformer_blocks",)),
 }
+#: tiny twin -> the real model it stands for
+REAL = {"tiny-sd3.5-medium": "sd3.5-medium", "tiny-pixart-sigma": "pixart-sigma", "tiny-sana": "sana"}
 NAMES = list(CASES)
 
 
@@ -206,10 +209,12 @@ def test_saved_twin_loads_through_weights_truncated(case, tmp_path, monkeypatch)
 
 def test_registry_entry_states_licence_and_rule():
     for name in NAMES:
-        spec = get_spec(name)
-        real = [get_spec(n) for n in ("sd3.5-medium", "pixart-sigma") if get_spec(n).family == spec.family]
-        assert spec.license and spec.defaults_rule and "not tuned on real weights" in spec.defaults_rule
-        assert real and all(r.hub_id and r.license for r in real)
+        spec, real = get_spec(name), get_spec(REAL[name])
+        assert spec.tiny and spec.family == real.family and spec.license
+        assert real.hub_id and real.license and not real.tiny
+        for entry in (spec, real):
+            assert entry.defaults_rule and "not tuned on real weights" in entry.defaults_rule
+        assert 0 <= real.default_k < real.num_blocks
 
 
 def test_store_key_records_the_architecture(case):
@@ -252,6 +257,6 @@ def test_models_lists_families_with_hub_ids_licences_and_twins():
     assert result.exit_code == 0, result.output
     for name in NAMES:
         assert name in result.output
-    for hub in ("stabilityai/stable-diffusion-3.5-medium", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"):
-        assert hub in result.output
+    for name in NAMES:
+        assert get_spec(REAL[name]).hub_id in result.output
     assert "not tuned on real weights" in result.output and "licence:" in result.output

@@ -64,3 +64,46 @@ def tiny_t5(d_model: int = 32) -> T5EncoderModel:
         eos_token_id=1,
     )
     return T5EncoderModel(config)
+
+
+#: characters of the toy fast tokenizers (with a space and SentencePiece's word marker)
+_FAST_CHARS = _LETTERS + " \u2581"
+
+
+def tiny_fast_tokenizer(cls, specials: list[str], **tokens):
+    """A character-level fast tokenizer of class `cls` (GemmaTokenizerFast, Qwen2TokenizerFast, ...).
+
+    Built from a `tokenizers` WordLevel model, then saved and loaded back once: transformers
+    rebuilds some fast tokenizers from their files (normaliser, pre-tokeniser), so only the
+    reloaded one encodes exactly as a `--weights` folder's copy will.
+    """
+    import tempfile
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate([*specials, *_FAST_CHARS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=tokens.get("unk_token") or specials[-1]))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = cls(tokenizer_object=backend, **tokens)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return cls.from_pretrained(folder)
+
+
+def tiny_gemma_tokenizer():
+    from transformers import GemmaTokenizerFast
+
+    return tiny_fast_tokenizer(GemmaTokenizerFast, ["<pad>", "<eos>", "<bos>", "<unk>"],
+                               bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_gemma2(hidden_size: int = 32):
+    """Gemma-2 text encoder at toy width (Sana's encoder family)."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    config = Gemma2Config(
+        vocab_size=4 + len(_FAST_CHARS), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden_size // 2,
+        max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    return Gemma2Model(config)
