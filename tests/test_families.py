@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from ditf_cli.main import app
 from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.models import get_spec, load_adapter
+from ditf_pipeline.models._diffusers import NeverRun
 from ditf_pipeline.models.base import DiTAdapter
 
 TIMESTEP = 300
@@ -67,14 +68,42 @@ def _table_hooks(transformer, k: int, hw, seen: dict) -> list:
     ]
 
 
+def _chroma_hooks(transformer, k: int, hw, seen: dict) -> list:
+    """Chroma: double block k: z = input of transformer_blocks[k].norm2, vectors = shift_mlp, scale_mlp,
+    gate_mlp as norm1 (ChromaAdaLayerNormZeroPruned) returns them; single block: z = input of
+    single_transformer_blocks[i].norm on the image tokens, vectors = the 3-way split of its `emb`,
+    the gate checked against what the norm returns."""
+    doubles = len(transformer.transformer_blocks)
+    if k < doubles:
+        block = transformer.transformer_blocks[k]
+
+        def on_norm1(m, args, kwargs, out):
+            seen.update(shift=out[2].float(), scale=out[3].float(), gate=out[4].float())
+
+        return [
+            block.norm2.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", _grid(a[0], hw))),
+            block.norm1.register_forward_hook(on_norm1, with_kwargs=True),
+        ]
+    norm = transformer.single_transformer_blocks[k - doubles].norm
+    n_image = hw[0] * hw[1]
+
+    def on_norm(m, args, kwargs, out):
+        seen["z"] = _grid(args[0][:, -n_image:], hw)
+        seen.update(_chunks(kwargs["emb"].flatten(1, 2), 3, (0, 1, 2)))
+        torch.testing.assert_close(out[1].float(), seen["gate"], rtol=0, atol=0)
+
+    return [norm.register_forward_hook(on_norm, with_kwargs=True)]
+
+
 #: tiny twin -> (hooks on the named modules, block list attributes in block order)
 CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "tiny-sd3.5-medium": (_sd3_hooks, ("transformer_blocks",)),
     "tiny-pixart-sigma": (_table_hooks, ("transformer_blocks",)),
     "tiny-sana": (_table_hooks, ("transformer_blocks",)),
+    "tiny-chroma": (_chroma_hooks, ("transformer_blocks", "single_transformer_blocks")),
 }
 #: tiny twin -> the real model it stands for
-REAL = {"tiny-sd3.5-medium": "sd3.5-medium", "tiny-pixart-sigma": "pixart-sigma", "tiny-sana": "sana"}
+REAL = {"tiny-sd3.5-medium": "sd3.5-medium", "tiny-pixart-sigma": "pixart-sigma", "tiny-sana": "sana", "tiny-chroma": "chroma"}
 NAMES = list(CASES)
 
 
@@ -106,7 +135,8 @@ def _hw(adapter: DiTAdapter) -> tuple[int, int]:
 
 
 def _blocks(transformer, attrs) -> list:
-    return [block for attr in attrs for block in getattr(transformer, attr)]
+    """The real blocks held, in block order (not the placeholders of lists that keep their length)."""
+    return [block for attr in attrs for block in getattr(transformer, attr) if not isinstance(block, NeverRun)]
 
 
 def test_capture_equals_diffusers_forward_hooks(case):
@@ -201,7 +231,7 @@ def test_saved_twin_loads_through_weights_truncated(case, tmp_path, monkeypatch)
     assert len(_blocks(loaded.transformer, attrs)) == k + 1
     prefixes = [f"{attr}.{i}." for attr in attrs for i in range(k + 1, 64)]
     assert _RecordingSafeOpen.read and not [n for n in _RecordingSafeOpen.read if n.startswith(tuple(prefixes))]
-    want = adapter.forward_intermediates(noisy, prompt, TIMESTEP, [k])[k]
+    want = adapter.forward_intermediates(noisy, prompt, TIMESTEP, [k], stop_early=False)[k]  # lists uncut
     assert torch.equal(got.pre_adaln, want.pre_adaln)
     for part in ("shift", "scale", "gate"):
         assert torch.equal(getattr(got.modulation, part), getattr(want.modulation, part))
