@@ -95,15 +95,26 @@ def _chroma_hooks(transformer, k: int, hw, seen: dict) -> list:
     return [norm.register_forward_hook(on_norm, with_kwargs=True)]
 
 
+def _qwen_image_hooks(transformer, k: int, hw, seen: dict) -> list:
+    """Qwen-Image: z = input of transformer_blocks[k].img_norm2; vectors = items 3-5 of img_mod's output."""
+    block = transformer.transformer_blocks[k]
+    return [
+        block.img_norm2.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", _grid(a[0], hw))),
+        block.img_mod.register_forward_hook(lambda m, a, o: seen.update(_chunks(o, 6))),
+    ]
+
+
 #: tiny twin -> (hooks on the named modules, block list attributes in block order)
 CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "tiny-sd3.5-medium": (_sd3_hooks, ("transformer_blocks",)),
     "tiny-pixart-sigma": (_table_hooks, ("transformer_blocks",)),
     "tiny-sana": (_table_hooks, ("transformer_blocks",)),
     "tiny-chroma": (_chroma_hooks, ("transformer_blocks", "single_transformer_blocks")),
+    "tiny-qwen-image": (_qwen_image_hooks, ("transformer_blocks",)),
 }
 #: tiny twin -> the real model it stands for
-REAL = {"tiny-sd3.5-medium": "sd3.5-medium", "tiny-pixart-sigma": "pixart-sigma", "tiny-sana": "sana", "tiny-chroma": "chroma"}
+REAL = {"tiny-sd3.5-medium": "sd3.5-medium", "tiny-pixart-sigma": "pixart-sigma", "tiny-sana": "sana", "tiny-chroma": "chroma",
+        "tiny-qwen-image": "qwen-image"}
 NAMES = list(CASES)
 
 

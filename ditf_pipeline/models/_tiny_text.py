@@ -107,3 +107,29 @@ def tiny_gemma2(hidden_size: int = 32):
         max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=2,
     )
     return Gemma2Model(config)
+
+
+def tiny_qwen2_tokenizer():
+    from transformers import Qwen2TokenizerFast
+
+    return tiny_fast_tokenizer(Qwen2TokenizerFast, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                               eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token=None)
+
+
+def tiny_qwen25_vl(hidden_size: int = 32):
+    """Qwen2.5-VL at toy width (Qwen-Image's text encoder; its vision tower is built, never used)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=64, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3], "rope_type": "default"},
+            bos_token_id=1, eos_token_id=0, pad_token_id=0,
+        ),
+        vision_config=dict(depth=1, hidden_size=16, out_hidden_size=hidden_size, num_heads=2, intermediate_size=32,
+                           fullatt_block_indexes=[0]),
+        vocab_size=64, image_token_id=60, video_token_id=61, vision_start_token_id=62,
+        bos_token_id=1, eos_token_id=0, pad_token_id=0,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
