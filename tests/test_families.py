@@ -104,6 +104,25 @@ def _qwen_image_hooks(transformer, k: int, hw, seen: dict) -> list:
     ]
 
 
+def _flux2_hooks(transformer, k: int, hw, seen: dict) -> list:
+    """Flux.2: z = input of transformer_blocks[k].norm2 (double) or of single_transformer_blocks[i].norm
+    on the image tokens; vectors = the MLP-side set of the shared double_stream_modulation_img
+    output (items 3-5 of 6) or of single_stream_modulation (items 0-2 of 3)."""
+    doubles = len(transformer.transformer_blocks)
+    n_image = hw[0] * hw[1]
+    if k < doubles:
+        return [
+            transformer.transformer_blocks[k].norm2.register_forward_pre_hook(
+                lambda m, a: seen.__setitem__("z", _grid(a[0], hw))),
+            transformer.double_stream_modulation_img.register_forward_hook(lambda m, a, o: seen.update(_chunks(o, 6))),
+        ]
+    return [
+        transformer.single_transformer_blocks[k - doubles].norm.register_forward_pre_hook(
+            lambda m, a: seen.__setitem__("z", _grid(a[0][:, -n_image:], hw))),
+        transformer.single_stream_modulation.register_forward_hook(lambda m, a, o: seen.update(_chunks(o, 3, (0, 1, 2)))),
+    ]
+
+
 #: tiny twin -> (hooks on the named modules, block list attributes in block order)
 CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "tiny-sd3.5-medium": (_sd3_hooks, ("transformer_blocks",)),
@@ -111,10 +130,11 @@ CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "tiny-sana": (_table_hooks, ("transformer_blocks",)),
     "tiny-chroma": (_chroma_hooks, ("transformer_blocks", "single_transformer_blocks")),
     "tiny-qwen-image": (_qwen_image_hooks, ("transformer_blocks",)),
+    "tiny-flux2": (_flux2_hooks, ("transformer_blocks", "single_transformer_blocks")),
 }
 #: tiny twin -> the real model it stands for
 REAL = {"tiny-sd3.5-medium": "sd3.5-medium", "tiny-pixart-sigma": "pixart-sigma", "tiny-sana": "sana", "tiny-chroma": "chroma",
-        "tiny-qwen-image": "qwen-image"}
+        "tiny-qwen-image": "qwen-image", "tiny-flux2": "flux2-dev"}
 NAMES = list(CASES)
 
 

@@ -133,3 +133,31 @@ def tiny_qwen25_vl(hidden_size: int = 32):
         bos_token_id=1, eos_token_id=0, pad_token_id=0,
     )
     return Qwen2_5_VLForConditionalGeneration(config)
+
+
+#: a minimal chat template (the toy tokenizers have none): "<|im_start|>role\ncontent<|im_end|>\n" per message
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen3_tokenizer():
+    """Qwen2TokenizerFast with a chat template (Flux.2 klein formats prompts as a chat)."""
+    from transformers import Qwen2TokenizerFast
+
+    return tiny_fast_tokenizer(Qwen2TokenizerFast, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                               eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token=None,
+                               chat_template=_CHAT_TEMPLATE)
+
+
+def tiny_qwen3(hidden_size: int = 16, layers: int = 3):
+    """Qwen3 causal LM at toy width (Flux.2 klein's text encoder)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=64, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=hidden_size // 2, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=0, pad_token_id=0,
+    )
+    return Qwen3ForCausalLM(config)
