@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from ditf_cli.main import app
 from ditf_pipeline.core.errors import DitfError
+from ditf_pipeline.extract.extractor import modulation_names
 from ditf_pipeline.models import get_spec, load_adapter
 from ditf_pipeline.models._diffusers import NeverRun
 from ditf_pipeline.models.base import DiTAdapter
@@ -283,6 +284,9 @@ def test_store_key_records_the_architecture(case):
     config = adapter.architecture.as_config()
     assert config["class"] == adapter.dit_classes()["transformer"].__name__
     assert config["width"] == adapter.architecture.width and config["blocks"]
+    # t-only vectors are stored only where the conditioning separates; c-only never without it
+    names = modulation_names(adapter)
+    assert ("shift_c" in names) == adapter.separates_conditioning and "shift_t" in names
 
 
 def _cli(*args):
