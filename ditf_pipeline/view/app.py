@@ -112,6 +112,7 @@ def create_app(explorer: Explorer, token: str | None = None, hosts: Iterable[str
 
     app = FastAPI(title="ditf view", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(fresh)])
     app.state.token = token or new_token()
+    app.state.explorer = explorer
     app.add_middleware(Guard, token=app.state.token, hosts=allowed_hosts("127.0.0.1") if hosts is None else hosts,
                        body_limits={"/api/upload": UPLOAD_BODY_LIMIT})
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")

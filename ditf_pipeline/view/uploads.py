@@ -91,7 +91,7 @@ class Uploads:
         """Decode (EXIF orientation applied, bombs and corrupt files refused), store as PNG; its id."""
         from PIL import Image
 
-        from ..extract.images import image_size, load_rgb
+        from ..extract.images import load_rgb
 
         if not data:
             raise DitfError("the uploaded image is empty")
@@ -110,7 +110,7 @@ class Uploads:
             raw = Path(folder) / "upload"
             raw.write_bytes(data)
             try:
-                width, height = image_size(raw)  # the header only: refuse before decoding
+                width, height = _declared_size(raw)  # the header only: refuse before decoding
                 if width * height > MAX_UPLOAD_PIXELS:
                     raise DitfError(f"upload: {width}x{height} = {width * height} pixels; the limit is {MAX_UPLOAD_PIXELS}")
                 rgb = load_rgb(raw)
@@ -160,3 +160,24 @@ class Uploads:
             except (OSError, ValueError, RuntimeError) as exc:  # weights missing offline, out of memory, ...
                 raise DitfError(f"cannot run model {model!r} here: {type(exc).__name__}: {exc}") from exc
         return UPLOAD_DATASET, model, settings.ks[0], settings.ts[0]
+
+
+def _declared_size(path: Path) -> tuple[int, int]:
+    """(width, height) an image file declares in its header, read without decoding any pixel.
+
+    Not `images.image_size`: it reads the EXIF block, which for a PNG can mean decoding the
+    whole image first.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller applies its own, lower limit
+            with Image.open(path) as img:
+                return img.size
+    except Image.DecompressionBombError as exc:
+        raise DitfError(f"upload: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DitfError(f"upload: {exc}") from None
