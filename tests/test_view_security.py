@@ -71,7 +71,7 @@ def demo(tmp_path_factory):
 
 def _client(explorer, token=True, **options):
     app = create_app(explorer, **options)
-    headers = {"X-Ditf-Token": app.state.token} if token else {}
+    headers = {"X-Ditf-Token": getattr(app.state, "token", "")} if token else {}
     return TestClient(app, base_url="http://127.0.0.1:8765", headers=headers)
 
 
