@@ -175,17 +175,17 @@ def test_uploads_are_downscaled_and_the_folder_is_bounded(tmp_path):
 
 
 def test_the_same_image_uploaded_twice_at_once_is_stored_once_without_error(tmp_path, monkeypatch):
-    """Both requests reach the PNG write together (a barrier inside `save`) when nothing serialises them."""
+    """Both requests write their PNG before either renames it (a barrier after `save`) when nothing serialises them."""
     uploads = Uploads(tmp_path / "up")
     barrier = threading.Barrier(2, timeout=3)
     save = Image.Image.save
 
     def meeting_save(self, *args, **kwargs):
-        try:
+        save(self, *args, **kwargs)
+        try:  # both PNGs written before either is renamed into place
             barrier.wait()
         except threading.BrokenBarrierError:  # the other upload is not writing at the same time
             pass
-        return save(self, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", meeting_save)
     data, results, errors = _jpeg(seed=5), [], []
