@@ -177,6 +177,7 @@ def test_uploads_are_downscaled_and_the_folder_is_bounded(tmp_path):
 def test_the_same_image_uploaded_twice_at_once_is_stored_once_without_error(tmp_path, monkeypatch):
     """Both requests write their PNG before either renames it (a barrier after `save`) when nothing serialises them."""
     uploads = Uploads(tmp_path / "up")
+    data = _jpeg(seed=5)  # before `save` is patched
     barrier = threading.Barrier(2, timeout=3)
     save = Image.Image.save
 
@@ -188,7 +189,7 @@ def test_the_same_image_uploaded_twice_at_once_is_stored_once_without_error(tmp_
             pass
 
     monkeypatch.setattr(Image.Image, "save", meeting_save)
-    data, results, errors = _jpeg(seed=5), [], []
+    results, errors = [], []
 
     def add():
         try:
