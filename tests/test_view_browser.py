@@ -220,3 +220,26 @@ def test_upload_in_the_browser(browser, demo, server):
     assert panel.get_attribute("data-pred-x") is not None
     assert not errors, errors
     page.close()
+
+
+def test_a_dns_rebinding_page_reads_and_posts_nothing(browser, server):
+    """A name of an attacker's that resolves to 127.0.0.1 (Chromium's resolver rules play the DNS):
+    to the browser the app is then same-origin with the attacker's page, so only the Host check
+    stands between that page and the store's data."""
+    port = server["url"].rsplit(":", 1)[1]
+    rebound = browser.browser_type.launch(
+        executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP rebound.test 127.0.0.1"])
+    try:
+        page = rebound.new_page()
+        response = page.goto(f"http://rebound.test:{port}/")
+        assert response.status == 403 and "not served here" in page.content()
+        statuses = page.evaluate(
+            """async () => [(await fetch('/api/keys')).status,
+                            (await fetch('/api/models')).status,
+                            (await fetch('/api/click', {method: 'POST', headers: {'content-type': 'application/json'},
+                                                        body: '{}'})).status]""")
+        assert statuses == [403, 403, 403]
+        own = page.goto(server["url"] + "/")  # the same browser, the real address: served
+        assert own.status == 200
+    finally:
+        rebound.close()
