@@ -35,13 +35,14 @@ from ditf_pipeline.view import uploads as uploads_module  # noqa: E402
 from ditf_pipeline.view.app import create_app  # noqa: E402
 from ditf_pipeline.view.explorer import Explorer  # noqa: E402
 from ditf_pipeline.view.uploads import Uploads  # noqa: E402
+from test_object_store import s3  # noqa: E402,F401 - the moto S3 server fixture (skips without moto[server])
 
 D, STRIDE = 16, 8
 MODEL = "tiny-flux"  # a registered name: its default key (k2/t260) is what the view opens on
 KEY = {"dataset": "spair", "model": MODEL, "k": 2, "t": 260}
 
 
-def _build(store: Path, root: Path, records, seed: int, keys=((2, 260),), reverse: bool = False) -> None:
+def _build(store: Path | str, root: Path, records, seed: int, keys=((2, 260),), reverse: bool = False) -> None:
     """A store of random features for every image of `root` (rows in reverse order when asked)."""
     order = list(reversed(records)) if reverse else list(records)
     sizes = {r.key: Image.open(r.path).size for r in order}
@@ -355,3 +356,15 @@ def test_redact_cuts_absolute_paths_and_keeps_urls():
 
     assert redact("store /home/me/stores/s.zarr: no key; (/root/.cache/x.bin)") == "store …/s.zarr: no key; (…/x.bin)"
     assert redact("store s3://bucket/x.zarr and ./rel/path") == "store s3://bucket/x.zarr and ./rel/path"
+
+
+def test_an_object_store_url_is_opened_and_named_as_given(demo, served, s3):
+    url = s3
+    missing = CliRunner().invoke(cli_app, ["view", "--store", f"{url}/absent.zarr", "--port", "0"])
+    assert missing.exit_code == 1 and f"{url}/absent.zarr" in missing.output and "s3:/d" not in missing.output
+    _build(f"{url}/v.zarr", demo["root"], demo["records"], seed=7)
+    result = CliRunner().invoke(cli_app, ["view", "--store", f"{url}/v.zarr", "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert f"store {url}/v.zarr" in result.output and "uploads are off" in result.output
+    client = _client(served[0]["explorer"])
+    assert [k["id"] for k in client.get("/api/keys").json()["keys"]] == ["spair/tiny-flux/k2/t260"]
