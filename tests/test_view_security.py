@@ -358,6 +358,7 @@ def test_redact_cuts_absolute_paths_and_keeps_urls():
     assert redact("store s3://bucket/x.zarr and ./rel/path") == "store s3://bucket/x.zarr and ./rel/path"
 
 
+@pytest.mark.slow  # starts a moto S3 server
 def test_an_object_store_url_is_opened_and_named_as_given(demo, served, s3):
     url = s3
     missing = CliRunner().invoke(cli_app, ["view", "--store", f"{url}/absent.zarr", "--port", "0"])
