@@ -307,7 +307,7 @@ def modulation_names(adapter: DiTAdapter) -> list[str]:
     if not adapter.has_adaln:
         return []
     names = ["shift_t", "scale_t", "gate_t"]
-    if adapter.spec.family != "pixart":
+    if adapter.separates_conditioning:
         names += ["shift_c", "scale_c", "gate_c"]
     return names
 

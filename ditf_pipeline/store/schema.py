@@ -60,7 +60,14 @@ def jsonable(value: Any) -> Any:
 
 
 def config_differences(stored: Mapping, wanted: Mapping) -> list[str]:
-    """'name: stored -> wanted' for every setting that differs (what a refusal names)."""
+    """'name: stored -> wanted' for every setting that differs (what a refusal names).
+
+    An architecture recorded without its transformer class (keys written before the class was
+    recorded) is compared on blocks and width alone: those fix the numbers for a registry model.
+    """
+    arch_stored, arch_wanted = stored.get("architecture"), wanted.get("architecture")
+    if isinstance(arch_stored, Mapping) and isinstance(arch_wanted, Mapping) and "class" not in arch_stored:
+        wanted = {**wanted, "architecture": {k: v for k, v in arch_wanted.items() if k != "class"}}
     keys = sorted((set(stored) | set(wanted)) - _IGNORED_CONFIG)
     return [f"{key}: {stored.get(key)!r} -> {wanted.get(key)!r}" for key in keys if stored.get(key) != wanted.get(key)]
 
