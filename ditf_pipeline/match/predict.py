@@ -18,8 +18,10 @@ Why processes: worker threads (used before) share the GIL for the Python between
 of them gave 1.47x at SPair size on two cores, the pool 1.7-1.8x, close to what two fully
 independent processes reach there (`benchmarks/bench_predict.py --ceiling`, docs/benchmarks.md).
 
-On a GPU (``--device cuda``) the feature cache lives on the device and the pairs of a block
-that share a target are matched in one batch (`DiftMatcher.match_batch`); one job.
+On a GPU (``--device cuda``) the feature cache lives on the device (its budget sized for the
+device, maps uploaded pinned and non-blocking), the pairs of a block that share a target are
+matched in one batch (`DiftMatcher.best_batch`) and the block's results come back in one copy
+(no host wait per target); one job. `ditf_pipeline.fake_cuda` runs this path on a CPU in tests.
 """
 
 from __future__ import annotations
