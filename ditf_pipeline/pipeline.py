@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-__all__ = ["MatchRun", "ScoreRun", "check_dataset", "check_key", "check_pair_arguments", "run_doctor", "run_extract",
-           "run_match", "run_score", "single_key", "stored_variants"]
+__all__ = ["MatchRun", "ScoreRun", "check_dataset", "check_key", "check_pair_arguments", "reading_store", "run_doctor",
+           "run_extract", "run_match", "run_score", "single_key", "stored_variants"]
 
 if TYPE_CHECKING:
     from .datasets.base import Dataset
@@ -180,12 +180,14 @@ def run_match(
     jobs: int | None = None,
     shard: str | None = None,
     on_report: Callable[[StageReport], None] | None = None,
+    predictions_store: Path | str | None = None,
 ) -> MatchRun:
     """Run the match stage for each of `variants` (default: the model's default variant).
 
-    Predictions go next to the features; a rerun resumes. `on_report` hears each variant's
-    report as it finishes (the CLI prints its line). With `workers`/`scheduler` the blocks of
-    pairs go to dask workers.
+    Predictions go next to the features, or into `predictions_store` (a local store: the
+    features' store may be a published, read-only one); a rerun resumes. `on_report` hears each
+    variant's report as it finishes (the CLI prints its line). With `workers`/`scheduler` the
+    blocks of pairs go to dask workers.
     """
     from .datasets import get_dataset
     from .stages import StageSettings, match
@@ -202,7 +204,7 @@ def run_match(
 
         client = shared_client(workers, scheduler)
     run = MatchRun(data, k_, t_)
-    with FeatureStore(store) as feature_store:  # closed: the last writer consolidates the metadata
+    with _writable(store, reader, predictions_store) as feature_store:  # closed: the last writer consolidates
         for variant in variants:
             settings = StageSettings(variant=variant, protocol=protocol, channels=channels, soft_window=soft_window,
                                      fuse=fuse, pca_dim=pca_dim, device=device, jobs=jobs, shard=shard)
@@ -213,6 +215,27 @@ def run_match(
             if on_report is not None:
                 on_report(report)
     return run
+
+
+def _writable(store: Path | str, reader: FeatureStore, predictions_store: Path | str | None):
+    """The store match writes into: `store` itself, or `reader`'s features paired with `predictions_store`."""
+    from .store.feature_store import FeatureStore
+    from .store.paired import PairedStore
+
+    if predictions_store is None:
+        return FeatureStore(store)
+    return PairedStore(reader, FeatureStore(predictions_store))
+
+
+def reading_store(store: Path | str, predictions_store: Path | str | None):
+    """The store score reads: `store`, or its features with the predictions of `predictions_store`."""
+    from .store.feature_store import FeatureStore
+    from .store.paired import PairedStore
+
+    reader = FeatureStore(store, read_only=True)
+    if predictions_store is None:
+        return reader
+    return PairedStore(reader, FeatureStore(predictions_store, read_only=True))
 
 
 @dataclass
@@ -241,19 +264,20 @@ def run_score(
     pca_dim: int = 1280,
     alphas: Sequence[float] | None = None,
     settings: Sequence[StageSettings] | None = None,
+    predictions_store: Path | str | None = None,
 ) -> ScoreRun:
     """Metrics of cached predictions (PCK, J&F or homography accuracy), one result per variant.
 
     Read-only, no torch. Variants default to `adaln+cd` where AdaLN vectors are stored, else
-    `raw`; `settings` (e.g. `MatchRun.settings`) replaces the variant options.
+    `raw`; `settings` (e.g. `MatchRun.settings`) replaces the variant options. Predictions
+    are read from `predictions_store` when given (what `run_match` wrote there).
     """
     from .datasets import get_dataset
     from .stages import StageSettings, score
-    from .store.feature_store import FeatureStore
 
     check_pair_arguments(variants, protocol, alphas)
     data = get_dataset(dataset, data_root, split) if isinstance(dataset, str) else dataset
-    feature_store = FeatureStore(store, read_only=True)
+    feature_store = reading_store(store, predictions_store)
     k_, t_ = check_key(feature_store, data, model, k, t, variants)
     if settings is None:
         if not variants:
