@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 __all__ = ["MatchRun", "ScoreRun", "check_dataset", "check_key", "check_pair_arguments", "reading_store", "run_doctor",
-           "run_extract", "run_match", "run_score", "single_key", "stored_variants"]
+           "run_extract", "run_match", "run_pack", "run_score", "single_key", "stored_variants"]
 
 if TYPE_CHECKING:
     from .datasets.base import Dataset
@@ -287,6 +287,31 @@ def run_score(
                     for v in variants]
     results = [score(feature_store, data, model, k_, t_, s, alphas) for s in settings]
     return ScoreRun(data, k_, t_, list(settings), results)
+
+
+# ---- pack: chosen keys into a new store ready to publish ------------------------------------------
+def run_pack(store: Path | str, out: Path, *, dataset: str | None = None, model: str | None = None,
+             k: int | None = None, t: int | None = None, predictions: bool = True, license: str | None = None,
+             note: Callable[[str], None] | None = None) -> dict:
+    """`ditf pack`: copy the chosen keys of `store` into `out` (store, manifest, dataset card).
+
+    The sizes are told to `note` before anything is copied; returns the manifest.
+    """
+    from . import __version__
+    from .store.card import card
+    from .store.feature_store import FeatureStore
+    from .store.pack import plan_pack, write_pack
+
+    source = FeatureStore(store, read_only=True)
+    plan = plan_pack(source, dataset=dataset, model=model, k=k, t=t, predictions=predictions)
+    if note is not None:
+        for item in plan.items:
+            note(f"pack: {item.node}: {len(item.files)} file(s), {item.bytes / 1e6:.1f} MB")
+        note(f"pack: {plan.bytes / 1e6:.1f} MB in all, into {out}")
+    keys = [{"node": item.node, "images": item.images, "bytes": item.bytes, "config": item.config,
+             "predictions": item.predictions} for item in plan.keys()]
+    text = card(keys, version=__version__, total_bytes=plan.bytes, license=license)
+    return write_pack(plan, Path(out), text, progress=note)
 
 
 # ---- doctor: the dataset check and the store audit, combined ---------------------------------------
