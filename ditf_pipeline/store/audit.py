@@ -19,7 +19,7 @@ import numpy as np
 from ..core.errors import DitfError
 from ..core.keys import FeatureKey
 from .arrays import FeatureArrays, PredictionArrays, chunk_exists
-from .backends import ReadBackend, backend_for, store_location
+from .backends import Backend, ReadBackend, backend_for, store_location
 from .failures import reason
 from .feature_store import FeatureStore
 from .layout import node_kind
@@ -90,6 +90,8 @@ class _Audit:
     # 1. leftovers of interrupted setups (never visible to readers, but they take space)
     def leftovers(self) -> None:
         fs = self.fs
+        if not isinstance(fs, Backend):
+            return  # a published store: nothing ever wrote there through ditf, so nothing was left half-done
         for staged in self.store.layout.staging():
             self.findings.append(Finding(f"store: unfinished setup left by an interrupted run: {fs.where(staged)}",
                                          f"removed {fs.where(staged)}", functools.partial(fs.discard, staged)))
