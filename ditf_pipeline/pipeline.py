@@ -300,8 +300,9 @@ def run_pack(store: Path | str, out: Path, *, dataset: str | None = None, model:
     from . import __version__
     from .store.card import card
     from .store.feature_store import FeatureStore
-    from .store.pack import plan_pack, write_pack
+    from .store.pack import check_out, plan_pack, write_pack
 
+    check_out(Path(out))
     source = FeatureStore(store, read_only=True)
     plan = plan_pack(source, dataset=dataset, model=model, k=k, t=t, predictions=predictions)
     if note is not None:

@@ -16,7 +16,10 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-__all__ = ["serve"]
+__all__ = ["RANGES", "serve"]
+
+#: whether Range requests are honoured (a test turns it off to play a server that ignores them)
+RANGES = True
 
 
 class _FilesOnly(SimpleHTTPRequestHandler):
@@ -34,7 +37,7 @@ class _FilesOnly(SimpleHTTPRequestHandler):
             self.send_error(404)
             return None
         match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
-        if not match:
+        if not match or not RANGES:
             return super().send_head()
         data = Path(path).read_bytes()
         first, last = match.groups()

@@ -40,7 +40,7 @@ from .feature_store import FeatureStore
 from .layout import IMAGES, PREDICTIONS
 from .writers import consolidate
 
-__all__ = ["STORE_NAME", "PackItem", "PackPlan", "plan_pack", "write_pack"]
+__all__ = ["STORE_NAME", "PackItem", "PackPlan", "check_out", "plan_pack", "write_pack"]
 
 #: the store's folder inside a pack (``hf://datasets/<org>/<name>/ditf.zarr``)
 STORE_NAME = "ditf.zarr"
@@ -157,6 +157,18 @@ def _namer(source: FeatureStore, item: PackItem, array_path: str) -> Callable[[i
     return lambda row: f"rows from {row}"
 
 
+def check_out(out: Path) -> None:
+    """Refuse a destination holding anything: a pack never mixes with other files.
+
+    Raises
+    ------
+    DitfError
+        When `out` exists and is not an empty folder.
+    """
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DitfError(f"pack --out {out} exists and is not empty: name a new folder")
+
+
 def write_pack(plan: PackPlan, out: Path, card: str, *, progress: Callable[[str], None] | None = None) -> dict:
     """Copy the plan into `out` (a new folder): the store, its manifest and its card; returns the manifest.
 
@@ -165,8 +177,7 @@ def write_pack(plan: PackPlan, out: Path, card: str, *, progress: Callable[[str]
     DitfError
         When `out` exists and is not empty, or a chunk is damaged (nothing is left at `out`).
     """
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DitfError(f"pack --out {out} exists and is not empty: name a new folder")
+    check_out(out)
     source = plan.source
     src = source.backend.zarr_store("", read_only=True)
     staged = out.parent / f".{out.name}.ditf-pack-{uuid.uuid4().hex[:8]}"
