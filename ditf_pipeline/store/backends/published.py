@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+import fsspec
 from zarr.abc.store import ByteRequest, RangeByteRequest, Store, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, WrapperStore
@@ -136,8 +137,6 @@ class PublishedBackend:
         DitfError
             When the URL's fsspec file system is not installed or rejects the URL.
         """
-        import fsspec
-
         self.url = url
         self.scheme = read_only_scheme(url)
         self.retries = int(_setting("DITF_REMOTE_RETRIES", _DEFAULT_RETRIES))
@@ -231,7 +230,13 @@ class PublishedBackend:
     def zarr_store(self, rel: str = "", read_only: bool = False) -> Store:
         if not read_only:
             raise self._refuse()
-        inner = FsspecStore.from_url(self.where(rel), storage_options=self.options, read_only=True)
+        if "::" in self.url:  # a cache in front: fsspec's caches are synchronous, zarr reads through its async wrapper
+            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+            fs, path = fsspec.url_to_fs(self.where(rel), **self.options)
+            inner: Store = FsspecStore(AsyncFileSystemWrapper(fs, asynchronous=True), path=path, read_only=True)
+        else:
+            inner = FsspecStore.from_url(self.where(rel), storage_options=self.options, read_only=True)
         return PublishedStore(inner, self._metadata if not rel else None, self.where(rel), self.retries)
 
     def metadata_nodes(self) -> list[str]:
