@@ -212,6 +212,7 @@ def test_a_local_read_cache_is_fsspecs_url_chaining(cache, tmp_path, monkeypatch
         got = open_store(f"simplecache::{base}/ditf.zarr").features("spair", "tiny-flux", image="cat/demo_0001")
     want = open_store(cache["local"]).features("spair", "tiny-flux", image="cat/demo_0001")
     assert np.array_equal(got.numpy(), want.numpy())
+    assert any(path.is_file() for path in (tmp_path / "cache").rglob("*"))  # the chunks were kept locally
 
 
 # ---- hf:// (offline: no Hub here) ------------------------------------------------------------------------

@@ -68,14 +68,17 @@ def _chained_options(location: str) -> dict[str, Any]:
 class PublishedStore(WrapperStore[Store]):
     """zarr's store of a published URL: the root metadata read once, reads retried, ranges checked."""
 
-    def __init__(self, store: Store, root_metadata: bytes | None, where: str, retries: int) -> None:
+    def __init__(self, store: Store, root_metadata: bytes | None, where: str, retries: int,
+                 whole_files: bool = False) -> None:
+        """`whole_files`: a local cache in front, which fetches whole files anyway; ranges are cut here."""
         super().__init__(store)
         self._root_metadata = root_metadata
         self._where = where
         self._retries = retries
+        self._whole_files = whole_files
 
     def _with_store(self, store: Store) -> PublishedStore:
-        return type(self)(store, self._root_metadata, self._where, self._retries)
+        return type(self)(store, self._root_metadata, self._where, self._retries, self._whole_files)
 
     async def _retried(self, what: str, call: Any) -> Any:
         for attempt in range(self._retries + 1):
@@ -95,6 +98,9 @@ class PublishedStore(WrapperStore[Store]):
                 return prototype.buffer.from_bytes(self._root_metadata)  # read once, when the store was opened
             if key in _ZARR_V2_METADATA:
                 return None  # a zarr v3 store (its zarr.json says so): zarr's format probe need not ask the server
+        if self._whole_files and byte_range is not None:
+            whole = await self._retried(key, lambda: self._store.get(key, prototype))
+            return None if whole is None else prototype.buffer.from_bytes(_cut(whole.to_bytes(), byte_range))
         value = await self._retried(key, lambda: self._store.get(key, prototype, byte_range))
         if value is not None:
             _check_range(f"{self._where}/{key}", byte_range, len(value))
@@ -108,6 +114,15 @@ class PublishedStore(WrapperStore[Store]):
         if key == "zarr.json" and self._root_metadata is not None:
             return True
         return bool(await self._retried(key, lambda: self._store.exists(key)))
+
+
+def _cut(data: bytes, byte_range: ByteRequest) -> bytes:
+    """The bytes of a range of a whole file."""
+    if isinstance(byte_range, RangeByteRequest):
+        return data[byte_range.start:byte_range.end]
+    if isinstance(byte_range, SuffixByteRequest):
+        return data[-byte_range.suffix:]
+    return data[byte_range.offset:]  # OffsetByteRequest
 
 
 def _check_range(where: str, byte_range: ByteRequest | None, got: int) -> None:
@@ -237,7 +252,8 @@ class PublishedBackend:
             inner: Store = FsspecStore(AsyncFileSystemWrapper(fs, asynchronous=True), path=path, read_only=True)
         else:
             inner = FsspecStore.from_url(self.where(rel), storage_options=self.options, read_only=True)
-        return PublishedStore(inner, self._metadata if not rel else None, self.where(rel), self.retries)
+        return PublishedStore(inner, self._metadata if not rel else None, self.where(rel), self.retries,
+                              whole_files="::" in self.url)
 
     def metadata_nodes(self) -> list[str]:
         self._load()
