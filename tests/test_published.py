@@ -207,7 +207,10 @@ def test_a_server_ignoring_ranges_is_an_error_not_other_bytes(cache, monkeypatch
 def test_a_local_read_cache_is_fsspecs_url_chaining(cache, tmp_path, monkeypatch):
     from ditf_pipeline import open_store
 
-    monkeypatch.setenv("FSSPEC_SIMPLECACHE_CACHE_STORAGE", str(tmp_path / "cache"))
+    import fsspec.config
+
+    # what FSSPEC_SIMPLECACHE_CACHE_STORAGE sets when fsspec is imported (the CLI's case)
+    monkeypatch.setitem(fsspec.config.conf, "simplecache", {"cache_storage": str(tmp_path / "cache")})
     with serve(cache["packed"]) as (base, _):
         got = open_store(f"simplecache::{base}/ditf.zarr").features("spair", "tiny-flux", image="cat/demo_0001")
     want = open_store(cache["local"]).features("spair", "tiny-flux", image="cat/demo_0001")
