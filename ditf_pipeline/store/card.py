@@ -62,7 +62,7 @@ def card(keys: Sequence[Mapping], *, version: str, total_bytes: int, license: st
         "# ditf feature cache",
         "",
         f"Diffusion Transformer features cached by ditf {version} ({total_bytes / 1e9:.2f} GB), in a Zarr v3 store",
-        "with consolidated metadata: read it without downloading it first, e.g.",
+        "with consolidated metadata: read it without downloading it first (upload this folder with `hf upload`), e.g.",
         "",
         "```",
         "ditf score --store hf://datasets/<org>/<name>/ditf.zarr --predictions-store local.zarr ...",
