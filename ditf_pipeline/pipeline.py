@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-__all__ = ["MatchRun", "ScoreRun", "check_dataset", "check_key", "check_pair_arguments", "reading_store", "run_doctor",
+__all__ = ["MatchRun", "ScoreRun", "check_dataset", "check_key", "check_pair_arguments", "reading_store", "run_doctor", "writing_store",
            "run_extract", "run_match", "run_pack", "run_score", "single_key", "stored_variants"]
 
 if TYPE_CHECKING:
@@ -204,7 +204,7 @@ def run_match(
 
         client = shared_client(workers, scheduler)
     run = MatchRun(data, k_, t_)
-    with _writable(store, reader, predictions_store) as feature_store:  # closed: the last writer consolidates
+    with writing_store(store, reader, predictions_store) as feature_store:  # closed: the last writer consolidates
         for variant in variants:
             settings = StageSettings(variant=variant, protocol=protocol, channels=channels, soft_window=soft_window,
                                      fuse=fuse, pca_dim=pca_dim, device=device, jobs=jobs, shard=shard)
@@ -217,7 +217,7 @@ def run_match(
     return run
 
 
-def _writable(store: Path | str, reader: FeatureStore, predictions_store: Path | str | None):
+def writing_store(store: Path | str, reader: FeatureStore, predictions_store: Path | str | None):
     """The store match writes into: `store` itself, or `reader`'s features paired with `predictions_store`."""
     from .store.feature_store import FeatureStore
     from .store.paired import PairedStore
