@@ -246,3 +246,30 @@ def test_hf_is_read_through_hffilesystem_and_writes_are_refused_without_the_netw
         FeatureStore(url)
     line = _refused("extract", *cache["common"], "--img-size", "64", "--no-progress", "--store", url)
     assert "hf://" in line and "read-only" in line
+
+
+def test_compare_analyze_and_show_read_a_published_store(cache, tmp_path):
+    from ditf_pipeline.view.explorer import Explorer
+
+    root = cache["root"]
+    (key,) = Explorer(cache["local"], root).all_keys()
+    pair = Explorer(cache["local"], root).pairs(key, "adaln+cd", "dift", 0.1)["pairs"][0]["pair_id"]
+    copy = tmp_path / "local.zarr"
+    shutil.copytree(cache["local"], copy)
+    local = _cli("compare", "--data-root", root, "--store", copy, "--no-progress", "--format", "json")
+    with serve(cache["packed"]) as (base, _):
+        url = f"{base}/ditf.zarr"
+        remote = _cli("compare", "--data-root", root, "--store", url, "--predictions-store", tmp_path / "p.zarr",
+                      "--no-progress", "--format", "json")
+        analyzed = _cli("analyze", "--data-root", root, "--store", url, "--model", "tiny-flux", "--no-plots",
+                        "--out", tmp_path / "an")
+        assert "read-only" in _refused("analyze", "--data-root", root, "--store", url, "--model", "tiny-flux",
+                                       "--no-plots", "--write", "--out", tmp_path / "an2")
+        _cli("show", "--data-root", root, "--store", url, "--model", "tiny-flux", "--pair", pair,
+             "--out", tmp_path / "pair.png")
+
+    def table(output: str) -> list:
+        return [without_store(r) for r in json.loads(output[output.index("["):])]
+
+    assert table(remote) == table(local)
+    assert "massive channels" in analyzed and (tmp_path / "pair.png").stat().st_size > 0
