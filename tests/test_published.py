@@ -137,6 +137,8 @@ def test_score_and_ablate_over_http_equal_the_local_store(cache, tmp_path):
 
     assert table(remote) == table(local)
     assert rescored["variant"] == "raw" and without_store(rescored) == table(local)[0]
+    checked = _cli("doctor", "--store", preds)  # a key holding only predictions is no half-done key
+    assert "doctor: 0 problem(s)" in checked and f"{KEY}: predictions of the features in http://" in checked
 
 
 def test_the_explorer_reads_a_published_store_as_the_local_one(cache):

@@ -22,7 +22,7 @@ from .arrays import FeatureArrays, PredictionArrays, chunk_exists
 from .backends import Backend, ReadBackend, backend_for, store_location
 from .failures import reason
 from .feature_store import FeatureStore
-from .layout import node_kind
+from .layout import PREDICTIONS_OF, node_kind
 from .schema import FEATURE_DTYPES, MODULATION_DTYPE, SCHEMA_VERSION, file_rows, root_metadata
 
 __all__ = ["Finding", "audit_store", "repair_root_metadata"]
@@ -187,6 +187,11 @@ class _Audit:
     def key(self, key: FeatureKey) -> None:
         node, fs, store = key.path, self.fs, self.store
         group = store.group(node) if fs.exists(f"{node}/zarr.json") else None
+        if group is not None and PREDICTIONS_OF in group.attrs and "complete" not in group:
+            self.ok.append(f"store: {node}: predictions of the features in {group.attrs[PREDICTIONS_OF]}")
+            for path in store.layout.prediction_folders(key):
+                self.predictions(path)
+            return
         if group is None or "complete" not in group or "config" not in group.attrs or "modulation" not in group.attrs:
             committed = 0
             try:

@@ -41,7 +41,7 @@ from . import legacy, writers
 from .arrays import FeatureArrays, PredictionArrays
 from .backends import Backend, ReadBackend, backend_for, is_read_only, is_remote, local_beside, store_location
 from .failures import reads, reason, writes
-from .layout import IMAGES, META, PREDICTIONS, StoreLayout, lock_path, prediction_scope
+from .layout import IMAGES, META, PREDICTIONS, PREDICTIONS_OF, StoreLayout, lock_path, prediction_scope
 from .prompts import PromptCache, prompt_cache_path
 from .schema import (
     ROWS_PER_SHARD,
@@ -352,6 +352,9 @@ class FeatureStore:
                 raise DitfError(f"store {self.path} has no features for {path}: run `ditf extract` first")
             return self._feature_arrays(group, path, dataset)
         config = jsonable(config)
+        if group is not None and PREDICTIONS_OF in group.attrs:
+            raise DitfError(f"store {self.path} key {path} holds predictions of the features in "
+                            f"{group.attrs[PREDICTIONS_OF]}: extract into another --store")
         if group is not None and "config" in group.attrs:
             differences = config_differences(group.attrs["config"], config)
             if differences:
@@ -516,6 +519,22 @@ class FeatureStore:
             create_prediction_arrays(new, pair_ids=pair_ids, value_shape=value_shape, block=block)
             self.publish(staged, path)
         return PredictionArrays(self.group(path), path)
+
+    @writes
+    def hold_predictions_of(self, feature_key: tuple[str, str, int, int], source: str) -> None:
+        """Make this store's group of a key one that holds only predictions of `source`'s features.
+
+        Marked (attribute `predictions_of`) so the doctor and extract know it is no half-done
+        feature key; published whole, like every setup.
+        """
+        path = feature_path(*feature_key)
+        group = self.group(path)
+        if group is not None:
+            if PREDICTIONS_OF not in group.attrs and "complete" not in group:
+                raise DitfError(f"store {self.path} has a half-done feature key {path}: run `ditf doctor --repair`")
+            return
+        with self.staged({PREDICTIONS_OF: source}) as (staged, _):
+            self.publish(staged, path)
 
     def results_dir(self, feature_key: tuple[str, str, int, int], name: str) -> Path:
         """Folder for results that are files, not arrays (DAVIS masks): beside the store.

@@ -9,6 +9,7 @@ predictions (and files that accompany them, e.g. DAVIS masks) to a local store n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,13 @@ class PairedStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.features, name)
 
-    def open_predictions(self, *args: Any, **kwargs: Any) -> Any:
-        """Predictions of the predictions store (see `FeatureStore.open_predictions`)."""
-        return self.predictions.open_predictions(*args, **kwargs)
+    def open_predictions(self, feature_key: tuple[str, str, int, int], name: str,
+                         pair_ids: Sequence[str] | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Predictions of the predictions store (see `FeatureStore.open_predictions`); a writer
+        first marks the key's group there as predictions of the features store."""
+        if pair_ids is not None:
+            self.predictions.hold_predictions_of(feature_key, str(self.features.path))
+        return self.predictions.open_predictions(feature_key, name, pair_ids, *args, **kwargs)
 
     def prediction_groups(self, *args: Any, **kwargs: Any) -> Any:
         """Every predictions group of a key in the predictions store."""
