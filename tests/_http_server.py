@@ -16,10 +16,12 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-__all__ = ["RANGES", "serve"]
+__all__ = ["FAILURES", "RANGES", "serve"]
 
 #: whether Range requests are honoured (a test turns it off to play a server that ignores them)
 RANGES = True
+#: the next this many chunk requests (under a `/c/` folder) are answered 503, as by an overloaded server
+FAILURES = [0]
 
 
 class _FilesOnly(SimpleHTTPRequestHandler):
@@ -33,6 +35,10 @@ class _FilesOnly(SimpleHTTPRequestHandler):
     def send_head(self):
         self.requests.append(self.path)
         path = self.translate_path(self.path)
+        if "/c/" in self.path and FAILURES[0] > 0:
+            FAILURES[0] -= 1
+            self.send_error(503)
+            return None
         if os.path.isdir(path) or not os.path.isfile(path):
             self.send_error(404)
             return None

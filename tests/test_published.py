@@ -275,3 +275,21 @@ def test_compare_analyze_and_show_read_a_published_store(cache, tmp_path):
 
     assert table(remote) == table(local)
     assert "massive channels" in analyzed and (tmp_path / "pair.png").stat().st_size > 0
+
+
+def test_a_failing_server_is_retried_then_one_error_line(cache, monkeypatch):
+    import _http_server
+
+    from ditf_pipeline import open_store
+
+    want = open_store(cache["local"]).features("spair", "tiny-flux", image="cat/demo_0000")
+    monkeypatch.setenv("DITF_REMOTE_RETRIES", "2")
+    monkeypatch.setattr(_http_server, "FAILURES", [0])  # (restored after the test)
+    with serve(cache["packed"]) as (base, _):
+        _http_server.FAILURES[0] = 2  # two 503s: the retries get through
+        got = open_store(f"{base}/ditf.zarr").features("spair", "tiny-flux", image="cat/demo_0000")
+        assert np.array_equal(got.numpy(), want.numpy()) and _http_server.FAILURES[0] == 0
+        _http_server.FAILURES[0] = 1000  # down for good
+        line = _refused("export", "--store", f"{base}/ditf.zarr", "--model", "tiny-flux", "--out", cache["tmp"] / "x",
+                        "--format", "npy")
+    assert "after 3 tries" in line and "503" in line, line

@@ -88,7 +88,8 @@ class PublishedStore(WrapperStore[Store]):
                 raise
             except Exception as exc:  # the server or the network: aiohttp, httpx and fsspec raise their own types
                 if attempt == self._retries:
-                    raise OSError(f"cannot read {self._where}/{what} after {attempt + 1} tries: {reason(exc)}") from exc
+                    raise DitfError(f"store {self._where}: cannot read {what} after {attempt + 1} tries ({reason(exc)}); "
+                                    "the server is unreachable or failing: retry later") from exc
                 await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
         raise AssertionError("unreachable")
 
