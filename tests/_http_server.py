@@ -62,12 +62,22 @@ class _FilesOnly(SimpleHTTPRequestHandler):
         return io.BytesIO(body)
 
 
+class _Quiet(ThreadingHTTPServer):
+    """A client that closes a connection early (it had what it needed) is no error worth a traceback."""
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
+
 @contextlib.contextmanager
 def serve(folder: Path) -> Iterator[tuple[str, list[str]]]:
     """Serve `folder` at http://127.0.0.1:<port>; yields the base URL and the list of requested paths."""
     requests: list[str] = []
     handler = type("Handler", (_FilesOnly,), {"requests": requests})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(folder)))
+    server = _Quiet(("127.0.0.1", 0), partial(handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

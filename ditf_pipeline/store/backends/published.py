@@ -23,7 +23,7 @@ from typing import Any
 
 import fsspec
 from zarr.abc.store import ByteRequest, RangeByteRequest, Store, SuffixByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import FsspecStore, WrapperStore
 
 from ...core.errors import DitfError
@@ -112,9 +112,15 @@ class PublishedStore(WrapperStore[Store]):
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
     async def exists(self, key: str) -> bool:
+        """Whether a file is there, asked with a one-byte range: fsspec's HTTP `exists` GETs the
+        whole file and takes any failure for "absent" (a committed chunk would then read as
+        missing when the server merely failed)."""
         if key == "zarr.json" and self._root_metadata is not None:
             return True
-        return bool(await self._retried(key, lambda: self._store.exists(key)))
+        if self._whole_files:  # a cache fetches the whole file anyway, and keeps it for the read that follows
+            return await self._retried(key, lambda: self._store.get(key, default_buffer_prototype())) is not None
+        first = RangeByteRequest(0, 1)
+        return await self._retried(key, lambda: self._store.get(key, default_buffer_prototype(), first)) is not None
 
 
 def _cut(data: bytes, byte_range: ByteRequest) -> bytes:
