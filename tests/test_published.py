@@ -177,6 +177,8 @@ def test_writing_commands_refuse_a_published_store_naming_its_scheme(cache):
         assert "read-only (http:// serves reads only)" in extract
         assert "--predictions-store" in _refused("match", *common, "--no-progress", "--store", url)
         assert "read-only" in _refused("doctor", "--store", url, "--repair")
+        checked = _cli("doctor", "--store", url)  # every chunk read over HTTP and checked
+        assert "doctor: 0 problem(s)" in checked and f"{KEY}: 3/3 images complete and readable" in checked
         with pytest.raises(DitfError, match="read-only"):
             from ditf_pipeline.store.feature_store import FeatureStore
 
