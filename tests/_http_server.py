@@ -16,12 +16,14 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-__all__ = ["FAILURES", "RANGES", "serve"]
+__all__ = ["DELAY", "FAILURES", "RANGES", "serve"]
 
 #: whether Range requests are honoured (a test turns it off to play a server that ignores them)
 RANGES = True
 #: the next this many chunk requests (under a `/c/` folder) are answered 503, as by an overloaded server
 FAILURES = [0]
+#: seconds every chunk request waits before its answer (a stalled server)
+DELAY = [0.0]
 
 
 class _FilesOnly(SimpleHTTPRequestHandler):
@@ -35,6 +37,10 @@ class _FilesOnly(SimpleHTTPRequestHandler):
     def send_head(self):
         self.requests.append(self.path)
         path = self.translate_path(self.path)
+        if "/c/" in self.path and DELAY[0]:
+            import time
+
+            time.sleep(DELAY[0])
         if "/c/" in self.path and FAILURES[0] > 0:
             FAILURES[0] -= 1
             self.send_error(503)

@@ -295,3 +295,15 @@ def test_a_failing_server_is_retried_then_one_error_line(cache, monkeypatch):
         line = _refused("export", "--store", f"{base}/ditf.zarr", "--model", "tiny-flux", "--out", cache["tmp"] / "x",
                         "--format", "npy")
     assert "after 3 tries" in line and "503" in line, line
+
+
+def test_a_stalled_server_times_out_into_one_error_line(cache, monkeypatch, tmp_path):
+    import _http_server
+
+    monkeypatch.setenv("DITF_REMOTE_TIMEOUT", "0.5")
+    monkeypatch.setenv("DITF_REMOTE_RETRIES", "1")
+    monkeypatch.setattr(_http_server, "DELAY", [3.0])
+    with serve(cache["packed"]) as (base, _):
+        line = _refused("export", "--store", f"{base}/ditf.zarr", "--model", "tiny-flux", "--out", tmp_path / "x",
+                        "--format", "npy")
+    assert "after 2 tries" in line and "Timeout" in line, line
