@@ -229,7 +229,7 @@ class DiTF:
 def _image_size(image: ImageLike) -> tuple[int, int]:
     """(width, height) of an image as `features` reads it."""
     if isinstance(image, (str, Path)):
-        from .extract.images import image_size
+        from .core.images import image_size
 
         return tuple(image_size(Path(image)))
     return _to_pil(image).size
