@@ -303,7 +303,7 @@ def run_pack(store: Path | str, out: Path, *, dataset: str | None = None, model:
 
     The sizes are told to `note` before anything is copied; returns the manifest.
     """
-    from . import __version__
+    from .core.version import __version__
     from .store.card import card
     from .store.feature_store import FeatureStore
     from .store.pack import check_out, plan_pack, write_pack
@@ -318,7 +318,7 @@ def run_pack(store: Path | str, out: Path, *, dataset: str | None = None, model:
     keys = [{"node": item.node, "images": item.images, "bytes": item.bytes, "config": item.config,
              "predictions": item.predictions} for item in plan.keys()]
     text = card(keys, version=__version__, total_bytes=plan.bytes, license=license)
-    return write_pack(plan, Path(out), text, progress=note)
+    return write_pack(plan, Path(out), text, version=__version__, progress=note)
 
 
 # ---- doctor: the dataset check and the store audit, combined ---------------------------------------

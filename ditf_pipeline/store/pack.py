@@ -32,12 +32,12 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from .. import SCHEMA_VERSION, __version__
 from ..core.errors import DitfError
 from ..core.keys import FeatureKey
 from .failures import reason
 from .feature_store import FeatureStore
 from .layout import IMAGES, PREDICTIONS
+from .schema import SCHEMA_VERSION
 from .writers import consolidate
 
 __all__ = ["STORE_NAME", "PackItem", "PackPlan", "check_out", "plan_pack", "write_pack"]
@@ -169,8 +169,11 @@ def check_out(out: Path) -> None:
         raise DitfError(f"pack --out {out} exists and is not empty: name a new folder")
 
 
-def write_pack(plan: PackPlan, out: Path, card: str, *, progress: Callable[[str], None] | None = None) -> dict:
+def write_pack(plan: PackPlan, out: Path, card: str, *, version: str,
+               progress: Callable[[str], None] | None = None) -> dict:
     """Copy the plan into `out` (a new folder): the store, its manifest and its card; returns the manifest.
+
+    `version`: the ditf version recorded in the manifest.
 
     Raises
     ------
@@ -219,7 +222,7 @@ def write_pack(plan: PackPlan, out: Path, card: str, *, progress: Callable[[str]
                 progress(f"pack: {item.node}: {len(item.files)} file(s), {item.bytes / 1e6:.1f} MB copied and verified")
         consolidate(dest_root)
         manifest = {
-            "ditf": __version__,
+            "ditf": version,
             "schema_version": SCHEMA_VERSION,
             "store": STORE_NAME,
             "source": str(source.path),
