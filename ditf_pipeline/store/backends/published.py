@@ -166,7 +166,8 @@ class PublishedBackend:
         try:
             self.fs, self.root = fsspec.url_to_fs(url, **self.options)
         except ImportError as exc:
-            raise DitfError(f"--store {url} needs an fsspec file system for {self.scheme}: {exc}") from exc
+            need = "aiohttp (pip install 'ditf[http]')" if self.scheme.startswith("http") else "its fsspec file system"
+            raise DitfError(f"--store {url} needs {need}: {exc}") from exc
         except (ValueError, TypeError) as exc:
             raise DitfError(f"--store {url}: {reason(exc)}") from exc
         self.root = self.root.rstrip("/")
