@@ -162,8 +162,8 @@ class PublishedBackend:
         self.url = url
         self.scheme = read_only_scheme(url)
         self.retries = int(_setting("DITF_REMOTE_RETRIES", _DEFAULT_RETRIES))
-        self.options = _chained_options(url)
         try:
+            self.options = _chained_options(url)  # (imports aiohttp for http(s)://)
             self.fs, self.root = fsspec.url_to_fs(url, **self.options)
         except ImportError as exc:
             need = "aiohttp (pip install 'ditf[http]')" if self.scheme.startswith("http") else "its fsspec file system"
