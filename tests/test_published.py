@@ -306,3 +306,18 @@ def test_a_stalled_server_times_out_into_one_error_line(cache, monkeypatch, tmp_
         line = _refused("export", "--store", f"{base}/ditf.zarr", "--model", "tiny-flux", "--out", tmp_path / "x",
                         "--format", "npy")
     assert "after 2 tries" in line and "Timeout" in line, line
+
+
+def test_the_card_names_each_sources_licence_and_agrees_only_when_they_do():
+    from ditf_pipeline.store.card import card
+
+    def key(node):
+        return {"node": node, "images": 1, "bytes": 10, "config": {"model": node.split("/")[1]}, "predictions": []}
+
+    text = card([key("spair/flux/k28/t260"), key("spair/dinov2-b14/k11/t0")], version="9.9", total_bytes=20)
+    assert text.startswith("---\nlicense: other\n") and "ditf 9.9" in text
+    assert "| model flux | FLUX.1 [dev] Non-Commercial License" in text and "| model dinov2-b14 | Apache 2.0" in text
+    assert "| dataset spair | unknown" in text
+    assert "### spair/flux/k28/t260" in text and "### spair/dinov2-b14/k11/t0" in text
+    assert card([key("spair/flux/k28/t260")], version="1", total_bytes=1, license="cc-by-nc-4.0").startswith(
+        "---\nlicense: cc-by-nc-4.0\n")
