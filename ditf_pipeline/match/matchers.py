@@ -27,7 +27,9 @@ are per thread); their caches are bounded in bytes, not entries.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -101,6 +103,8 @@ def nbytes(value) -> int:
         return sum(nbytes(v) for v in value)
     if isinstance(value, dict):
         return sum(nbytes(v) for v in value.values())
+    if dataclasses.is_dataclass(value):
+        return sum(nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
     return 0
 
 
@@ -346,6 +350,21 @@ CPU_SCORE_BYTES = 4 * 2**20
 DIFT_CACHE_BYTES = 64 * 2**20  # 1 / |t_p| at 500 x 375 is 0.75 MB: ~85 targets (an SPair category has ~27)
 GEOAWARE_CACHE_BYTES = 192 * 2**20  # 3600 x 3072 float32 descriptors are 44 MB: 4 targets
 
+#: how `DiftMatcher` finds the best pixel on the CPU: ``pruned`` (default) bounds each feature
+#: cell by its corners and samples only the cells that can hold the maximum, in float64
+#: (`pruned`); ``materialise`` upsamples every score map in float32 (kept for side-by-side
+#: benchmarks). CUDA maps always take the materialised path (one kernel per step on a GPU).
+UPSAMPLE_MODES = ("pruned", "materialise")
+
+
+def resolve_upsample(mode: str | None = None) -> str:
+    """The argmax method: `mode`, else the ``DITF_MATCH_UPSAMPLE`` environment variable, else ``pruned``."""
+    chosen = (mode or os.environ.get("DITF_MATCH_UPSAMPLE") or "pruned").strip().lower()
+    if chosen not in UPSAMPLE_MODES:
+        raise DitfError(f"unknown upsample method {chosen!r}; use {' or '.join(UPSAMPLE_MODES)} (DITF_MATCH_UPSAMPLE)")
+    return chosen
+
+
 #: one prediction request of `DiftMatcher.match_batch`: (source map, source size, source keypoints)
 SourceRequest = tuple["torch.Tensor | np.ndarray", ImageSize, np.ndarray]
 
@@ -362,7 +381,8 @@ class DiftMatcher:
     protocol = "dift"
     threshold_rule = PROTOCOL_RULES["dift"]
 
-    def __init__(self, cache_bytes: int = DIFT_CACHE_BYTES) -> None:
+    def __init__(self, cache_bytes: int = DIFT_CACHE_BYTES, upsample: str | None = None) -> None:
+        self.upsample = resolve_upsample(upsample)
         self._inverse_norms = ByteLRU(cache_bytes)
         self._scratch = _Scratch()
 
@@ -388,8 +408,10 @@ class DiftMatcher:
         return self._scratch.copy_of("target", trg_grid, torch.float32)
 
     def _best_pixels(self, source_vectors: torch.Tensor, trg: torch.Tensor, trg_size: ImageSize,
-                     trg_key: Hashable | None) -> torch.Tensor:
+                     trg_key: Hashable | None, trg_grid: torch.Tensor | None = None) -> torch.Tensor:
         """(N,) flat index of the first maximum cosine in the upsampled target, on the device."""
+        if self.upsample == "pruned" and trg.device.type == "cpu":
+            return self._best_pixels_pruned(source_vectors, trg, trg_size, trg_key, trg if trg_grid is None else trg_grid)
         h, w, d = trg.shape
         width, height = trg_size
         n = len(source_vectors)
@@ -410,6 +432,18 @@ class DiftMatcher:
             torch._C._nn.upsample_bilinear2d(dots[start:stop], (height, width), False, None, None, out=plane)
             torch.argmax(plane.view(stop - start, -1).mul_(inverse_norm), dim=1, out=best[start:stop])
         return best
+
+    def _best_pixels_pruned(self, source_vectors: torch.Tensor, trg: torch.Tensor, trg_size: ImageSize,
+                            trg_key: Hashable | None, trg_grid: torch.Tensor) -> torch.Tensor:
+        """`_best_pixels` on the CPU without the upsampled score map (`pruned`): the same float32
+        matmul, then float64 bounds and samples only in the blocks that can hold the maximum."""
+        from .pruned import pruned_argmax, target_blocks
+
+        h, w, d = trg.shape
+        key = None if trg_key is None else ("pruned", trg_key, tuple(trg.shape), trg_size)
+        blocks = self._inverse_norms.get(key, lambda: target_blocks(trg_grid, trg_size))
+        dots = (source_vectors @ trg.reshape(h * w, d).T).reshape(-1, h, w).double().numpy()
+        return torch.from_numpy(pruned_argmax(dots, blocks))
 
     @torch.inference_mode()
     def match(
@@ -466,7 +500,8 @@ class DiftMatcher:
         if sum(counts) == 0:
             return None, counts
         trg = self._float_target(trg_grid)
-        return self._best_pixels(torch.cat(vectors) if len(vectors) > 1 else vectors[0], trg, trg_size, trg_key), counts
+        return self._best_pixels(torch.cat(vectors) if len(vectors) > 1 else vectors[0], trg, trg_size, trg_key,
+                                 trg_grid), counts
 
     def clear_cache(self) -> None:
         self._inverse_norms.clear()
