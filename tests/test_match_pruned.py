@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.match.matchers import DiftMatcher, _integer_keypoints, upsampled_norms, upsampled_vectors
-from ditf_pipeline.match.pruned import _sample_all, float64_referee_argmax, pruned_argmax, target_blocks
+from ditf_pipeline.match.pruned import exact_dots, exhaustive_argmax, float64_referee_argmax, pruned_argmax, target_blocks
 
 #  (grid h, w), (image width, height): SPair-like, odd, downsampled, one-cell, identity
 SHAPES = [((30, 40), (500, 375)), ((40, 30), (375, 500)), ((7, 5), (31, 20)), ((3, 9), (9, 3)),
@@ -22,34 +22,38 @@ def _smooth(g, h, w, channels):
     return smooth + 0.3 * torch.randn(h, w, channels, generator=g)
 
 
-def _dots_cases(seed):
-    """(dots (N, h, w) float64, target map) of random, rounded (exact ties) and constant kinds."""
+def _cases(seed):
+    """(source vectors (N, D) float64, target (h * w, D) float32, size): random, real-like,
+    small integers (exact ties among dots) and constant maps (every pixel ties)."""
     g = torch.Generator().manual_seed(seed)
     for k, ((h, w), size) in enumerate(SHAPES):
         trg = _smooth(g, h, w, 16) if k % 2 else torch.randn(h, w, 16, generator=g)
-        dots = torch.randn(6, h, w, generator=g, dtype=torch.float64)
-        yield dots, trg, size
-        yield dots.round(), trg, size  # many equal corners
-        yield torch.ones(3, h, w, dtype=torch.float64), trg[:1, :1].expand(h, w, -1), size  # every pixel ties
+        vectors = torch.randn(6, 16, generator=g, dtype=torch.float64)
+        yield vectors, trg, size
+        yield vectors.round(), trg.round(), size
+        yield vectors[:3], trg[:1, :1].expand(h, w, -1).contiguous(), size
 
 
 def test_pruned_pick_equals_sampling_every_pixel():
     checked = 0
     for seed in range(4):
-        for dots, trg, size in _dots_cases(seed):
+        for vectors, trg, size in _cases(seed):
             blocks = target_blocks(trg, size)
-            expected = [_sample_all(d, blocks) for d in dots.numpy()]
-            assert pruned_argmax(dots.numpy(), blocks).tolist() == expected
-            checked += len(dots)
+            flat = trg.reshape(-1, trg.shape[-1])
+            assert pruned_argmax(vectors, flat, blocks).tolist() == exhaustive_argmax(vectors, flat, blocks).tolist()
+            checked += len(vectors)
     assert checked > 300
 
 
 def test_pruned_pick_is_the_float64_referees_up_to_one_rounding():
-    """torch's upsampling kernel sums the four taps in its own order: equal picks, or scores
+    """torch's upsampling kernel rounds its four-tap sums its own way: equal picks, or scores
     within a few float64 roundings of each other."""
-    for dots, trg, size in _dots_cases(7):
+    for vectors, trg, size in _cases(7):
         blocks = target_blocks(trg, size)
-        got = pruned_argmax(dots.numpy(), blocks)
+        flat = trg.reshape(-1, trg.shape[-1])
+        got = pruned_argmax(vectors, flat, blocks)
+        dots = torch.stack([torch.from_numpy(exact_dots(flat, np.arange(len(flat)), v)) for v in vectors])
+        dots = dots.reshape(len(vectors), *trg.shape[:2])
         expected = float64_referee_argmax(dots, blocks)
         up = F.interpolate(dots[:, None], size=blocks.norms.shape, mode="bilinear", align_corners=False)
         scores = (up[:, 0] / torch.from_numpy(blocks.norms)).reshape(len(dots), -1)

@@ -233,11 +233,15 @@ def _taps_dtype(grid: torch.Tensor) -> torch.dtype:
     return torch.float64 if grid.dtype == torch.float64 else torch.float32
 
 
-def upsampled_vectors(grid: torch.Tensor, size: ImageSize, xs: np.ndarray, ys: np.ndarray) -> torch.Tensor:
-    """Rows of the bilinearly upsampled map at integer pixels (ys, xs): (N, D), 4 taps each."""
+def upsampled_vectors(grid: torch.Tensor, size: ImageSize, xs: np.ndarray, ys: np.ndarray,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows of the bilinearly upsampled map at integer pixels (ys, xs): (N, D), 4 taps each.
+
+    `dtype` (default: float64 for float64 maps, else float32) is the arithmetic: float64 on a
+    float16 map gives the referee's vectors without converting the whole map."""
     width, height = size
     h, w, _ = grid.shape
-    dtype = _taps_dtype(grid)
+    dtype = dtype or _taps_dtype(grid)
     rows, cols = linear_taps(h, height, grid.device, dtype), linear_taps(w, width, grid.device, dtype)
     ys, xs = torch.as_tensor(np.stack([ys, xs]), device=grid.device)  # one host -> device copy for both
     r0, r1, a0, a1 = rows.index0[ys], rows.index1[ys], rows.weight0[ys, None], rows.weight1[ys, None]
@@ -265,7 +269,7 @@ def _neighbour_taps(taps: LinearTaps, in_size: int) -> tuple[torch.Tensor, torch
     return index, weight0, weight1
 
 
-def upsampled_norms(grid: torch.Tensor, size: ImageSize) -> torch.Tensor:
+def upsampled_norms(grid: torch.Tensor, size: ImageSize, dtype: torch.dtype | None = None) -> torch.Tensor:
     """|t_p| of the bilinearly upsampled map at every pixel, (H, W), without building the map.
 
     With t_p = sum_ij a_i b_j g[r + i, c + j] (i, j in {0, 1}; `_neighbour_taps`),
@@ -274,10 +278,14 @@ def upsampled_norms(grid: torch.Tensor, size: ImageSize) -> torch.Tensor:
     Q[r] = b0^2 <g[r,c], g[r+1,c]> + b1^2 <g[r,c+1], g[r+1,c+1]>
            + b0 b1 (<g[r,c], g[r+1,c+1]> + <g[r,c+1], g[r+1,c]>):
     five Gram maps of neighbouring cells (self, right, down, diagonal, anti-diagonal).
+
+    The Gram maps are summed in the map's dtype; `dtype` (default as `upsampled_vectors`) is the
+    arithmetic of the taps and quadratic forms: float64 on a float32 map costs no float64 copy
+    of the map (the sums of squares do not cancel, so float32 sums keep ~1e-7 relative accuracy).
     """
     width, height = size
     h, w, _ = grid.shape
-    dtype = _taps_dtype(grid)
+    dtype = dtype or _taps_dtype(grid)
     r, a0, a1 = _neighbour_taps(linear_taps(h, height, grid.device, dtype), h)
     c, b0, b1 = _neighbour_taps(linear_taps(w, width, grid.device, dtype), w)
     if h == 1:
@@ -290,6 +298,7 @@ def upsampled_norms(grid: torch.Tensor, size: ImageSize) -> torch.Tensor:
     down = torch.linalg.vecdot(top, bottom)  # (h-1, w)
     diagonal = torch.linalg.vecdot(top[:, :-1], bottom[:, 1:])  # (h-1, w-1)  <g[r,c], g[r+1,c+1]>
     anti_diagonal = torch.linalg.vecdot(top[:, 1:], bottom[:, :-1])  # (h-1, w-1)  <g[r,c+1], g[r+1,c]>
+    self_dot, right, down, diagonal, anti_diagonal = (m.to(dtype) for m in (self_dot, right, down, diagonal, anti_diagonal))
 
     row_quad = b0**2 * self_dot[:, c] + b1**2 * self_dot[:, c + 1] + 2 * b0 * b1 * right[:, c]  # (h, W)
     cross = b0**2 * down[:, c] + b1**2 * down[:, c + 1] + b0 * b1 * (diagonal[:, c] + anti_diagonal[:, c])  # (h-1, W)
@@ -390,13 +399,14 @@ class DiftMatcher:
         key = None if trg_key is None else (trg_key, tuple(trg.shape), trg_size, str(trg.device))
         return self._inverse_norms.get(key, lambda: 1.0 / upsampled_norms(trg, trg_size).clamp_min(1e-12))
 
-    def _source_vectors(self, src_feat, src_img_size: ImageSize, src_kps: np.ndarray) -> torch.Tensor:
+    def _source_vectors(self, src_feat, src_img_size: ImageSize, src_kps: np.ndarray,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
         src = _check_grid(src_feat, "source")
         src_size = _check_size(src_img_size, "source")
         xs, ys = _integer_keypoints(src_kps, src_size)
         if len(xs) == 0:
-            return torch.zeros(0, src.shape[-1], device=src.device)
-        return upsampled_vectors(src, src_size, xs, ys)  # (N, D) float32
+            return torch.zeros(0, src.shape[-1], device=src.device, dtype=dtype or torch.float32)
+        return upsampled_vectors(src, src_size, xs, ys, dtype)  # (N, D) float32 unless asked
 
     def _float_target(self, trg_grid: torch.Tensor) -> torch.Tensor:
         """The target map in float32, converted into this thread's reusable buffer.
@@ -408,10 +418,10 @@ class DiftMatcher:
         return self._scratch.copy_of("target", trg_grid, torch.float32)
 
     def _best_pixels(self, source_vectors: torch.Tensor, trg: torch.Tensor, trg_size: ImageSize,
-                     trg_key: Hashable | None, trg_grid: torch.Tensor | None = None) -> torch.Tensor:
+                     trg_key: Hashable | None) -> torch.Tensor:
         """(N,) flat index of the first maximum cosine in the upsampled target, on the device."""
         if self.upsample == "pruned" and trg.device.type == "cpu":
-            return self._best_pixels_pruned(source_vectors, trg, trg_size, trg_key, trg if trg_grid is None else trg_grid)
+            return self._best_pixels_pruned(source_vectors, trg, trg_size, trg_key)
         h, w, d = trg.shape
         width, height = trg_size
         n = len(source_vectors)
@@ -434,16 +444,15 @@ class DiftMatcher:
         return best
 
     def _best_pixels_pruned(self, source_vectors: torch.Tensor, trg: torch.Tensor, trg_size: ImageSize,
-                            trg_key: Hashable | None, trg_grid: torch.Tensor) -> torch.Tensor:
-        """`_best_pixels` on the CPU without the upsampled score map (`pruned`): the same float32
-        matmul, then float64 bounds and samples only in the blocks that can hold the maximum."""
+                            trg_key: Hashable | None) -> torch.Tensor:
+        """`_best_pixels` on the CPU without the upsampled score map (`pruned`): float32 bounds,
+        float64 dots and samples only in the blocks that can hold the maximum."""
         from .pruned import pruned_argmax, target_blocks
 
         h, w, d = trg.shape
         key = None if trg_key is None else ("pruned", trg_key, tuple(trg.shape), trg_size)
-        blocks = self._inverse_norms.get(key, lambda: target_blocks(trg_grid, trg_size))
-        dots = (source_vectors @ trg.reshape(h * w, d).T).reshape(-1, h, w).double().numpy()
-        return torch.from_numpy(pruned_argmax(dots, blocks))
+        blocks = self._inverse_norms.get(key, lambda: target_blocks(trg, trg_size))
+        return torch.from_numpy(pruned_argmax(source_vectors, trg.reshape(h * w, d), blocks))
 
     @torch.inference_mode()
     def match(
@@ -490,9 +499,11 @@ class DiftMatcher:
         keypoints per source. The GPU pair loop gathers a whole block of these, then copies once."""
         trg_grid = _check_grid(trg_feat, "target")
         trg_size = _check_size(trg_img_size, "target")
+        # the pruned CPU path reads float64 source vectors (the referee's); the others float32
+        dtype = torch.float64 if self.upsample == "pruned" and trg_grid.device.type == "cpu" else None
         vectors = []
         for src_feat, src_size, kps in sources:
-            v = self._source_vectors(src_feat, src_size, kps)
+            v = self._source_vectors(src_feat, src_size, kps, dtype)
             if v.shape[-1] != trg_grid.shape[-1]:
                 raise DitfError(f"source and target features differ in width ({v.shape[-1]} vs {trg_grid.shape[-1]})")
             vectors.append(v.to(trg_grid.device))
@@ -500,8 +511,7 @@ class DiftMatcher:
         if sum(counts) == 0:
             return None, counts
         trg = self._float_target(trg_grid)
-        return self._best_pixels(torch.cat(vectors) if len(vectors) > 1 else vectors[0], trg, trg_size, trg_key,
-                                 trg_grid), counts
+        return self._best_pixels(torch.cat(vectors) if len(vectors) > 1 else vectors[0], trg, trg_size, trg_key), counts
 
     def clear_cache(self) -> None:
         self._inverse_norms.clear()

@@ -7,16 +7,16 @@ upsampled target vector (`matchers.upsampled_norms`). Pixels whose taps start at
 cell (i, j) form a rectangular BLOCK; their num is a convex combination of the block's four
 corner dots D[i, j], D[i, j+1], D[i+1, j], D[i+1, j+1] (neighbours clamped at the border, as the
 taps are), so num <= M = max corner. Hence every score in the block is at most
-M / min|t_p| when M >= 0, and at most M / max|t_p| when M < 0. Blocks are visited from the
-highest bound down and sampled exactly; the search stops at the first block whose bound is
-below the best score found. A block whose bound EQUALS the best is still sampled: it may hold
-an equal score at an earlier pixel, and the first maximum in row-major order wins.
+M / min|t_p| when M >= 0, and at most M / max|t_p| when M < 0.
 
-Everything after the matmul is float64 (float64 taps, norms and samples), the arithmetic of the
-float64 referee of `benchmarks/bench_match.py`: the result agrees with it at least as often as
-the materialised float32 path. Bounds carry a margin of a few float64 roundings, so rounding
-can never prune the block that holds the maximum. When many blocks stay candidates (flat or
-tied maps), the whole map is sampled at once: the same samples, fewer Python steps.
+Two precisions: every D comes first from one float32 matmul, and the bound uses D plus the
+float32 error bound (d + 2) 2^-24 |s| |g_ij| (Cauchy-Schwarz on the standard dot-product error
+bound), so no rounding can prune the block that holds the maximum. The best block's corners are
+then recomputed in float64, sampled exactly, and every block whose bound reaches that score has
+its corners recomputed in float64 and all its pixels sampled: the pick is the float64 referee's
+(`benchmarks/bench_match.py`: float64 source vectors, dots, taps and samples), up to the order
+in which torch's kernel sums four taps. A block whose bound EQUALS the best is still sampled:
+it may hold an equal score at an earlier pixel, and the first maximum in row-major order wins.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: beyond this many candidate blocks for one keypoint the whole map is sampled in one pass
-DENSE_BLOCKS = 48
+#: beyond this many candidate blocks for one keypoint every pixel is sampled in one pass
+DENSE_BLOCKS = 256
 
 #: relative margin of a bound, in units of its largest corner magnitude: covers the few
 #: float64 roundings of a bilinear sample (weights summing to 1 + a few ulps), far below any
@@ -62,6 +62,10 @@ class TargetBlocks:
     min_norm: np.ndarray  # (h, w) float64 smallest |t_p| in the block (inf when empty)
     max_norm: np.ndarray  # (h, w) float64 largest |t_p| in the block
     empty: np.ndarray  # (h, w) bool
+    cell_norms: np.ndarray  # (h, w) float64 |g_ij| (for the float32 error bound)
+    corners: np.ndarray  # (h * w, 4) int64 flat cells a block reads
+    block_pixels: np.ndarray  # (H * W,) int32 flat pixels, grouped by block in row-major block order
+    block_offsets: np.ndarray  # (h * w + 1,) int64 block b owns block_pixels[off[b]:off[b + 1]]
 
 
 def _segments(first: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,34 +91,43 @@ def _block_extremes(norms: np.ndarray, y_start, y_end, x_start, x_end) -> tuple[
 
 
 def target_blocks(grid: torch.Tensor, size: tuple[int, int]) -> TargetBlocks:
-    """`TargetBlocks` of a (h, w, D) target map shown at `size` = (width, height)."""
+    """`TargetBlocks` of a (h, w, D) float32 target map shown at `size` = (width, height)."""
     from .matchers import linear_taps, upsampled_norms
 
     width, height = size
     h, w, _ = grid.shape
     rows = linear_taps(h, height, "cpu", torch.float64)
     cols = linear_taps(w, width, "cpu", torch.float64)
-    norms = upsampled_norms(grid.to("cpu", torch.float64), size).clamp_min(1e-300).numpy()
+    norms = upsampled_norms(grid, size, torch.float64).clamp_min(1e-300).numpy()
     row0, col0 = rows.index0.numpy(), cols.index0.numpy()
     y_start, y_end = _segments(row0, h)
     x_start, x_end = _segments(col0, w)
     lo, hi = _block_extremes(norms, y_start, y_end, x_start, x_end)
     cells_h, cells_w = np.arange(h), np.arange(w)
+    i1, j1 = np.minimum(cells_h + 1, h - 1), np.minimum(cells_w + 1, w - 1)
+    corners = np.stack([np.add.outer(cells_h * w, cells_w), np.add.outer(cells_h * w, j1),
+                        np.add.outer(i1 * w, cells_w), np.add.outer(i1 * w, j1)], axis=-1).reshape(h * w, 4)
+    owner = np.add.outer(row0 * w, col0).ravel()
+    # an upper bound of |g_ij| for the float32 error bound (a float32 norm is within 1e-6 of it)
+    cell_norms = torch.linalg.vector_norm(grid, dim=-1).double().numpy() * (1 + 1e-6)
     return TargetBlocks(
         norms=norms, row0=row0, row1=rows.index1.numpy(), a0=rows.weight0.numpy(), a1=rows.weight1.numpy(),
         col0=col0, col1=cols.index1.numpy(), b0=cols.weight0.numpy(), b1=cols.weight1.numpy(),
         y_start=y_start, y_end=y_end, x_start=x_start, x_end=x_end,
         cell_row1=np.minimum(cells_h + 1, h - 1), cell_col1=np.minimum(cells_w + 1, w - 1),
-        min_norm=lo, max_norm=hi, empty=~np.isfinite(lo),
+        min_norm=lo, max_norm=hi, empty=~np.isfinite(lo), cell_norms=cell_norms, corners=corners,
+        block_pixels=np.argsort(owner, kind="stable").astype(np.int32),
+        block_offsets=np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=h * w))]),
     )
 
 
-def block_bounds(dots: np.ndarray, blocks: TargetBlocks) -> np.ndarray:
-    """(N, h, w) upper bound of the score in each block, margin included (-inf when empty)."""
+def block_bounds(upper: np.ndarray, blocks: TargetBlocks) -> np.ndarray:
+    """(N, h, w) upper bound of the score in each block, from upper bounds of the dots (-inf when
+    a block is empty); the margin covers the float64 roundings of a sample."""
     r1, c1 = blocks.cell_row1, blocks.cell_col1
-    down = np.maximum(dots, dots[:, r1])
+    down = np.maximum(upper, upper[:, r1])
     corner_max = np.maximum(down, down[:, :, c1])
-    up = np.minimum(dots, dots[:, r1])
+    up = np.minimum(upper, upper[:, r1])
     corner_min = np.minimum(up, up[:, :, c1])
     with np.errstate(invalid="ignore", divide="ignore"):
         bound = np.where(corner_max >= 0, corner_max / blocks.min_norm, corner_max / blocks.max_norm)
@@ -124,59 +137,74 @@ def block_bounds(dots: np.ndarray, blocks: TargetBlocks) -> np.ndarray:
     return bound
 
 
-def _sample_block(dots: np.ndarray, blocks: TargetBlocks, i: int, j: int) -> tuple[float, int]:
-    """Best score and its flat pixel index in block (i, j) (first maximum in row-major order)."""
-    y0, y1, x0, x1 = blocks.y_start[i], blocks.y_end[i], blocks.x_start[j], blocks.x_end[j]
-    r0, r1 = blocks.row0[y0], blocks.row1[y0]
-    c0, c1 = blocks.col0[x0], blocks.col1[x0]
-    a0, a1 = blocks.a0[y0:y1, None], blocks.a1[y0:y1, None]
-    b0, b1 = blocks.b0[x0:x1], blocks.b1[x0:x1]
-    # every pixel of a block has the same four cells (index1 is a function of index0)
-    top = b0 * dots[r0, c0] + b1 * dots[r0, c1]
-    bottom = b0 * dots[r1, c0] + b1 * dots[r1, c1]
-    scores = (a0 * top + a1 * bottom) / blocks.norms[y0:y1, x0:x1]
-    k = int(np.argmax(scores))
-    ly, lx = divmod(k, x1 - x0)
-    return float(scores.flat[k]), (y0 + ly) * len(blocks.b0) + x0 + lx
+def exact_dots(target: torch.Tensor, cells: np.ndarray, vector: torch.Tensor) -> np.ndarray:
+    """float64 <s, g> at the given flat cells of a (h * w, D) float32 target (a reduction per
+    row, not a matrix product: a cell's value does not depend on which other cells are asked for)."""
+    rows = target[torch.from_numpy(cells)].to(torch.float64)
+    return torch.linalg.vecdot(rows, vector).numpy()
 
 
-def _sample_all(dots: np.ndarray, blocks: TargetBlocks) -> int:
-    """Flat index of the first maximum over every pixel (the same samples as `_sample_block`)."""
-    top = dots[blocks.row0][:, blocks.col0] * blocks.b0 + dots[blocks.row0][:, blocks.col1] * blocks.b1
-    bottom = dots[blocks.row1][:, blocks.col0] * blocks.b0 + dots[blocks.row1][:, blocks.col1] * blocks.b1
-    scores = (blocks.a0[:, None] * top + blocks.a1[:, None] * bottom) / blocks.norms
-    return int(np.argmax(scores))
+def sample(dots: np.ndarray, blocks: TargetBlocks, pixels: np.ndarray) -> tuple[float, int]:
+    """Best float64 score among flat `pixels` and the first (smallest) pixel holding it.
+
+    `dots` is the flat (h * w,) dot map; the sample is a0 (b0 D00 + b1 D01) + a1 (b0 D10 + b1 D11)
+    over |t_p|, elementwise, so its value does not depend on which pixels are sampled together."""
+    width = len(blocks.b0)
+    cells_w = len(blocks.cell_col1)
+    y, x = np.divmod(pixels, width)
+    r0, r1 = blocks.row0[y] * cells_w, blocks.row1[y] * cells_w
+    c0, c1 = blocks.col0[x], blocks.col1[x]
+    b0, b1 = blocks.b0[x], blocks.b1[x]
+    top = b0 * dots[r0 + c0] + b1 * dots[r0 + c1]
+    bottom = b0 * dots[r1 + c0] + b1 * dots[r1 + c1]
+    scores = (blocks.a0[y] * top + blocks.a1[y] * bottom) / blocks.norms.ravel()[pixels]
+    best = scores.max()
+    return float(best), int(pixels[scores == best].min())
 
 
-def pruned_argmax(dots: np.ndarray, blocks: TargetBlocks) -> np.ndarray:
-    """(N,) flat index of the first maximum score of each keypoint; `dots` is (N, h, w) float64."""
-    bounds = block_bounds(dots, blocks)
-    w = dots.shape[2]
-    best = np.empty(len(dots), dtype=np.int64)
-    for k in range(len(dots)):
+def _pixels_of(blocks: TargetBlocks, chosen: np.ndarray) -> np.ndarray:
+    offsets = blocks.block_offsets
+    return np.concatenate([blocks.block_pixels[offsets[b]:offsets[b + 1]] for b in chosen])
+
+
+def pruned_argmax(vectors: torch.Tensor, target: torch.Tensor, blocks: TargetBlocks) -> np.ndarray:
+    """(N,) flat index of the first maximum score per source vector.
+
+    `vectors` (N, D) float64 source vectors; `target` the (h * w, D) float32 target map."""
+    h, w = blocks.cell_norms.shape
+    n, d = vectors.shape
+    approx = (vectors.to(torch.float32) @ target.T).to(torch.float64).numpy().reshape(n, h, w)
+    # error of a float32 dot of float32-rounded vectors: at most (d + 2) 2^-24 |s| |g| (first order)
+    slack = (d + 2) * 2.0**-24 * torch.linalg.vector_norm(vectors, dim=1).numpy()
+    error = slack[:, None, None] * blocks.cell_norms
+    bounds = block_bounds(approx + error, blocks)
+    below = (approx - error).reshape(n, -1)  # lower bounds of the dots: samples of them bound scores from below
+    everything = np.arange(blocks.norms.size)
+    best = np.empty(n, dtype=np.int64)
+    for k in range(n):
         bound = bounds[k].ravel()
         top = int(np.argmax(bound))
-        score, index = _sample_block(dots[k], blocks, *divmod(top, w))
-        candidates = np.flatnonzero(bound >= score)
-        if len(candidates) > DENSE_BLOCKS:
-            best[k] = _sample_all(dots[k], blocks)
-            continue
-        order = candidates[np.argsort(-bound[candidates], kind="stable")]
-        for block in order:
-            if bound[block] < score:
-                break
-            if block == top:
-                continue
-            s, i = _sample_block(dots[k], blocks, *divmod(int(block), w))
-            if s > score or (s == score and i < index):
-                score, index = s, i
-        best[k] = index
+        floor, _ = sample(below[k], blocks, _pixels_of(blocks, [top]))  # <= the best score
+        candidates = np.flatnonzero(bound >= floor)
+        cells = np.unique(blocks.corners[candidates])
+        dots = approx[k].ravel().copy()
+        dots[cells] = exact_dots(target, cells, vectors[k])
+        # blocks left out keep float32 dots: their samples stay below their bound, below the best
+        pixels = everything if len(candidates) > DENSE_BLOCKS else _pixels_of(blocks, candidates)
+        best[k] = sample(dots, blocks, pixels)[1]
     return best
 
 
+def exhaustive_argmax(vectors: torch.Tensor, target: torch.Tensor, blocks: TargetBlocks) -> np.ndarray:
+    """Every dot in float64 and every pixel sampled: what `pruned_argmax` must equal (tests)."""
+    cells = np.arange(target.shape[0])
+    everything = np.arange(blocks.norms.size)
+    return np.array([sample(exact_dots(target, cells, v), blocks, everything)[1] for v in vectors], dtype=np.int64)
+
+
 def float64_referee_argmax(dots: torch.Tensor, blocks: TargetBlocks) -> np.ndarray:
-    """The materialised float64 computation (F.interpolate of the dots, divided by the norms,
-    argmax): what `pruned_argmax` must reproduce; for tests and benchmarks."""
+    """The materialised float64 computation (F.interpolate of (N, h, w) float64 dots, divided by
+    the norms, argmax): the benchmark referee's rule, for tests."""
     height, width = blocks.norms.shape
     up = F.interpolate(dots.double()[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
     scores = up / torch.from_numpy(blocks.norms)
