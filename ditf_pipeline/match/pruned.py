@@ -90,6 +90,16 @@ def _block_extremes(norms: np.ndarray, y_start, y_end, x_start, x_end) -> tuple[
     return lo, hi
 
 
+def _one_cell_weights(index0, index1, weight0, weight1) -> tuple[np.ndarray, np.ndarray]:
+    """Weights (1, 0) where both taps read the same cell (past the last cell centre, or equal sizes).
+
+    The same value either way in exact arithmetic, but w0 x + w1 x rounds differently for each
+    pixel past the border, which would break the exact tie that the first-maximum rule resolves
+    there (every such pixel has the same score)."""
+    same = index0 == index1
+    return np.where(same, 1.0, weight0), np.where(same, 0.0, weight1)
+
+
 def target_blocks(grid: torch.Tensor, size: tuple[int, int]) -> TargetBlocks:
     """`TargetBlocks` of a (h, w, D) float32 target map shown at `size` = (width, height)."""
     from .matchers import linear_taps, upsampled_norms
@@ -110,9 +120,11 @@ def target_blocks(grid: torch.Tensor, size: tuple[int, int]) -> TargetBlocks:
     owner = np.add.outer(row0 * w, col0).ravel()
     # an upper bound of |g_ij| for the float32 error bound (a float32 norm is within 1e-6 of it)
     cell_norms = torch.linalg.vector_norm(grid, dim=-1).double().numpy() * (1 + 1e-6)
+    row1, col1 = rows.index1.numpy(), cols.index1.numpy()
+    a0, a1 = _one_cell_weights(row0, row1, rows.weight0.numpy(), rows.weight1.numpy())
+    b0, b1 = _one_cell_weights(col0, col1, cols.weight0.numpy(), cols.weight1.numpy())
     return TargetBlocks(
-        norms=norms, row0=row0, row1=rows.index1.numpy(), a0=rows.weight0.numpy(), a1=rows.weight1.numpy(),
-        col0=col0, col1=cols.index1.numpy(), b0=cols.weight0.numpy(), b1=cols.weight1.numpy(),
+        norms=norms, row0=row0, row1=row1, a0=a0, a1=a1, col0=col0, col1=col1, b0=b0, b1=b1,
         y_start=y_start, y_end=y_end, x_start=x_start, x_end=x_end,
         cell_row1=np.minimum(cells_h + 1, h - 1), cell_col1=np.minimum(cells_w + 1, w - 1),
         min_norm=lo, max_norm=hi, empty=~np.isfinite(lo), cell_norms=cell_norms, corners=corners,
