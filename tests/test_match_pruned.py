@@ -121,3 +121,19 @@ def test_upsample_method_is_checked(monkeypatch):
         DiftMatcher(upsample="fast")
     monkeypatch.setenv("DITF_MATCH_UPSAMPLE", "materialise")
     assert DiftMatcher().upsample == "materialise"
+
+
+def test_pixels_past_the_last_cell_centre_tie_and_the_first_wins():
+    """Past the last cell centre every pixel reads that cell alone: equal scores, so the first
+    such pixel (row-major) is the pick. (The materialised float32 path misses it: its float32
+    norms differ by an ulp from pixel to pixel there.)"""
+    g = torch.Generator().manual_seed(5)
+    for h, w, width, height in [(4, 4, 40, 40), (30, 40, 500, 375), (40, 30, 333, 500)]:
+        trg = torch.randn(h, w, 64, generator=g)
+        # the source vector near the last cell: the best cosine is in the corner region
+        src = trg[h - 1:, w - 1:] + 0.01 * torch.randn(1, 1, 64, generator=g)
+        # first pixel whose source coordinate (in/out) (i + 0.5) - 0.5 reaches the last centre
+        y0 = next(y for y in range(height) if h / height * (y + 0.5) - 0.5 >= h - 1)
+        x0 = next(x for x in range(width) if w / width * (x + 0.5) - 0.5 >= w - 1)
+        xy = DiftMatcher(upsample="pruned").match(src, (1, 1), trg, (width, height), [[0, 0]])
+        assert xy.tolist() == [[float(x0), float(y0)]], (h, w)
