@@ -185,7 +185,7 @@ class DiTF:
             from .pipeline import run_extract
 
             report = run_extract(
-                self.name, _ImageList(list({r.key: r for r in records}.values())), store=store_path,
+                model=self.name, dataset=_ImageList(list({r.key: r for r in records}.values())), store=store_path,
                 k=_as_list(k), t=_as_list(t), img_size=img_size, ensemble_size=ensemble_size, batch_size=batch_size,
                 seed=seed, prompt=prompt, progress=progress, resize=resize, adapter=self.adapter,
                 batch_images=batch_images, compile=compile,
@@ -266,8 +266,10 @@ class FeatureStoreReader:
 
     def features(self, dataset: str, model: str, k: int | None = None, t: int | None = None,
                  variant: str = "adaln+cd", image: str = "", channels: str | Sequence[int] = "auto") -> torch.Tensor:
-        """One image's (C, h, w) float32 feature map; k and t default to the only ones stored."""
-        k, t = self.store.find_feature_key(dataset, model, k, t)
+        """One image's (C, h, w) float32 feature map; k and t default to the model's key when stored, else the only one."""
+        from .validate import select_key
+
+        k, t = select_key(self.store, dataset, model, k, t)
         return self.feature_maps(dataset, model, k, t, variant, [image], channels)[0].permute(2, 0, 1).contiguous()
 
     def __repr__(self) -> str:

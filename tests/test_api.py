@@ -167,7 +167,7 @@ def test_layering():
     assert not any("extract_cmds" in name for name in _imports("ditf_cli.pairs_cmds"))
     assert not any(name.startswith("ditf_pipeline.match.predict") for name in _imports("ditf_pipeline.match.fusion"))
     for module in ("ditf_pipeline.match.features", "ditf_pipeline.match.matchers", "ditf_pipeline.match.predict", "ditf_pipeline.match.fusion",
-                   "ditf_pipeline.stages", "ditf_pipeline.score.pck"):
+                   "ditf_pipeline.pipeline.stages", "ditf_pipeline.score.pck"):
         assert not any(name.startswith("ditf_pipeline.models") for name in _imports(module)), module
 
 

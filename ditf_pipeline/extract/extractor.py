@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -301,13 +301,14 @@ class Extractor:
     def __init__(self, adapter: DiTAdapter, store: FeatureStore, settings: ExtractSettings) -> None:
         self.adapter = adapter
         self.store = store
-        self.settings = settings
         check_settings(settings, adapter.patch_stride)
-        settings.ks = adapter.check_indices(settings.ks)
+        # a copy: the caller's settings stay as passed (it may run them on another adapter)
+        settings = replace(settings, ks=adapter.check_indices(list(settings.ks)))
         if not adapter.stochastic:
-            settings.ensemble_size = 1  # no noise: every ensemble member would be identical
+            settings = replace(settings, ensemble_size=1)  # no noise: every ensemble member would be identical
         if not adapter.conditioned:
-            settings.prompt = "none"
+            settings = replace(settings, prompt="none")
+        self.settings = settings
         check_precision(adapter, settings)
         adapter.set_compile(COMPILE if compiles(adapter, settings) else None)
         #: images of one token grid per forward

@@ -46,12 +46,12 @@ from .features import (
 )
 from .fusion import PairFusion, parse_fuse
 from .matchers import ByteLRU, make_matcher, one_intra_op_thread, resolve_match_device
-from ..core.naming import fusion_label, prediction_name
+from ..core.settings import FEATURE_CACHE_BYTES, MatchSettings
 from .paper import PaperDiftMatcher, paper_feature, paper_matching
 from .pool import BlockRunner, WorkerPool
 from ..core.shards import Shard
 from ..store.feature_store import FeatureArrays, FeatureStore, prediction_scope
-from ..validate import unknown
+from ..validate import select_key, unknown
 
 #: pairs committed together (one zarr chunk of predictions); DITF_MATCH_BLOCK makes blocks
 #: small so that crash tests see several of them
@@ -60,9 +60,6 @@ BLOCK = int(os.environ.get("DITF_MATCH_BLOCK") or 256)
 #: of a core to start (a fresh interpreter importing torch), ~150 pairs' worth of matching;
 #: DITF_MATCH_POOL_MIN_PAIRS lowers it for tests
 POOL_MIN_PAIRS = int(os.environ.get("DITF_MATCH_POOL_MIN_PAIRS") or 512)
-#: default byte budget of the variant feature cache (float16 40x30x3072 maps are 7.4 MB: ~34
-#: images; an SPair category has ~27, and its pairs are consecutive)
-FEATURE_CACHE_BYTES = 256 * 2**20
 
 
 #: rows of a feature map computed together by `FeatureCache` (8 x 40 x 3072 float32 = 3.9 MB)
@@ -75,31 +72,6 @@ def default_jobs() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
-
-
-@dataclass
-class MatchSettings:
-    variant: str = "adaln+cd"
-    protocol: str = "dift"
-    channels: str = "auto"  # "auto" or comma-separated channel indices
-    soft_window: int | None = None  # geoaware only
-    channel_sample: int = 32  # images used to detect massive channels for "auto"
-    fuse: str | None = None  # partner model (e.g. "dinov2-b14"), concatenated per pair (`fusion`)
-    pca_dim: int = 1280  # PCA of the DiT part over each pair before fusing (0: none)
-    jobs: int | None = None  # workers: this thread + jobs-1 processes (None: every core); CPU only
-    device: str = "cpu"  # auto | cpu | cuda | cuda:N
-    cache_bytes: int = FEATURE_CACHE_BYTES  # budget of the variant feature cache
-    shard: str | None = None  # "i/N": only blocks b with b mod N == i (job arrays, `shards.Shard`)
-
-    @property
-    def label(self) -> str:
-        """The variant as results name it: with `fuse`, ``<variant>+<model>-pca<dim>``."""
-        return fusion_label(self.variant, self.fuse, self.pca_dim)
-
-    @property
-    def name(self) -> str:
-        """Store key of these predictions: variant/protocol (soft-argmax window appended)."""
-        return prediction_name(self.variant, self.protocol, self.soft_window, self.fuse, self.pca_dim)
 
 
 @dataclass
@@ -320,7 +292,7 @@ def open_fusion(store: FeatureStore, dataset: Dataset, rows: dict[str, int], pai
     if pca_dim < 0:
         raise DitfError(f"--pca-dim must be 0 (no PCA) or positive, got {pca_dim}")
     model, k, t = parse_fuse(fuse)
-    k, t = store.find_feature_key(dataset.name, model, k, t)
+    k, t = select_key(store, dataset.name, model, k, t)
     arrays = store.open_features(dataset.name, model, k, t)
     check_features(pairs, rows, arrays)
     return PairFusion(model=model, k=k, t=t, pca_dim=pca_dim, other=FeatureCache(arrays, rows, "raw", []),

@@ -5,7 +5,7 @@ opens the store read-only and never writes, unless asked to `--repair` (or `--mi
 removes half-done setups and unreadable nodes and un-commits damaged images, never intact
 committed data. The walk itself is `audit.audit_store`; the dataset half of the command (is
 every image readable, every annotation well formed?) is the orchestration layer's, which
-combines both (`ditf_pipeline.pipeline.run_doctor`).
+combines both (`ditf_pipeline.pipeline.check`).
 """
 
 from __future__ import annotations
