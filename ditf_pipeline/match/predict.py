@@ -51,7 +51,7 @@ from .paper import PaperDiftMatcher, paper_feature, paper_matching
 from .pool import BlockRunner, WorkerPool
 from ..core.shards import Shard
 from ..store.feature_store import FeatureArrays, FeatureStore, prediction_scope
-from ..validate import select_key, unknown
+from ..validate import unknown
 
 #: pairs committed together (one zarr chunk of predictions); DITF_MATCH_BLOCK makes blocks
 #: small so that crash tests see several of them
@@ -292,7 +292,7 @@ def open_fusion(store: FeatureStore, dataset: Dataset, rows: dict[str, int], pai
     if pca_dim < 0:
         raise DitfError(f"--pca-dim must be 0 (no PCA) or positive, got {pca_dim}")
     model, k, t = parse_fuse(fuse)
-    k, t = select_key(store, dataset.name, model, k, t)
+    k, t = store.find_feature_key(dataset.name, model, k, t)
     arrays = store.open_features(dataset.name, model, k, t)
     check_features(pairs, rows, arrays)
     return PairFusion(model=model, k=k, t=t, pca_dim=pca_dim, other=FeatureCache(arrays, rows, "raw", []),
