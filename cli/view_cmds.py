@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import DEFAULT_STORE, SplitOpt, app, user_errors
+from .app import DEFAULT_STORE, QuietOpt, SplitOpt, app, user_errors
 
 
 @app.command()
@@ -20,6 +20,7 @@ def view(
     port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8765,
     uploads: Annotated[Optional[Path], typer.Option(help="Writable folder for uploaded images and their features (default: <store>.uploads next to the store).")] = None,
     no_uploads: Annotated[bool, typer.Option("--no-uploads", help="Disable uploading images (nothing is ever written).")] = False,
+    quiet: QuietOpt = False,  # accepted as on every command: the server's address is the result it prints
 ) -> None:
     """Explore correspondences in the browser, straight from the cache.
 

@@ -5,6 +5,16 @@ from __future__ import annotations
 #: the paper's DiT part after PCA ("+PCA of the DiT part to 1280 dims over the pair")
 DEFAULT_PCA_DIM = 1280
 
+#: (k, t) each registered model extracts by default, readable without torch: reading commands
+#: (`ditf score`) pick this key among several without importing the registry. A model missing
+#: here is looked up in the registry; tests pin every entry to its `ModelSpec`.
+MODEL_DEFAULT_KEYS: dict[str, tuple[int, int]] = {
+    "dinov2-b14": (11, 0), "dinov2-g14": (39, 0), "dinov2-l14": (23, 0), "dinov2-s14": (11, 0),
+    "flux": (28, 260), "flux-schnell": (28, 260), "pixart-alpha": (14, 141), "sd2.1": (1, 261), "sd3": (9, 340),
+    "sd3.5": (23, 380), "tiny-dinov2": (3, 0), "tiny-flux": (2, 260), "tiny-pixart": (2, 141), "tiny-sd": (1, 261),
+    "tiny-sd3": (2, 340),
+}
+
 
 def fusion_label(variant: str, fuse: str | None, pca_dim: int = DEFAULT_PCA_DIM) -> str:
     """How results name a fused variant: ``<variant>+<model>-pca<dim>`` (``-nopca`` for 0)."""
