@@ -182,7 +182,7 @@ def test_help_text_is_true_per_command():
 # ---- compare labels rows that differ by key ----------------------------------------------------------
 def test_compare_rows_of_one_variant_at_two_keys_are_labelled_with_the_key(world):
     table = _ok("compare", "--data-root", world.root, "--store", world.store, "-r", "tiny-flux",
-                "-r", "tiny-flux/k1/t90", "-q").stdout
+                "-r", "tiny-flux/k1/t90", "--no-progress").stdout
     assert "k2/t260" in table and "k1/t90" in table
 
 
