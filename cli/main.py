@@ -14,14 +14,10 @@ from .app import app
 
 
 def main() -> None:
-    from ditf_pipeline.match.pool import limit_malloc_arenas
-    from ditf_pipeline.store.feature_store import close_writers
+    from ditf_pipeline.pipeline.process import command_process
 
-    limit_malloc_arenas()  # this process's memory: two glibc arenas (see `pool.MALLOC_ARENAS`)
-    try:
+    with command_process():  # memory arenas; the last writer of a store consolidates its metadata
         app()
-    finally:
-        close_writers()  # the last writer of a store writes its consolidated metadata
 
 
 if __name__ == "__main__":
