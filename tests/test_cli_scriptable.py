@@ -99,6 +99,18 @@ def test_run_takes_shard_and_jobs(world):
     assert "0 image(s) extracted" in result.stderr
 
 
+def test_run_shards_extract_their_share_and_score_once_all_are_done(tmp_path):
+    """Shard 0/2 meets the other shard's missing images, shard 1/2 the missing predictions: both
+    print an empty JSON result and say why on stderr; a plain run then scores."""
+    root = make_spair_demo(tmp_path / "SPair", categories=("cat",), pairs_per_category=2)
+    args = ["run", "--model", "tiny-flux", "--data-root", root, "--store", tmp_path / "s.zarr", "--img-size", "64",
+            "--ensemble-size", "1", "--dtype", "fp32", "--no-progress", "--format", "json"]
+    for shard in ("0/2", "1/2"):
+        result = _ok(*args, "--shard", shard, "--jobs", "1")
+        assert json.loads(result.stdout) == [] and f"shard {shard} done" in result.stderr, result.output
+    assert json.loads(_ok(*args).stdout)["k"] == 2
+
+
 # ---- one key rule ---------------------------------------------------------------------------------
 def test_export_and_open_store_pick_the_model_default_key_among_several(world, tmp_path):
     from ditf_pipeline import open_store

@@ -17,14 +17,12 @@ __all__ = ["DEFAULT_STORE", "MatchRun", "ScoreRun", "check_key", "check_pair_arg
            "run_extract", "run_match", "run_score", "single_key", "stored_variants"]
 
 if TYPE_CHECKING:
-    from ..core.settings import FeatureSettings, LoadSettings, RunSettings
+    from ..core.settings import FeatureSettings, LoadSettings, MatchSettings, RunSettings
     from ..datasets.base import Dataset
     from ..extract.extractor import ExtractReport
     from ..models.base import DiTAdapter
-    from ..core.settings import MatchSettings
-    from .stages import StageReport
-    from ..store.doctor import Findings
     from ..store.feature_store import FeatureStore
+    from .stages import StageReport
 
 
 DEFAULT_STORE = "stores/ditf.zarr"  # a str: a store may also be a URL
@@ -384,7 +382,8 @@ def run_all(
                                alphas=alphas, settings=matched.settings)
         except DitfError as exc:
             # a shard meets the others' unfinished work: missing features or predictions are not an error yet
-            if run.shard is None or not ("`ditf extract`" in str(exc) or "`ditf match`" in str(exc)):
+            unfinished = ("`ditf extract`" in str(exc) or "`ditf match` first" in str(exc)) and "first" in str(exc)
+            if run.shard is None or not unfinished:
                 raise
             if on_note is not None:
                 on_note(f"run: shard {run.shard} done; the other shards have not finished ({exc}), so the scores "
