@@ -103,12 +103,21 @@ def test_run_shards_extract_their_share_and_score_once_all_are_done(tmp_path):
     """Shard 0/2 meets the other shard's missing images, shard 1/2 the missing predictions: both
     print an empty JSON result and say why on stderr; a plain run then scores."""
     root = make_spair_demo(tmp_path / "SPair", categories=("cat",), pairs_per_category=2)
-    args = ["run", "--model", "tiny-flux", "--data-root", root, "--store", tmp_path / "s.zarr", "--img-size", "64",
-            "--ensemble-size", "1", "--dtype", "fp32", "--no-progress", "--format", "json"]
+    args = ["run", "--model", "tiny-flux", "--data-root", str(root), "--store", str(tmp_path / "s.zarr"),
+            "--img-size", "64", "--ensemble-size", "1", "--dtype", "fp32", "--no-progress", "--format", "json"]
+    # one image row and one pair per block: each shard owns a part of both
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DITF_MATCH_BLOCK": "1", "DITF_ROWS_PER_SHARD": "1"}
+
+    def ditf(*extra):
+        result = subprocess.run([sys.executable, "-m", "ditf_cli.main", *args, *extra], capture_output=True,
+                                text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        return result
+
     for shard in ("0/2", "1/2"):
-        result = _ok(*args, "--shard", shard, "--jobs", "1")
-        assert json.loads(result.stdout) == [] and f"shard {shard} done" in result.stderr, result.output
-    assert json.loads(_ok(*args).stdout)["k"] == 2
+        result = ditf("--shard", shard, "--jobs", "1")
+        assert json.loads(result.stdout) == [] and f"shard {shard} done" in result.stderr, result.stderr
+    assert json.loads(ditf().stdout)["k"] == 2
 
 
 # ---- one key rule ---------------------------------------------------------------------------------
