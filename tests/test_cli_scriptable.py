@@ -258,3 +258,14 @@ def test_the_demo_hints_work_with_every_command_they_name(tmp_path):
         _ok(command, *reading, "-q")
     for command in ("extract", "run"):
         assert "0 image(s) extracted" in _ok(command, *writing).output, command
+
+
+def test_run_functions_are_keyword_only_and_refuse_unknown_settings(tmp_path):
+    from ditf_pipeline.pipeline import run_extract, run_match, run_score
+
+    for fn in (run_extract, run_match, run_score):
+        with pytest.raises(TypeError):
+            fn("tiny-flux", "spair")
+    with pytest.raises(TypeError, match="unknown setting"):
+        run_extract(dataset="spair", data_root=tmp_path, store=tmp_path / "s.zarr", model="tiny-flux", ensemble=2)
+    assert not (tmp_path / "s.zarr").exists()
