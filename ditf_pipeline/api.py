@@ -229,7 +229,7 @@ class DiTF:
 def _image_size(image: ImageLike) -> tuple[int, int]:
     """(width, height) of an image as `features` reads it."""
     if isinstance(image, (str, Path)):
-        from .extract.images import image_size
+        from .core.images import image_size
 
         return tuple(image_size(Path(image)))
     return _to_pil(image).size
@@ -267,7 +267,7 @@ class FeatureStoreReader:
     def features(self, dataset: str, model: str, k: int | None = None, t: int | None = None,
                  variant: str = "adaln+cd", image: str = "", channels: str | Sequence[int] = "auto") -> torch.Tensor:
         """One image's (C, h, w) float32 feature map; k and t default to the model's key when stored, else the only one."""
-        from .validate import select_key
+        from .selection import select_key
 
         k, t = select_key(self.store, dataset, model, k, t)
         return self.feature_maps(dataset, model, k, t, variant, [image], channels)[0].permute(2, 0, 1).contiguous()

@@ -1,4 +1,5 @@
-"""How stored predictions are named (torch-free, so the scorer can find them without torch)."""
+"""How stored predictions are named, and the names they are built from (torch-free, so the scorer
+can find them without torch): protocols, the PCA default, the DAVIS run marker."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ MODEL_DEFAULT_KEYS: dict[str, tuple[int, int]] = {
     "sd3.5": (23, 380), "tiny-dinov2": (3, 0), "tiny-flux": (2, 260), "tiny-pixart": (2, 141), "tiny-sd": (1, 261),
     "tiny-sd3": (2, 340),
 }
+
+#: the pair protocols and how each compares a prediction's error with the PCK threshold
+#: (DIFT counts an error equal to the threshold as correct, GeoAware-SC does not)
+PROTOCOL_RULES = {"dift": "<=", "geoaware": "<"}
+PROTOCOLS = tuple(PROTOCOL_RULES)
+
+#: name of the marker a DAVIS propagation run writes into its output folder: a folder without it
+#: was not written by ditf and is never overwritten
+RUN_MARKER = "ditf_propagation.json"
 
 
 def fusion_label(variant: str, fuse: str | None, pca_dim: int = DEFAULT_PCA_DIM) -> str:

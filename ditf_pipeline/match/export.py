@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import __version__
+from ..core.version import __version__
 from ..core.errors import DitfError
 from ..store.feature_store import FeatureArrays, FeatureStore
-from ..validate import select_key
 from .features import USES_CHANNELS, check_variant_applies
 from .predict import FeatureCache, resolve_channels
 
@@ -93,7 +92,7 @@ def export_features(
     if fmt not in FORMATS:
         raise DitfError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     feature_store = FeatureStore(store, read_only=True)
-    k, t = select_key(feature_store, dataset, model, k, t)  # the rule of every command: default, else the only key
+    k, t = feature_store.find_feature_key(dataset, model, k, t)
     arrays = feature_store.open_features(dataset, model, k, t)
     rows = feature_store.image_rows(dataset)
     complete = arrays.complete()

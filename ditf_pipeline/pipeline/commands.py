@@ -114,13 +114,16 @@ def check_pair_arguments(variants: Sequence[str] | None = None, protocol: str = 
                          alphas: Sequence[float] | None = None, out: Path | None = None, device: str = "auto",
                          workers: int | None = None) -> None:
     """The arguments match, score, run and ablate share, checked before anything is read or written."""
-    from ..validate import check_alphas, check_at_least, check_device, check_output_file, check_protocol, check_variants
+    from ..validate import check_alphas, check_at_least, check_output_file, check_protocol, check_variants
 
     check_variants(variants or [])
     check_protocol(protocol)
     check_alphas(alphas)
     check_output_file(out)
-    check_device(device)
+    if device != "auto":  # "auto" is answered without torch, so `ditf score` never imports it
+        from ..devices import check_device
+
+        check_device(device)
     check_at_least("--workers", workers)
 
 
@@ -128,11 +131,12 @@ def check_key(store: FeatureStore, data: Dataset, model: str, k: Sequence[int] |
               t: Sequence[int] | int | None, variants: Sequence[str] | None = None) -> tuple[int, int]:
     """The (k, t) to use after checking it gives `variants`.
 
-    One rule for every command and the API (`validate.select_key`): among the stored keys that
+    One rule for every command and the API (`selection.select_key`): among the stored keys that
     match what was given, the model's default key when stored, else the only one, else an error
     listing them.
     """
-    from ..validate import check_variant_supported, select_key
+    from ..selection import select_key
+    from ..validate import check_variant_supported
 
     k_, t_ = select_key(store, data.name, model, *single_key(k, t))
     stored = store.open_features(data.name, model, k_, t_).modulation_names

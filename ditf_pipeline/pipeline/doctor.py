@@ -15,7 +15,7 @@ def check_dataset(name: str, root: Path, split: str | None, findings: Findings, 
     """Every image readable, every annotation parsable; returns the image keys."""
     from ..core.errors import DitfError
     from ..datasets import get_dataset
-    from ..extract.images import image_size, load_rgb
+    from ..core.images import image_size, load_rgb
 
     try:
         dataset = get_dataset(name, root, split)
@@ -26,7 +26,8 @@ def check_dataset(name: str, root: Path, split: str | None, findings: Findings, 
     unreadable = 0
     for record in records:
         try:
-            load_rgb(record.path) if decode else image_size(record.path)
+            orientation = {"exif_transpose": dataset.exif_transpose}
+            load_rgb(record.path, **orientation) if decode else image_size(record.path, **orientation)
         except DitfError as exc:
             unreadable += 1
             findings.bad(f"dataset: {exc}")

@@ -29,11 +29,13 @@ def run_export(
 ) -> ExportReport:
     """Write each image's features of one variant to its own file in `out`.
 
-    The key is chosen by the rule of every command (`validate.select_key`): the model's
+    The key is chosen by the rule of every command (`selection.select_key`): the model's
     default key when stored, else the only one, else an error listing them.
     """
     from ..match.export import export_features
+    from ..selection import select_key
+    from ..store.feature_store import FeatureStore
 
-    k_, t_ = single_key(k, t)
+    k_, t_ = select_key(FeatureStore(store, read_only=True), dataset, model, *single_key(k, t))
     return export_features(store, dataset, model, out, k_, t_, variant, fmt, channels,
                            list(images) if images is not None else None)

@@ -53,7 +53,7 @@ def run_probe(
     from ..analysis.probe import ProbeSettings, run_probe as train_and_score
     from ..datasets import get_dataset
     from ..store.feature_store import FeatureStore
-    from ..validate import select_key
+    from ..selection import select_key
 
     train = get_dataset(dataset, data_root, train_split)
     val = get_dataset(dataset, data_root, val_split)

@@ -42,7 +42,7 @@ def check_figure(fmt: str, dpi: int) -> None:
 def selected_keys(feature_store, dataset: str, model: str, k, t) -> list[tuple[int, int]]:
     """Every stored key within the --k/--t given; with neither, the one `select_key` picks."""
     from ..core.errors import DitfError
-    from ..validate import select_key
+    from ..selection import select_key
 
     if not k and not t:
         return [select_key(feature_store, dataset, model)]
@@ -61,7 +61,7 @@ def selected_keys(feature_store, dataset: str, model: str, k, t) -> list[tuple[i
 def load_image(path) -> "object":
     import numpy as np
 
-    from ..extract.images import load_rgb
+    from ..core.images import load_rgb
 
     return np.asarray(load_rgb(path))
 
