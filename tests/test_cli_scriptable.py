@@ -219,8 +219,8 @@ def test_settings_are_frozen_and_unknown_fields_refused():
         features.k = (3,)  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         MatchSettings().device = "cuda"  # type: ignore[misc]
-    f, r, l = split_fields({"k": [3], "device": "cpu", "dtype": "fp32"}, features)
-    assert (f.model, f.k, r.device, l.dtype) == ("tiny-flux", (3,), "cpu", "fp32") and features.k == (1, 2)
+    f, r, load = split_fields({"k": [3], "device": "cpu", "dtype": "fp32"}, features)
+    assert (f.model, f.k, r.device, load.dtype) == ("tiny-flux", (3,), "cpu", "fp32") and features.k == (1, 2)
     with pytest.raises(TypeError, match="unknown setting"):
         split_fields({"ensemble": 2})
 
