@@ -10,7 +10,7 @@ import typer
 
 from .app import (
     DEFAULT_STORE, ChannelsOpt, DataRootOpt, DatasetOpt, DpiOpt, KOpt, ModelOpt, OneVariantOpt, ProgressOpt, QuietOpt,
-    ReadStoreOpt, SplitOpt, TOpt, app, quiet_note, user_errors,
+    ReadStoreOpt, SplitOpt, TOpt, app, one, quiet_note, user_errors,
 )
 
 ProtocolOpt = Annotated[str, typer.Option(help="Matching/scoring protocol: dift or geoaware (show: also geoaware-softN predictions).")]
@@ -31,9 +31,9 @@ def analyze(
     write: Annotated[bool, typer.Option("--write/--no-write", help="Store the detected set as the key's massive_channels (read by --channels auto); without it the store is left unchanged.")] = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the figures (see --figure-format).")] = True,
     pca_images: Annotated[int, typer.Option(help="Images in the PCA-to-RGB figure.")] = 4,
-    variant: Annotated[str, typer.Option("--variant", "-v", help="Predictions scored for the k x t PCK grid.")] = "adaln+cd",
+    variant: Annotated[Optional[list[str]], typer.Option("--variant", "-v", help="Predictions scored for the k x t PCK grid (one; default adaln+cd).")] = None,
     protocol: ProtocolOpt = "dift",
-    alpha: Annotated[float, typer.Option(help="PCK alpha of the k x t grid.")] = 0.1,
+    alpha: Annotated[Optional[list[float]], typer.Option("--alpha", help="PCK alpha of the k x t grid (one; default 0.1).")] = None,
     aggregation: Annotated[str, typer.Option(help="per_point or per_image for the grid.")] = "per_point",
     match: Annotated[bool, typer.Option("--match/--no-match", help="Compute missing grid predictions from the cache (channels auto; writes predictions into the store).")] = False,
     out: Annotated[Path, typer.Option(help="Folder for the JSON and the figures.")] = Path("analysis"),
@@ -55,7 +55,8 @@ def analyze(
         raise DitfError(f"--format must be table or json, got {fmt!r}")
     analyzed = run_analyze(model=model, dataset=dataset, data_root=data_root, split=split, store=store, k=k, t=t,
                            sample=sample, ratio=ratio, write=write, plots=plots, pca_images=pca_images,
-                           variant=variant, protocol=protocol, alpha=alpha, aggregation=aggregation, match=match,
+                           variant=one(variant, "--variant", "adaln+cd"), protocol=protocol,
+                           alpha=one(alpha, "--alpha", 0.1), aggregation=aggregation, match=match,
                            out=out, progress=progress and not quiet, figure_format=figure_format, dpi=dpi)
     if fmt == "json":
         typer.echo(json.dumps(analyzed.report, indent=2))
@@ -77,10 +78,10 @@ def show(
     store: ReadStoreOpt = DEFAULT_STORE,
     k: KOpt = None,
     t: TOpt = None,
-    variant: OneVariantOpt = "adaln+cd",
+    variant: OneVariantOpt = None,
     protocol: ProtocolOpt = "dift",
     channels: ChannelsOpt = "auto",
-    alpha: Annotated[float, typer.Option(help="Threshold for correct (circle) vs wrong (cross).")] = 0.1,
+    alpha: Annotated[Optional[list[float]], typer.Option("--alpha", help="Threshold for correct (circle) vs wrong (cross) (one; default 0.1).")] = None,
     dense: Annotated[bool, typer.Option("--dense", help="Show nearest-neighbour matches of a grid of source points (over the source box when annotated) instead, from cached features.")] = False,
     grid: Annotated[int, typer.Option(help="--dense: grid of N x N source points.")] = 12,
     out: Annotated[Path, typer.Option(help="Figure file to write (.png, .pdf or .svg).")] = Path("show.png"),
@@ -93,7 +94,8 @@ def show(
     from ditf_pipeline.pipeline import run_show
 
     shown = run_show(pairs=pair, model=model, dataset=dataset, data_root=data_root, split=split, store=store, k=k, t=t,
-                     variant=variant, protocol=protocol, channels=channels, alpha=alpha, dense=dense, grid=grid,
+                     variant=one(variant, "--variant", "adaln+cd"), protocol=protocol, channels=channels,
+                     alpha=one(alpha, "--alpha", 0.1), dense=dense, grid=grid,
                      out=out, figure_format=figure_format, dpi=dpi)
     if shown.summary is not None:
         typer.echo(f"show: {shown.summary}")

@@ -104,7 +104,20 @@ VariantOpt = Annotated[
                  "(repeat for several; default adaln+cd, raw for models without AdaLN)."),
 ]
 ChannelsOpt = Annotated[str, typer.Option(help="Channels to discard for +cd variants: auto (stored set or 100x-median rule on cached z), none, or e.g. 154,1446.")]
-OneVariantOpt = Annotated[str, typer.Option("--variant", "-v", help="Feature variant: raw, adaln, adaln+cd, adaln+cd-post, adaln-t, adaln-c.")]
+OneVariantOpt = Annotated[Optional[list[str]], typer.Option("--variant", "-v", help="Feature variant: raw, adaln, adaln+cd, adaln+cd-post, adaln-t, adaln-c (one; default adaln+cd).")]
+
+
+def one(values: list | None, flag: str, default):
+    """The value of an option that is repeatable on every command but takes one here.
+
+    `--variant`, `--alpha`, `--k` and `--t` mean the same on every command (repeat for several);
+    a command that uses one refuses a second instead of keeping the last silently.
+    """
+    if not values:
+        return default
+    if len(values) > 1:
+        raise DitfError(f"this command takes one {flag}, got {len(values)}: {', '.join(map(str, values))}")
+    return values[0]
 ProtocolOpt = Annotated[str, typer.Option(help="Pairs: dift (upsample to image size, <=) or geoaware (840 frame, 60x60, <).")]
 SoftWindowOpt = Annotated[Optional[int], typer.Option(help="geoaware only: window soft-argmax width (11 or 15), temperature 0.02.")]
 FuseOpt = Annotated[Optional[str], typer.Option(help="Pairs: concatenate another cached model per pair, e.g. dinov2-b14 (DiT part PCA'd over the pair).")]

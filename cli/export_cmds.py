@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import DEFAULT_STORE, ChannelsOpt, KOpt, ModelOpt, OneVariantOpt, QuietOpt, ReadStoreOpt, TOpt, app, user_errors
+from .app import (
+    DEFAULT_STORE, ChannelsOpt, KOpt, ModelOpt, OneVariantOpt, QuietOpt, ReadStoreOpt, TOpt, app, one, user_errors,
+)
 
 
 @app.command()
@@ -19,7 +21,7 @@ def export(
     store: ReadStoreOpt = DEFAULT_STORE,
     k: KOpt = None,
     t: TOpt = None,
-    variant: OneVariantOpt = "adaln+cd",
+    variant: OneVariantOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="safetensors (metadata in the header) | npy (with a .json sidecar)")] = "safetensors",
     channels: ChannelsOpt = "auto",
     image: Annotated[Optional[list[str]], typer.Option("--image", help="Only this image key; repeat for several (default: all).")] = None,
@@ -31,5 +33,5 @@ def export(
     """
     from ditf_pipeline.pipeline import run_export
 
-    typer.echo(run_export(out=out, model=model, dataset=dataset, store=store, k=k, t=t, variant=variant, fmt=fmt,
+    typer.echo(run_export(out=out, model=model, dataset=dataset, store=store, k=k, t=t, variant=one(variant, "--variant", "adaln+cd"), fmt=fmt,
                           channels=channels, images=image).line())

@@ -269,3 +269,14 @@ def test_run_functions_are_keyword_only_and_refuse_unknown_settings(tmp_path):
     with pytest.raises(TypeError, match="unknown setting"):
         run_extract(dataset="spair", data_root=tmp_path, store=tmp_path / "s.zarr", model="tiny-flux", ensemble=2)
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("command", [["show", "--pair", "1"], ["export", "--out", "x"], ["analyze", "--no-plots"]])
+def test_a_second_value_of_a_one_value_option_is_refused_not_dropped(world, command, tmp_path):
+    """`--variant` repeats on every command; where a command draws one, a second is an error
+    (click would otherwise keep the last one without a word)."""
+    name, *rest = command
+    args = [name, *(world.common if name != "export" else ["--model", "tiny-flux", "--store", world.store]), *rest,
+            "-v", "raw", "-v", "adaln"]
+    result = _invoke(*[str(tmp_path / a) if a == "x" else a for a in args])
+    assert result.exit_code == 1 and "takes one --variant" in result.output, result.output
