@@ -35,7 +35,7 @@ import torch
 from .. import SCHEMA_VERSION, __version__
 from ..datasets.base import Dataset, ImageRecord, check_annotated_sizes
 from ..core.errors import DitfError
-from .images import RESAMPLERS, image_size, load_for_model
+from .images import RESAMPLERS, image_size, load_for_model, pixel_digest
 from ..models.base import CompileOptions, DiTAdapter, LatentPosterior, PromptEmbedding
 from .prompts import prompt_identity, prompts_for
 from .transfer import HostCopies, HostCopy, pinned, upload
@@ -457,8 +457,13 @@ class Extractor:
         # file per block, rewritten whole on each commit, so two shards must never share a block
         expected = _expected_rows(store.image_rows(dataset.name), records)
         mine = [r for r in records if shard.owns(expected[r.key] // ROWS_PER_SHARD)]
-        self._check_decodable(self._pending(dataset, mine))  # a bad file fails before the index grows
-        rows = store.register_images(dataset.name, [r.key for r in records], sizes)
+        pending = {r.key for r in self._pending(dataset, mine)}
+        # every image is decoded (a bad file fails before the index grows) and its pixels digested:
+        # a name reused for other pixels is refused, never served the features of the old image
+        digests = self._digests(records, pending)
+        keys = [r.key for r in records]
+        store.check_identities(dataset.name, keys, sizes, digests)
+        rows = store.register_images(dataset.name, keys, sizes, digests)
         mine = [r for r in records if shard.owns(rows[r.key] // ROWS_PER_SHARD)]
         n_rows = len(rows)
         config = store_config(adapter, settings)
@@ -512,15 +517,24 @@ class Extractor:
                                if r.key not in rows or rows[r.key] >= len(complete) or not complete[rows[r.key]])
         return list(records) if missing_key else [r for r in records if r.key in pending]
 
-    def _check_decodable(self, records: Sequence[ImageRecord]) -> None:
-        """Fully decode every image about to be extracted, before anything is written.
+    def _digests(self, records: Sequence[ImageRecord], pending: set[str]) -> list[str]:
+        """`pixel_digest` of every record, decoding each fully before anything is written.
 
         Headers alone miss truncated files; a file that fails mid-run would otherwise leave a new
-        index row and grown arrays behind. Decoding twice costs far less than one DiT forward.
+        index row and grown arrays behind. Decoding costs far less than one DiT forward. A file
+        that cannot be decoded fails here if it is `pending` (about to be extracted); an already
+        complete one that no longer decodes gets no digest (its size is still compared).
         """
+        def digest(record: ImageRecord) -> str:
+            try:
+                return pixel_digest(load_for_model(record.path, self.settings.resample))
+            except DitfError:
+                if record.key in pending:
+                    raise
+                return ""
+
         with ThreadPoolExecutor(max_workers=max(1, self.settings.workers)) as pool:
-            for _ in pool.map(lambda record: load_for_model(record.path, self.settings.resample).size, records):
-                pass
+            return list(pool.map(digest, records))
 
     def _run_locked(self, dataset, records, rows, arrays, start_time, progress) -> ExtractReport:
         settings, store = self.settings, self.store
