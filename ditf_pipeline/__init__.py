@@ -27,6 +27,7 @@ _LAZY = {
     "DiTF": "api",
     "open_store": "api",
     "FeatureStoreReader": "api",
+    "image_key": "api",
     "run_extract": "pipeline",
     "export_features": "match.export",
     "compute_feature": "match.features",
@@ -37,7 +38,7 @@ _LAZY = {
 __all__ = ["SCHEMA_VERSION", "__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:
-    from .api import DiTF, FeatureStoreReader, open_store
+    from .api import DiTF, FeatureStoreReader, image_key, open_store
     from .core.errors import DitfError
     from .match.export import export_features
     from .match.features import compute_feature, variant_names

@@ -37,7 +37,8 @@ from ..datasets.base import Dataset, ImageRecord, check_annotated_sizes
 from ..core.errors import DitfError
 from .images import RESAMPLERS, image_size, load_for_model, pixel_digest
 from ..models.base import CompileOptions, DiTAdapter, LatentPosterior, PromptEmbedding
-from .prompts import prompt_identity, prompts_for
+from .prompt_memory import PromptMemory
+from .prompts import PER_IMAGE, prompt_identity, prompts_for
 from .transfer import HostCopies, HostCopy, pinned, upload
 from ..core.shards import Shard
 from ..store.feature_store import ROWS_PER_SHARD, FeatureArrays, FeatureStore, config_differences
@@ -123,7 +124,7 @@ def default_settings(spec, dataset: Dataset, **given) -> ExtractSettings:
     flux = spec.family == "flux" and not spec.tiny
     given = {name: value for name, value in given.items() if value is not None}  # 0 is a value, not "unset"
     prompt = given.get("prompt") or data.get("prompt") or "template"
-    if prompt not in ("template", "none") and not prompt.startswith(("captions:", "text:")):
+    if prompt not in ("template", "none", PER_IMAGE) and not prompt.startswith(("captions:", "text:")):
         prompt = f"text:{prompt}"  # a dataset's literal prompt, e.g. DAVIS's "a photo of a image"
     return ExtractSettings(
         ks=list(given.get("ks") or [data["k"] if flux and "k" in data else spec.default_k]),
@@ -323,6 +324,12 @@ class Extractor:
             {"source": adapter.source, "revision": adapter.revision, "dtype": str(adapter.dtype), "model": adapter.spec.name},
         )
         found = cache.get_many(texts)
+        # a model object kept across runs (the Python API) remembers what it encoded before
+        memory: PromptMemory | None = getattr(adapter, "prompt_memory", None)
+        if memory is not None:
+            for text, embedding in memory.get_many(texts - set(found)).items():
+                cache.put(text, embedding)
+                found[text] = embedding
         missing = sorted(texts - set(found))
         if missing:
             for text, embedding in zip(missing, adapter.encode_prompts(missing)):
@@ -330,6 +337,9 @@ class Extractor:
                 cache.put(text, numpy_embedding)
                 found[text] = numpy_embedding
             adapter.release_text_encoders()
+        if memory is not None:
+            for text, embedding in found.items():
+                memory.put(text, embedding)
         return {text: {name: torch.from_numpy(np.asarray(v)) for name, v in emb.items()} for text, emb in found.items()}
 
     # ---- one image, or images of one grid ------------------------------------------------------
