@@ -253,7 +253,7 @@ def _integers(name: str, value: int | Sequence[int] | None, low: int, high: int 
     """`k` / `t` as a list of ints, refusing anything that is not an integer in range (never rounded)."""
     if value is None:
         return None
-    values = [value] if not isinstance(value, (list, tuple, np.ndarray)) else list(value)
+    values = list(value) if isinstance(value, (list, tuple, range, np.ndarray)) else [value]
     out = []
     for v in values:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
