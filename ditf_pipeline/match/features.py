@@ -194,8 +194,8 @@ def massive_from_means(channel_means: np.ndarray, ratio: float = MASSIVE_RATIO) 
 class ChannelMeans:
     """Running per-channel mean |z| over the tokens of many images, one image at a time.
 
-    Why: `--channels auto` used to concatenate the tokens of 32 images (0.7 GB at SPair size)
-    before taking one mean; a float64 running sum needs one (D,) vector whatever the sample.
+    Why: concatenating the tokens of 32 images before taking one mean would hold 0.7 GB at SPair
+    size; a float64 running sum needs one (D,) vector whatever the sample.
     """
 
     def __init__(self, dim: int) -> None:
