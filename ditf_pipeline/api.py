@@ -319,7 +319,7 @@ def _denoiser_config(source: str, hub: dict, revision: str | None) -> dict:
     first = str(failure).strip().splitlines()[0] if failure and str(failure).strip() else type(failure).__name__
     hint = " (offline: HF_HUB_OFFLINE or local_files_only is set)" if options["local_files_only"] else ""
     raise DitfError(f"{source} is neither a model name (see `ditf models`) nor a readable diffusers pipeline{hint}: "
-                    f"{first}")
+                    f"{first} (a registered model with other weights: from_pretrained(NAME, weights=FOLDER_OR_HUB_ID))")
 
 
 def resolve_model(source: str, hub: dict | None = None, revision: str | None = None) -> tuple[str, str | None]:
