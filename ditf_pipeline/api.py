@@ -178,7 +178,7 @@ def _records(images: Sequence[ImageLike], folder: Path, value_range: tuple[float
     ends in the prompt's digest, so each (image, prompt) has its own row.
     """
     from .extract.images import load_rgb, pixel_digest
-    from .extract.prompts import prompt_digest
+    from .extract.prompts import per_image_key
 
     records: list[ImageRecord] = []
     seen: dict[str, str] = {}
@@ -196,7 +196,7 @@ def _records(images: Sequence[ImageLike], folder: Path, value_range: tuple[float
                 pil.save(path)  # PNG is lossless: the extractor decodes exactly these pixels
         key = keys[i] if keys is not None else f"img-{digest[:20]}"
         if texts is not None:
-            key = f"{key}~p{prompt_digest(texts[i])}"
+            key = per_image_key(key, texts[i])
         if seen.get(key, digest) != digest:
             raise DitfError(f"two different images are given the key {key!r}: give each its own key")
         seen[key] = digest

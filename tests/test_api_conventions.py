@@ -164,3 +164,16 @@ def test_from_pretrained_names(tmp_path, monkeypatch):
         DiTF.from_pretrained("tiny-flux", dtype="fp16", torch_dtype=torch.float32)
     with pytest.raises(DitfError, match="dtype"):
         DiTF.from_pretrained("tiny-flux", dtype="int8")
+
+
+def test_per_image_rows_must_name_their_prompt(model, tmp_path):
+    """The extractor itself refuses a per-image row whose key does not carry its prompt's digest."""
+    from ditf_pipeline.extract.prompts import PER_IMAGE, per_image_key, prompts_for
+    from ditf_pipeline.datasets.base import ImageRecord
+
+    good = ImageRecord(key=per_image_key("cat", "a cat"), path=tmp_path / "cat.png", prompt="a cat")
+    assert prompts_for([good], PER_IMAGE) == {good.key: "a cat"}
+    with pytest.raises(DitfError, match="does not name the digest"):
+        prompts_for([ImageRecord(key=per_image_key("cat", "a dog"), path=tmp_path / "cat.png", prompt="a cat")], PER_IMAGE)
+    with pytest.raises(DitfError, match="needs a prompt for every image"):
+        prompts_for([ImageRecord(key="cat", path=tmp_path / "cat.png")], PER_IMAGE)

@@ -198,7 +198,9 @@ def check_run(adapter: DiTAdapter, settings: ExtractSettings, dataset: Dataset |
     compiles(adapter, settings)
     adapter.check_indices(settings.ks)
     if dataset is not None:
-        dataset.images()
+        records = dataset.images()
+        if settings.prompt == PER_IMAGE:  # every image carries its prompt, named in its key
+            prompts_for(records, PER_IMAGE)
 
 
 def image_seed(seed: int, key: str, timestep: int, member: int | None = None) -> int:

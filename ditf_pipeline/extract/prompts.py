@@ -40,11 +40,22 @@ def parse_prompt_mode(mode: str) -> tuple[str, Path | None]:
     raise DitfError(f"unknown --prompt {mode!r}: use template, captions:FILE, text:STRING or none")
 
 
+def per_image_key(key: str, text: str) -> str:
+    """The row key of image `key` under its own prompt `text`: the key, "~p" and the prompt's digest."""
+    return f"{key}~p{prompt_digest(text)}"
+
+
 def _per_image(records: Sequence[ImageRecord]) -> dict[str, str]:
+    """Each record's own prompt; its key must name that prompt's digest, so a row can never hold
+    features computed under another prompt than the one its key says."""
     missing = [record.key for record in records if record.prompt is None]
     if missing:
         raise DitfError(f"--prompt {PER_IMAGE} needs a prompt for every image ({missing[0]} has none): "
                         "per-image prompts are given through the Python API (DiTF.features(prompt=[...]))")
+    for record in records:
+        if not record.key.endswith(f"~p{prompt_digest(record.prompt)}"):
+            raise DitfError(f"image key {record.key!r} does not name the digest of its prompt "
+                            f"(expected it to end in ~p{prompt_digest(record.prompt)}: `per_image_key`)")
     return {record.key: record.prompt for record in records}
 
 
