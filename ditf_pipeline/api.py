@@ -463,7 +463,8 @@ class DiTF:
         with contextlib.ExitStack() as stack:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ditf-api-")))
             records = _records(inputs, folder, value_range, keys, texts)
-            store_path = Path(store) if store is not None else folder / "features.zarr"
+            # a URL (s3://, memory://, ...) is handed on as given: a Path would fold its "//"
+            store_path = (str(store) if "://" in str(store) else Path(store)) if store is not None else folder / "features.zarr"
             from .pipeline import run_extract
 
             report = run_extract(

@@ -177,3 +177,11 @@ def test_per_image_rows_must_name_their_prompt(model, tmp_path):
         prompts_for([ImageRecord(key=per_image_key("cat", "a dog"), path=tmp_path / "cat.png", prompt="a cat")], PER_IMAGE)
     with pytest.raises(DitfError, match="needs a prompt for every image"):
         prompts_for([ImageRecord(key="cat", path=tmp_path / "cat.png")], PER_IMAGE)
+
+
+def test_a_store_url_is_handed_on_as_given(model, tmp_path, monkeypatch):
+    """`store="s3://..."` goes to the store's URL parser; a Path would fold it into a local "s3:" folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DitfError, match="unknown URL scheme memory://"):
+        model.features(Image.fromarray(_pixels(0)), store="memory://bucket/x.zarr", **SETTINGS)
+    assert list(tmp_path.iterdir()) == []
