@@ -28,7 +28,7 @@ def _check_figure(fmt: str, dpi: int) -> None:
 def _selected_keys(feature_store, dataset: str, model: str, k, t) -> list[tuple[int, int]]:
     """Every stored key within the --k/--t given; with neither, the one `select_key` picks."""
     from ditf_pipeline.core.errors import DitfError
-    from ditf_pipeline.validate import select_key
+    from ditf_pipeline.selection import select_key
 
     if not k and not t:
         return [select_key(feature_store, dataset, model)]
@@ -47,7 +47,7 @@ def _selected_keys(feature_store, dataset: str, model: str, k, t) -> list[tuple[
 def _load_image(path) -> "object":
     import numpy as np
 
-    from ditf_pipeline.extract.images import load_rgb
+    from ditf_pipeline.core.images import load_rgb
 
     return np.asarray(load_rgb(path))
 

@@ -158,7 +158,7 @@ def image_key(image: ImageLike, value_range: tuple[float, float] | None = None) 
     Paths are decoded as the extractor decodes them (EXIF orientation applied); look a cached
     image up with `open_store(store).features(..., image=image_key(x))`.
     """
-    from .extract.images import load_rgb, pixel_digest
+    from .core.images import load_rgb, pixel_digest
 
     if isinstance(image, (str, Path)):
         path = Path(image)
@@ -177,7 +177,7 @@ def _records(images: Sequence[ImageLike], folder: Path, value_range: tuple[float
     The key is the caller's (`keys`) or the pixels' digest; with per-image prompts (`texts`) it
     ends in the prompt's digest, so each (image, prompt) has its own row.
     """
-    from .extract.images import load_rgb, pixel_digest
+    from .core.images import load_rgb, pixel_digest
     from .extract.prompts import per_image_key
 
     records: list[ImageRecord] = []
@@ -513,7 +513,7 @@ class DiTF:
 def _image_size(image: ImageLike, value_range: tuple[float, float] | None = None) -> tuple[int, int]:
     """(width, height) of an image as `features` reads it."""
     if isinstance(image, (str, Path)):
-        from .extract.images import image_size
+        from .core.images import image_size
 
         return tuple(image_size(Path(image)))
     return _to_pil(image, value_range).size

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .core.naming import DEFAULT_PCA_DIM
+
 __all__ = ["MatchRun", "ScoreRun", "check_dataset", "check_key", "check_pair_arguments", "run_doctor", "run_extract",
            "run_match", "run_score", "single_key", "stored_variants"]
 
@@ -114,20 +116,24 @@ def check_pair_arguments(variants: Sequence[str] | None = None, protocol: str = 
                          alphas: Sequence[float] | None = None, out: Path | None = None, device: str = "auto",
                          workers: int | None = None) -> None:
     """The arguments match, score, run and ablate share, checked before anything is read or written."""
-    from .validate import check_alphas, check_at_least, check_device, check_output_file, check_protocol, check_variants
+    from .validate import check_alphas, check_at_least, check_output_file, check_protocol, check_variants
 
     check_variants(variants or [])
     check_protocol(protocol)
     check_alphas(alphas)
     check_output_file(out)
-    check_device(device)
+    if device != "auto":  # "auto" is answered without torch, so `ditf score` never imports it
+        from .devices import check_device
+
+        check_device(device)
     check_at_least("--workers", workers)
 
 
 def check_key(store: FeatureStore, data: Dataset, model: str, k: Sequence[int] | None, t: Sequence[int] | None,
               variants: Sequence[str] | None = None) -> tuple[int, int]:
     """The (k, t) to use (the only one stored when not given) after checking it gives `variants`."""
-    from .validate import check_variant_supported, select_key
+    from .selection import select_key
+    from .validate import check_variant_supported
 
     k_, t_ = select_key(store, data.name, model, *single_key(k, t))
     stored = store.open_features(data.name, model, k_, t_).modulation_names
@@ -175,7 +181,7 @@ def run_match(
     workers: int | None = None,
     scheduler: str | None = None,
     fuse: str | None = None,
-    pca_dim: int = 1280,
+    pca_dim: int = DEFAULT_PCA_DIM,
     device: str = "auto",
     jobs: int | None = None,
     shard: str | None = None,
@@ -238,7 +244,7 @@ def run_score(
     protocol: str = "dift",
     soft_window: int | None = None,
     fuse: str | None = None,
-    pca_dim: int = 1280,
+    pca_dim: int = DEFAULT_PCA_DIM,
     alphas: Sequence[float] | None = None,
     settings: Sequence[StageSettings] | None = None,
 ) -> ScoreRun:
@@ -270,7 +276,7 @@ def check_dataset(name: str, root: Path, split: str | None, findings: Findings, 
     """Every image readable, every annotation parsable; returns the image keys."""
     from .core.errors import DitfError
     from .datasets import get_dataset
-    from .extract.images import image_size, load_rgb
+    from .core.images import image_size, load_rgb
 
     try:
         dataset = get_dataset(name, root, split)
@@ -281,7 +287,8 @@ def check_dataset(name: str, root: Path, split: str | None, findings: Findings, 
     unreadable = 0
     for record in records:
         try:
-            load_rgb(record.path) if decode else image_size(record.path)
+            orientation = {"exif_transpose": dataset.exif_transpose}
+            load_rgb(record.path, **orientation) if decode else image_size(record.path, **orientation)
         except DitfError as exc:
             unreadable += 1
             findings.bad(f"dataset: {exc}")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ditf_cli.main import app
 from ditf_pipeline.core.errors import DitfError
-from ditf_pipeline.extract.images import load_rgb, pixel_digest
+from ditf_pipeline.core.images import load_rgb, pixel_digest
 from ditf_pipeline.store.feature_store import FeatureStore
 
 CLI = ["extract", "--model", "tiny-flux", "--dataset", "folder", "--img-size", "32", "--ensemble-size", "1",
