@@ -185,3 +185,14 @@ def test_a_store_url_is_handed_on_as_given(model, tmp_path, monkeypatch):
     with pytest.raises(DitfError, match="unknown URL scheme memory://"):
         model.features(Image.fromarray(_pixels(0)), store="memory://bucket/x.zarr", **SETTINGS)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_named_key_given_other_pixels_is_refused(model, tmp_path):
+    store = tmp_path / "s.zarr"
+    first = model.features(Image.fromarray(_pixels(0)), keys=["cat"], store=store, **SETTINGS)[0]
+    with pytest.raises(DitfError, match="'cat' of folder .* was extracted from another image"):
+        model.features(Image.fromarray(_pixels(1)), keys=["cat"], store=store, **SETTINGS)
+    with pytest.raises(DitfError, match="two different images are given the key 'dog'"):
+        model.features([Image.fromarray(_pixels(0)), Image.fromarray(_pixels(1))], keys=["dog", "dog"], store=store,
+                       **SETTINGS)
+    assert torch.equal(first, open_store(store).features("folder", "tiny-flux", image="cat"))
