@@ -559,5 +559,9 @@ class FeatureStoreReader:
 
 
 def open_store(path: str | Path) -> FeatureStoreReader:
-    """Open a feature store (written by `ditf extract` or `DiTF.features(store=...)`) read-only."""
+    """Open a feature store (written by `ditf extract` or `DiTF.features(store=...)`) read-only.
+
+    `path`: a folder, an object-store URL (s3://, gs://, az://) or a published store
+    (https://host/ditf.zarr, hf://datasets/<org>/<name>/ditf.zarr[@revision]; docs/sharing.md).
+    """
     return FeatureStoreReader(path)

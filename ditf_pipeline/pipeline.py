@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 from .core.naming import DEFAULT_PCA_DIM
 
-__all__ = ["MatchRun", "ScoreRun", "check_dataset", "check_key", "check_pair_arguments", "run_doctor", "run_extract",
-           "run_match", "run_score", "single_key", "stored_variants"]
+__all__ = ["MatchRun", "ScoreRun", "check_dataset", "check_key", "check_pair_arguments", "reading_store", "run_doctor",
+           "run_extract", "run_match", "run_pack", "run_score", "single_key", "stored_variants", "writing_store"]
 
 if TYPE_CHECKING:
     from .datasets.base import Dataset
@@ -186,12 +186,14 @@ def run_match(
     jobs: int | None = None,
     shard: str | None = None,
     on_report: Callable[[StageReport], None] | None = None,
+    predictions_store: Path | str | None = None,
 ) -> MatchRun:
     """Run the match stage for each of `variants` (default: the model's default variant).
 
-    Predictions go next to the features; a rerun resumes. `on_report` hears each variant's
-    report as it finishes (the CLI prints its line). With `workers`/`scheduler` the blocks of
-    pairs go to dask workers.
+    Predictions go next to the features, or into `predictions_store` (a local store: the
+    features' store may be a published, read-only one); a rerun resumes. `on_report` hears each
+    variant's report as it finishes (the CLI prints its line). With `workers`/`scheduler` the
+    blocks of pairs go to dask workers.
     """
     from .datasets import get_dataset
     from .stages import StageSettings, match
@@ -208,7 +210,7 @@ def run_match(
 
         client = shared_client(workers, scheduler)
     run = MatchRun(data, k_, t_)
-    with FeatureStore(store) as feature_store:  # closed: the last writer consolidates the metadata
+    with writing_store(store, reader, predictions_store) as feature_store:  # closed: the last writer consolidates
         for variant in variants:
             settings = StageSettings(variant=variant, protocol=protocol, channels=channels, soft_window=soft_window,
                                      fuse=fuse, pca_dim=pca_dim, device=device, jobs=jobs, shard=shard)
@@ -219,6 +221,27 @@ def run_match(
             if on_report is not None:
                 on_report(report)
     return run
+
+
+def writing_store(store: Path | str, reader: FeatureStore, predictions_store: Path | str | None):
+    """The store match writes into: `store` itself, or `reader`'s features paired with `predictions_store`."""
+    from .store.feature_store import FeatureStore
+    from .store.paired import PairedStore
+
+    if predictions_store is None:
+        return FeatureStore(store)
+    return PairedStore(reader, FeatureStore(predictions_store))
+
+
+def reading_store(store: Path | str, predictions_store: Path | str | None):
+    """The store score reads: `store`, or its features with the predictions of `predictions_store`."""
+    from .store.feature_store import FeatureStore
+    from .store.paired import PairedStore
+
+    reader = FeatureStore(store, read_only=True)
+    if predictions_store is None:
+        return reader
+    return PairedStore(reader, FeatureStore(predictions_store, read_only=True))
 
 
 @dataclass
@@ -247,19 +270,20 @@ def run_score(
     pca_dim: int = DEFAULT_PCA_DIM,
     alphas: Sequence[float] | None = None,
     settings: Sequence[StageSettings] | None = None,
+    predictions_store: Path | str | None = None,
 ) -> ScoreRun:
     """Metrics of cached predictions (PCK, J&F or homography accuracy), one result per variant.
 
     Read-only, no torch. Variants default to `adaln+cd` where AdaLN vectors are stored, else
-    `raw`; `settings` (e.g. `MatchRun.settings`) replaces the variant options.
+    `raw`; `settings` (e.g. `MatchRun.settings`) replaces the variant options. Predictions
+    are read from `predictions_store` when given (what `run_match` wrote there).
     """
     from .datasets import get_dataset
     from .stages import StageSettings, score
-    from .store.feature_store import FeatureStore
 
     check_pair_arguments(variants, protocol, alphas)
     data = get_dataset(dataset, data_root, split) if isinstance(dataset, str) else dataset
-    feature_store = FeatureStore(store, read_only=True)
+    feature_store = reading_store(store, predictions_store)
     k_, t_ = check_key(feature_store, data, model, k, t, variants)
     if settings is None:
         if not variants:
@@ -269,6 +293,32 @@ def run_score(
                     for v in variants]
     results = [score(feature_store, data, model, k_, t_, s, alphas) for s in settings]
     return ScoreRun(data, k_, t_, list(settings), results)
+
+
+# ---- pack: chosen keys into a new store ready to publish ------------------------------------------
+def run_pack(store: Path | str, out: Path, *, dataset: str | None = None, model: str | None = None,
+             k: int | None = None, t: int | None = None, predictions: bool = True, license: str | None = None,
+             note: Callable[[str], None] | None = None) -> dict:
+    """`ditf pack`: copy the chosen keys of `store` into `out` (store, manifest, dataset card).
+
+    The sizes are told to `note` before anything is copied; returns the manifest.
+    """
+    from .core.version import __version__
+    from .store.card import card
+    from .store.feature_store import FeatureStore
+    from .store.pack import check_out, plan_pack, write_pack
+
+    check_out(Path(out))
+    source = FeatureStore(store, read_only=True)
+    plan = plan_pack(source, dataset=dataset, model=model, k=k, t=t, predictions=predictions)
+    if note is not None:
+        for item in plan.items:
+            note(f"pack: {item.node}: {len(item.files)} file(s), {item.bytes / 1e6:.1f} MB")
+        note(f"pack: {plan.bytes / 1e6:.1f} MB in all, into {out}")
+    keys = [{"node": item.node, "images": item.images, "bytes": item.bytes, "config": item.config,
+             "predictions": item.predictions} for item in plan.keys()]
+    text = card(keys, version=__version__, total_bytes=plan.bytes, license=license)
+    return write_pack(plan, Path(out), text, version=__version__, progress=note)
 
 
 # ---- doctor: the dataset check and the store audit, combined ---------------------------------------
