@@ -213,7 +213,7 @@ class Explorer:
     def variants(self, key: KeyRef) -> list[str]:
         """What a view can show for the key: the ablation variants, then the stored fused ones."""
         arrays = self._arrays(key)
-        base = list(queries.BASE_VARIANTS) if {"shift", "scale"} <= set(arrays.modulation_names) else ["raw"]
+        base = list(queries.BASE_VARIANTS) if "scale" in arrays.modulation_names else ["raw"]
         return base + sorted(queries.fused_specs(self._prediction_configs(key)))
 
     def describe_keys(self) -> list[dict]:
