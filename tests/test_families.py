@@ -124,6 +124,28 @@ def _flux2_hooks(transformer, k: int, hw, seen: dict) -> list:
     ]
 
 
+def _lumina2_hooks(transformer, k: int, hw, seen: dict) -> list:
+    """Lumina2: z = input of layers[k].ffn_norm1 on the image tokens (after each caption's valid
+    tokens); scale, gate = scale_mlp, gate_mlp as layers[k].norm1 returns them; norm_weight =
+    layers[k].ffn_norm1.weight; no shift."""
+    block = transformer.layers[k]
+    n_image = hw[0] * hw[1]
+
+    def on_refined(m, args, kwargs, out):
+        seen["caption"] = int(args[1].sum(dim=1)[0]) if args[1] is not None else args[0].shape[1]
+
+    def on_ffn_norm(m, args):
+        start = seen["caption"]
+        seen["z"] = _grid(args[0][:, start:start + n_image], hw)
+        seen["norm_weight"] = m.weight.float().expand(args[0].shape[0], -1)
+
+    return [
+        transformer.context_refiner[0].register_forward_hook(on_refined, with_kwargs=True),
+        block.ffn_norm1.register_forward_pre_hook(on_ffn_norm),
+        block.norm1.register_forward_hook(lambda m, a, o: seen.update(scale=o[2].float(), gate=o[3].float())),
+    ]
+
+
 #: tiny twin -> (hooks on the named modules, block list attributes in block order)
 CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "tiny-sd3.5-medium": (_sd3_hooks, ("transformer_blocks",)),
@@ -132,10 +154,11 @@ CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "tiny-chroma": (_chroma_hooks, ("transformer_blocks", "single_transformer_blocks")),
     "tiny-qwen-image": (_qwen_image_hooks, ("transformer_blocks",)),
     "tiny-flux2": (_flux2_hooks, ("transformer_blocks", "single_transformer_blocks")),
+    "tiny-lumina2": (_lumina2_hooks, ("layers",)),
 }
 #: tiny twin -> the real model it stands for
 REAL = {"tiny-sd3.5-medium": "sd3.5-medium", "tiny-pixart-sigma": "pixart-sigma", "tiny-sana": "sana", "tiny-chroma": "chroma",
-        "tiny-qwen-image": "qwen-image", "tiny-flux2": "flux2-dev"}
+        "tiny-qwen-image": "qwen-image", "tiny-flux2": "flux2-dev", "tiny-lumina2": "lumina2"}
 NAMES = list(CASES)
 
 
@@ -187,13 +210,16 @@ def test_capture_equals_diffusers_forward_hooks(case):
         ours = adapter.forward_intermediates(noisy, prompt, TIMESTEP, [k])[k]
         assert ours.pre_adaln.shape == (BATCH, *_hw(adapter), adapter.architecture.width)
         torch.testing.assert_close(ours.pre_adaln.float(), seen["z"].float(), rtol=1e-6, atol=0)
-        for part in ("shift", "scale", "gate"):
-            got = getattr(ours.modulation, part)
+        vectors = ours.modulation.vectors()
+        # what the family's norm applies, and nothing else (an absent shift is absent, not zeros)
+        assert set(vectors) == set(seen) - {"z", "caption"}
+        for part, got in vectors.items():
             assert got.shape == (BATCH, adapter.architecture.width) and got.dtype == torch.float32
             torch.testing.assert_close(got, seen[part], rtol=1e-6, atol=0, msg=f"{name} k={k} {part}")
-        tc = adapter.modulation(prompt, TIMESTEP, [k], "tc")[k]
-        for part in ("shift", "scale", "gate"):
-            torch.testing.assert_close(getattr(tc, part), seen[part][0], rtol=1e-5, atol=1e-6)
+        tc = adapter.modulation(prompt, TIMESTEP, [k], "tc")[k].vectors()
+        assert set(tc) == set(vectors)
+        for part, got in tc.items():
+            torch.testing.assert_close(got, seen[part][0], rtol=1e-5, atol=1e-6)
 
 
 def test_conditioning_ablation_or_one_line_error(case):
@@ -265,8 +291,9 @@ def test_saved_twin_loads_through_weights_truncated(case, tmp_path, monkeypatch)
     assert _RecordingSafeOpen.read and not [n for n in _RecordingSafeOpen.read if n.startswith(tuple(prefixes))]
     want = adapter.forward_intermediates(noisy, prompt, TIMESTEP, [k], stop_early=False)[k]  # lists uncut
     assert torch.equal(got.pre_adaln, want.pre_adaln)
-    for part in ("shift", "scale", "gate"):
-        assert torch.equal(getattr(got.modulation, part), getattr(want.modulation, part))
+    assert got.modulation.vectors().keys() == want.modulation.vectors().keys()
+    for part, value in want.modulation.vectors().items():
+        assert torch.equal(got.modulation.vectors()[part], value)
 
 
 def test_registry_entry_states_licence_and_rule():
@@ -286,7 +313,9 @@ def test_store_key_records_the_architecture(case):
     assert config["width"] == adapter.architecture.width and config["blocks"]
     # t-only vectors are stored only where the conditioning separates; c-only never without it
     names = modulation_names(adapter)
-    assert ("shift_c" in names) == adapter.separates_conditioning and "shift_t" in names
+    assert ("scale_c" in names) == adapter.separates_conditioning and "scale_t" in names
+    assert ("shift_t" in names) == (adapter.modulated_norm == "layer")
+    assert config.get("norm", "layer") == adapter.modulated_norm
 
 
 def _cli(*args):

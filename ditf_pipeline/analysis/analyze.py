@@ -150,7 +150,7 @@ def analyze_key(
     if not rows:
         raise DitfError(f"{arrays.path} has no complete image yet: run `ditf extract` first")
     dim = arrays.hidden_size
-    has_adaln = {"shift", "scale"} <= set(arrays.modulation_names)
+    has_adaln = "scale" in arrays.modulation_names
     has_gate = "gate" in arrays.modulation_names
     stages = STAGES if has_adaln else STAGES[:1]  # models without AdaLN (DINOv2, UNets): raw only
     acc = {stage: _Accumulator(dim, seed=i) for i, stage in enumerate(stages)}
