@@ -354,3 +354,43 @@ def test_models_lists_families_with_hub_ids_licences_and_twins():
     for name in NAMES:
         assert get_spec(REAL[name]).hub_id in result.output
     assert "not tuned on real weights" in result.output and "licence:" in result.output
+
+
+#: scale-only RMSNorm twins -> the module whose input is the block's modulated MLP-side norm output
+MLP_INPUT = {"tiny-lumina2": lambda transformer, k: transformer.layers[k].feed_forward}
+
+
+@pytest.mark.parametrize("name", list(MLP_INPUT))
+def test_rms_variant_equals_the_blocks_own_norm_output(name):
+    """`adaln` of a stored rms key (z, scale, norm_weight) is exactly what the block feeds its MLP:
+    diffusers' ``ffn_norm1(z) * (1 + scale)``, read on the image tokens of diffusers' forward."""
+    from ditf_pipeline.match.features import compute_feature
+    from ditf_pipeline.match.paper import paper_feature
+
+    adapter = load_adapter(name, device="cpu")
+    noisy, prompt = _inputs(adapter)
+    k = adapter.spec.default_k
+    block = adapter.forward_intermediates(noisy, prompt, TIMESTEP, [k])[k]
+    assert block.modulation.shift is None and block.modulation.norm_weight is not None
+    seen: dict = {}
+    handles = CASES[name][0](adapter.transformer, k, _hw(adapter), seen)
+    n_image = 3 * 4
+
+    def on_mlp(m, args):
+        start = seen["caption"]
+        seen["mlp_in"] = args[0][:, start:start + n_image].reshape(BATCH, 3, 4, -1)
+
+    handles.append(MLP_INPUT[name](adapter.transformer, k).register_forward_pre_hook(on_mlp))
+    try:
+        with torch.no_grad():
+            adapter.transformer(**adapter._inputs(noisy, prompt, TIMESTEP))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i in range(BATCH):
+        vectors = {name: value[i] for name, value in block.modulation.vectors().items()}
+        ours = compute_feature("adaln", block.pre_adaln[i], vectors)
+        torch.testing.assert_close(ours, seen["mlp_in"][i].float(), rtol=1e-5, atol=1e-6)
+        # the authors' bf16 arithmetic on the same key: the same norm, rounded
+        paper = paper_feature("adaln", block.pre_adaln[i], {n: v.numpy() for n, v in vectors.items()})
+        torch.testing.assert_close(paper.float(), ours, rtol=0.05, atol=0.05)
