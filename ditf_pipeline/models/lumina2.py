@@ -53,6 +53,16 @@ def check_rms_eps(name: str, config: dict) -> None:
         raise DitfError(f"{name}: the transformer's norm_eps is {eps}; ditf's RMSNorm variants assume {RMS_EPS}")
 
 
+def jitter_norm_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Draw every RMSNorm weight from U(0.5, 1.5) (seeded by the caller): initialised to ones they
+    would make the stored `norm_weight` a no-op the toy twin could not tell apart from its absence."""
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "RMSNorm" and getattr(module, "weight", None) is not None:
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
 class Lumina2Adapter(RectifiedFlowNoise, DiffusersAdapter):
     pipeline_cls = Lumina2Pipeline
     text_components = ("text_encoder", "tokenizer")
@@ -64,7 +74,7 @@ class Lumina2Adapter(RectifiedFlowNoise, DiffusersAdapter):
     def build_tiny_components(self) -> dict:
         config = self.spec.options["tiny_config"]
         return {
-            "transformer": Lumina2Transformer2DModel(**config),
+            "transformer": jitter_norm_weights(Lumina2Transformer2DModel(**config)),
             "vae": tiny_vae(config["in_channels"], scaling_factor=0.3611, shift_factor=0.1159),
             "text_encoder": tiny_gemma2(config["cap_feat_dim"]),
             "tokenizer": tiny_gemma_tokenizer(),
