@@ -132,10 +132,10 @@ def _lumina2_hooks(transformer, k: int, hw, seen: dict) -> list:
     n_image = hw[0] * hw[1]
 
     def on_refined(m, args, kwargs, out):
-        seen["caption"] = int(args[1].sum(dim=1)[0]) if args[1] is not None else args[0].shape[1]
+        seen["start"] = int(args[1].sum(dim=1)[0]) if args[1] is not None else args[0].shape[1]
 
     def on_ffn_norm(m, args):
-        start = seen["caption"]
+        start = seen["start"]
         seen["z"] = _grid(args[0][:, start:start + n_image], hw)
         seen["norm_weight"] = m.weight.float().expand(args[0].shape[0], -1)
 
@@ -144,6 +144,24 @@ def _lumina2_hooks(transformer, k: int, hw, seen: dict) -> list:
         block.ffn_norm1.register_forward_pre_hook(on_ffn_norm),
         block.norm1.register_forward_hook(lambda m, a, o: seen.update(scale=o[2].float(), gate=o[3].float())),
     ]
+
+
+def _z_image_hooks(transformer, k: int, hw, seen: dict) -> list:
+    """Z-Image: z = input of layers[k].ffn_norm1 on the image tokens (first in [image; caption]);
+    scale, gate = items 2, 3 of layers[k].adaLN_modulation's output (one vector for every token
+    outside omni mode); norm_weight = layers[k].ffn_norm1.weight; no shift."""
+    block = transformer.layers[k]
+    n_image = hw[0] * hw[1]
+
+    def on_ffn_norm(m, args):
+        seen["z"] = _grid(args[0][:, :n_image], hw)
+        seen["norm_weight"] = m.weight.float().expand(args[0].shape[0], -1)
+
+    def on_modulation(m, args, out):
+        chunks = out.float().chunk(4, dim=-1)
+        seen.update(scale=chunks[2], gate=chunks[3])
+
+    return [block.ffn_norm1.register_forward_pre_hook(on_ffn_norm), block.adaLN_modulation.register_forward_hook(on_modulation)]
 
 
 #: tiny twin -> (hooks on the named modules, block list attributes in block order)
@@ -155,10 +173,12 @@ CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "tiny-qwen-image": (_qwen_image_hooks, ("transformer_blocks",)),
     "tiny-flux2": (_flux2_hooks, ("transformer_blocks", "single_transformer_blocks")),
     "tiny-lumina2": (_lumina2_hooks, ("layers",)),
+    "tiny-z-image": (_z_image_hooks, ("layers",)),
 }
 #: tiny twin -> the real model it stands for
 REAL = {"tiny-sd3.5-medium": "sd3.5-medium", "tiny-pixart-sigma": "pixart-sigma", "tiny-sana": "sana", "tiny-chroma": "chroma",
-        "tiny-qwen-image": "qwen-image", "tiny-flux2": "flux2-dev", "tiny-lumina2": "lumina2"}
+        "tiny-qwen-image": "qwen-image", "tiny-flux2": "flux2-dev", "tiny-lumina2": "lumina2",
+        "tiny-z-image": "z-image-turbo"}
 NAMES = list(CASES)
 
 
@@ -212,7 +232,7 @@ def test_capture_equals_diffusers_forward_hooks(case):
         torch.testing.assert_close(ours.pre_adaln.float(), seen["z"].float(), rtol=1e-6, atol=0)
         vectors = ours.modulation.vectors()
         # what the family's norm applies, and nothing else (an absent shift is absent, not zeros)
-        assert set(vectors) == set(seen) - {"z", "caption"}
+        assert set(vectors) == set(seen) - {"z", "start"}
         for part, got in vectors.items():
             assert got.shape == (BATCH, adapter.architecture.width) and got.dtype == torch.float32
             torch.testing.assert_close(got, seen[part], rtol=1e-6, atol=0, msg=f"{name} k={k} {part}")
@@ -357,7 +377,8 @@ def test_models_lists_families_with_hub_ids_licences_and_twins():
 
 
 #: scale-only RMSNorm twins -> the module whose input is the block's modulated MLP-side norm output
-MLP_INPUT = {"tiny-lumina2": lambda transformer, k: transformer.layers[k].feed_forward}
+MLP_INPUT = {"tiny-lumina2": lambda transformer, k: transformer.layers[k].feed_forward,
+             "tiny-z-image": lambda transformer, k: transformer.layers[k].feed_forward}
 
 
 @pytest.mark.parametrize("name", list(MLP_INPUT))
@@ -377,7 +398,7 @@ def test_rms_variant_equals_the_blocks_own_norm_output(name):
     n_image = 3 * 4
 
     def on_mlp(m, args):
-        start = seen["caption"]
+        start = seen.get("start", 0)
         seen["mlp_in"] = args[0][:, start:start + n_image].reshape(BATCH, 3, 4, -1)
 
     handles.append(MLP_INPUT[name](adapter.transformer, k).register_forward_pre_hook(on_mlp))
