@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from ditf_cli.main import app
 from ditf_pipeline.core.errors import DitfError
-from ditf_pipeline.extract.extractor import modulation_names
+from ditf_pipeline.extract.extractor import adaln_names, modulation_names
 from ditf_pipeline.models import get_spec, load_adapter
 from ditf_pipeline.models._diffusers import NeverRun
 from ditf_pipeline.models.base import DiTAdapter
@@ -336,6 +336,8 @@ def test_store_key_records_the_architecture(case):
     assert ("scale_c" in names) == adapter.separates_conditioning and "scale_t" in names
     assert ("shift_t" in names) == (adapter.modulated_norm == "layer")
     assert config.get("norm", "layer") == adapter.modulated_norm
+    # a scale-only RMSNorm key stores the norm's weight and no shift at all (absent, never zeros)
+    assert ("shift" in adaln_names(adapter)) == ("norm_weight" not in adaln_names(adapter)) == ("norm" not in config)
 
 
 def _cli(*args):
@@ -415,3 +417,11 @@ def test_rms_variant_equals_the_blocks_own_norm_output(name):
         # the authors' bf16 arithmetic on the same key: the same norm, rounded
         paper = paper_feature("adaln", block.pre_adaln[i], {n: v.numpy() for n, v in vectors.items()})
         torch.testing.assert_close(paper.float(), ours, rtol=0.05, atol=0.05)
+
+
+def test_rms_keys_support_every_adaln_variant_their_vectors_allow():
+    from ditf_pipeline.validate import supported_variants
+
+    rms = adaln_names(load_adapter("tiny-lumina2", device="cpu")) + ["scale_t", "gate_t"]
+    assert "shift" not in rms
+    assert supported_variants(rms) == ["raw", "adaln", "adaln+cd", "adaln+cd-post", "adaln-t"]
