@@ -156,7 +156,7 @@ def test_an_oversized_body_is_refused_with_413(client):
 
 def test_a_huge_image_is_refused_from_its_header_before_any_decoding(client, monkeypatch):
     decoded = []
-    monkeypatch.setattr("ditf_pipeline.extract.images.load_rgb", lambda *a, **k: decoded.append(a) or 1 / 0)
+    monkeypatch.setattr("ditf_pipeline.core.images.load_rgb", lambda *a, **k: decoded.append(a) or 1 / 0)
     bomb = base64.b64encode(_png(9400, 9400)).decode()
     response = client.post("/api/upload", json={"model": MODEL, "source": bomb, "target": bomb})
     assert response.status_code == 400, response.text
@@ -359,7 +359,7 @@ def test_redact_cuts_absolute_paths_and_keeps_urls():
 
 
 @pytest.mark.slow  # starts a moto S3 server
-def test_an_object_store_url_is_opened_and_named_as_given(demo, served, s3):
+def test_an_object_store_url_is_opened_and_named_as_given(demo, served, s3):  # noqa: F811 - the fixture imported above
     url = s3
     missing = CliRunner().invoke(cli_app, ["view", "--store", f"{url}/absent.zarr", "--port", "0"])
     assert missing.exit_code == 1 and f"{url}/absent.zarr" in missing.output and "s3:/d" not in missing.output

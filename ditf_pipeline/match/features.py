@@ -16,13 +16,13 @@ Variants (stable names, written into every result):
 * ``adaln-t``        AdaLN with (shift_t, scale_t), regressed from the timestep only
 * ``adaln-c``        AdaLN with (shift_c, scale_c), regressed from the condition only
 
-LayerNorm is affine-free with eps 1e-6, as in every DiT block (`layer_norm` below; the adapters
-import it from here, so the match stage never depends on the model package).
+LayerNorm is affine-free with eps 1e-6, as in every DiT block (`ditf_pipeline.adaln.layer_norm`, which
+the model adapters share with this module, so the match stage never depends on the model package).
 
 Scale-only RMSNorm families (Lumina-Image 2.0, Z-Image; key config ``"norm": "rms"``) store no
 shift but the norm's learned weight as the vector ``norm_weight``; for their keys every AdaLN
-variant applies ``rmsnorm(z) * norm_weight * (1 + scale)`` (eps `RMS_EPS`) in place of
-``(1 + scale) * LayerNorm(z) + shift``: the stored vectors say which norm applies.
+variant applies ``rmsnorm(z) * norm_weight * (1 + scale)`` (`ditf_pipeline.adaln.rms_norm`) in
+place of ``(1 + scale) * LayerNorm(z) + shift``: the stored vectors say which norm applies.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 
+from ..adaln import layer_norm, rms_norm
 from ..core.errors import DitfError
 
 #: Modulation vectors as they come out of the store: name -> (D,) array or tensor.
@@ -40,27 +41,6 @@ ModulationVectors = Mapping[str, "np.ndarray | torch.Tensor"]
 
 #: The paper's massive-activation criterion: mean |z| over tokens above 100x the median.
 MASSIVE_RATIO = 100.0
-
-
-#: the eps of the scale-only RMSNorm families' MLP-side norm (their adapters refuse checkpoints with another)
-RMS_EPS = 1e-5
-
-
-def rms_norm(z: torch.Tensor, weight: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
-    """diffusers' `RMSNorm` with a learned weight, float32: z * rsqrt(mean(z^2) + eps) * weight."""
-    z = z.to(torch.float32)
-    return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-def layer_norm(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The affine-free LayerNorm every DiT block applies before its AdaLN modulation."""
-    return torch.nn.functional.layer_norm(z, z.shape[-1:], eps=eps)
-
-
-def modulate(z: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(1 + scale) * LayerNorm(z) + shift for z (B, ..., D) and per-sample vectors (B, D)."""
-    view = (shift.shape[0],) + (1,) * (z.ndim - 2) + (shift.shape[-1],)
-    return layer_norm(z, eps) * (1 + scale.reshape(view)) + shift.reshape(view)
 
 
 def _vector(modulation: ModulationVectors, name: str, dim: int) -> torch.Tensor:

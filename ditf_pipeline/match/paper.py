@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import DitfError
-from .features import RMS_EPS, check_variant_applies, variant_names
+from ..adaln import RMS_EPS
+from .features import check_variant_applies, variant_names
 
 #: variant -> (shift name, scale name, where channels are zeroed: "pre" LayerNorm, "post", None)
 _PAPER_VARIANTS: dict[str, tuple[str | None, str | None, str | None]] = {

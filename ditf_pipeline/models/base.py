@@ -29,10 +29,6 @@ from typing import Literal
 
 import torch
 
-# The affine-free LayerNorm and the AdaLN modulation live with the feature variants (the match
-# stage must not depend on the model package); re-exported here for the adapters and their tests.
-from ..match.features import layer_norm, modulate  # noqa: F401
-
 Conditioning = Literal["tc", "t", "c"]
 #: Prompt conditioning as the family's DiT consumes it, e.g. {"prompt_embeds": [L, C],
 #: "pooled_prompt_embeds": [C']}: tensors without batch dimension (cacheable in the store).
@@ -312,7 +308,7 @@ class DiTAdapter(ABC):
         `images.model_size`), resampled with `resample` (`images.RESAMPLERS`), then
         `normalise_pixels`.
         """
-        from ..extract.images import preprocess
+        from ..core.images import preprocess
 
         return self.normalise_pixels(
             preprocess(img, img_size, multiple=self.patch_stride, side=side, resample=resample)
@@ -320,7 +316,7 @@ class DiTAdapter(ABC):
 
     def grid_size(self, width: int, height: int, img_size: int, side: str = "long") -> tuple[int, int]:
         """(rows, cols) of the token grid `prepare_image` leads to for an image of this size."""
-        from ..extract.images import model_size
+        from ..core.images import model_size
 
         new_w, new_h = model_size(width, height, img_size, self.patch_stride, side)
         return new_h // self.patch_stride, new_w // self.patch_stride

@@ -36,7 +36,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2T
 from diffusers import AutoencoderKL
 
 from ..core.errors import DitfError
-from ..match.features import RMS_EPS
+from ..adaln import RMS_EPS
 from . import register
 from ._diffusers import DiffusersAdapter, RectifiedFlowNoise
 from ._tiny_text import tiny_gemma2, tiny_gemma_tokenizer

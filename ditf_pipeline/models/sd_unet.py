@@ -106,7 +106,7 @@ class SDUNetAdapter(DiffusersAdapter):
 
     def prepare_image(self, img, img_size: int, side: str = "long", resample: str = "pil-bicubic") -> np.ndarray:
         """DIFT: resize to a square img_size x img_size (aspect not kept), pixels to [-1, 1]."""
-        from ..extract.images import resize_pixels, to_rgb
+        from ..core.images import resize_pixels, to_rgb
 
         if side != "long":
             raise DitfError(f"{self.spec.name} resizes to a square as DIFT does: --resize {side} does not apply")

@@ -1,6 +1,6 @@
 """What each node of the store holds: codecs, chunking, dtypes, and how a new node is built.
 
-The schema of the current version (`ditf_pipeline.SCHEMA_VERSION`, documented in
+The schema of the current version (`ditf_pipeline.core.version.SCHEMA_VERSION`, documented in
 stores/README.md) written down once: every new image index, feature key, predictions group and
 prompt entry is created by a function of this module, so the codecs and chunk shapes of a node
 are decided in one place. Older schemas are read by `legacy`.
@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from .. import SCHEMA_VERSION
+from ..core.version import SCHEMA_VERSION
 
 __all__ = ["COMPRESSED", "FEATURE_DTYPES", "INDEX_CHUNK", "MODULATION_DTYPE", "PLAIN", "ROWS_PER_SHARD", "SCHEMA_VERSION",
            "WRITE_CONFIG", "config_differences", "create_feature_arrays", "create_index_arrays", "create_prediction_arrays",

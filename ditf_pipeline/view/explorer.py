@@ -497,7 +497,7 @@ class Explorer:
             return self._pngs[cache_key]
 
     def pca_png(self, key: KeyRef, pair_id: str) -> bytes:
-        from ..extract.images import load_rgb
+        from ..core.images import load_rgb
 
         with self._lock:
             pair = self._pair(key, pair_id)
@@ -515,7 +515,7 @@ class Explorer:
     # ---- uploads ------------------------------------------------------------------------------
     def upload(self, model: str, k: int | None, t: int | None, source: bytes, target: bytes) -> dict:
         """Cache two images of the user's, extract their features (tiny models on CPU), open them as a pair."""
-        from ..extract.images import image_size
+        from ..core.images import image_size
 
         if self.uploads is None:
             raise DitfError("uploads are off (start `ditf view` with an uploads folder)")

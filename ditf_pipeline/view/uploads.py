@@ -91,7 +91,7 @@ class Uploads:
         """Decode (EXIF orientation applied, bombs and corrupt files refused), store as PNG; its id."""
         from PIL import Image
 
-        from ..extract.images import load_rgb
+        from ..core.images import load_rgb
 
         if not data:
             raise DitfError("the uploaded image is empty")
