@@ -203,7 +203,7 @@ def stage_features(arrays, row: int, channels: Sequence[int], stages: Sequence[s
     from ..match.features import compute_feature
 
     z, modulation = arrays.read_image(row)
-    if not {"shift", "scale"} <= set(modulation):
+    if "scale" not in modulation:  # no AdaLN (a scale-only RMSNorm key has scale and no shift)
         stages = [s for s in stages if s == "raw"]
     return {stage: compute_feature(stage, z, modulation, channels).numpy() for stage in stages}
 
