@@ -301,17 +301,26 @@ def _conditioning_variants(
         except DitfError:
             continue  # e.g. PixArt: AdaLN sees t only, no c-only variant
         for k, mod in mods.items():
-            for name in ("shift", "scale", "gate"):
-                out[k][f"{name}_{conditioning}"] = getattr(mod, name).float()
+            for name, value in mod.vectors().items():
+                if name != "norm_weight":  # the norm's weight is the same whatever the conditioning
+                    out[k][f"{name}_{conditioning}"] = value.float()
     return out
 
 
+def adaln_names(adapter: DiTAdapter) -> list[str]:
+    """The vectors each block's modulation stores: shift, scale, gate after a LayerNorm; scale,
+    gate and the norm's learned weight after a scale-only RMSNorm (no shift is stored at all)."""
+    return ["shift", "scale", "gate"] if adapter.modulated_norm == "layer" else ["scale", "gate", "norm_weight"]
+
+
 def modulation_names(adapter: DiTAdapter) -> list[str]:
+    """The conditioning-ablation vectors stored besides `adaln_names`."""
     if not adapter.has_adaln:
         return []
-    names = ["shift_t", "scale_t", "gate_t"]
+    base = [name for name in adaln_names(adapter) if name != "norm_weight"]
+    names = [f"{name}_t" for name in base]
     if adapter.separates_conditioning:
-        names += ["shift_c", "scale_c", "gate_c"]
+        names += [f"{name}_c" for name in base]
     return names
 
 
@@ -419,8 +428,7 @@ class Extractor:
             for k, block in adapter.forward_intermediates(noisy, prompts[0] if n == 1 else prompts, timestep, ks).items():
                 parts = {"pre_adaln": block.pre_adaln}
                 if block.modulation is not None:  # None: a model without AdaLN
-                    for name in ("shift", "scale", "gate"):
-                        parts[name] = getattr(block.modulation, name)
+                    parts.update(block.modulation.vectors())
                 into = sums.setdefault(k, {})
                 for name, value in parts.items():
                     value = value.float().reshape(n, len(members), *value.shape[1:])
@@ -516,6 +524,7 @@ class Extractor:
                             provenance=provenance(adapter, settings),
                             n_images=n_rows, grid_max=(rows_max, cols_max), hidden_size=channels,
                             modulation_names=modulation_names(adapter), adaln=adapter.has_adaln,
+                            adaln_names=adaln_names(adapter),
                         )
 
                     if shard.whole:

@@ -200,7 +200,7 @@ class DiffusersAdapter(DiTAdapter):
             raise DitfError(f"the transformer config of {self.source} lacks {', '.join(missing)}")
         width = self.width_of(config)
         return Architecture(width, tuple((kind, int(config[entry])) for _, entry, kind in self.block_lists),
-                            cls=self.dit_classes()["transformer"].__name__)
+                            cls=self.dit_classes()["transformer"].__name__, norm=self.modulated_norm)
 
     @staticmethod
     def width_of(config: dict) -> int:

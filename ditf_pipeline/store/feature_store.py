@@ -380,13 +380,15 @@ class FeatureStore:
         hidden_size: int | None = None,
         modulation_names: Iterable[str] = (),
         adaln: bool = True,
+        adaln_names: Sequence[str] = ("shift", "scale", "gate"),
     ) -> FeatureArrays:
         """Open (or, with `config`, create/validate) the arrays of one (dataset, model, k, t).
 
         Writing into an existing key with a different `config` is refused, naming the settings
         that differ: silently mixing two configurations in one key would corrupt every score.
         With `adaln=False` (models without AdaLN: DINOv2, the SD UNet) no shift/scale/gate arrays
-        are created, only `modulation_names` (normally none). A new key (arrays and attributes)
+        are created, only `modulation_names` (normally none). `adaln_names` are the block's own
+        vectors: scale-only RMSNorm families store scale, gate and norm_weight (no shift). A new key (arrays and attributes)
         is built in staging and published: it appears whole or not at all.
 
         Raises
@@ -419,7 +421,7 @@ class FeatureStore:
             legacy.clear_half_setup(self, group, path)
             group = None
         if group is None:
-            names = (["shift", "scale", "gate"] if adaln else []) + [*modulation_names]
+            names = ([*adaln_names] if adaln else []) + [*modulation_names]
             attrs = {"config": config, "provenance": jsonable(provenance or {}), "modulation": names}
             with self.staged(attrs) as (staged, new):
                 create_feature_arrays(new, n_images=n_images, grid_max=grid_max, hidden_size=hidden_size,
