@@ -273,6 +273,21 @@ class DiTAdapter(ABC):
         """A short label for the block type ("double", "single", "joint", ...)."""
         return self.architecture.kind(block_index)
 
+    def refuse_conditioning_c(self, conditioning: str, why: str) -> None:
+        """Refuse c-only conditioning for a family whose modulation never sees the text.
+
+        `why` completes "undefined for the F family, ..." (e.g. "whose AdaLN is conditioned on the
+        timestep only"): the one-line error names the family and the reason, and any other unknown
+        conditioning is refused too.
+        """
+        from ..core.errors import DitfError
+
+        if conditioning == "c":
+            raise DitfError(f"{self.spec.name}: conditioning 'c' is undefined for the {self.spec.family} family, "
+                            f"{why}; use 't' or 'tc'")
+        if conditioning not in ("t", "tc"):
+            raise DitfError(f"unknown conditioning {conditioning!r}; choose one of tc, t, c")
+
     def check_indices(self, indices: Sequence[int]) -> list[int]:
         from ..core.errors import DitfError
 

@@ -151,13 +151,7 @@ class ZImageAdapter(RectifiedFlowNoise, DiffusersAdapter):
     ) -> dict[int, Modulation]:
         """As the base class; `prompt` is unused (the modulation sees the timestep only)."""
         indices = self.check_indices(indices)
-        if conditioning == "c":
-            raise DitfError(
-                f"{self.spec.name}: conditioning 'c' is undefined for the z-image family, whose modulation is "
-                "regressed from the timestep only (the caption enters through joint attention); use 't' or 'tc'"
-            )
-        if conditioning not in ("t", "tc"):
-            raise DitfError(f"unknown conditioning {conditioning!r}; choose one of tc, t, c")
+        self.refuse_conditioning_c(conditioning, 'whose modulation is regressed from the timestep only (the caption enters through joint attention)')
         transformer = self.transformer
         t = torch.full((1,), 1.0 - timestep / 1000.0, device=self.device)
         with torch.no_grad():
