@@ -57,7 +57,11 @@ DataRootOpt = Annotated[Path, typer.Option("--data-root", help="Dataset root fol
 SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Dataset split (SPair: test, val, trn; default test).")]
 _URL_HELP = "a path, or a URL (s3://bucket/prefix, gs://, az://, file://; credentials from the usual environment)"
 StoreOpt = Annotated[str, typer.Option("--store", "-s", help=f"Zarr feature store (created if missing): {_URL_HELP}.")]
-ReadStoreOpt = Annotated[str, typer.Option("--store", "-s", help=f"Zarr feature store to read (it must exist): {_URL_HELP}.")]
+ReadStoreOpt = Annotated[str, typer.Option("--store", "-s", help=f"Zarr feature store to read (it must exist): {_URL_HELP}; "
+                                           "or a published store: https://host/ditf.zarr, hf://datasets/ORG/NAME/ditf.zarr[@REV].")]
+PredictionsStoreOpt = Annotated[Optional[str], typer.Option(
+    "--predictions-store", help="Local store for the predictions (features still read from --store): "
+                                "matching a published, read-only --store.")]
 KOpt = Annotated[Optional[list[int]], typer.Option("--k", help="Block index k; repeat for several (default: the model's; reading commands: the model's key if stored, else the only one).")]
 TOpt = Annotated[Optional[list[int]], typer.Option("--t", help="Timestep t in 0..999; repeat for several (default: as for --k).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress on stderr (a bar on a terminal; periodic lines with rate and ETA in a log).")]

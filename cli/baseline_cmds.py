@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from .app import (
-    DEFAULT_STORE, AlphaOpt, ChannelsOpt, DataRootOpt, DatasetOpt, OutOpt, OverwriteOpt, PcaOpt, ProgressOpt,
+    DEFAULT_STORE, AlphaOpt, ChannelsOpt, DataRootOpt, DatasetOpt, OutOpt, OverwriteOpt, PcaOpt, PredictionsStoreOpt,
+    ProgressOpt,
     ProtocolOpt, QuietOpt, ReadStoreOpt, SoftWindowOpt, SplitOpt, TableFormatOpt, app, emit, quiet_note, user_errors,
 )
 
@@ -43,11 +44,13 @@ def compare(
     overwrite: OverwriteOpt = False,
     progress: ProgressOpt = True,
     quiet: QuietOpt = False,
+    predictions_store: PredictionsStoreOpt = None,
 ) -> None:
     """Baselines (DIFT on SD2.1, DINOv2+NN), DiTF and DiTF + DINOv2 in one table, from the cache.
 
     Every row's features must be extracted into the same store first (`ditf extract --model
-    dinov2-b14`, `--model sd2.1`, `--model flux`, ...); predictions are computed once and reused.
+    dinov2-b14`, `--model sd2.1`, `--model flux`, ...); predictions are computed once and reused
+    (on a published, read-only store: into --predictions-store).
     """
     from ditf_pipeline.pipeline import run_compare
     from ditf_pipeline.pipeline.compare import paper_note
@@ -56,7 +59,7 @@ def compare(
     compared = run_compare(rows=row, dataset=dataset, data_root=data_root, split=split, store=store, protocol=protocol,
                            channels=channels, soft_window=soft_window, pca_dim=pca_dim, aggregation=aggregation,
                            alphas=alpha, out=out, overwrite=overwrite, progress=progress and not quiet,
-                           on_note=quiet_note(quiet))
+                           on_note=quiet_note(quiet), predictions_store=predictions_store)
     text = render_comparison(compared.results, fmt, aggregation=aggregation)
     if fmt == "table" and compared.dataset == "spair":
         text += paper_note(compared.rows)

@@ -14,7 +14,7 @@ import typer
 from .app import (
     DEFAULT_STORE, AggregationOpt, AlphaOpt, BatchImagesOpt, BatchSizeOpt, ChannelsOpt, CompileOpt, DataRootOpt,
     DatasetOpt, DeviceOpt, DtypeOpt, EnsembleOpt, FuseOpt, ImgSizeOpt, JobsOpt, KOpt, MatchDeviceOpt, ModelOpt, OffloadOpt, OutOpt,
-    OverwriteOpt, PcaOpt, PrecisionOpt, ProgressOpt, PromptOpt, ProtocolOpt, QuietOpt, ReadStoreOpt, ResampleOpt,
+    OverwriteOpt, PcaOpt, PrecisionOpt, PredictionsStoreOpt, ProgressOpt, PromptOpt, ProtocolOpt, QuietOpt, ReadStoreOpt, ResampleOpt,
     ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, ShardOpt, SoftWindowOpt, SplitOpt, StoreOpt, TableFormatOpt,
     TextDeviceOpt, TOpt, VariantOpt, WeightsOpt, WorkersOpt, app, emit, quiet_note, user_errors,
 )
@@ -52,10 +52,12 @@ def match(
     shard: ShardOpt = None,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
+    predictions_store: PredictionsStoreOpt = None,
 ) -> None:
     """Predictions from cached features, written next to them (incremental; the DiT never runs).
 
     k and t default to the model's key when stored, else the only key extracted for (dataset, model).
+    A published (read-only) store needs --predictions-store: a local store the predictions go to.
     """
     from ditf_pipeline.core.settings import MatchSettings
     from ditf_pipeline.pipeline import run_match
@@ -64,7 +66,7 @@ def match(
                              device=device, jobs=jobs, shard=shard)
     run_match(model=model, dataset=dataset, data_root=data_root, split=split, store=store, k=k, t=t, variants=variant,
               settings=settings, overwrite=overwrite, progress=progress and not quiet, workers=workers,
-              scheduler=scheduler, on_report=lambda report: typer.echo(report.line()))
+              scheduler=scheduler, on_report=lambda report: typer.echo(report.line()), predictions_store=predictions_store)
 
 
 @app.command()
@@ -87,6 +89,7 @@ def score(
     out: OutOpt = None,
     per_pair: PerPairOpt = None,
     quiet: QuietOpt = False,
+    predictions_store: PredictionsStoreOpt = None,
 ) -> None:
     """Benchmark metrics from cached predictions: PCK per image / per point / category mean, J&F, or
     homography accuracy, all in percent. No GPU and no torch needed."""
@@ -97,7 +100,7 @@ def score(
         check_rows_path(per_pair)
     scored = run_score(model=model, dataset=dataset, data_root=data_root, split=split, store=store, k=k, t=t,
                        variants=variant, protocol=protocol, soft_window=soft_window, fuse=fuse, pca_dim=pca_dim,
-                       alphas=alpha, out=out, per_pair=per_pair is not None)
+                       alphas=alpha, out=out, per_pair=per_pair is not None, predictions_store=predictions_store)
     text = _render_all(scored.results, fmt)
     if per_pair is not None:
         write_rows(scored.per_pair, per_pair)
@@ -193,8 +196,11 @@ def ablate(
     out: OutOpt = None,
     progress: ProgressOpt = True,
     quiet: QuietOpt = False,
+    predictions_store: PredictionsStoreOpt = None,
 ) -> None:
-    """Table 4 / Table 5 style comparison of feature variants on a pair benchmark, all from the cache."""
+    """Table 4 / Table 5 style comparison of feature variants on a pair benchmark, all from the cache.
+
+    A published (read-only) store needs --predictions-store: a local store the predictions go to."""
     from ditf_pipeline.pipeline import run_ablate
     from ditf_pipeline.pipeline.report import render_comparison
 
@@ -202,5 +208,6 @@ def ablate(
     scored, aggregation = run_ablate(model=model, dataset=dataset, data_root=data_root, split=split, store=store, k=k,
                                      t=t, variants=variant, protocol=protocol, channels=channels, alphas=alpha,
                                      aggregation=aggregation, out=out, progress=progress and not quiet,
-                                     on_report=lambda report: notes(report.line()))
+                                     on_report=lambda report: notes(report.line()),
+                                     predictions_store=predictions_store)
     emit(render_comparison(scored.results, fmt, aggregation=aggregation), out)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-__all__ = ["DEFAULT_STORE", "MatchRun", "ScoreRun", "check_key", "check_pair_arguments", "list_models", "run_ablate", "run_all",
-           "run_extract", "run_match", "run_score", "single_key", "stored_variants"]
+__all__ = ["DEFAULT_STORE", "MatchRun", "ScoreRun", "check_key", "check_pair_arguments", "list_models", "reading_store",
+           "run_ablate", "run_all", "run_extract", "run_match", "run_score", "single_key", "stored_variants", "writing_store"]
 
 if TYPE_CHECKING:
     from ..core.settings import FeatureSettings, LoadSettings, MatchSettings, RunSettings
@@ -189,13 +189,15 @@ def run_match(
     workers: int | None = None,
     scheduler: str | None = None,
     on_report: Callable[[StageReport], None] | None = None,
+    predictions_store: Path | str | None = None,
     **fields,
 ) -> MatchRun:
     """Run the match stage for each of `variants` (default: the model's default variant).
 
     `settings` (a `MatchSettings`) holds the protocol, channels, fuse, device, jobs and shard;
     any of its fields may be passed by name instead (``protocol="geoaware"``). Predictions go
-    next to the features; a rerun resumes. `on_report` hears each variant's report as it
+    next to the features, or into `predictions_store` (a local store: the features' store may
+    be a published, read-only one); a rerun resumes. `on_report` hears each variant's report as it
     finishes (the CLI prints its line). With `workers`/`scheduler` the blocks of pairs go to
     dask workers.
     """
@@ -217,7 +219,7 @@ def run_match(
 
         client = shared_client(workers, scheduler)
     run = MatchRun(data, k_, t_)
-    with FeatureStore(store) as feature_store:  # closed: the last writer consolidates the metadata
+    with writing_store(store, reader, predictions_store) as feature_store:  # closed: the last writer consolidates
         for variant in variants:
             chosen = replace(base, variant=variant)
             report = match(feature_store, data, model, k_, t_, chosen, overwrite=overwrite, progress=progress,
@@ -255,6 +257,7 @@ def run_score(
     settings: Sequence[MatchSettings] | None = None,
     per_pair: bool = False,
     out: Path | None = None,
+    predictions_store: Path | str | None = None,
     **fields,
 ) -> ScoreRun:
     """Metrics of cached predictions (PCK, J&F or homography accuracy), one result per variant.
@@ -262,11 +265,11 @@ def run_score(
     Read-only, no torch. Variants default to `adaln+cd` where AdaLN vectors are stored, else
     `raw`; `settings` (e.g. `MatchRun.settings`) replaces the variant options, otherwise the
     fields of `MatchSettings` given by name (protocol, soft_window, fuse, pca_dim) apply to
-    each variant. `per_pair` also returns one row per pair (keypoint benchmarks).
+    each variant. `per_pair` also returns one row per pair (keypoint benchmarks). Predictions
+    are read from `predictions_store` when given (what `run_match` wrote there).
     """
     from ..core.errors import DitfError
     from ..core.settings import MatchSettings
-    from ..store.feature_store import FeatureStore
     from .stages import score
 
     base = MatchSettings(**fields)
@@ -274,12 +277,12 @@ def run_score(
     data = _dataset(dataset, data_root, split)
     if per_pair and data.task != "pairs":
         raise DitfError(f"--per-pair writes keypoint-pair rows; {data.name} is a {data.task} benchmark")
-    feature_store = FeatureStore(store, read_only=True)
+    feature_store = reading_store(store, predictions_store)
     k_, t_ = check_key(feature_store, data, model, k, t, variants)
     if settings is None:
         if not variants:
             stored = feature_store.open_features(data.name, model, k_, t_).modulation_names
-            variants = ["adaln+cd"] if "shift" in stored else ["raw"]
+            variants = ["adaln+cd"] if "scale" in stored else ["raw"]
         from dataclasses import replace
 
         settings = [replace(base, variant=v) for v in variants]
@@ -308,6 +311,7 @@ def run_ablate(
     out: Path | None = None,
     progress: bool = True,
     on_report: Callable[[StageReport], None] | None = None,
+    predictions_store: Path | str | None = None,
     **fields,
 ) -> tuple[ScoreRun, str]:
     """Table 4 / 5: every variant the store supports (or `variants`) matched and scored on one key.
@@ -330,10 +334,31 @@ def run_ablate(
         reader = FeatureStore(store, read_only=True)
         variants = stored_variants(reader, data, model, *check_key(reader, data, model, k, t))
     matched = run_match(model=model, dataset=data, store=store, k=k, t=t, variants=variants, settings=base,
-                        progress=progress, on_report=on_report)
+                        progress=progress, on_report=on_report, predictions_store=predictions_store)
     scored = run_score(model=model, dataset=data, store=store, k=matched.k, t=matched.t, alphas=alphas,
-                       settings=matched.settings)
+                       settings=matched.settings, predictions_store=predictions_store)
     return scored, aggregation or data.primary_aggregation
+
+
+def writing_store(store: Path | str, reader: FeatureStore, predictions_store: Path | str | None):
+    """The store match writes into: `store` itself, or `reader`'s features paired with `predictions_store`."""
+    from ..store.feature_store import FeatureStore
+    from ..store.paired import PairedStore
+
+    if predictions_store is None:
+        return FeatureStore(store)
+    return PairedStore(reader, FeatureStore(predictions_store))
+
+
+def reading_store(store: Path | str, predictions_store: Path | str | None):
+    """The store score reads: `store`, or its features with the predictions of `predictions_store`."""
+    from ..store.feature_store import FeatureStore
+    from ..store.paired import PairedStore
+
+    reader = FeatureStore(store, read_only=True)
+    if predictions_store is None:
+        return reader
+    return PairedStore(reader, FeatureStore(predictions_store, read_only=True))
 
 
 def run_all(

@@ -73,11 +73,13 @@ def run_compare(
     overwrite: bool = False,
     progress: bool = True,
     on_note: Callable[[str], None] | None = None,
+    predictions_store: Path | str | None = None,
 ) -> CompareRun:
     """Match (once, then from the cache) and score every row; rows default to every model stored.
 
     Each row goes through `run_match` and `run_score`, so its predictions are the ones `ditf
-    match` would write for the same options.
+    match` would write for the same options (into `predictions_store` when the store is a
+    published, read-only one).
     """
     from dataclasses import replace
 
@@ -114,11 +116,11 @@ def run_compare(
             variant = "adaln+cd" if has_adaln else "raw"
         settings = replace(base, variant=variant, fuse=fuse)
         matched = run_match(model=model, dataset=data, store=store, k=k, t=t, variants=[variant], settings=settings,
-                            overwrite=overwrite, progress=progress)
+                            overwrite=overwrite, progress=progress, predictions_store=predictions_store)
         report = matched.reports[0]
         if on_note is not None:
             on_note(f"compare: {model} {settings.label}: {report.done} pair(s) matched, {report.skipped} cached")
         results += run_score(model=model, dataset=data, store=store, k=k, t=t, alphas=alphas,
-                             settings=matched.settings).results
+                             settings=matched.settings, predictions_store=predictions_store).results
         labels.append((model, variant, fuse))
     return CompareRun(results, labels, data.name)

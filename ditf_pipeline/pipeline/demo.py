@@ -87,7 +87,7 @@ def _demo_probe(model: str, data_root: Path, store: Path, out: Path, progress: b
                              img_size=128, ensemble_size=1, dtype="fp32", progress=progress)
         note(report.line())
     k, t = (int(part[1:]) for part in report.keys[0].split("/")[-2:])
-    has_adaln = "shift" in FeatureStore(store, read_only=True).open_features("ade20k", model, k, t).modulation_names
+    has_adaln = "scale" in FeatureStore(store, read_only=True).open_features("ade20k", model, k, t).modulation_names
     settings = ProbeSettings(variant="adaln" if has_adaln else "raw", epochs=4, lr=0.05, batch_size=4, warmup_steps=0,
                              train_label_side=48)
     result = run_probe(model=model, dataset="ade20k", data_root=data_root, stores=[store], k=k, t=t,
