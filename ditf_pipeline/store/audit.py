@@ -34,7 +34,8 @@ class Finding:
 
     problem: str
     repair: str = "no automatic repair"
-    action: Callable[[], None] | None = field(default=None, repr=False)
+    #: the repair; one that returns False could not be done yet (a writer still lives)
+    action: Callable[[], object] | None = field(default=None, repr=False)
     harmless: bool = False  # reported and repaired, but nothing reads it (not counted as a problem)
 
 
@@ -87,18 +88,21 @@ class _Audit:
     def under_damage(self, node: str) -> bool:
         return any(node == d or node.startswith(d + "/") or d.startswith(node + "/") for d in self.damaged)
 
-    # 1. leftovers of interrupted setups (never visible to readers, but they take space)
+    # 1. leftovers of writers (never visible to readers): a dead writer's are litter, not damage,
+    # and a live writer's are its work in progress, so they are notes; a repair removes them only
+    # once no writer lives (`writers.sweep`), as every writer does when it starts alone
     def leftovers(self) -> None:
         fs = self.fs
+        sweep = self.store.sweep_if_alone
         for staged in self.store.layout.staging():
-            self.findings.append(Finding(f"store: unfinished setup left by an interrupted run: {fs.where(staged)}",
-                                         f"removed {fs.where(staged)}", functools.partial(fs.discard, staged)))
+            self.findings.append(Finding(f"store: unfinished setup of a running or interrupted writer: {fs.where(staged)}",
+                                         f"removed {fs.where(staged)}", sweep, harmless=True))
         for sibling, discard in fs.stray_creations():
             self.findings.append(Finding(f"store: unfinished store creation left by an interrupted run: {sibling}",
-                                         f"removed {sibling}", discard))
-        for partial, discard in fs.partial_files():
+                                         f"removed {sibling}", discard, harmless=True))
+        for partial, _ in fs.partial_files():
             self.findings.append(Finding(f"store: leftover of a write interrupted by a crash: {partial}",
-                                         f"removed {partial}", discard, harmless=True))
+                                         f"removed {partial}", sweep, harmless=True))
 
     # 1b. a consolidated copy that no longer matches the nodes (edited by hand, or written by
     # another tool while ditf wrote): readers would trust it

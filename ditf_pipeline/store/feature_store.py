@@ -117,6 +117,7 @@ class FeatureStore:
             self.backend.create_root(root_metadata())
         if not read_only:
             if self.remote:
+                self.backend.sweep_dead_staging()
                 self.drop_consolidated()  # no shared locks on object stores: drop at once
             else:
                 writers.join(self.path, self.drop_consolidated)
@@ -137,6 +138,19 @@ class FeatureStore:
         self.schema_version = version or 1
         if not read_only and self.schema_version < SCHEMA_VERSION:
             self.migrate()
+
+    def sweep_if_alone(self) -> bool:
+        """Remove what dead writers left (staging, temp files) where their death is proved.
+
+        Locally that is when no other process writes the store (`writers.sweep_if_alone`); on an
+        object store, staging folders whose writer is a dead process of this host or that are
+        older than two lease periods (`ObjectBackend.sweep_dead_staging`). False when nothing
+        could be proved.
+        """
+        if self.remote:
+            self.backend.sweep_dead_staging()
+            return not self.layout.staging()
+        return writers.sweep_if_alone(self.path)
 
     def _before_write(self, what: str) -> None:
         """Every write of this (local) writer is announced here first (see `writers.note_write`)."""

@@ -25,13 +25,26 @@ from typing import Any
 from ..core.errors import DitfError
 from . import locks
 
-__all__ = ["LEASE_SECONDS", "ObjectLease"]
+__all__ = ["LEASE_SECONDS", "ObjectLease", "holder_gone"]
 
 #: how long an object-store writer's lease lasts without a heartbeat (seconds)
 LEASE_SECONDS = float(os.environ.get("DITF_LEASE_SECONDS") or 60)
 
 #: runs one fsspec call, turning its failures into one error line (`ObjectBackend.call`)
 Call = Callable[..., Any]
+
+
+def holder_gone(host: object, pid: object) -> bool:
+    """Whether `pid` of `host` is known dead: only a process of this host can be checked."""
+    if host != os.uname().nodename or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
 
 
 class ObjectLease:
@@ -62,16 +75,8 @@ class ObjectLease:
 
     @staticmethod
     def _stale(lease: dict) -> bool:
-        if float(lease.get("expires", 0)) < time.time():
-            return True
-        if lease.get("host") == os.uname().nodename and isinstance(lease.get("pid"), int):
-            try:
-                os.kill(lease["pid"], 0)
-            except ProcessLookupError:
-                return True  # its process died on this host: no need to wait for the expiry
-            except PermissionError:
-                pass
-        return False
+        # a dead process of this host: no need to wait for the expiry
+        return float(lease.get("expires", 0)) < time.time() or holder_gone(lease.get("host"), lease.get("pid"))
 
     def _create(self) -> bool:
         try:

@@ -32,7 +32,7 @@ from ..core.errors import DitfError
 from . import faults, locks
 from .layout import LOCKS, META, STAGING, TRASH
 
-__all__ = ["WRITERS", "close_writers", "consolidate", "join", "leave", "note_write", "sweep"]
+__all__ = ["WRITERS", "close_writers", "consolidate", "join", "leave", "note_write", "sweep", "sweep_if_alone"]
 
 _WRITERS_LOCK = f"{LOCKS}/writers.lock"
 #: how long a new writer waits while the last writer of another process writes the copy
@@ -116,20 +116,18 @@ def _entries(folder: Path) -> list[Path]:
         return []
 
 
-def sweep(path: Path, others_may_live: bool = False) -> list[str]:
+def sweep(path: Path, thorough: bool = False) -> list[str]:
     """Remove what dead writers left in the local store at `path`; what was removed.
 
-    Call it only while holding the writers lock exclusively (no other writer lives), except with
-    `others_may_live`, when only creations beside the store whose creator's lock is free go.
-    Removed: staging folders, the trash, zarr's and ditf's temp files (`*.partial`, searched only
-    when a dead writer's marker says a write may have been cut), the dead writers' markers, and
-    store creations beside the store (`backends.local.stray_roots`, each proved dead by its lock).
+    Call it only while holding the writers lock exclusively (no other writer lives). Removed:
+    staging folders, the trash, zarr's and ditf's temp files (`*.partial`, searched only when a
+    dead writer's marker says a write may have been cut, or when `thorough`), the dead writers'
+    markers, and store creations beside the store (`backends.local.stray_roots`, each proved
+    dead by its own lock).
     """
     from .backends.local import stray_roots  # (the backend imports this module's siblings)
 
     removed = [str(s) for s in stray_roots(path)]
-    if others_may_live:
-        return removed
     for folder in (STAGING, TRASH):
         for entry in _entries(path / folder):
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
@@ -137,7 +135,7 @@ def sweep(path: Path, others_may_live: bool = False) -> list[str]:
     with locks.GUARD:
         ours = {str(w.marker) for w in _writers.values() if w.marker is not None}
     dead = [m for m in _entries(path / WRITERS) if str(m) not in ours]
-    if dead:
+    if dead or thorough:
         for partial in path.rglob("*.partial"):
             partial.unlink(missing_ok=True)
             removed.append(str(partial.relative_to(path)))
@@ -145,6 +143,29 @@ def sweep(path: Path, others_may_live: bool = False) -> list[str]:
             marker.unlink(missing_ok=True)
             removed.append(str(marker.relative_to(path)))
     return removed
+
+
+def sweep_if_alone(path: Path) -> bool:
+    """`sweep` the local store at `path` thoroughly if no other process writes it (False, nothing
+    removed, if one does): what `ditf doctor --repair` runs."""
+    with locks.GUARD:
+        entry = _writers.get(_key(path))
+        if entry is not None:  # we are a writer ourselves: our shared lock turns exclusive if we are alone
+            if not locks.try_exclusive(entry.fd):
+                return False
+            try:
+                sweep(path, thorough=True)
+            finally:
+                locks.share_again(entry.fd)
+            return True
+    fd = locks.open_lock_file(path / _WRITERS_LOCK, path)
+    try:
+        if not locks.try_exclusive(fd):
+            return False
+        sweep(path, thorough=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _consolidated(path: Path) -> bool:

@@ -9,6 +9,8 @@ deletes that zarr.json first. Writers hold leases (`leases.ObjectLease`).
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +21,7 @@ from zarr.storage import FsspecStore
 from ...core.errors import DitfError
 from .. import faults, layout
 from ..failures import reason
-from ..leases import ObjectLease
+from ..leases import LEASE_SECONDS, ObjectLease, holder_gone
 from .base import AnnouncingStore, WriteHook
 from .locations import OBJECT_SCHEMES
 
@@ -126,7 +128,29 @@ class ObjectBackend:
             pass  # another process created the store first
 
     def new_staging(self) -> str:
-        return f"{layout.STAGING}/{uuid.uuid4().hex}"
+        """Named by its writer (host and process), so that another can tell when it died."""
+        return f"{layout.STAGING}/{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex}"
+
+    def _staging_dead(self, name: str) -> bool:
+        """Whether the writer of staging folder `name` is gone: a dead process of this host, or
+        nothing written there for two lease periods (a live writer renews its lease far more often)."""
+        parts = name.rsplit("-", 2)
+        if len(parts) == 3 and parts[1].isdigit() and holder_gone(parts[0], int(parts[1])):
+            return True
+        try:
+            infos = self.call("list", self.fs.find, self.key(f"{layout.STAGING}/{name}"), detail=True).values()
+        except FileNotFoundError:
+            return False
+        stamps = [info.get("LastModified") or info.get("mtime") for info in infos]
+        stamps = [s.timestamp() if hasattr(s, "timestamp") else float(s) for s in stamps if s is not None]
+        return bool(stamps) and time.time() - max(stamps) > 2 * LEASE_SECONDS
+
+    def sweep_dead_staging(self) -> list[str]:
+        """Remove the staging folders of dead writers; those removed."""
+        dead = [name for name in self.list(layout.STAGING) if self._staging_dead(name)]
+        for name in dead:
+            self.discard(f"{layout.STAGING}/{name}")
+        return dead
 
     def discard(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError, DitfError):
