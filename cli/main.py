@@ -10,7 +10,7 @@ import sys
 from . import analysis_cmds, baseline_cmds, doctor_cmds, extract_cmds, pairs_cmds, probe_cmds  # noqa: F401  (each registers its commands)
 from . import demo_cmds, export_cmds  # noqa: F401
 from . import view_cmds  # noqa: F401,E402  (`ditf view`; FastAPI is imported only when it runs)
-from .app import app
+from .app import app, handle_sigterm
 
 
 def main() -> None:
@@ -18,6 +18,7 @@ def main() -> None:
     from ditf_pipeline.store.feature_store import close_writers
 
     limit_malloc_arenas()  # this process's memory: two glibc arenas (see `pool.MALLOC_ARENAS`)
+    handle_sigterm()
     try:
         app()
     finally:
