@@ -13,7 +13,7 @@ from .app import DEFAULT_STORE, SplitOpt, app, user_errors
 @app.command()
 @user_errors
 def view(
-    store: Annotated[Path, typer.Option("--store", "-s", help="Feature store to explore (opened read-only).")] = DEFAULT_STORE,
+    store: Annotated[str, typer.Option("--store", "-s", help="Feature store to explore (opened read-only): a path or a URL.")] = DEFAULT_STORE,
     data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Dataset root (pairs, keypoints and images); without it only key figures are shown.")] = None,
     split: SplitOpt = None,
     host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = "127.0.0.1",
@@ -32,9 +32,10 @@ def view(
         from ditf_pipeline.view.app import serve
     except ImportError as exc:
         raise DitfError(f"`ditf view` needs the optional extra: pip install 'ditf[view]' ({exc.name} is missing)") from None
+    from ditf_pipeline.store.feature_store import local_beside
     from ditf_pipeline.view.explorer import Explorer
 
-    folder = None if no_uploads else (uploads or store.with_name(store.name + ".uploads"))
+    folder = None if no_uploads else (uploads or local_beside(store, ".uploads", replace_suffix=False))
     explorer = Explorer(store, data_root, split, folder)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"view: WARNING: serving on {host}: anyone who can reach this port can read the store's data", err=True)

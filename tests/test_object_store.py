@@ -107,6 +107,34 @@ def test_an_unknown_bucket_and_a_missing_store_are_one_line_errors(s3):
     assert not _fs().exists(f"{BUCKET}/absent.zarr")  # nothing was created by the failed opens
 
 
+@pytest.mark.slow
+def test_an_unreachable_endpoint_is_named_as_such(monkeypatch):
+    """Not "the bucket does not exist": nothing answers at the configured endpoint."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    for key, value in dict(AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1").items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(app, ["doctor", "--store", "s3://bucket/x.zarr"])
+    assert result.exit_code == 1, result.output
+    assert f"cannot reach the object store at http://127.0.0.1:{port}" in result.output, result.output
+    assert "does not exist" not in result.output
+    from ditf_pipeline.store.feature_store import FeatureStore
+
+    with pytest.raises(DitfError, match=f"cannot reach the object store at http://127.0.0.1:{port}"):
+        FeatureStore("s3://bucket/x.zarr")  # what extract and match open
+
+
+def test_view_prints_an_object_store_url_as_given(s3, tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    result = CliRunner().invoke(app, ["view", "--store", f"{s3}/absent.zarr", "--no-uploads"])
+    assert result.exit_code == 1 and f"store {s3}/absent.zarr does not exist" in result.output, result.output
+    monkeypatch.chdir(tmp_path)  # `--store .`: an empty folder, not a store; one line, no traceback
+    result = CliRunner().invoke(app, ["view", "--store", "."])
+    assert result.exit_code == 1 and result.output.startswith("error: "), (result.output, result.exception)
+
+
 # ---- leases ---------------------------------------------------------------------------------------
 HOLDER = textwrap.dedent("""
     import sys

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..datasets.base import Pair
 from ..core.errors import DitfError
-from ..store.feature_store import FeatureStore, prediction_scope
+from ..store.feature_store import FeatureStore, prediction_scope, store_folder_exists
 from . import queries
 from .uploads import UPLOAD_DATASET, Uploads
 
@@ -62,8 +62,7 @@ class Explorer:
 
     def __init__(self, store: Path | str, data_root: Path | str | None = None, split: str | None = None,
                  uploads: Path | str | None = None) -> None:
-        store = Path(store)
-        if not store.exists():
+        if not store_folder_exists(store):  # (a URL stays a URL: never through Path)
             raise DitfError(f"store {store} does not exist: run `ditf extract` first")
         self.store = FeatureStore(store, read_only=True)
         self.data_root = Path(data_root).resolve() if data_root is not None else None

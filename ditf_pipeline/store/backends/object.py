@@ -28,6 +28,21 @@ from .locations import OBJECT_SCHEMES
 __all__ = ["ObjectBackend"]
 
 
+#: what a connection that never came about raises (botocore, aiohttp, the OS), by class name
+_CONNECTION_FAILURES = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectTimeout",
+                        "ServerTimeoutError", "ProxyConnectionError")
+
+
+def _unreachable(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what caused it) says the endpoint could not be reached at all."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, (ConnectionRefusedError, ConnectionResetError)) or type(exc).__name__ in _CONNECTION_FAILURES:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 class ObjectBackend:
     """A store under an object-store URL (s3://bucket/prefix, gs://, az://)."""
 
@@ -76,10 +91,19 @@ class ObjectBackend:
             return fn(*args, **kwargs)
         except (FileNotFoundError, FileExistsError, DitfError):
             raise
-        except OSError as exc:
-            raise DitfError(f"store {self.url}: cannot {what}: {exc.strerror or exc}") from exc
         except Exception as exc:  # botocore and friends: credentials, endpoint, permissions
+            if _unreachable(exc):
+                raise DitfError(f"store {self.url}: cannot reach the object store at {self.endpoint()} "
+                                f"({reason(exc)}): check the endpoint (AWS_ENDPOINT_URL) and the network") from exc
+            if isinstance(exc, OSError):
+                raise DitfError(f"store {self.url}: cannot {what}: {exc.strerror or exc}") from exc
             raise DitfError(f"store {self.url}: cannot {what}: {reason(exc)}") from exc
+
+    def endpoint(self) -> str:
+        """The object store's address as configured (a custom endpoint), else the URL's scheme."""
+        kwargs = getattr(self.fs, "client_kwargs", None) or {}
+        return str(getattr(self.fs, "endpoint_url", None) or kwargs.get("endpoint_url")
+                   or os.environ.get("AWS_ENDPOINT_URL") or f"the {self.url.split('://', 1)[0]}:// service")
 
     def exists(self, rel: str) -> bool:
         return bool(self.call("read", self.fs.exists, self.key(rel)))
@@ -110,6 +134,15 @@ class ObjectBackend:
 
     def root_problem(self, read_only: bool) -> str | None:
         bucket = self.root.split("/", 1)[0]
+        # one call that raises what went wrong (the bucket probe below turns every failure into
+        # "absent"): an endpoint that cannot be reached is named as such, not as a missing bucket
+        try:
+            self.call("read", self.fs.info, self.key("zarr.json"))
+        except FileNotFoundError:
+            pass
+        except DitfError as exc:
+            if _unreachable(exc.__cause__):
+                raise
         try:
             if not self.call("read", self.fs.exists, bucket):
                 return f"store {self.url}: bucket {bucket} does not exist (or these credentials cannot see it)"
