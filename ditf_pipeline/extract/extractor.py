@@ -483,7 +483,7 @@ class Extractor:
                         arrays[(k, t)] = open_key()
                     else:
                         # shards take turns only to set the key up, then write their own images side by side
-                        with store.writer_lock(dataset.name, adapter.spec.name, k, t, wait=SHARD_SETUP_WAIT):
+                        with store.setup_lock(dataset.name, adapter.spec.name, k, t, wait=SHARD_SETUP_WAIT):
                             arrays[(k, t)] = open_key()
                         locks.enter_context(store.writer_lock(dataset.name, adapter.spec.name, k, t, shard=str(shard)))
             return self._run_locked(dataset, mine, rows, arrays, start_time, progress)

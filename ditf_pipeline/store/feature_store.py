@@ -37,7 +37,7 @@ import zarr
 
 from ..core.errors import DitfError
 from ..core.keys import FeatureKey
-from . import legacy, writers
+from . import legacy, locks, writers
 from .arrays import FeatureArrays, PredictionArrays
 from .backends import Backend, backend_for, is_remote, local_beside, store_location
 from .failures import reads, reason, writes
@@ -406,15 +406,74 @@ class FeatureStore:
         """One extract per key at a time: a second writer is refused, not interleaved.
 
         With `shard` ("i/N", `--shard`) the lock is that shard's alone: shards write disjoint
-        images, so any number of them may run at once, but never the same shard twice.
+        images, so any number of them may run at once, but never the same shard twice, never
+        beside a whole-key run, and never beside shards of another count N (`run_lock`).
         """
         key = feature_path(dataset, model, k, t)
+        return self.run_lock(key, f"extracting {key}", shard, wait,
+                             "(then rerun: completed images are skipped) or use another --store")
+
+    def setup_lock(self, dataset: str, model: str, k: int, t: int,
+                   wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
+        """The right to set a key up (shards take turns for it, then write side by side)."""
+        key = feature_path(dataset, model, k, t)
+        return self.lock(key, f"another process is extracting {key} into {self.path}: wait for it to finish", wait)
+
+    def predictions_lock(self, feature_key: tuple[str, str, int, int], name: str, scope: str,
+                         shard: str | None = None) -> contextlib.AbstractContextManager[None]:
+        """One `ditf match` per predictions group at a time (`--overwrite` included); shards as
+        for `writer_lock`. Held from before the group is opened (or recreated) to the last block."""
+        node = f"{feature_path(*feature_key)}/{PREDICTIONS}/{scope}/{name}"
+        return self.run_lock(node, f"matching {name} of {feature_path(*feature_key)}", shard, 0.0,
+                             "or use another --variant / --store")
+
+    @contextlib.contextmanager
+    def run_lock(self, node: str, doing: str, shard: str | None = None, wait: float = 0.0,
+                 advice: str = "") -> Iterator[None]:
+        """Exclusion of the runs writing `node`: a whole run excludes every other run; a shard
+        ("i/N") excludes the same shard, whole runs and shards of another N (whose blocks overlap).
+
+        Locally: the whole run holds `<node>` and `<node>%whole` exclusively; shard i of N holds
+        `<node>%shards-of-N` shared and `<node>%shard-i-of-N` exclusively. Each takes its own
+        locks first and then checks the others' (`locks.is_free`), so of two runs that start at
+        once at least one is refused. Object stores have no shared locks: there, leases keep out
+        a second whole run and a second copy of one shard only.
+        """
+        refusal = f"another process is {doing} in {self.path}: wait for it to finish {advice}".rstrip()
         if shard is None:
-            return self.lock(key, f"another process is extracting {key} into {self.path}: wait for it to finish "
-                                  "(then rerun: completed images are skipped) or use another --store", wait)
+            with self.lock(node, refusal, wait):
+                if self.remote:
+                    yield
+                    return
+                with self.lock(f"{node}%whole", refusal):
+                    running = [f.name for f in self._shard_lock_files(node) if not locks.is_free(f)]
+                    if running:
+                        raise DitfError(f"shard jobs are {doing} in {self.path} ({', '.join(running)}): "
+                                        "wait for them to finish, then rerun")
+                    yield
+            return
         index, count = shard.split("/")
-        return self.lock(f"{key}%shard-{index}-of-{count}",
-                         f"another process is extracting shard {shard} of {key} into {self.path}: wait for it to finish")
+        own = self.lock(f"{node}%shard-{index}-of-{count}",
+                        f"another process is {doing} (shard {shard}) in {self.path}: wait for it to finish")
+        if self.remote:
+            with own:
+                yield
+            return
+        group = self.path / lock_path(f"{node}%shards-of-{count}")
+        with locks.shared_lock_file(group, refusal), own:
+            if not locks.is_free(self.path / lock_path(f"{node}%whole")):
+                raise DitfError(f"{refusal} (a run without --shard)")
+            others = [f.name for f in self._shard_lock_files(node) if f != group and not locks.is_free(f)]
+            if others:
+                raise DitfError(f"shards of another count are {doing} in {self.path} ({', '.join(others)}): "
+                                f"every shard of one run must use the same N (--shard i/{count})")
+            yield
+
+    def _shard_lock_files(self, node: str) -> list[Path]:
+        """The `%shards-of-N` lock files of `node` (one per shard count ever used)."""
+        stem = lock_path(f"{node}%shards-of-").removesuffix(".lock")
+        folder = (self.path / stem).parent
+        return sorted(folder.glob(Path(stem).name.replace("[", "[[]") + "*.lock"))
 
     def feature_keys(self, dataset: str | None = None) -> list[tuple[str, str, int, int]]:
         """Every (dataset, model, k, t) holding features."""
