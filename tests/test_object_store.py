@@ -220,6 +220,39 @@ def test_the_holder_renews_its_lease(s3, monkeypatch):
         assert json.loads(_fs().cat_file(f"{url[5:]}/{LEASE}"))["expires"] > first
 
 
+def test_a_writer_whose_lease_was_taken_over_stops_before_its_next_write(s3, monkeypatch):
+    from ditf_pipeline.store import leases
+    from ditf_pipeline.store.feature_store import FeatureStore
+
+    monkeypatch.setattr(leases, "LEASE_SECONDS", 0.6)
+    url = f"{s3}/taken.zarr"
+    store = FeatureStore(url)
+    with store.writer_lock("spair", "tiny-flux", 1, 260):
+        other = {"owner": "elsewhere:1:x", "host": "elsewhere", "pid": 1, "expires": time.time() + 300}
+        _fs().pipe_file(f"{url[5:]}/{LEASE}", json.dumps(other).encode())  # what a takeover leaves
+        time.sleep(1.0)  # several heartbeats: the holder reads the lease and finds another owner
+        with pytest.raises(DitfError, match="lost the lease .*another writer took it over"):
+            store.root.require_group("after")
+    assert not _fs().exists(f"{url[5:]}/after")  # nothing was written
+    assert json.loads(_fs().cat_file(f"{url[5:]}/{LEASE}")) == other  # and the new holder's lease is left alone
+
+
+def test_a_writer_stalled_past_its_lease_stops_before_its_next_write(s3, monkeypatch):
+    """A stalled process (its heartbeat stalled with it) learns from its own clock, before writing."""
+    from ditf_pipeline.store import leases
+    from ditf_pipeline.store.feature_store import FeatureStore
+
+    monkeypatch.setattr(leases, "LEASE_SECONDS", 0.5)
+    monkeypatch.setattr(leases.ObjectLease, "_heartbeat", lambda self, stop: None)  # renews nothing
+    url = f"{s3}/stalled.zarr"
+    store = FeatureStore(url)
+    with store.writer_lock("spair", "tiny-flux", 1, 260):
+        time.sleep(0.6)  # past the lease: another writer may have taken it over
+        with pytest.raises(DitfError, match="lost the lease .*not renewed"):
+            store.register_images("spair", ["a"], [(4, 4)])
+    assert not _fs().exists(f"{url[5:]}/spair")
+
+
 # ---- end to end -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(s3, tmp_path_factory):

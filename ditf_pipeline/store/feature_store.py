@@ -37,7 +37,7 @@ import zarr
 
 from ..core.errors import DitfError
 from ..core.keys import FeatureKey
-from . import legacy, locks, writers
+from . import leases, legacy, locks, writers
 from .arrays import FeatureArrays, PredictionArrays
 from .backends import Backend, backend_for, is_remote, local_beside, store_location
 from .failures import reads, reason, writes
@@ -101,7 +101,9 @@ class FeatureStore:
         self.path = store_location(path)
         self.read_only = read_only
         self._writing = False
-        on_write = None if read_only or is_remote(self.path) else self._before_write
+        # every write is announced first: locally to the writer registry, on object stores to the
+        # lease check (a writer whose lease was lost stops before its next write)
+        on_write = None if read_only else leases.check_held if is_remote(self.path) else self._before_write
         self.backend: Backend = backend_for(self.path, on_write=on_write)
         self.remote = self.backend.remote
         self.layout = StoreLayout(self.backend)
@@ -410,7 +412,7 @@ class FeatureStore:
         beside a whole-key run, and never beside shards of another count N (`run_lock`).
         """
         key = feature_path(dataset, model, k, t)
-        return self.run_lock(key, f"extracting {key}", shard, wait,
+        return self.run_lock(key, f"extracting {key} into", shard, wait,
                              "(then rerun: completed images are skipped) or use another --store")
 
     def setup_lock(self, dataset: str, model: str, k: int, t: int,
@@ -424,7 +426,7 @@ class FeatureStore:
         """One `ditf match` per predictions group at a time (`--overwrite` included); shards as
         for `writer_lock`. Held from before the group is opened (or recreated) to the last block."""
         node = f"{feature_path(*feature_key)}/{PREDICTIONS}/{scope}/{name}"
-        return self.run_lock(node, f"matching {name} of {feature_path(*feature_key)}", shard, 0.0,
+        return self.run_lock(node, f"matching {name} of {feature_path(*feature_key)} in", shard, 0.0,
                              "or use another --variant / --store")
 
     @contextlib.contextmanager
@@ -434,12 +436,13 @@ class FeatureStore:
         ("i/N") excludes the same shard, whole runs and shards of another N (whose blocks overlap).
 
         Locally: the whole run holds `<node>` and `<node>%whole` exclusively; shard i of N holds
-        `<node>%shards-of-N` shared and `<node>%shard-i-of-N` exclusively. Each takes its own
+        `<node>%shards-of-N` shared and `<node>%shard-i-of-N` exclusively. `doing` names the run
+        and ends in the preposition before the store ("extracting <key> into"). Each takes its own
         locks first and then checks the others' (`locks.is_free`), so of two runs that start at
         once at least one is refused. Object stores have no shared locks: there, leases keep out
         a second whole run and a second copy of one shard only.
         """
-        refusal = f"another process is {doing} in {self.path}: wait for it to finish {advice}".rstrip()
+        refusal = f"another process is {doing} {self.path}: wait for it to finish {advice}".rstrip()
         if shard is None:
             with self.lock(node, refusal, wait):
                 if self.remote:
@@ -448,13 +451,13 @@ class FeatureStore:
                 with self.lock(f"{node}%whole", refusal):
                     running = [f.name for f in self._shard_lock_files(node) if not locks.is_free(f)]
                     if running:
-                        raise DitfError(f"shard jobs are {doing} in {self.path} ({', '.join(running)}): "
+                        raise DitfError(f"shard jobs are {doing} {self.path} ({', '.join(running)}): "
                                         "wait for them to finish, then rerun")
                     yield
             return
         index, count = shard.split("/")
         own = self.lock(f"{node}%shard-{index}-of-{count}",
-                        f"another process is {doing} (shard {shard}) in {self.path}: wait for it to finish")
+                        f"another process is {doing} {self.path} (shard {shard}): wait for it to finish")
         if self.remote:
             with own:
                 yield
@@ -465,7 +468,7 @@ class FeatureStore:
                 raise DitfError(f"{refusal} (a run without --shard)")
             others = [f.name for f in self._shard_lock_files(node) if f != group and not locks.is_free(f)]
             if others:
-                raise DitfError(f"shards of another count are {doing} in {self.path} ({', '.join(others)}): "
+                raise DitfError(f"shards of another count are {doing} {self.path} ({', '.join(others)}): "
                                 f"every shard of one run must use the same N (--shard i/{count})")
             yield
 
