@@ -296,7 +296,6 @@ def modulation_names(adapter: DiTAdapter) -> list[str]:
     return names
 
 
-
 def _rows_per_file(arrays: Mapping[tuple[int, int], FeatureArrays]) -> int:
     """Images per file of the keys' small per-image arrays: a shard owns whole files of them.
 

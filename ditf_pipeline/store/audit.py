@@ -276,6 +276,8 @@ class _Audit:
                         raise DitfError("its file is missing")
                     array[start:stop]
                 except Exception as exc:
+                    if exists and self._damaged_inside(arrays, node, name, start, stop, committed, broken):
+                        continue
                     broken.update(committed)
                     self.findings.append(Finding(
                         f"store: {node}: the {name} file of images {start}..{stop - 1} is damaged ({reason(exc)}); "
@@ -295,6 +297,31 @@ class _Audit:
                     f"cleared the complete flag of {arrays.name_of(row)} in {node}: the next extract redoes it",
                     functools.partial(arrays.clear_complete, [row])))
         return broken
+
+    def _damaged_inside(self, arrays: FeatureArrays, node: str, name: str, start: int, stop: int,
+                        committed: Sequence[int], broken: set[int]) -> bool:
+        """A file whose index reads but some images' chunks do not: a finding that costs those
+        images only (the repair rewrites the file without them). False when no image reads (a
+        damaged index: the whole file goes)."""
+        array = arrays.group[name]
+        intact, damaged = {}, []
+        for row in range(start, stop):
+            try:
+                intact[row] = np.asarray(array[row])
+            except Exception:
+                damaged.append(row)
+        if not intact or not damaged:
+            return False
+        lost = [row for row in committed if row in damaged]
+        broken.update(lost)
+        names = ", ".join(arrays.name_of(row) for row in damaged)
+        self.findings.append(Finding(
+            f"store: {node}: the {name} chunks of images {names} are damaged inside an intact file; "
+            f"{len(lost)} committed images lose their {name} vector",
+            f"cleared the complete flag of those {len(lost)} images and rewrote that file of {node}/{name} without "
+            f"them, keeping its {len(intact)} intact images: the next extract redoes only those {len(lost)}",
+            functools.partial(arrays.rewrite_without, lost, name, start, stop, intact)))
+        return True
 
     def predictions(self, path: str) -> None:
         group = self.store.group(path) if self.fs.exists(f"{path}/zarr.json") else None
