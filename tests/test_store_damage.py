@@ -188,6 +188,27 @@ def test_a_damaged_image_chunk_inside_a_shard_costs_that_image_only(base, tmp_pa
     assert not differences(snapshot(store), want)
 
 
+def test_a_damaged_image_index_chunk_is_repaired_and_the_rerun_completes(base, tmp_path):
+    """Not "run --repair" again: the lost rows are un-committed and re-registered by the rerun."""
+    adapter, root, clean, _, want_score = base
+    store = tmp_path / "s.zarr"
+    shutil.copytree(clean, store)
+    _flip(next(p for p in (store / "spair" / "images" / "key" / "c").rglob("*") if p.is_file()))
+    findings = Findings()
+    check_store(store, findings)
+    assert any("image index rows 0..2 are damaged" in p for p in findings.problems), findings.problems
+    check_store(store, repaired := Findings(), repair=True)
+    assert repaired.open_problems == 0 and any("un-committed rows 0..2" in r for r in repaired.repaired), repaired.repaired
+    settings = ExtractSettings(ks=[1], ts=[260], img_size=64, ensemble_size=1)
+    report = Extractor(adapter, FeatureStore(store), settings).run(get_dataset("spair", root, "test"), progress=False)
+    assert report.extracted == report.n_images  # the images lost with their rows, registered and extracted anew
+    match(FeatureStore(store), get_dataset("spair", root, "test"), "tiny-flux", 1, 260, SETTINGS, overwrite=True,
+          progress=False)
+    assert _score(root, store) == want_score
+    check_store(store, after := Findings())
+    assert not after.problems, after.problems
+
+
 def test_half_done_setups_are_found_removed_and_do_not_block_a_rerun(base, tmp_path):
     """Leftover staging, and a schema-1 style key with arrays but no configuration or commit mark."""
     import zarr

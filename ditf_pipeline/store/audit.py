@@ -22,8 +22,8 @@ from .arrays import FeatureArrays, PredictionArrays, chunk_exists
 from .backends import ReadBackend, backend_for, store_location
 from .failures import reason
 from .feature_store import FeatureStore
-from .layout import node_kind
-from .schema import FEATURE_DTYPES, MODULATION_DTYPE, SCHEMA_VERSION, file_rows, root_metadata
+from .layout import IMAGES, node_kind
+from .schema import FEATURE_DTYPES, MODULATION_DTYPE, SCHEMA_VERSION, file_rows, root_metadata, writable
 
 __all__ = ["Finding", "audit_store", "repair_root_metadata"]
 
@@ -179,12 +179,51 @@ class _Audit:
                 rows = store.image_rows(ds)
                 self.ok.append(f"store: {ds}/images: {len(rows)} images indexed")
             except DitfError as exc:
-                self.findings.append(Finding(f"store: {ds}/images: {exc}"))
+                self.findings.append(self._damaged_index(ds, exc))
                 continue
             for key in store.layout.key_folders(ds):
                 if self.under_damage(key.path) or not self.fs.list(key.path):
                     continue  # an empty folder (a schema-1 lock): nothing to report
                 self.key(key)
+
+    def _damaged_index(self, ds: str, exc: DitfError) -> Finding:
+        """The image index of `ds` cannot be read: which of its chunks, and the repair that keeps
+        the rest (the lost rows become placeholders no image name matches, un-committed in every
+        key of the dataset, so the next extract registers those images anew and extracts them)."""
+        group = self.store.group(f"{ds}/{IMAGES}")
+        damaged: list[tuple[int, int]] = []
+        try:
+            for name in ("key", "size"):
+                array = group[name]
+                step = array.chunks[0]
+                for start in range(0, array.shape[0], step):
+                    stop = min(start + step, array.shape[0])
+                    try:
+                        array[start:stop]
+                    except Exception:
+                        damaged.append((start, stop))
+        except Exception:  # the index's metadata itself: nothing to keep
+            damaged = []
+        if not damaged:
+            return Finding(f"store: {ds}/images: {exc}; every key of {ds} depends on it: extract {ds} into a new "
+                           "--store (its features cannot be told apart without the index)")
+        spans = ", ".join(f"{a}..{b - 1}" for a, b in sorted(set(damaged)))
+        return Finding(
+            f"store: {ds}/images: the image index rows {spans} are damaged ({reason(exc.__cause__ or exc)})",
+            f"un-committed rows {spans} in every key of {ds} and rewrote them as lost rows: the next extract "
+            "registers and extracts those images again, the other rows are kept",
+            functools.partial(self._repair_index, ds, sorted(set(damaged))))
+
+    def _repair_index(self, ds: str, spans: Sequence[tuple[int, int]]) -> None:
+        """Un-commit the rows of `spans` in every key of `ds`, then rewrite them as placeholders."""
+        lost = [row for a, b in spans for row in range(a, b)]
+        for key in self.store.layout.feature_keys(ds):
+            arrays = self.store.feature_arrays(key)
+            arrays.clear_complete([row for row in lost if row < arrays.n_images])
+        group = self.store.group(f"{ds}/{IMAGES}")
+        for a, b in spans:
+            writable(group["key"])[a:b] = np.array([f"<lost row {row}>" for row in range(a, b)], dtype=object).astype(str)
+            writable(group["size"])[a:b] = np.zeros((b - a, 2), dtype="int32")
 
     def key(self, key: FeatureKey) -> None:
         node, fs, store = key.path, self.fs, self.store
