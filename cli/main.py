@@ -19,10 +19,17 @@ def main() -> None:
 
     limit_malloc_arenas()  # this process's memory: two glibc arenas (see `pool.MALLOC_ARENAS`)
     handle_sigterm()
+    ok = False
     try:
         app()
+        ok = True
+    except SystemExit as exc:
+        ok = exc.code in (0, None)
+        raise
     finally:
-        close_writers()  # the last writer of a store writes its consolidated metadata
+        # the last writer of a store writes its consolidated metadata (a failed command only
+        # if it wrote something: refused, it leaves the store as it was)
+        close_writers(restore=ok)
 
 
 if __name__ == "__main__":

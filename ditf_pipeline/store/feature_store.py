@@ -172,24 +172,25 @@ class FeatureStore:
                 raise DitfError(f"cannot write to store {self.path}: {exc.strerror or exc}") from exc
 
     @writes
-    def close(self) -> bool:
+    def close(self, restore: bool = True) -> bool:
         """End this writer: the last writer of a local store writes consolidated metadata.
 
         Every node's metadata is then in the root's zarr.json, so a reader opens the store with
         one read. The CLI closes what is left as a command ends; a killed process just leaves
         no copy. Object stores have no shared locks and are not consolidated. Returns True when
-        it was written.
+        it was written. A writer that wrote nothing writes back a copy that a killed writer
+        dropped, unless `restore` is False (a failed command leaves the store as it was).
         """
         if not self._writing:
             return False
         self._writing = False
-        return writers.leave(self.path)
+        return writers.leave(self.path, restore)
 
     def __enter__(self) -> FeatureStore:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        self.close(restore=exc_type is None)
 
     @writes
     def migrate(self) -> list[str]:

@@ -183,11 +183,13 @@ def consolidate(path: Path) -> None:
         zarr.consolidate_metadata(faults.wrap(LocalStore(path)))
 
 
-def leave(path: Path) -> bool:
+def leave(path: Path, restore: bool = True) -> bool:
     """Uncount one writable store; the last one of the last writing process consolidates.
 
     True when consolidated metadata was written. With other writers active (their shared
-    locks refuse our exclusive one) nothing is written: the last of them does it.
+    locks refuse our exclusive one) nothing is written: the last of them does it. A writer that
+    wrote nothing writes the copy only if it is missing and `restore` (it ended normally: a
+    refused command leaves the store as it was).
     """
     key = _key(path)
     with locks.GUARD:
@@ -206,7 +208,7 @@ def leave(path: Path) -> bool:
             sweep(path)  # alone: whatever writers that died meanwhile left
             # nothing written here (e.g. a refused command) leaves the store as it was, but a
             # copy that a killed writer dropped is written back
-            if (entry.wrote or not _consolidated(path)) and (path / "zarr.json").is_file():
+            if (entry.wrote or (restore and not _consolidated(path))) and (path / "zarr.json").is_file():
                 consolidate(path)
                 return True
             return False
@@ -214,14 +216,15 @@ def leave(path: Path) -> bool:
             os.close(entry.fd)
 
 
-def close_writers() -> None:
+def close_writers(restore: bool = True) -> None:
     """Close every store this process still has open for writing (the CLI calls it as a command
-    ends; at interpreter exit zarr's event loop is gone already, so atexit cannot do it)."""
+    ends, with `restore` False when it failed; at interpreter exit zarr's event loop is gone
+    already, so atexit cannot do it)."""
     for key in list(_writers):
         with locks.GUARD:
             if key in _writers:
                 _writers[key].count = 1
         try:
-            leave(Path(key))
+            leave(Path(key), restore)
         except (OSError, DitfError):  # a store removed meanwhile: nothing left to consolidate
             pass
