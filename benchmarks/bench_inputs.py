@@ -1,4 +1,4 @@
-"""Timings that used to be wall-clock asserts in the test suite (they failed on a loaded machine).
+"""Timings of the test inputs, kept out of the test suite (a wall-clock assert fails on a loaded machine).
 
 * building each tiny random model (`adapter._tiny()`), target < 1 s;
 * generating each demo dataset (`make_demo`), target < 1 s (DAVIS, HPatches < 2 s).

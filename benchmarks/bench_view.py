@@ -77,7 +77,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-view-") as folder:
         root, store = build(Path(folder))
-        client = TestClient(create_app(Explorer(store, root)))
+        app = create_app(Explorer(store, root))  # as the page talks to it: a loopback Host, the run's token
+        client = TestClient(app, base_url="http://127.0.0.1:8765", headers={"X-Ditf-Token": app.state.token})
         pair = client.get("/api/pairs", params=KEY).json()["pairs"][0]["pair_id"]
         start = time.perf_counter()
         opened = client.get("/api/pair", params={**KEY, "pair_id": pair, "variants": ",".join(VARIANTS)})

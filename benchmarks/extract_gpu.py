@@ -59,7 +59,7 @@ from ditf_pipeline.demo import make_spair_demo  # noqa: E402
 import ditf_pipeline.extract.extractor as extractor_module  # noqa: E402
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings  # noqa: E402
 from ditf_pipeline.models.base import CompileOptions  # noqa: E402
-from ditf_pipeline.extract.images import load_rgb, preprocess  # noqa: E402
+from ditf_pipeline.core.images import load_rgb, preprocess  # noqa: E402
 from ditf_pipeline.models import DTYPES, load_adapter, resolve_device  # noqa: E402
 from ditf_pipeline.store.feature_store import FeatureStore  # noqa: E402
 
@@ -345,7 +345,6 @@ def run_baseline(adapter, records, settings: ExtractSettings, t5, clip, tmp: Pat
     with through_block(adapter, k):
         dit_flops = counted_flops(adapter, noisy, prompt, t, k, stop_early=False)
     vae_flops = counted_vae_flops(vae, settings.ensemble_size, settings.img_size, device)
-    del vae
     return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "peak_gpu_gib": _peak_gib(device),
             "flops_per_image_counted": dit_flops + vae_flops, "flops_dit": dit_flops, "flops_vae": vae_flops,
             "recipe": "text encoders resident, prompt encoded per image, fp32 VAE on ensemble copies, "

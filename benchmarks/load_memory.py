@@ -7,8 +7,8 @@ Writes a pipeline folder with FLUX.1's block layout (19 double + 38 single block
 width (random weights, tiny text encoders and VAE) to a temporary folder, then runs
 `ditf extract --model flux --weights DIR --k K --device cpu` in a fresh process per (k, dtype) on
 a generated SPair-layout set (4 images of 64 px, ensemble 1) and reads each child's peak RSS
-(`os.wait4`). Only the transformer's blocks up to k are loaded, so memory grows with k; before
-issue #20 every run loaded all 57 blocks. Prints one RESULT line per run and a markdown table.
+(`os.wait4`). Only the transformer's blocks up to k are loaded, so memory grows with k (a full
+load would read all 57 blocks). Prints one RESULT line per run and a markdown table.
 
 This process imports nothing heavy before the runs and builds the folder in a child: a forked
 child's peak RSS starts at its parent's RSS, which would otherwise hide the differences.

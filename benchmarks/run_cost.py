@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract_gpu import flux_flops  # noqa: E402
 from gpu_memory import FLUX_DEV  # noqa: E402
 
-from ditf_pipeline.extract.images import model_size  # noqa: E402
+from ditf_pipeline.core.images import model_size  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, NVIDIA's data sheet (SXM)
 VAE_FLOPS_640 = 1.78e12  # one VAE encode at 640 x 640, counted with torch's flop counter

@@ -28,7 +28,7 @@ def _check_figure(fmt: str, dpi: int) -> None:
 def _selected_keys(feature_store, dataset: str, model: str, k, t) -> list[tuple[int, int]]:
     """Every stored key within the --k/--t given; with neither, the one `select_key` picks."""
     from ditf_pipeline.core.errors import DitfError
-    from ditf_pipeline.validate import select_key
+    from ditf_pipeline.selection import select_key
 
     if not k and not t:
         return [select_key(feature_store, dataset, model)]
@@ -47,7 +47,7 @@ def _selected_keys(feature_store, dataset: str, model: str, k, t) -> list[tuple[
 def _load_image(path) -> "object":
     import numpy as np
 
-    from ditf_pipeline.extract.images import load_rgb
+    from ditf_pipeline.core.images import load_rgb
 
     return np.asarray(load_rgb(path))
 
@@ -64,7 +64,7 @@ def analyze(
     t: TOpt = None,
     sample: Annotated[int, typer.Option(help="Images per key for the statistics (the first complete ones; 0 = all).")] = 32,
     ratio: Annotated[float, typer.Option(help="Massive if mean |z| over tokens exceeds this x the median channel.")] = 100.0,
-    write: Annotated[bool, typer.Option("--write/--no-write", help="Store the detected set as the key's massive_channels (read by --channels auto).")] = True,
+    write: Annotated[Optional[bool], typer.Option("--write/--no-write", help="Store the detected set as the key's massive_channels (read by --channels auto); default: on, off for a published (read-only) store.")] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the figures (see --figure-format).")] = True,
     pca_images: Annotated[int, typer.Option(help="Images in the PCA-to-RGB figure.")] = 4,
     variant: Annotated[str, typer.Option("--variant", "-v", help="Predictions scored for the k x t PCK grid.")] = "adaln+cd",
@@ -83,6 +83,10 @@ def analyze(
     Per (k, t): channels ranked by mean |activation|, the 100x-median massive channels and their
     AdaLN gate ranks, the same after AdaLN and channel discard; PNG figures and a JSON in --out.
     """
+    if write is None:  # a published store cannot take the channels: analyze it without storing them
+        from ditf_pipeline.store.feature_store import is_read_only, store_location
+
+        write = not is_read_only(store_location(store))
     analyze_options(model, dataset, data_root, split, store, k, t, sample=sample, ratio=ratio, write=write, plots=plots,
                     pca_images=pca_images, variant=variant, protocol=protocol, alpha=alpha, aggregation=aggregation,
                     match=match, out=out, fmt=fmt, progress=progress, figure_format=figure_format, dpi=dpi)

@@ -66,7 +66,11 @@ DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="Dataset reader
 DataRootOpt = Annotated[Path, typer.Option("--data-root", help="Dataset root folder in the benchmark's own layout.")]
 SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Dataset split (SPair: test, val, trn; default test).")]
 StoreOpt = Annotated[str, typer.Option("--store", "-s", help="Zarr feature store (created if missing): a path, or a URL "
-                                       "(s3://bucket/prefix, gs://, az://, file://; credentials from the usual environment).")]
+                                       "(s3://bucket/prefix, gs://, az://, file://; credentials from the usual environment; "
+                                       "a published store to read: https://host/ditf.zarr or hf://datasets/ORG/NAME/ditf.zarr[@REV]).")]
+PredictionsStoreOpt = Annotated[Optional[str], typer.Option(
+    "--predictions-store", help="Local store for the predictions (features still read from --store): "
+                                "matching a published, read-only --store.")]
 KOpt = Annotated[Optional[list[int]], typer.Option("--k", help="Block index k; repeat for several (default: the model's; reading commands: the model's key if stored, else the only one).")]
 TOpt = Annotated[Optional[list[int]], typer.Option("--t", help="Timestep t in 0..999; repeat for several (default: as for --k).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress (a bar on a terminal; periodic lines with rate and ETA in a log).")]

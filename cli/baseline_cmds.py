@@ -11,6 +11,7 @@ from .app import (
     DEFAULT_STORE,
     DataRootOpt,
     DatasetOpt,
+    PredictionsStoreOpt,
     ProgressOpt,
     SplitOpt,
     StoreOpt,
@@ -82,11 +83,13 @@ def compare(
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the table to this file.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute predictions stored with other settings.")] = False,
     progress: ProgressOpt = True,
+    predictions_store: PredictionsStoreOpt = None,
 ) -> None:
     """Baselines (DIFT on SD2.1, DINOv2+NN), DiTF and DiTF + DINOv2 in one table, from the cache.
 
     Every row's features must be extracted into the same store first (`ditf extract --model
-    dinov2-b14`, `--model sd2.1`, `--model flux`, ...); predictions are computed once and reused.
+    dinov2-b14`, `--model sd2.1`, `--model flux`, ...); predictions are computed once and reused
+    (on a published, read-only store: into --predictions-store).
     """
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.core.errors import DitfError
@@ -97,7 +100,7 @@ def compare(
 
     from ditf_pipeline.validate import check_alphas, check_choice, check_output_file, check_protocol, check_variants
 
-    from ditf_pipeline.pipeline import check_key
+    from ditf_pipeline.pipeline import check_key, writing_store
 
     from .pairs_cmds import _emit
 
@@ -111,7 +114,7 @@ def compare(
     checked = FeatureStore(store, read_only=True)
     keys = [check_key(checked, data, model, [k] if k is not None else None, [t] if t is not None else None,
                          [variant] if variant else []) for model, k, t, variant, _ in specs]
-    feature_store = FeatureStore(store)
+    feature_store = writing_store(store, checked, predictions_store)
     if row:
         specs = [(model, kk, tt, variant, fuse) for (model, _, _, variant, fuse), (kk, tt) in zip(specs, keys)]
     else:

@@ -16,18 +16,29 @@ from .app import (
 @app.command()
 @user_errors
 def models() -> None:
-    """List the models and their paper defaults (block k, timestep t, image size)."""
+    """List the models: weights (hub id), licence, blocks, width and default block k, timestep t, image size.
+
+    Defaults marked "rule" are not the paper's: they follow a stated rule and were not tuned on
+    real weights (`ditf analyze --match` over a k x t grid tunes them).
+    """
     from ditf_pipeline.models import get_spec, model_names
 
-    typer.echo(f"{'name':<14} {'blocks':>6} {'width':>6} {'k':>4} {'t':>5} {'img':>5}  weights")
+    typer.echo(f"{'name':<18} {'blocks':>6} {'width':>6} {'k':>4} {'t':>5} {'img':>5}  {'k,t':<6} weights")
     for name in model_names():
         spec = get_spec(name)
         typer.echo(
-            f"{spec.name:<14} {spec.num_blocks:>6} {spec.hidden_size:>6} {spec.default_k:>4} {spec.default_t:>5} "
-            f"{spec.img_size:>5}  {spec.hub_id or 'built in (random, seeded)'}"
+            f"{spec.name:<18} {spec.num_blocks:>6} {spec.hidden_size:>6} {spec.default_k:>4} {spec.default_t:>5} "
+            f"{spec.img_size:>5}  {'rule' if spec.defaults_rule else 'paper':<6} "
+            f"{spec.hub_id or 'built in (random, seeded)'}"
         )
+        pad = " " * 19
         if spec.description:
-            typer.echo(f"{'':<14} {spec.description}")
+            typer.echo(f"{pad}{spec.description}")
+        if spec.license:
+            typer.echo(f"{pad}licence: {spec.license}")
+        if spec.defaults_rule:
+            typer.echo(f"{pad}defaults: {spec.defaults_rule}")
+    typer.echo("tune k and t (rule defaults): ditf analyze --model NAME --split SPLIT --k K1 --k K2 --t T1 --t T2 --match")
 
 
 @app.command()

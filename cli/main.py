@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from . import analysis_cmds, baseline_cmds, doctor_cmds, extract_cmds, pairs_cmds, probe_cmds  # noqa: F401  (each registers its commands)
-from . import demo_cmds, export_cmds  # noqa: F401
+from . import demo_cmds, export_cmds, pack_cmds  # noqa: F401
 from . import view_cmds  # noqa: F401,E402  (`ditf view`; FastAPI is imported only when it runs)
 from .app import app, handle_sigterm
 

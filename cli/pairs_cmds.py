@@ -13,7 +13,7 @@ import typer
 
 from .app import (
     BatchImagesOpt, BatchSizeOpt, ChannelsOpt, CompileOpt, DEFAULT_STORE, DataRootOpt, DatasetOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt,
-    ModelOpt, OffloadOpt, PrecisionOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt, RevisionOpt,
+    ModelOpt, OffloadOpt, PrecisionOpt, PredictionsStoreOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt, RevisionOpt,
     SchedulerOpt, SeedOpt, ShardOpt, SplitOpt, StoreOpt, TOpt, TextDeviceOpt, VariantOpt, WeightsOpt, WorkersOpt, app,
     user_errors,
 )
@@ -84,16 +84,18 @@ def match(
     shard: ShardOpt = None,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
+    predictions_store: PredictionsStoreOpt = None,
 ) -> None:
     """Predictions from cached features, written next to them (incremental; the DiT never runs).
 
-    k and t default to the only key extracted for (dataset, model) in the store.
+    k and t default to the only key extracted for (dataset, model) in the store. A published
+    (read-only) store needs --predictions-store: a local store the predictions go to.
     """
     from ditf_pipeline.pipeline import run_match
 
     run_match(model, dataset, data_root, split, store, k, t, variant, protocol, channels, soft_window, overwrite,
               progress and not quiet, workers, scheduler, fuse, pca_dim, device, jobs, shard,
-              on_report=lambda report: typer.echo(report.line()))
+              on_report=lambda report: typer.echo(report.line()), predictions_store=predictions_store)
 
 
 @app.command()
@@ -115,6 +117,7 @@ def score(
     fmt: FormatOpt = "table",
     out: OutOpt = None,
     per_pair: PerPairOpt = None,
+    predictions_store: PredictionsStoreOpt = None,
 ) -> None:
     """Benchmark metrics from cached predictions: PCK per image / per point / category mean, J&F, or
     homography accuracy, all in percent. No GPU and no torch needed."""
@@ -122,7 +125,6 @@ def score(
     from ditf_pipeline.core.errors import DitfError
     from ditf_pipeline.pipeline import check_pair_arguments, run_score
     from ditf_pipeline.score.report import check_rows_path, write_rows
-    from ditf_pipeline.store.feature_store import FeatureStore
 
     if per_pair is not None:
         check_rows_path(per_pair)
@@ -131,12 +133,13 @@ def score(
     if per_pair is not None and data.task != "pairs":
         raise DitfError(f"--per-pair writes keypoint-pair rows; {data.name} is a {data.task} benchmark")
     scored = run_score(model, data, store=store, k=k, t=t, variants=variant, protocol=protocol, soft_window=soft_window,
-                       fuse=fuse, pca_dim=pca_dim, alphas=alpha)
+                       fuse=fuse, pca_dim=pca_dim, alphas=alpha, predictions_store=predictions_store)
     _emit(_render_all(scored.results, fmt), out)
     if per_pair is not None:
+        from ditf_pipeline.pipeline import reading_store
         from ditf_pipeline.score.evaluate import per_pair as per_pair_rows
 
-        feature_store = FeatureStore(store, read_only=True)
+        feature_store = reading_store(store, predictions_store)
         rows = [row for s in scored.settings
                 for row in per_pair_rows(feature_store, data, model, scored.k, scored.t, s.prediction_name("pairs"), alpha)]
         write_rows(rows, per_pair)
@@ -225,8 +228,11 @@ def ablate(
     fmt: FormatOpt = "table",
     out: OutOpt = None,
     progress: ProgressOpt = True,
+    predictions_store: PredictionsStoreOpt = None,
 ) -> None:
-    """Table 4 / Table 5 style comparison of feature variants on a pair benchmark, all from the cache."""
+    """Table 4 / Table 5 style comparison of feature variants on a pair benchmark, all from the cache.
+
+    A published (read-only) store needs --predictions-store: a local store the predictions go to."""
     from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.core.errors import DitfError
     from ditf_pipeline.pipeline import check_key, check_pair_arguments, run_match, run_score, stored_variants
@@ -244,7 +250,8 @@ def ablate(
         reader = FeatureStore(store, read_only=True)
         variant = stored_variants(reader, data, model, *check_key(reader, data, model, k, t))
     matched = run_match(model, data, store=store, k=k, t=t, variants=variant, protocol=protocol, channels=channels,
-                        progress=progress, on_report=lambda report: typer.echo(report.line()))
+                        progress=progress, on_report=lambda report: typer.echo(report.line()),
+                        predictions_store=predictions_store)
     results = run_score(model, data, store=store, k=[matched.k], t=[matched.t], alphas=alpha,
-                        settings=matched.settings).results
+                        settings=matched.settings, predictions_store=predictions_store).results
     _emit(render_comparison(results, fmt, aggregation=aggregation or data.primary_aggregation), out)

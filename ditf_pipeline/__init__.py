@@ -19,8 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-SCHEMA_VERSION = 3
+from .core.version import SCHEMA_VERSION, __version__
 
 #: public name -> module that defines it (imported lazily by `__getattr__`)
 _LAZY = {
@@ -36,12 +35,12 @@ _LAZY = {
 
 __all__ = ["SCHEMA_VERSION", "__version__", *sorted(_LAZY)]
 
-if TYPE_CHECKING:
-    from .api import DiTF, FeatureStoreReader, open_store
-    from .core.errors import DitfError
-    from .match.export import export_features
-    from .match.features import compute_feature, variant_names
-    from .pipeline import run_extract
+if TYPE_CHECKING:  # what `__getattr__` imports on first use, spelled out for type checkers
+    from .api import DiTF as DiTF, FeatureStoreReader as FeatureStoreReader, open_store as open_store
+    from .core.errors import DitfError as DitfError
+    from .match.export import export_features as export_features
+    from .match.features import compute_feature as compute_feature, variant_names as variant_names
+    from .pipeline import run_extract as run_extract
 
 
 def __getattr__(name: str) -> Any:

@@ -229,7 +229,7 @@ class DiTF:
 def _image_size(image: ImageLike) -> tuple[int, int]:
     """(width, height) of an image as `features` reads it."""
     if isinstance(image, (str, Path)):
-        from .extract.images import image_size
+        from .core.images import image_size
 
         return tuple(image_size(Path(image)))
     return _to_pil(image).size
@@ -275,5 +275,9 @@ class FeatureStoreReader:
 
 
 def open_store(path: str | Path) -> FeatureStoreReader:
-    """Open a feature store (written by `ditf extract` or `DiTF.features(store=...)`) read-only."""
+    """Open a feature store (written by `ditf extract` or `DiTF.features(store=...)`) read-only.
+
+    `path`: a folder, an object-store URL (s3://, gs://, az://) or a published store
+    (https://host/ditf.zarr, hf://datasets/<org>/<name>/ditf.zarr[@revision]; docs/sharing.md).
+    """
     return FeatureStoreReader(path)

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-__all__ = ["MatchRun", "ScoreRun", "check_dataset", "check_key", "check_pair_arguments", "run_doctor", "run_extract",
-           "run_match", "run_score", "single_key", "stored_variants"]
+from .core.naming import DEFAULT_PCA_DIM
+
+__all__ = ["MatchRun", "ScoreRun", "check_dataset", "check_key", "check_pair_arguments", "reading_store", "run_doctor",
+           "run_extract", "run_match", "run_pack", "run_score", "single_key", "stored_variants", "writing_store"]
 
 if TYPE_CHECKING:
     from .datasets.base import Dataset
@@ -114,20 +116,24 @@ def check_pair_arguments(variants: Sequence[str] | None = None, protocol: str = 
                          alphas: Sequence[float] | None = None, out: Path | None = None, device: str = "auto",
                          workers: int | None = None) -> None:
     """The arguments match, score, run and ablate share, checked before anything is read or written."""
-    from .validate import check_alphas, check_at_least, check_device, check_output_file, check_protocol, check_variants
+    from .validate import check_alphas, check_at_least, check_output_file, check_protocol, check_variants
 
     check_variants(variants or [])
     check_protocol(protocol)
     check_alphas(alphas)
     check_output_file(out)
-    check_device(device)
+    if device != "auto":  # "auto" is answered without torch, so `ditf score` never imports it
+        from .devices import check_device
+
+        check_device(device)
     check_at_least("--workers", workers)
 
 
 def check_key(store: FeatureStore, data: Dataset, model: str, k: Sequence[int] | None, t: Sequence[int] | None,
               variants: Sequence[str] | None = None) -> tuple[int, int]:
     """The (k, t) to use (the only one stored when not given) after checking it gives `variants`."""
-    from .validate import check_variant_supported, select_key
+    from .selection import select_key
+    from .validate import check_variant_supported
 
     k_, t_ = select_key(store, data.name, model, *single_key(k, t))
     stored = store.open_features(data.name, model, k_, t_).modulation_names
@@ -175,17 +181,19 @@ def run_match(
     workers: int | None = None,
     scheduler: str | None = None,
     fuse: str | None = None,
-    pca_dim: int = 1280,
+    pca_dim: int = DEFAULT_PCA_DIM,
     device: str = "auto",
     jobs: int | None = None,
     shard: str | None = None,
     on_report: Callable[[StageReport], None] | None = None,
+    predictions_store: Path | str | None = None,
 ) -> MatchRun:
     """Run the match stage for each of `variants` (default: the model's default variant).
 
-    Predictions go next to the features; a rerun resumes. `on_report` hears each variant's
-    report as it finishes (the CLI prints its line). With `workers`/`scheduler` the blocks of
-    pairs go to dask workers.
+    Predictions go next to the features, or into `predictions_store` (a local store: the
+    features' store may be a published, read-only one); a rerun resumes. `on_report` hears each
+    variant's report as it finishes (the CLI prints its line). With `workers`/`scheduler` the
+    blocks of pairs go to dask workers.
     """
     from .datasets import get_dataset
     from .stages import StageSettings, match
@@ -202,7 +210,7 @@ def run_match(
 
         client = shared_client(workers, scheduler)
     run = MatchRun(data, k_, t_)
-    with FeatureStore(store) as feature_store:  # closed: the last writer consolidates the metadata
+    with writing_store(store, reader, predictions_store) as feature_store:  # closed: the last writer consolidates
         for variant in variants:
             settings = StageSettings(variant=variant, protocol=protocol, channels=channels, soft_window=soft_window,
                                      fuse=fuse, pca_dim=pca_dim, device=device, jobs=jobs, shard=shard)
@@ -213,6 +221,27 @@ def run_match(
             if on_report is not None:
                 on_report(report)
     return run
+
+
+def writing_store(store: Path | str, reader: FeatureStore, predictions_store: Path | str | None):
+    """The store match writes into: `store` itself, or `reader`'s features paired with `predictions_store`."""
+    from .store.feature_store import FeatureStore
+    from .store.paired import PairedStore
+
+    if predictions_store is None:
+        return FeatureStore(store)
+    return PairedStore(reader, FeatureStore(predictions_store))
+
+
+def reading_store(store: Path | str, predictions_store: Path | str | None):
+    """The store score reads: `store`, or its features with the predictions of `predictions_store`."""
+    from .store.feature_store import FeatureStore
+    from .store.paired import PairedStore
+
+    reader = FeatureStore(store, read_only=True)
+    if predictions_store is None:
+        return reader
+    return PairedStore(reader, FeatureStore(predictions_store, read_only=True))
 
 
 @dataclass
@@ -238,22 +267,23 @@ def run_score(
     protocol: str = "dift",
     soft_window: int | None = None,
     fuse: str | None = None,
-    pca_dim: int = 1280,
+    pca_dim: int = DEFAULT_PCA_DIM,
     alphas: Sequence[float] | None = None,
     settings: Sequence[StageSettings] | None = None,
+    predictions_store: Path | str | None = None,
 ) -> ScoreRun:
     """Metrics of cached predictions (PCK, J&F or homography accuracy), one result per variant.
 
     Read-only, no torch. Variants default to `adaln+cd` where AdaLN vectors are stored, else
-    `raw`; `settings` (e.g. `MatchRun.settings`) replaces the variant options.
+    `raw`; `settings` (e.g. `MatchRun.settings`) replaces the variant options. Predictions
+    are read from `predictions_store` when given (what `run_match` wrote there).
     """
     from .datasets import get_dataset
     from .stages import StageSettings, score
-    from .store.feature_store import FeatureStore
 
     check_pair_arguments(variants, protocol, alphas)
     data = get_dataset(dataset, data_root, split) if isinstance(dataset, str) else dataset
-    feature_store = FeatureStore(store, read_only=True)
+    feature_store = reading_store(store, predictions_store)
     k_, t_ = check_key(feature_store, data, model, k, t, variants)
     if settings is None:
         if not variants:
@@ -265,12 +295,38 @@ def run_score(
     return ScoreRun(data, k_, t_, list(settings), results)
 
 
+# ---- pack: chosen keys into a new store ready to publish ------------------------------------------
+def run_pack(store: Path | str, out: Path, *, dataset: str | None = None, model: str | None = None,
+             k: int | None = None, t: int | None = None, predictions: bool = True, license: str | None = None,
+             note: Callable[[str], None] | None = None) -> dict:
+    """`ditf pack`: copy the chosen keys of `store` into `out` (store, manifest, dataset card).
+
+    The sizes are told to `note` before anything is copied; returns the manifest.
+    """
+    from .core.version import __version__
+    from .store.card import card
+    from .store.feature_store import FeatureStore
+    from .store.pack import check_out, plan_pack, write_pack
+
+    check_out(Path(out))
+    source = FeatureStore(store, read_only=True)
+    plan = plan_pack(source, dataset=dataset, model=model, k=k, t=t, predictions=predictions)
+    if note is not None:
+        for item in plan.items:
+            note(f"pack: {item.node}: {len(item.files)} file(s), {item.bytes / 1e6:.1f} MB")
+        note(f"pack: {plan.bytes / 1e6:.1f} MB in all, into {out}")
+    keys = [{"node": item.node, "images": item.images, "bytes": item.bytes, "config": item.config,
+             "predictions": item.predictions} for item in plan.keys()]
+    text = card(keys, version=__version__, total_bytes=plan.bytes, license=license)
+    return write_pack(plan, Path(out), text, version=__version__, progress=note)
+
+
 # ---- doctor: the dataset check and the store audit, combined ---------------------------------------
 def check_dataset(name: str, root: Path, split: str | None, findings: Findings, decode: bool = True) -> list[str]:
     """Every image readable, every annotation parsable; returns the image keys."""
     from .core.errors import DitfError
     from .datasets import get_dataset
-    from .extract.images import image_size, load_rgb
+    from .core.images import image_size, load_rgb
 
     try:
         dataset = get_dataset(name, root, split)
@@ -281,7 +337,8 @@ def check_dataset(name: str, root: Path, split: str | None, findings: Findings, 
     unreadable = 0
     for record in records:
         try:
-            load_rgb(record.path) if decode else image_size(record.path)
+            orientation = {"exif_transpose": dataset.exif_transpose}
+            load_rgb(record.path, **orientation) if decode else image_size(record.path, **orientation)
         except DitfError as exc:
             unreadable += 1
             findings.bad(f"dataset: {exc}")

@@ -19,7 +19,8 @@ import torch
 
 from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.models import get_spec, load_adapter
-from ditf_pipeline.models.base import DiTAdapter, modulate
+from ditf_pipeline.adaln import modulate
+from ditf_pipeline.models.base import DiTAdapter
 
 FAMILIES = ["tiny-flux", "tiny-sd3", "tiny-pixart"]
 PROMPT = "a photo of a cat"

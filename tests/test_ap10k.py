@@ -13,7 +13,7 @@ from ditf_pipeline.datasets import dataset_names, get_dataset
 from ditf_pipeline.demo import demo_names, make_demo
 from ditf_pipeline.demo.ap10k import PART_TO_SLOT, make_ap10k_demo
 from ditf_pipeline.core.errors import DitfError
-from ditf_pipeline.extract.images import load_rgb
+from ditf_pipeline.core.images import load_rgb
 
 
 def _kps(points: dict[int, tuple[float, float, int]]) -> list[float]:

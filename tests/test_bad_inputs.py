@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from ditf_cli.main import app
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.core.errors import DitfError
-from ditf_pipeline.validate import PROTOCOLS, VARIANTS, did_you_mean, select_key
+from ditf_pipeline.selection import select_key
+from ditf_pipeline.validate import PROTOCOLS, VARIANTS, did_you_mean
 
 
 def _invoke(*args):
@@ -89,9 +90,12 @@ def world(tmp_path_factory) -> SimpleNamespace:
     def size_mismatch(d):
         d["src_imsize"] = [d["src_imsize"][0] + 16, d["src_imsize"][1]]
 
+    def unknown_category(d):
+        d["category"] = "dragon"
+
     roots = {name: broken(name, change) for name, change in [
         ("kp-outside", kp_outside), ("box-inverted", box_inverted), ("box-negative", box_negative),
-        ("size-mismatch", size_mismatch), ("truncated", None)]}
+        ("size-mismatch", size_mismatch), ("unknown-category", unknown_category), ("truncated", None)]}
     roots["more-images"] = make_spair_demo(base / "More", categories=("cat", "dog"), pairs_per_category=2)
     image = sorted((roots["truncated"] / "JPEGImages").rglob("*.jpg"))[0]
     image.write_bytes(image.read_bytes()[: image.stat().st_size * 2 // 3])  # header intact, pixels cut off
@@ -139,11 +143,17 @@ CASES = {
     # annotations and images
     "extract-keypoint-outside": (f"{EXTRACT} --data-root {{kp_outside}}", "lies outside the"),
     "extract-image-size-mismatch": (f"{EXTRACT} --data-root {{size_mismatch}}", "but"),
+    "extract-unknown-category": (f"{EXTRACT} --data-root {{unknown_category}}", "missing category folder"),
     "extract-truncated-image": (f"{EXTRACT} --data-root {{truncated}} --t 50", "cannot read image"),
     "match-keypoint-outside": (f"match {FLUX} --data-root {{kp_outside}} --no-progress", "target keypoint 0"),
     "score-keypoint-outside": (f"score {FLUX} --data-root {{kp_outside}}", "lies outside the"),
     "score-box-inverted": (f"score {FLUX} --data-root {{box_inverted}}", "needs x1 < x2 and y1 < y2"),
     "score-box-negative": (f"score {FLUX} --data-root {{box_negative}}", "target box"),
+    # score refuses what extract refuses, even with the predictions stored (same pair ids)
+    "score-image-size-mismatch": (f"score {FLUX} --data-root {{size_mismatch}}", "use the benchmark's original images"),
+    "score-unknown-category": (f"score {FLUX} --data-root {{unknown_category}}", "missing category folder"),
+    "score-out-image-size-mismatch": (f"score {FLUX} --data-root {{size_mismatch}} --out {{base}}/t.csv",
+                                      "use the benchmark's original images"),
     # match
     "match-channels-overwrite": (f"match {FLUX} --channels 999999 --overwrite --no-progress", "--channels 999999 is out of range"),
     "match-variant-typo": (f"match {FLUX} --variant adaln+dc --no-progress", "did you mean 'adaln+cd'?"),

@@ -133,7 +133,7 @@ def test_baselines_store_only_the_raw_map(baseline_store):
     row = store.image_rows("spair")[record.key]
     z, modulation = dino.read_image(row)
     assert modulation == {}
-    from ditf_pipeline.extract.images import load_rgb
+    from ditf_pipeline.core.images import load_rgb
 
     adapter = load_adapter("tiny-dinov2", device="cpu")
     pixels = adapter.prepare_image(load_rgb(record.path), 112)
@@ -235,7 +235,10 @@ def test_predict_with_fuse_uses_both_keys_of_the_store(baseline_store):
     pair = dataset.pairs()[0]
     rows = store.image_rows("spair")
     sd, dino = store.open_features("spair", "tiny-sd", 1, 261), store.open_features("spair", "tiny-dinov2", 3, 0)
-    read = lambda arrays, key: torch.from_numpy(arrays.read_image(rows[key])[0].astype(np.float32))
+
+    def read(arrays, key):
+        return torch.from_numpy(arrays.read_image(rows[key])[0].astype(np.float32))
+
     src, trg = fuse_pair(read(sd, pair.src_key), read(sd, pair.trg_key), read(dino, pair.src_key), read(dino, pair.trg_key), 8)
     expected = DiftMatcher().match(src, pair.src_size, trg, pair.trg_size, pair.src_kps)
     np.testing.assert_array_equal(stored.read()[pair.pair_id], expected.astype(np.float32))

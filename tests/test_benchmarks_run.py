@@ -65,3 +65,8 @@ def test_bench_predict_runs(tmp_path):
     assert "ceiling (two independent halves)" in out
     result = json.loads((tmp_path / "p.json").read_text())
     assert sum(h["pairs"] for h in result["two_independent_halves"]["raw"]["halves"]) == result["pairs"]
+
+
+def test_bench_published_small():
+    out = _run("benchmarks/bench_published.py", "--images", "2", "--repeats", "1")
+    assert "RESULT open: 1 request(s)" in out and "RESULT http:" in out and "x local" in out

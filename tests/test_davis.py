@@ -29,7 +29,7 @@ from ditf_pipeline.score.davis_metrics import (
 from ditf_pipeline.demo import make_demo
 from ditf_pipeline.demo.davis import make_davis_demo
 from ditf_pipeline.core.errors import DitfError
-from ditf_pipeline.extract.images import load_rgb
+from ditf_pipeline.core.images import load_rgb
 from ditf_pipeline.match.video import PropagationSettings, propagate_davis, propagate_step
 
 STRIDE = 4  # pixels per feature cell of the pixel-colour "features"

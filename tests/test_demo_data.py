@@ -11,7 +11,7 @@ import pytest
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo.spair import KEYPOINT_NAMES, make_spair_demo
 from ditf_pipeline.core.errors import DitfError
-from ditf_pipeline.extract.images import load_rgb
+from ditf_pipeline.core.images import load_rgb
 
 
 @pytest.fixture(scope="module")

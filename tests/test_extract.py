@@ -19,7 +19,7 @@ from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
 from ditf_pipeline.models import load_adapter
-from ditf_pipeline.models.base import modulate
+from ditf_pipeline.adaln import modulate
 from ditf_pipeline.store.feature_store import FeatureStore
 
 DITF = [sys.executable, "-m", "ditf_cli.main"]
@@ -55,7 +55,7 @@ def test_extract_writes_features_that_reproduce_the_block(demo_root, tmp_path):
         record = dataset.images()[0]
         pre_adaln, mods = arrays.read_image(rows[record.key])
         # what the extractor computes for this image, recomputed directly
-        from ditf_pipeline.extract.images import load_rgb, preprocess
+        from ditf_pipeline.core.images import load_rgb, preprocess
 
         pixels = preprocess(load_rgb(record.path), 96)
         assert pre_adaln.shape[:2] == (pixels.shape[1] // 16, pixels.shape[2] // 16)
@@ -194,7 +194,7 @@ def test_short_side_resize_sizes_the_grid_from_the_images(demo_root, tmp_path):
     store = FeatureStore(tmp_path / "s.zarr", read_only=True)
     arrays = store.open_features("spair", "tiny-flux", 1, 260)
     assert arrays.config["resize_side"] == "short"
-    from ditf_pipeline.extract.images import image_size, model_size
+    from ditf_pipeline.core.images import image_size, model_size
 
     dataset = get_dataset("spair", demo_root, "test")
     rows = store.image_rows("spair")

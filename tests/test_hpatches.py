@@ -26,7 +26,7 @@ from ditf_pipeline.match.homography import (
     mutual_nearest_neighbours,
     sample_descriptors,
 )
-from ditf_pipeline.extract.images import load_rgb
+from ditf_pipeline.core.images import load_rgb
 
 
 @pytest.fixture(scope="module")

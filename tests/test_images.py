@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ditf_pipeline.core.errors import DitfError
-from ditf_pipeline.extract.images import image_size, load_rgb, model_size, preprocess
+from ditf_pipeline.core.images import image_size, load_rgb, model_size, preprocess
 
 
 def _save(img: Image.Image, path: Path, **kw) -> Path:
@@ -235,7 +235,7 @@ def test_preprocess_cv2_bilinear_is_the_davis_scripts_resize():
 
 def test_cv2_decoder_reads_what_the_davis_script_reads(tmp_path):
     cv2 = pytest.importorskip("cv2")
-    from ditf_pipeline.extract.images import load_for_model
+    from ditf_pipeline.core.images import load_for_model
 
     rng = np.random.default_rng(3)
     path = tmp_path / "f.jpg"

@@ -233,7 +233,7 @@ def spair(tmp_path_factory) -> Path:
 def test_architecture_is_read_from_the_checkpoint(wide_folder):
     for model in ("tiny-flux", "flux"):  # registry: 2+2 blocks d=32, and 19+38 blocks d=3072
         adapter = load_adapter(model, weights=str(wide_folder), device="cpu")
-        assert adapter.architecture == Architecture(64, (("double", 3), ("single", 1)))
+        assert adapter.architecture == Architecture(64, (("double", 3), ("single", 1)), cls="FluxTransformer2DModel")
         assert adapter.num_blocks == 4 and adapter.num_double == 3
         assert [adapter.block_kind(k) for k in range(4)] == ["double"] * 3 + ["single"]
         assert adapter.feature_shape(64, 3)[2] == 64
@@ -254,7 +254,8 @@ def test_narrower_weights_than_the_registry_work_end_to_end(wide_folder, spair, 
     assert result.exit_code == 0, result.output
     arrays = FeatureStore(store, read_only=True).open_features("spair", "flux", 3, 260)
     assert arrays.hidden_size == 64
-    assert arrays.config["architecture"] == {"width": 64, "blocks": [["double", 3], ["single", 1]]}
+    assert arrays.config["architecture"] == {"width": 64, "blocks": [["double", 3], ["single", 1]],
+                                            "class": "FluxTransformer2DModel"}
     assert _cli("match", *common, "--no-progress").exit_code == 0
     result = _cli("score", *common)
     assert result.exit_code == 0, result.output

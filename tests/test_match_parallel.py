@@ -20,7 +20,7 @@ from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.match.features import ChannelMeans, detect_massive_channels
 from ditf_pipeline.match.homography import _device_matches, mutual_nearest_neighbours as numpy_mnn, sample_descriptors
-from ditf_pipeline.extract.images import image_size
+from ditf_pipeline.core.images import image_size
 from ditf_pipeline.match.matchers import (
     ByteLRU,
     DiftMatcher,

@@ -14,7 +14,7 @@ from ditf_pipeline.datasets.pfpascal import CLASSES
 from ditf_pipeline.demo import demo_names, make_demo
 from ditf_pipeline.demo.pfpascal import make_pfpascal_demo
 from ditf_pipeline.core.errors import DitfError
-from ditf_pipeline.extract.images import load_rgb
+from ditf_pipeline.core.images import load_rgb
 
 HEADER = "source_image,target_image,class,XA,YA,XB,YB"
 # Two rows in the public list's exact format (paths relative to the folder above PF-dataset-PASCAL).

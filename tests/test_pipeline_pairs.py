@@ -20,7 +20,7 @@ from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.score.evaluate import score_pairs
-from ditf_pipeline.extract.images import image_size, load_rgb
+from ditf_pipeline.core.images import image_size, load_rgb
 from ditf_pipeline.match.matchers import DiftMatcher
 from ditf_pipeline.match.predict import MatchSettings, predict
 from ditf_pipeline.score.pck import pck

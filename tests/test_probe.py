@@ -18,7 +18,7 @@ from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.datasets.ade20k import CLASSES, IGNORE_INDEX, reduce_zero_label
 from ditf_pipeline.demo import make_demo
 from ditf_pipeline.core.errors import DitfError
-from ditf_pipeline.extract.images import image_size, load_rgb
+from ditf_pipeline.core.images import image_size, load_rgb
 from ditf_pipeline.analysis.probe import (
     ProbeSettings,
     confusion_matrix,

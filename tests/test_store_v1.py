@@ -137,3 +137,15 @@ def test_doctor_migrate_converts_a_schema_1_store(stores, tmp_path):
     assert not findings.problems and any("migrated" in line for line in findings.repaired)
     assert zarr.open_group(str(store), mode="r")["spair/images"].attrs["count"] == len(FeatureStore(new).image_rows("spair"))
     assert _score(root, store) == _score(root, new)
+
+
+def test_a_key_recorded_without_the_transformer_class_resumes_with_it():
+    """Keys written before the architecture recorded its class compare on blocks and width alone."""
+    from ditf_pipeline.store.schema import config_differences
+
+    old = {"architecture": {"width": 64, "blocks": [["double", 2], ["single", 4]]}, "t": 260}
+    new = {"architecture": {**old["architecture"], "class": "FluxTransformer2DModel"}, "t": 260}
+    assert config_differences(old, new) == []
+    other = {"architecture": {**old["architecture"], "class": "ChromaTransformer2DModel"}, "t": 260}
+    assert config_differences(new, other) != []  # a recorded class is compared
+    assert config_differences(old, {**new, "t": 90}) != []

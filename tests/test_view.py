@@ -74,8 +74,13 @@ def demo(tmp_path_factory):
         predict(store, data, MODEL, 2, 260, MatchSettings(variant=variant), progress=False)
     predict(store, data, MODEL, 2, 260, MatchSettings(variant="adaln+cd", fuse=PARTNER, pca_dim=16), progress=False)
     explorer = Explorer(base / "s.zarr", root, None, base / "uploads")
-    return {"root": root, "store": base / "s.zarr", "data": data, "explorer": explorer,
-            "client": TestClient(create_app(explorer))}
+    return {"root": root, "store": base / "s.zarr", "data": data, "explorer": explorer, "client": _client(explorer)}
+
+
+def _client(explorer, **app_options):
+    """A client as the page is one: a loopback Host, and the run's token on every request."""
+    app = create_app(explorer, **app_options)
+    return TestClient(app, base_url="http://127.0.0.1:8765", headers={"X-Ditf-Token": app.state.token})
 
 
 def _stored(demo, name):
@@ -236,7 +241,7 @@ def test_images_are_served_by_key_only_and_inside_the_root(demo, tmp_path):
     index = explorer._dataset("spair")
     index.paths[pair.src_key] = demo["root"] / "JPEGImages" / os.path.relpath(outside, demo["root"] / "JPEGImages")
     assert index.paths[pair.src_key].resolve() == outside.resolve()  # a real file, reached through ".."
-    sneaky = TestClient(create_app(explorer)).get("/api/image", params={"dataset": "spair", "key": pair.src_key})
+    sneaky = _client(explorer).get("/api/image", params={"dataset": "spair", "key": pair.src_key})
     assert sneaky.status_code == 404 and b"secret" not in sneaky.content
 
 

@@ -27,6 +27,7 @@ from ditf_pipeline.demo import make_spair_demo  # noqa: E402
 from ditf_pipeline.store.feature_store import FeatureStore  # noqa: E402
 from ditf_pipeline.view.app import create_app  # noqa: E402
 from ditf_pipeline.view.explorer import Explorer  # noqa: E402
+from ditf_pipeline.view.server import server_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +65,9 @@ def server(demo):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = uvicorn.Config(create_app(explorer), host="127.0.0.1", port=port, log_level="warning")
+    app = create_app(explorer)
+    config = server_config(app)
+    config.host, config.port = "127.0.0.1", port
     instance = uvicorn.Server(config)
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
@@ -73,7 +76,7 @@ def server(demo):
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("uvicorn did not start")
         time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "explorer": explorer}
+    yield {"url": f"http://127.0.0.1:{port}", "explorer": explorer, "token": app.state.token}
     instance.should_exit = True
     thread.join(timeout=10)
 
@@ -107,7 +110,7 @@ def test_click_a_keypoint_in_the_browser(browser, demo, server, tmp_path):
     page = browser.new_page(viewport={"width": 1500, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(server["url"] + "/")
+    page.goto(server["url"] + "/?token=" + server["token"])
     page.wait_for_function("document.querySelectorAll('#pair option').length > 0")
     page.select_option("#pair", pair.pair_id)
     page.wait_for_function(f"document.body.dataset.pair === {pair.pair_id!r}")
@@ -147,7 +150,8 @@ def test_click_a_keypoint_in_the_browser(browser, demo, server, tmp_path):
     assert traversal.status == 404 and "no image" in traversal.json()["error"]
     raw_traversal = page.request.get(server["url"] + "/%2e%2e/%2e%2e/etc/passwd")
     assert raw_traversal.status == 404 and "root:" not in raw_traversal.text()
-    malformed = page.request.post(server["url"] + "/api/click", data=b"{oops", headers={"content-type": "application/json"})
+    malformed = page.request.post(server["url"] + "/api/click", data=b"{oops",
+                                  headers={"content-type": "application/json", "x-ditf-token": server["token"]})
     assert malformed.status == 422 and "not valid JSON" in malformed.json()["error"]
 
     shot = tmp_path / "view.png"
@@ -161,7 +165,8 @@ def test_click_a_keypoint_in_the_browser(browser, demo, server, tmp_path):
 
 def test_upload_two_images_and_query_them(demo, server):
     """The upload path: decoded, extracted with tiny-flux through `ditf_pipeline.extract.extractor`, cached, clickable."""
-    client = TestClient(create_app(server["explorer"]))
+    app = create_app(server["explorer"])
+    client = TestClient(app, base_url="http://127.0.0.1", headers={"X-Ditf-Token": app.state.token})
     images = sorted((demo["root"] / "JPEGImages" / "cat").glob("*.jpg"))[:2]
     body = {"model": "tiny-flux", "source": base64.b64encode(images[0].read_bytes()).decode(),
             "target": "data:image/jpeg;base64," + base64.b64encode(images[1].read_bytes()).decode()}
@@ -197,7 +202,7 @@ def test_upload_in_the_browser(browser, demo, server):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(server["url"] + "/")
+    page.goto(server["url"] + "/?token=" + server["token"])
     page.wait_for_function("document.querySelectorAll('#pair option').length > 0")
     page.click("#upload-box summary")
     page.wait_for_function("document.querySelectorAll('#up-model option').length > 0")
@@ -215,3 +220,26 @@ def test_upload_in_the_browser(browser, demo, server):
     assert panel.get_attribute("data-pred-x") is not None
     assert not errors, errors
     page.close()
+
+
+def test_a_dns_rebinding_page_reads_and_posts_nothing(browser, server):
+    """A name of an attacker's that resolves to 127.0.0.1 (Chromium's resolver rules play the DNS):
+    to the browser the app is then same-origin with the attacker's page, so only the Host check
+    stands between that page and the store's data."""
+    port = server["url"].rsplit(":", 1)[1]
+    rebound = browser.browser_type.launch(
+        executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP rebound.test 127.0.0.1"])
+    try:
+        page = rebound.new_page()
+        response = page.goto(f"http://rebound.test:{port}/")
+        assert response.status == 403 and "not served here" in page.content()
+        statuses = page.evaluate(
+            """async () => [(await fetch('/api/keys')).status,
+                            (await fetch('/api/models')).status,
+                            (await fetch('/api/click', {method: 'POST', headers: {'content-type': 'application/json'},
+                                                        body: '{}'})).status]""")
+        assert statuses == [403, 403, 403]
+        own = page.goto(server["url"] + "/")  # the same browser, the real address: served
+        assert own.status == 200
+    finally:
+        rebound.close()

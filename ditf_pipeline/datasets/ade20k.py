@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import DitfError
-from ..extract.images import image_size
+from ..core.images import image_size
 from . import register
 from .base import Dataset, ImageRecord
 
@@ -98,6 +98,7 @@ class ADE20K(Dataset):
     """
 
     name = "ade20k"
+    exif_transpose = False  # annotations in the stored pixel orientation
     task = "segmentation"
     alphas = ()
     threshold_rule = "none (semantic segmentation: mIoU over 150 classes, label 0 ignored)"
@@ -161,7 +162,7 @@ class ADE20K(Dataset):
         """
         path = self.label_path(key)
         labels = reduce_zero_label(read_label_png(path, self.num_classes))
-        width, height = image_size(self._by_key[key].path)
+        width, height = image_size(self._by_key[key].path, exif_transpose=self.exif_transpose)
         if labels.shape != (height, width):
             raise DitfError(
                 f"ADE20K annotation {path} is {labels.shape[1]}x{labels.shape[0]} but its image "

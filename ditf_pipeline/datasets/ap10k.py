@@ -121,6 +121,7 @@ class AP10K(Dataset):
     """AP-10K correspondence benchmark (GeoAware-SC), one split (default ``intra-species``)."""
 
     name = "ap10k"
+    exif_transpose = False  # annotations in the stored pixel orientation
     alphas = (0.01, 0.05, 0.1)
     threshold_rule = "alpha * max(w, h) of the target bbox [x, y, w, h] (as GeoAware-SC load_ap10k_data)"
     #: the aggregation the benchmark's paper reports (GeoAware-SC Table: per image)

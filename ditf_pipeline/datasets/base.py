@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..core.errors import DitfError
+from ..core.images import image_size
 
 
 def load_json_object(path: Path, what: str) -> dict:
@@ -131,6 +133,11 @@ class Dataset(ABC):
     threshold_rule: str = ""
     #: the aggregation the benchmark's papers report (comparison tables default to it)
     primary_aggregation: str = "per_point"
+    #: whether pixels are read with the EXIF orientation tag applied, as a viewer shows them
+    #: (photos: a folder, the API's images). The annotated benchmarks say no: their keypoints,
+    #: boxes, masks and sizes are in the stored pixel orientation, and the authors read the
+    #: files with plain PIL, which ignores the tag.
+    exif_transpose: bool = True
 
     def __init__(self, root: Path | str, split: str | None = None) -> None:
         self.root = Path(root)
@@ -143,6 +150,21 @@ class Dataset(ABC):
     def pairs(self) -> list[Pair]:
         """Annotated pairs of the split (empty for unannotated image folders)."""
         return []
+
+    def image_sizes(self, records: Sequence[ImageRecord]) -> list[tuple[int, int]]:
+        """(width, height) of each record's image as this dataset reads it (headers only)."""
+        return [image_size(record.path, exif_transpose=self.exif_transpose) for record in records]
+
+    def check_annotations(self) -> None:
+        """Refuse pair annotations that do not fit the images on disk, as extract does: every
+        pair's category and images present, every stated image size the file's (keypoints
+        inside their images are checked as the pairs are parsed). For commands that read only
+        annotations (score): numbers computed on an annotation extract would refuse are wrong.
+        """
+        if self.task != "pairs":
+            return
+        records = self.images()
+        check_annotated_sizes(self.pairs(), records, self.image_sizes(records))
 
     def category_of(self, key: str) -> str | None:
         """Category of an image, used to build the per-image prompt."""

@@ -121,6 +121,7 @@ class Davis2017(Dataset):
     """DAVIS-2017 semi-supervised, one split (default ``val``: 30 sequences, 1,999 frames)."""
 
     name = "davis"
+    exif_transpose = False  # annotations in the stored pixel orientation
     task = "video"
     alphas = ()
     threshold_rule = "J (IoU) and F (boundary, tolerance 0.008 x image diagonal), davis2017-evaluation"

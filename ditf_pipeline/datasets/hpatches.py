@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import DitfError
-from ..extract.images import image_size
+from ..core.images import image_size
 from . import register
 from .base import Dataset, ImageRecord
 
@@ -117,6 +117,7 @@ class HPatches(Dataset):
     """HPatches full sequences (116 in the release: 57 illumination, 59 viewpoint)."""
 
     name = "hpatches"
+    exif_transpose = False  # annotations in the stored pixel orientation
     task = "homography"
     alphas = ()
     threshold_rule = "mean distance of the 4 warped image corners <= 1 / 3 / 5 px (DIFT eval_homography.py)"
@@ -195,7 +196,7 @@ class HPatches(Dataset):
     def size_of(self, key: str) -> tuple[int, int]:
         """(width, height) of an image, from its header."""
         if key not in self._sizes:
-            self._sizes[key] = image_size(self._path(key))
+            self._sizes[key] = image_size(self._path(key), exif_transpose=self.exif_transpose)
         return self._sizes[key]
 
     def keypoints(self, key: str) -> np.ndarray:

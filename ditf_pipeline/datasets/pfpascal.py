@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import DitfError
-from ..extract.images import image_size
+from ..core.images import image_size
 from . import register
 from .base import Dataset, ImageRecord, Pair, check_pair_geometry
 
@@ -107,6 +107,7 @@ class PFPascal(Dataset):
     """PF-Pascal, one split (default ``test``: 299 pairs in the public list)."""
 
     name = "pfpascal"
+    exif_transpose = False  # annotations in the stored pixel orientation
     alphas = (0.05, 0.1, 0.15)
     threshold_rule = "alpha * max(H, W) of the target image (as GeoAware-SC load_pascal_data)"
 
@@ -209,7 +210,7 @@ class PFPascal(Dataset):
             if path not in self._sizes:  # images recur across pairs: read each header once
                 if not path.is_file():
                     raise DitfError(f"missing image {path} (needed by {where})")
-                self._sizes[path] = image_size(path)
+                self._sizes[path] = image_size(path, exif_transpose=self.exif_transpose)
             sizes.append(self._sizes[path])
         src_size, trg_size = sizes
         return Pair(

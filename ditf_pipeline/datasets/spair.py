@@ -93,6 +93,7 @@ class SPair71k(Dataset):
     """SPair-71k, one split (default ``test``: 12,234 pairs over 481 images in the full set)."""
 
     name = "spair"
+    exif_transpose = False  # annotations in the stored pixel orientation
     alphas = (0.01, 0.05, 0.1)
     threshold_rule = "alpha * max(x2 - x1, y2 - y1) of the target bbox (as DIFT/DiTF eval_spair.py)"
 

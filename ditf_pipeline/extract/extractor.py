@@ -27,15 +27,15 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from .. import SCHEMA_VERSION, __version__
+from ..core.version import SCHEMA_VERSION, __version__
 from ..datasets.base import Dataset, ImageRecord, check_annotated_sizes
 from ..core.errors import DitfError
-from .images import RESAMPLERS, image_size, load_for_model
+from ..core.images import RESAMPLERS, image_size, load_for_model, orientation_label
 from ..models.base import CompileOptions, DiTAdapter, LatentPosterior, PromptEmbedding
 from .prompts import prompt_identity, prompts_for
 from .transfer import HostCopies, HostCopy, pinned, upload
@@ -59,6 +59,9 @@ class ExtractSettings:
     resample: str = "pil-bicubic"  # `images.RESAMPLERS`: "cv2-bilinear" is the DAVIS script's
     precision: str = "default"  # `PRECISIONS`: "paper" = the authors' bf16 / fp16 cast points
     workers: int = 2  # image decoding threads
+    # the EXIF orientation tag applied (photos) or ignored (annotated benchmarks): always the
+    # dataset's rule (`Dataset.exif_transpose`), which `Extractor.run` puts here
+    exif_transpose: bool = True
     # how the work runs, not what it computes: provenance only, never the key's config
     compile: str = "auto"  # `COMPILE_MODES`: torch.compile the DiT blocks that run
     batch_images: int | None = None  # images of one token grid per forward; None: `batch_images()`
@@ -235,6 +238,7 @@ def store_config(adapter: DiTAdapter, settings: ExtractSettings) -> dict:
         "resize_side": settings.resize,
         "resize_rule": RESIZE_RULE,
         "resample": settings.resample,
+        "orientation": orientation_label(settings.exif_transpose),
         **adapter.input_config(),  # "resize" (and the pixel normalisation where not [-1, 1])
         "vae_dtype": str(adapter.vae_dtype).replace("torch.", "") if adapter.vae_dtype is not None else None,
         "vae_sampling": VAE_SAMPLING if adapter.stochastic else None,
@@ -248,17 +252,30 @@ def store_config(adapter: DiTAdapter, settings: ExtractSettings) -> dict:
     }
 
 
+def comparable_config(config: dict, stored: dict | None) -> dict:
+    """`config` as it is compared with a key's `stored` config.
+
+    A key whose config does not record the orientation read every image with the EXIF tag
+    applied; for every file without an orientation tag (the benchmarks' images) that is the
+    same pixels, so such a key is resumed as it is, and keeps its config.
+    """
+    if stored is not None and "orientation" not in stored:
+        return {name: value for name, value in config.items() if name != "orientation"}
+    return config
+
+
 def provenance(adapter: DiTAdapter, settings: ExtractSettings) -> dict:
+    from importlib.metadata import version
+
     import diffusers
     import transformers
-    import zarr
 
     return {
         "ditf": __version__,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
-        "zarr": zarr.__version__,
+        "zarr": version("zarr"),  # read from the metadata: only store/ imports zarr
         "python": platform.python_version(),
         "device": str(adapter.device),
         "text_device": str(adapter.text_device),
@@ -291,7 +308,7 @@ def modulation_names(adapter: DiTAdapter) -> list[str]:
     if not adapter.has_adaln:
         return []
     names = ["shift_t", "scale_t", "gate_t"]
-    if adapter.spec.family != "pixart":
+    if adapter.separates_conditioning:
         names += ["shift_c", "scale_c", "gate_c"]
     return names
 
@@ -460,12 +477,14 @@ class Extractor:
         single run and the union of the shards equals one run bit for bit.
         """
         start_time = time.perf_counter()
+        if self.settings.exif_transpose != dataset.exif_transpose:  # a copy: the caller's settings stay as given
+            self.settings = replace(self.settings, exif_transpose=dataset.exif_transpose)
         adapter, settings, store = self.adapter, self.settings, self.store
         shard = shard or Shard()
         records = list(records if records is not None else dataset.images())
         if not records:
             raise DitfError(f"dataset {dataset.name} at {dataset.root} has no images")
-        sizes = [image_size(record.path) for record in records]
+        sizes = dataset.image_sizes(records)
         if dataset.task == "pairs":
             check_annotated_sizes(dataset.pairs(), records, sizes)
         # a shard owns whole blocks of ROWS_PER_SHARD rows: the small per-image arrays keep one
@@ -485,8 +504,13 @@ class Extractor:
                         grids = [adapter.grid_size(w, h, settings.img_size, settings.resize) for w, h in sizes]
                         rows_max, cols_max = max(g[0] for g in grids), max(g[1] for g in grids)
                     def open_key():
+                        try:
+                            stored = store.open_features(dataset.name, adapter.spec.name, k, t).config
+                        except DitfError:  # not set up yet
+                            stored = None
                         return store.open_features(
-                            dataset.name, adapter.spec.name, k, t, config=config, provenance=provenance(adapter, settings),
+                            dataset.name, adapter.spec.name, k, t, config=comparable_config(config, stored),
+                            provenance=provenance(adapter, settings),
                             n_images=n_rows, grid_max=(rows_max, cols_max), hidden_size=channels,
                             modulation_names=modulation_names(adapter), adaln=adapter.has_adaln,
                         )
@@ -520,7 +544,7 @@ class Extractor:
                 except DitfError:  # key not created yet: every image is pending
                     missing_key = True
                     continue
-                differences = config_differences(arrays.config, config)
+                differences = config_differences(arrays.config, comparable_config(config, arrays.config))
                 if differences:
                     raise DitfError(f"store {self.store.path} key {arrays.path} was written with another configuration ("
                                     + "; ".join(differences) + "): use another --store or the stored settings")
@@ -536,7 +560,8 @@ class Extractor:
         index row and grown arrays behind. Decoding twice costs far less than one DiT forward.
         """
         with ThreadPoolExecutor(max_workers=max(1, self.settings.workers)) as pool:
-            for _ in pool.map(lambda record: load_for_model(record.path, self.settings.resample).size, records):
+            for _ in pool.map(lambda record: load_for_model(record.path, self.settings.resample,
+                                                           exif_transpose=self.settings.exif_transpose).size, records):
                 pass
 
     def _run_locked(self, dataset, records, rows, arrays, start_time, progress) -> ExtractReport:
@@ -561,7 +586,8 @@ class Extractor:
 
         def load(record: ImageRecord) -> torch.Tensor:
             pixels = self.adapter.prepare_image(
-                load_for_model(record.path, settings.resample), settings.img_size, side=settings.resize,
+                load_for_model(record.path, settings.resample, exif_transpose=settings.exif_transpose),
+                settings.img_size, side=settings.resize,
                 resample=settings.resample,
             )
             return pinned(torch.from_numpy(pixels), device)
@@ -584,7 +610,7 @@ class Extractor:
         settings = self.settings
 
         def grid(record: ImageRecord) -> tuple[int, int]:
-            width, height = image_size(record.path)
+            width, height = image_size(record.path, exif_transpose=settings.exif_transpose)
             return self.adapter.grid_size(width, height, settings.img_size, settings.resize)
 
         return sorted(records, key=grid)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import __version__
+from ..core.version import __version__
 from ..core.errors import DitfError
 from ..store.feature_store import FeatureArrays, FeatureStore
 from .features import USES_CHANNELS, check_variant_applies

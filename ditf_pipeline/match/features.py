@@ -16,8 +16,8 @@ Variants (stable names, written into every result):
 * ``adaln-t``        AdaLN with (shift_t, scale_t), regressed from the timestep only
 * ``adaln-c``        AdaLN with (shift_c, scale_c), regressed from the condition only
 
-LayerNorm is affine-free with eps 1e-6, as in every DiT block (`layer_norm` below; the adapters
-import it from here, so the match stage never depends on the model package).
+LayerNorm is affine-free with eps 1e-6, as in every DiT block (`ditf_pipeline.adaln.layer_norm`, which
+the model adapters share with this module, so the match stage never depends on the model package).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 
+from ..adaln import layer_norm
 from ..core.errors import DitfError
 
 #: Modulation vectors as they come out of the store: name -> (D,) array or tensor.
@@ -35,17 +36,6 @@ ModulationVectors = Mapping[str, "np.ndarray | torch.Tensor"]
 
 #: The paper's massive-activation criterion: mean |z| over tokens above 100x the median.
 MASSIVE_RATIO = 100.0
-
-
-def layer_norm(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The affine-free LayerNorm every DiT block applies before its AdaLN modulation."""
-    return torch.nn.functional.layer_norm(z, z.shape[-1:], eps=eps)
-
-
-def modulate(z: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(1 + scale) * LayerNorm(z) + shift for z (B, ..., D) and per-sample vectors (B, D)."""
-    view = (shift.shape[0],) + (1,) * (z.ndim - 2) + (shift.shape[-1],)
-    return layer_norm(z, eps) * (1 + scale.reshape(view)) + shift.reshape(view)
 
 
 def _vector(modulation: ModulationVectors, name: str, dim: int) -> torch.Tensor:
@@ -194,8 +184,8 @@ def massive_from_means(channel_means: np.ndarray, ratio: float = MASSIVE_RATIO) 
 class ChannelMeans:
     """Running per-channel mean |z| over the tokens of many images, one image at a time.
 
-    Why: `--channels auto` used to concatenate the tokens of 32 images (0.7 GB at SPair size)
-    before taking one mean; a float64 running sum needs one (D,) vector whatever the sample.
+    Why: concatenating the tokens of 32 images before taking one mean would hold 0.7 GB at SPair
+    size; a float64 running sum needs one (D,) vector whatever the sample.
     """
 
     def __init__(self, dim: int) -> None:

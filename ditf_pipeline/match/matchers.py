@@ -38,12 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import DitfError
+from ..core.naming import PROTOCOL_RULES
 
 #: (width, height) of an original image, as in `datasets.base.Pair`
 ImageSize = tuple[int, int]
 
-#: protocol name -> the PCK comparison its public code uses (see `score.RULES`)
-PROTOCOL_RULES = {"dift": "<=", "geoaware": "<"}
 
 # ---------------------------------------------------------------------------------------------
 # shared helpers

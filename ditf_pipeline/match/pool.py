@@ -1,9 +1,10 @@
 """Blocks of pairs matched on every core: one worker per job, each owning a span of blocks.
 
 Why processes and not threads: a pair is a few millisecond-sized kernels plus Python glue
-around them. In threads the glue holds the GIL: two threads reached 1.47x at SPair size on two
-cores, this pool 1.75-1.86x, close to two fully independent processes (1.79-1.93x; measured
-with `benchmarks/bench_predict.py --ceiling`).
+around them. In threads the glue holds the GIL, so two threads scale clearly less than two
+processes; this pool comes close to two fully independent processes (`benchmarks/bench_predict.py
+--ceiling`; figures in `benchmarks/results/bench_predict-threads-spair-cpu-2core-2026-11-30.json`
+and `bench_predict-spair-pool-cpu-2core-2026-11-30.json`).
 
 Why spans: neighbouring pairs share images (SPair's pairs are grouped by category), and each
 worker keeps its own feature cache. Handing out blocks round robin would make every worker
@@ -126,9 +127,9 @@ def _thread_worker(conn: Connection, work: Work) -> None:
         conn.close()
 
 
-#: glibc malloc arenas of a worker process (and of `ditf`, `limit_malloc_arenas`): with zarr's
-#: decoding threads each thread got its own arena by default, and the freed buffers of feature
-#: maps spread over them: at SPair size 925 -> 743 MiB peak RSS with 2, no slower (measured)
+#: glibc malloc arenas of a worker process (and of `ditf`, `limit_malloc_arenas`): by default each
+#: of zarr's decoding threads gets its own arena and the freed buffers of feature maps spread over
+#: them; two arenas keep peak RSS lower at no cost in speed (`benchmarks/bench_predict.py`)
 MALLOC_ARENAS = 2
 
 

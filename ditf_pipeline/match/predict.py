@@ -46,7 +46,7 @@ from .features import (
 )
 from .fusion import PairFusion, parse_fuse
 from .matchers import ByteLRU, make_matcher, one_intra_op_thread, resolve_match_device
-from ..core.naming import fusion_label, prediction_name
+from ..core.naming import DEFAULT_PCA_DIM, fusion_label, prediction_name
 from .paper import PaperDiftMatcher, paper_feature, paper_matching
 from .pool import BlockRunner, WorkerPool
 from ..core.shards import Shard
@@ -85,7 +85,7 @@ class MatchSettings:
     soft_window: int | None = None  # geoaware only
     channel_sample: int = 32  # images used to detect massive channels for "auto"
     fuse: str | None = None  # partner model (e.g. "dinov2-b14"), concatenated per pair (`fusion`)
-    pca_dim: int = 1280  # PCA of the DiT part over each pair before fusing (0: none)
+    pca_dim: int = DEFAULT_PCA_DIM  # PCA of the DiT part over each pair before fusing (0: none)
     jobs: int | None = None  # workers: this thread + jobs-1 processes (None: every core); CPU only
     device: str = "cpu"  # auto | cpu | cuda | cuda:N
     cache_bytes: int = FEATURE_CACHE_BYTES  # budget of the variant feature cache

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..datasets.davis import VOID_LABEL, VideoSequence, read_mask, write_mask
-from ..score.davis_metrics import RUN_MARKER
 from ..core.errors import DitfError
+from ..core.naming import RUN_MARKER
 
 FeatureSource = Callable[[int], "torch.Tensor | np.ndarray"]
 

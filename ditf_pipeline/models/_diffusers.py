@@ -48,6 +48,10 @@ class DiffusersAdapter(DiTAdapter):
     #: the transformer's block lists in the paper's numbering: (attribute, config entry giving
     #: its length, kind); empty for models without a transformer (the SD UNet)
     block_lists: tuple[tuple[str, str, str], ...] = ()
+    #: True where the transformer's forward reads its block lists' lengths (Chroma indexes its
+    #: modulation table by them): cut lists keep their length, the blocks after the cut replaced
+    #: by parameter-free `NeverRun` placeholders
+    keep_list_lengths: bool = False
 
     def __init__(self, spec: ModelSpec, **kwargs) -> None:
         super().__init__(spec, **kwargs)
@@ -186,8 +190,14 @@ class DiffusersAdapter(DiTAdapter):
         missing += [entry for _, entry, _ in self.block_lists if entry not in config]
         if missing:
             raise DitfError(f"the transformer config of {self.source} lacks {', '.join(missing)}")
-        width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-        return Architecture(width, tuple((kind, int(config[entry])) for _, entry, kind in self.block_lists))
+        width = self.width_of(config)
+        return Architecture(width, tuple((kind, int(config[entry])) for _, entry, kind in self.block_lists),
+                            cls=self.dit_classes()["transformer"].__name__)
+
+    @staticmethod
+    def width_of(config: dict) -> int:
+        """The transformer's hidden width from its config (heads x head size in most families)."""
+        return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
 
     def check_indices(self, indices: Sequence[int]) -> list[int]:
         """Validate against the checkpoint's blocks; the transformer then holds blocks up to the deepest."""
@@ -278,7 +288,10 @@ class DiffusersAdapter(DiTAdapter):
         for attr, entry, _ in self.block_lists:
             count = int(config[entry])
             keep = min(max(depth + 1 - start, 0), count)
-            setattr(model, attr, torch.nn.ModuleList(list(getattr(model, attr))[:keep]))
+            blocks = list(getattr(model, attr))[:keep]
+            if self.keep_list_lengths:
+                blocks += [NeverRun() for _ in range(count - keep)]
+            setattr(model, attr, torch.nn.ModuleList(blocks))
             start += count
         wanted = model.state_dict()
         tensors = read_tensors(self._weight_files(list(wanted)), {name: t.dtype for name, t in wanted.items()})
@@ -356,6 +369,8 @@ class DiffusersAdapter(DiTAdapter):
             keep = [block for i, block in enumerate(blocks) if not stop_early or start + i <= deepest]
             saved[attr] = getattr(transformer, attr)
             run = [block if start + i in tapped else self._compiled_block(block) for i, block in enumerate(keep)]
+            if self.keep_list_lengths:
+                run += [NeverRun() for _ in range(len(blocks) - len(keep))]
             setattr(transformer, attr, torch.nn.ModuleList(run))
             start += count
         try:
@@ -418,6 +433,17 @@ class DiffusersAdapter(DiTAdapter):
             return stacked.unsqueeze(1).expand(len(prompts), repeat, *stacked.shape[1:]).reshape(batch, *stacked.shape[1:])
 
         return {name: rows(name) for name, value in prompts[0].items() if value.is_floating_point()}
+
+
+class NeverRun(torch.nn.Module):
+    """Stands for a block after the deepest requested one where the list must keep its length.
+
+    It holds no parameters (nothing is loaded for it) and running it is a bug: the forward ends
+    inside the deepest tapped block.
+    """
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a DiT block after the deepest requested block was run")
 
 
 @contextlib.contextmanager

@@ -29,10 +29,6 @@ from typing import Literal
 
 import torch
 
-# The affine-free LayerNorm and the AdaLN modulation live with the feature variants (the match
-# stage must not depend on the model package); re-exported here for the adapters and their tests.
-from ..match.features import layer_norm, modulate  # noqa: F401
-
 Conditioning = Literal["tc", "t", "c"]
 #: Prompt conditioning as the family's DiT consumes it, e.g. {"prompt_embeds": [L, C],
 #: "pooled_prompt_embeds": [C']}: tensors without batch dimension (cacheable in the store).
@@ -75,6 +71,11 @@ class ModelSpec:
     guidance: float | None = None
     description: str = ""
     tiny: bool = False
+    #: licence of the weights as their model card states it (the code's MIT licence does not cover them)
+    license: str = ""
+    #: None: `default_k` / `default_t` are the paper's, tuned on real weights; else the rule they
+    #: come from (`rule_defaults`), not tuned on real weights
+    defaults_rule: str | None = None
     #: extra constructor arguments for the adapter (e.g. the tiny config)
     options: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -91,6 +92,8 @@ class Architecture:
 
     width: int
     blocks: tuple[tuple[str, int], ...]
+    #: the diffusers transformer class the weights are (None for models that are not one)
+    cls: str | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -111,7 +114,29 @@ class Architecture:
 
     def as_config(self) -> dict:
         """The store-config entry: keys written from different architectures never mix."""
-        return {"width": self.width, "blocks": [[kind, count] for kind, count in self.blocks]}
+        config = {"width": self.width, "blocks": [[kind, count] for kind, count in self.blocks]}
+        if self.cls is not None:
+            config["class"] = self.cls
+        return config
+
+
+#: the paper's relative depth: k = blocks // 2 reproduces its PixArt-alpha (14 of 28) and Flux
+#: (28 of 57) defaults
+RULE_DEPTH = 0.5
+#: the paper's timestep per noise schedule: Flux's for rectified-flow training, PixArt-alpha's for DDPM
+RULE_T = {"flow": 260, "ddpm": 141}
+
+
+def rule_defaults(num_blocks: int, schedule: str) -> tuple[int, int, str]:
+    """(k, t, the rule in words) for a family the paper did not tune: its relative depth and noise level.
+
+    Stated as a rule, not a finding: no real weights were measured. `ditf analyze --match`
+    over a k x t grid on a split is what tunes them.
+    """
+    k = int(num_blocks * RULE_DEPTH)
+    t = RULE_T[schedule]
+    return k, t, (f"k = blocks // 2, t = {t} ({'rectified flow: Flux' if schedule == 'flow' else 'DDPM: PixArt-alpha'}"
+                  "'s); not tuned on real weights")
 
 
 @dataclass
@@ -174,6 +199,9 @@ class DiTAdapter(ABC):
     patch_stride: int = 16
     #: False for models without AdaLN: no modulation is captured or stored, only variant ``raw``
     has_adaln: bool = True
+    #: False where the AdaLN sees the timestep only (PixArt, Sana): no t-only / c-only vectors
+    #: are stored, and `modulation(..., "c")` raises a one-line error naming the family
+    separates_conditioning: bool = True
     #: False for deterministic models (no noise): the extractor uses an ensemble of one
     stochastic: bool = True
     #: False for models without text conditioning: the extractor uses the prompt mode ``none``
@@ -260,7 +288,7 @@ class DiTAdapter(ABC):
         `images.model_size`), resampled with `resample` (`images.RESAMPLERS`), then
         `normalise_pixels`.
         """
-        from ..extract.images import preprocess
+        from ..core.images import preprocess
 
         return self.normalise_pixels(
             preprocess(img, img_size, multiple=self.patch_stride, side=side, resample=resample)
@@ -268,7 +296,7 @@ class DiTAdapter(ABC):
 
     def grid_size(self, width: int, height: int, img_size: int, side: str = "long") -> tuple[int, int]:
         """(rows, cols) of the token grid `prepare_image` leads to for an image of this size."""
-        from ..extract.images import model_size
+        from ..core.images import model_size
 
         new_w, new_h = model_size(width, height, img_size, self.patch_stride, side)
         return new_h // self.patch_stride, new_w // self.patch_stride

@@ -170,7 +170,7 @@ for _size, (_blocks, _width) in _SIZES.items():
     register(
         ModelSpec(
             name=f"dinov2-{_size}", family="dinov2", hub_id=_HUB[_size], num_blocks=_blocks, hidden_size=_width,
-            default_k=_blocks - 1, default_t=0, img_size=840,
+            default_k=_blocks - 1, default_t=0, img_size=840, license="Apache-2.0",
             description=f"DINOv2 ViT-{_size[0].upper()}/14 (baseline / fusion partner); token facet of block "
                         f"{_blocks - 1}, patch 14, ImageNet mean/std, t is unused (0)",
         ),
@@ -190,7 +190,7 @@ _TINY_DINOV2 = dict(
 register(
     ModelSpec(
         name="tiny-dinov2", family="dinov2", hub_id=None, num_blocks=4, hidden_size=32, default_k=3, default_t=0,
-        img_size=112, tiny=True,
+        img_size=112, tiny=True, license="MIT (ditf's; random weights)",
         description="DINOv2 architecture at toy size (4 blocks, d=32, patch 14), seeded random weights",
         options={"tiny_config": _TINY_DINOV2, "seed": 0},
     ),

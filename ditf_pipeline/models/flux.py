@@ -205,7 +205,7 @@ register(
         name="flux", family="flux", hub_id="black-forest-labs/FLUX.1-dev", num_blocks=57, hidden_size=3072,
         default_k=28, default_t=260, img_size=640, guidance=3.5,
         description="FLUX.1-dev; 19 double + 38 single blocks; paper default k=28 (single block 9), t=260",
-        options={"max_sequence_length": 512},
+        options={"max_sequence_length": 512}, license="FLUX.1 [dev] Non-Commercial License (gated)",
     ),
     FluxAdapter,
 )
@@ -214,14 +214,14 @@ register(
         name="flux-schnell", family="flux", hub_id="black-forest-labs/FLUX.1-schnell", num_blocks=57,
         hidden_size=3072, default_k=28, default_t=260, img_size=640,
         description="FLUX.1-schnell (no guidance embedding); Flux defaults",
-        options={"max_sequence_length": 256},
+        options={"max_sequence_length": 256}, license="Apache-2.0",
     ),
     FluxAdapter,
 )
 register(
     ModelSpec(
         name="tiny-flux", family="flux", hub_id=None, num_blocks=4, hidden_size=32, default_k=2, default_t=260,
-        img_size=128, guidance=3.5, tiny=True,
+        img_size=128, guidance=3.5, tiny=True, license="MIT (ditf's; random weights)",
         description="Flux architecture at toy size (2 double + 2 single blocks, d=32), seeded random weights",
         options={"max_sequence_length": 32, "tiny_config": _TINY_FLUX, "seed": 0},
     ),

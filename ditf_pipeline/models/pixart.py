@@ -62,6 +62,7 @@ class PixArtAdapter(DiffusersAdapter):
     pipeline_cls = PixArtAlphaPipeline
     text_components = ("text_encoder", "tokenizer")
     block_lists = (("transformer_blocks", "num_layers", "pixart"),)
+    separates_conditioning = False
 
     def __init__(self, spec: ModelSpec, **kwargs) -> None:
         super().__init__(spec, **kwargs)
@@ -179,7 +180,7 @@ class PixArtAdapter(DiffusersAdapter):
         indices = self.check_indices(indices)
         if conditioning == "c":
             raise DitfError(
-                f"{self.spec.name}: conditioning 'c' is undefined for PixArt, whose AdaLN is conditioned on the "
+                f"{self.spec.name}: conditioning 'c' is undefined for the {self.spec.family} family, whose AdaLN is conditioned on the "
                 "timestep only (the caption enters through cross-attention); use 't' or 'tc' (identical here)"
             )
         if conditioning not in ("t", "tc"):
@@ -216,14 +217,14 @@ register(
         name="pixart-alpha", family="pixart", hub_id="PixArt-alpha/PixArt-XL-2-1024-MS", num_blocks=28,
         hidden_size=1152, default_k=14, default_t=141, img_size=960,
         description="PixArt-alpha XL-2 1024-MS; 28 blocks, d=1152, AdaLN on t only; paper defaults k=14, t=141",
-        options={"max_sequence_length": 120},
+        options={"max_sequence_length": 120}, license="CreativeML Open RAIL++-M",
     ),
     PixArtAdapter,
 )
 register(
     ModelSpec(
         name="tiny-pixart", family="pixart", hub_id=None, num_blocks=4, hidden_size=48, default_k=2, default_t=141,
-        img_size=128, tiny=True,
+        img_size=128, tiny=True, license="MIT (ditf's; random weights)",
         description="PixArt-alpha architecture at toy size (4 blocks, d=48), seeded random weights",
         options={"max_sequence_length": 32, "tiny_config": _TINY_PIXART, "seed": 0},
     ),

@@ -179,7 +179,7 @@ register(
         name="sd3", family="sd3", hub_id="stabilityai/stable-diffusion-3-medium-diffusers", num_blocks=24,
         hidden_size=1536, default_k=9, default_t=340, img_size=960,
         description="Stable Diffusion 3 medium; 24 joint blocks, d=1536; paper defaults k=9, t=340",
-        options={"max_sequence_length": 256},
+        options={"max_sequence_length": 256}, license="Stability AI Community License (gated)",
     ),
     SD3Adapter,
 )
@@ -188,14 +188,14 @@ register(
         name="sd3.5", family="sd3", hub_id="stabilityai/stable-diffusion-3.5-large", num_blocks=38,
         hidden_size=2432, default_k=23, default_t=380, img_size=960,
         description="Stable Diffusion 3.5 large; 38 joint blocks (qk RMSNorm), d=2432; paper defaults k=23, t=380",
-        options={"max_sequence_length": 256},
+        options={"max_sequence_length": 256}, license="Stability AI Community License (gated)",
     ),
     SD3Adapter,
 )
 register(
     ModelSpec(
         name="tiny-sd3", family="sd3", hub_id=None, num_blocks=4, hidden_size=32, default_k=2, default_t=340,
-        img_size=128, tiny=True,
+        img_size=128, tiny=True, license="MIT (ditf's; random weights)",
         description="SD3/SD3.5 architecture at toy size (4 joint blocks, 0-1 dual-attention, d=32), seeded random weights",
         options={"max_sequence_length": 32, "tiny_config": _TINY_SD3, "seed": 0},
     ),

@@ -106,7 +106,7 @@ class SDUNetAdapter(DiffusersAdapter):
 
     def prepare_image(self, img, img_size: int, side: str = "long", resample: str = "pil-bicubic") -> np.ndarray:
         """DIFT: resize to a square img_size x img_size (aspect not kept), pixels to [-1, 1]."""
-        from ..extract.images import resize_pixels, to_rgb
+        from ..core.images import resize_pixels, to_rgb
 
         if side != "long":
             raise DitfError(f"{self.spec.name} resizes to a square as DIFT does: --resize {side} does not apply")
@@ -211,14 +211,14 @@ register(
         default_k=1, default_t=261, img_size=768,
         description="DIFT baseline: Stable Diffusion 2.1 UNet, output of up block k=1 (1280 ch, img/16 grid), "
                     "t=261, square 768 input, ensemble 8",
-        options={"multiple": 64},
+        options={"multiple": 64}, license="CreativeML Open RAIL++-M",
     ),
     SDUNetAdapter,
 )
 register(
     ModelSpec(
         name="tiny-sd", family="sd-unet", hub_id=None, num_blocks=4, hidden_size=32, default_k=1, default_t=261,
-        img_size=128, tiny=True,
+        img_size=128, tiny=True, license="MIT (ditf's; random weights)",
         description="SD 2.1 UNet architecture at toy size (4 levels, up block 1 = 32 ch at img/16), seeded random weights",
         options={"multiple": 64, "tiny_config": _TINY_UNET, "seed": 0},
     ),

@@ -39,10 +39,9 @@ import numpy as np
 
 from ..datasets.davis import VOID_LABEL, VideoSequence, read_mask
 from ..core.errors import DitfError
+from ..core.naming import RUN_MARKER  # noqa: F401  (re-exported: the scorer finds runs by it)
 
 BOUND_TH = 0.008
-#: name of the marker a propagation run writes into its output folder (see `video.py`)
-RUN_MARKER = "ditf_propagation.json"
 
 
 # -- per-frame measures (davis2017/metrics.py) --------------------------------------------------

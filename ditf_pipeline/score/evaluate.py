@@ -35,6 +35,7 @@ def result_context(store: FeatureStore, dataset: Dataset, model: str, k: int, t:
 def _stored_pairs(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, prediction_name: str):
     if dataset.task != "pairs":
         raise DitfError(f"dataset {dataset.name} is a {dataset.task} benchmark, not keypoint pairs")
+    dataset.check_annotations()  # what extract refuses is never scored
     pairs = dataset.pairs()
     scope = prediction_scope(dataset.split, [p.pair_id for p in pairs])
     stored = store.open_predictions((dataset.name, model, k, t), prediction_name, scope=scope)

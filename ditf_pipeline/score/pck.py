@@ -27,6 +27,7 @@ import numpy as np
 
 from ..datasets.base import Pair
 from ..core.errors import DitfError
+from ..core.naming import PROTOCOL_RULES
 
 DEFAULT_ALPHAS = (0.01, 0.05, 0.1)
 
@@ -42,8 +43,6 @@ RULES = {
     ),
 }
 
-#: protocol -> rule its public code uses
-PROTOCOL_RULES = {"dift": "<=", "geoaware": "<"}
 
 
 def rule_for(protocol: str) -> str:

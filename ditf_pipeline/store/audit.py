@@ -19,10 +19,10 @@ import numpy as np
 from ..core.errors import DitfError
 from ..core.keys import FeatureKey
 from .arrays import FeatureArrays, PredictionArrays, chunk_exists
-from .backends import ReadBackend, backend_for, store_location
+from .backends import Backend, ReadBackend, backend_for, store_location
 from .failures import reason
 from .feature_store import FeatureStore
-from .layout import IMAGES, node_kind
+from .layout import IMAGES, PREDICTIONS_OF, node_kind
 from .schema import FEATURE_DTYPES, MODULATION_DTYPE, SCHEMA_VERSION, file_rows, root_metadata, writable
 
 __all__ = ["Finding", "audit_store", "repair_root_metadata"]
@@ -93,6 +93,8 @@ class _Audit:
     # once no writer lives (`writers.sweep`), as every writer does when it starts alone
     def leftovers(self) -> None:
         fs = self.fs
+        if not isinstance(fs, Backend):
+            return  # a published store: nothing ever wrote there through ditf, so nothing was left half-done
         sweep = self.store.sweep_if_alone
         for staged in self.store.layout.staging():
             self.findings.append(Finding(f"store: unfinished setup of a running or interrupted writer: {fs.where(staged)}",
@@ -228,6 +230,11 @@ class _Audit:
     def key(self, key: FeatureKey) -> None:
         node, fs, store = key.path, self.fs, self.store
         group = store.group(node) if fs.exists(f"{node}/zarr.json") else None
+        if group is not None and PREDICTIONS_OF in group.attrs and "complete" not in group:
+            self.ok.append(f"store: {node}: predictions of the features in {group.attrs[PREDICTIONS_OF]}")
+            for path in store.layout.prediction_folders(key):
+                self.predictions(path)
+            return
         if group is None or "complete" not in group or "config" not in group.attrs or "modulation" not in group.attrs:
             committed = 0
             try:

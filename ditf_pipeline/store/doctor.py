@@ -17,6 +17,8 @@ from pathlib import Path
 from ..core.errors import DitfError
 from ..core.keys import FeatureKey
 from .audit import audit_store, repair_root_metadata
+from .backends import is_read_only, store_location
+from .backends.locations import read_only_scheme
 from .feature_store import FeatureStore, store_folder_exists
 
 __all__ = ["Findings", "check_store"]
@@ -55,6 +57,10 @@ def check_store(path: str | Path, findings: Findings, dataset: str | None = None
     to date in place); each change is reported as a "repaired" line. With `dataset` and its
     image `keys`, also says how many of them each of its keys has not extracted.
     """
+    location = store_location(path)
+    if (repair or migrate) and is_read_only(location):
+        raise DitfError(f"store {location} is read-only ({read_only_scheme(str(location))} serves reads only): "
+                        "--repair and --migrate change a store; check it without them")
     if not store_folder_exists(path):
         findings.bad(f"store: store {path} does not exist")
         return

@@ -39,9 +39,9 @@ from ..core.errors import DitfError
 from ..core.keys import FeatureKey
 from . import leases, legacy, locks, writers
 from .arrays import FeatureArrays, PredictionArrays
-from .backends import Backend, backend_for, is_remote, local_beside, store_location
+from .backends import Backend, ReadBackend, backend_for, is_read_only, is_remote, local_beside, store_location
 from .failures import reads, reason, writes
-from .layout import IMAGES, META, PREDICTIONS, StoreLayout, lock_path, prediction_scope
+from .layout import IMAGES, META, PREDICTIONS, PREDICTIONS_OF, StoreLayout, lock_path, prediction_scope
 from .prompts import PromptCache, prompt_cache_path
 from .schema import (
     ROWS_PER_SHARD,
@@ -57,7 +57,7 @@ from .schema import (
 from .writers import close_writers
 
 __all__ = ["ROWS_PER_SHARD", "FeatureArrays", "FeatureStore", "PredictionArrays", "PromptCache", "close_writers",
-           "config_differences", "feature_path", "is_remote", "local_beside", "prediction_scope", "store_exists",
+           "config_differences", "feature_path", "is_read_only", "is_remote", "local_beside", "prediction_scope", "store_exists",
            "store_folder_exists", "store_location"]
 
 #: how long a writer waits for the image index's lock (a registration appends a few rows;
@@ -67,7 +67,10 @@ _INDEX_LOCK_WAIT = 300.0
 
 def store_exists(store: str | Path) -> bool:
     """Whether a ditf store (its root zarr.json) is at `store` (a path or a URL)."""
-    return backend_for(store_location(store)).exists("zarr.json")
+    backend = backend_for(store_location(store))
+    if not isinstance(backend, Backend):  # a published store: its one metadata read says
+        return backend.root_problem(read_only=True) is None
+    return backend.exists("zarr.json")
 
 
 def store_folder_exists(store: str | Path) -> bool:
@@ -84,7 +87,8 @@ class FeatureStore:
     """A Zarr group holding cached DiT features, prompt embeddings and predictions."""
 
     def __init__(self, path: str | Path, read_only: bool = False, consolidated: bool = True) -> None:
-        """`path`: a folder (or file:// URL), or an object-store URL (s3://bucket/prefix, gs://, az://).
+        """`path`: a folder (or file:// URL), an object-store URL (s3://bucket/prefix, gs://, az://),
+        or a published store's URL (https://, hf://: read-only, see `backends.published`).
 
         `self.path` is a Path for a local store and the URL (str) for an object store. A reader
         uses the root's consolidated metadata when there is some, unless `consolidated=False`
@@ -104,7 +108,7 @@ class FeatureStore:
         # every write is announced first: locally to the writer registry, on object stores to the
         # lease check (a writer whose lease was lost stops before its next write)
         on_write = None if read_only else leases.check_held if is_remote(self.path) else self._before_write
-        self.backend: Backend = backend_for(self.path, on_write=on_write)
+        self.backend: Backend | ReadBackend = backend_for(self.path, on_write=on_write)
         self.remote = self.backend.remote
         self.layout = StoreLayout(self.backend)
         problem = self.backend.root_problem(read_only)
@@ -365,6 +369,9 @@ class FeatureStore:
                 raise DitfError(f"store {self.path} has no features for {path}: run `ditf extract` first")
             return self._feature_arrays(group, path, dataset)
         config = jsonable(config)
+        if group is not None and PREDICTIONS_OF in group.attrs:
+            raise DitfError(f"store {self.path} key {path} holds predictions of the features in "
+                            f"{group.attrs[PREDICTIONS_OF]}: extract into another --store")
         if group is not None and "config" in group.attrs:
             differences = config_differences(group.attrs["config"], config)
             if differences:
@@ -589,6 +596,22 @@ class FeatureStore:
             create_prediction_arrays(new, pair_ids=pair_ids, value_shape=value_shape, block=block)
             self.publish(staged, path)
         return PredictionArrays(self.group(path), path)
+
+    @writes
+    def hold_predictions_of(self, feature_key: tuple[str, str, int, int], source: str) -> None:
+        """Make this store's group of a key one that holds only predictions of `source`'s features.
+
+        Marked (attribute `predictions_of`) so the doctor and extract know it is no half-done
+        feature key; published whole, like every setup.
+        """
+        path = feature_path(*feature_key)
+        group = self.group(path)
+        if group is not None:
+            if PREDICTIONS_OF not in group.attrs and "complete" not in group:
+                raise DitfError(f"store {self.path} has a half-done feature key {path}: run `ditf doctor --repair`")
+            return
+        with self.staged({PREDICTIONS_OF: source}) as (staged, _):
+            self.publish(staged, path)
 
     def results_dir(self, feature_key: tuple[str, str, int, int], name: str) -> Path:
         """Folder for results that are files, not arrays (DAVIS masks): beside the store.

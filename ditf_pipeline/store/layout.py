@@ -4,7 +4,8 @@
 
     <store>/                                   attrs: ditf_schema_version
       <dataset>/images/{key, size}             the image index (attrs: count)
-      <dataset>/<model>/k<k>/t<t>/             a feature key (`core.keys.FeatureKey`)
+      <dataset>/<model>/k<k>/t<t>/             a feature key (`core.keys.FeatureKey`), or only its
+                                               predictions (attrs: predictions_of, `--predictions-store`)
           predictions/<scope>/<variant>/<protocol>/   scope = <split>-<digest of the pair ids>
           predictions/<variant>/<protocol>/    (schema 1: one pair list, unscoped)
       prompts/<model>-<digest>/<text digest>/  one encoded prompt
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from ..core.keys import FeatureKey
 from .backends.base import ReadBackend
 
-__all__ = ["IMAGES", "LOCKS", "META", "PREDICTIONS", "PROMPTS", "STAGING", "TRASH", "StoreLayout", "lock_path",
+__all__ = ["IMAGES", "LOCKS", "META", "PREDICTIONS", "PREDICTIONS_OF", "PROMPTS", "STAGING", "TRASH", "StoreLayout", "lock_path",
            "node_kind", "prediction_scope"]
 
 #: ditf's bookkeeping inside the store (locks, staging, trash): no zarr.json, so zarr skips it
@@ -34,6 +35,8 @@ TRASH = f"{META}/trash"
 PROMPTS = "prompts"
 IMAGES = "images"
 PREDICTIONS = "predictions"
+#: attribute of a key group that holds only predictions, of the features of another (published) store
+PREDICTIONS_OF = "predictions_of"
 #: the arrays of a predictions group (never a level of the walk)
 _PREDICTION_ARRAYS = ("c", "pair_id", "pred", "done")
 

@@ -1,6 +1,6 @@
 """What each node of the store holds: codecs, chunking, dtypes, and how a new node is built.
 
-The schema of the current version (`ditf_pipeline.SCHEMA_VERSION`, documented in
+The schema of the current version (`ditf_pipeline.core.version.SCHEMA_VERSION`, documented in
 stores/README.md) written down once: every new image index, feature key, predictions group and
 prompt entry is created by a function of this module, so the codecs and chunk shapes of a node
 are decided in one place. Older schemas are read by `legacy`.
@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from .. import SCHEMA_VERSION
+from ..core.version import SCHEMA_VERSION
 
 __all__ = ["COMPRESSED", "FEATURE_DTYPES", "INDEX_CHUNK", "MODULATION_DTYPE", "PLAIN", "ROWS_PER_SHARD", "SCHEMA_VERSION",
            "WRITE_CONFIG", "config_differences", "create_feature_arrays", "create_index_arrays", "create_prediction_arrays",
@@ -60,7 +60,14 @@ def jsonable(value: Any) -> Any:
 
 
 def config_differences(stored: Mapping, wanted: Mapping) -> list[str]:
-    """'name: stored -> wanted' for every setting that differs (what a refusal names)."""
+    """'name: stored -> wanted' for every setting that differs (what a refusal names).
+
+    An architecture recorded without its transformer class (keys written before the class was
+    recorded) is compared on blocks and width alone: those fix the numbers for a registry model.
+    """
+    arch_stored, arch_wanted = stored.get("architecture"), wanted.get("architecture")
+    if isinstance(arch_stored, Mapping) and isinstance(arch_wanted, Mapping) and "class" not in arch_stored:
+        wanted = {**wanted, "architecture": {k: v for k, v in arch_wanted.items() if k != "class"}}
     keys = sorted((set(stored) | set(wanted)) - _IGNORED_CONFIG)
     return [f"{key}: {stored.get(key)!r} -> {wanted.get(key)!r}" for key in keys if stored.get(key) != wanted.get(key)]
 

@@ -5,17 +5,24 @@ type is a 422 with the field named), `Explorer` raises `DitfError` for everythin
 can get wrong (400, or 404 for an unknown key / pair / image); every error body is
 ``{"error": "<one line>"}``. Files are served only by key: a dataset image through the dataset
 reader's own key -> path map (resolved inside the root), an upload by its 16-hex-digit id; no
-route takes a path.
+route takes a path. Messages never carry an absolute path (`redact`); a crash says its type only.
+
+`guard.Guard` wraps the app: the Host allow-list, the per-run token of every POST and the
+body limits (`create_app`'s `token` and `hosts`; `app.state.token` holds the token).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import re
+import sys
+import traceback
+from collections.abc import Iterable
 from importlib import resources
 from typing import Annotated, Optional
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -23,7 +30,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.errors import DitfError
 from .explorer import Explorer, KeyRef, ViewNotFound
+from .guard import DEFAULT_BODY_LIMIT, Guard, allowed_hosts, new_token
 from .uploads import MAX_UPLOAD_BYTES
+
+#: the body limit of /api/upload: two base64 images and the JSON around them
+UPLOAD_BODY_LIMIT = 2 * (MAX_UPLOAD_BYTES * 4 // 3 + 200) + DEFAULT_BODY_LIMIT
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"():,/]+/)+([^\s'\"():,/]*)")
+
+
+def redact(message: str) -> str:
+    """The message with every absolute path cut to its last part ("…/name"): a web page learns no layout."""
+    return _ABSOLUTE_PATH.sub(lambda m: "…/" + m.group(1), message)
 
 Dataset = Annotated[str, Query(min_length=1, max_length=200)]
 Name = Annotated[str, Query(min_length=1, max_length=200)]
@@ -69,7 +86,7 @@ def _decode(data: str, what: str) -> bytes:
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": redact(message)}, status_code=status)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -83,9 +100,21 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "bad request: " + "; ".join(parts)
 
 
-def create_app(explorer: Explorer) -> FastAPI:
-    """The ASGI app of one explorer (what uvicorn serves and what tests drive)."""
-    app = FastAPI(title="ditf view", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(explorer: Explorer, token: str | None = None, hosts: Iterable[str] | None = None) -> FastAPI:
+    """The ASGI app of one explorer (what uvicorn serves and what tests drive).
+
+    `token`: the per-run token every POST must carry (a fresh one when None: `app.state.token`);
+    `hosts`: the Host names served (default: the loopback names, `guard.allowed_hosts`).
+    """
+
+    def fresh() -> None:  # every request sees the store as it is now
+        explorer.refresh()
+
+    app = FastAPI(title="ditf view", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(fresh)])
+    app.state.token = token or new_token()
+    app.state.explorer = explorer
+    app.add_middleware(Guard, token=app.state.token, hosts=allowed_hosts("127.0.0.1") if hosts is None else hosts,
+                       body_limits={"/api/upload": UPLOAD_BODY_LIMIT})
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.exception_handler(ViewNotFound)
@@ -106,7 +135,8 @@ def create_app(explorer: Explorer) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:  # a bug: say so, keep serving
-        return _error(500, f"internal error ({type(exc).__name__}): {exc}")
+        traceback.print_exception(exc, file=sys.stderr)  # the details for the user at the terminal, not the page
+        return _error(500, f"internal error ({type(exc).__name__}): see the terminal running `ditf view`")
 
     def feature_key(dataset: str, model: str, k: int, t: int) -> KeyRef:
         return explorer.key(dataset, model, k, t)
@@ -117,19 +147,17 @@ def create_app(explorer: Explorer) -> FastAPI:
 
     @app.get("/api/keys")
     def keys() -> dict:
-        return {"keys": explorer.describe_keys(), "data_root": explorer.data_root is not None,
-                "uploads": explorer.uploads is not None}
+        default, note = explorer.default_key()
+        return {"keys": explorer.describe_keys(), "default": default, "note": note,
+                "data_root": explorer.data_root is not None, "uploads": explorer.uploads is not None}
 
     @app.get("/api/models")
     def models() -> dict:
-        """Models an upload can run: the built-in tiny ones and those of the store's keys.
+        """Models an upload can run (the only ones it runs): the built-in tiny ones and those of the store's keys.
 
         A separate route because listing models imports every adapter (diffusers: seconds).
         """
-        from ..models import model_names
-
-        stored = {k.model for k in explorer.all_keys() if k.model in set(model_names())}
-        return {"models": sorted({m for m in model_names() if m.startswith("tiny-")} | stored)}
+        return {"models": explorer.offered_models()}
 
     @app.get("/api/pairs")
     def pairs(dataset: Dataset, model: Name, k: Block, t: Step, variant: Name = "adaln+cd", protocol: Protocol = "dift",
@@ -169,8 +197,8 @@ def create_app(explorer: Explorer) -> FastAPI:
     return app
 
 
-def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 8765, threads: int = 1) -> None:
-    """Run the app with uvicorn until interrupted.
+def serve(explorer: Explorer, sock, token: str, hosts: Iterable[str], threads: int = 1) -> None:
+    """Serve the app on an already bound socket (`server.bind`) until interrupted.
 
     torch runs on `threads` intra-op threads: a click is a few small products, and on a busy
     2-core machine two spinning threads made a 7-keypoint match 40x slower (measured: 340 ms
@@ -179,5 +207,7 @@ def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 8765, threads
     import torch
     import uvicorn
 
+    from .server import server_config
+
     torch.set_num_threads(max(1, int(threads)))
-    uvicorn.run(create_app(explorer), host=host, port=port, log_level="warning")
+    uvicorn.Server(server_config(create_app(explorer, token, hosts))).run(sockets=[sock])

@@ -4,12 +4,18 @@ One `Explorer` serves every request of a running app. It opens the main store re
 pairs and image paths from the dataset root, and caches what a click needs: the variant maps of
 the open pair (`queries.VariantMaps`; a pair is opened once, then each click is a few small
 matrix products), per-pair PCK of stored predictions, and the PNG figures of a key. Every
+request first checks whether the store changed since the last one (`refresh`): a writer
+rewrites the root's metadata when it starts and when it ends, so a store extracted into,
+matched into or rebuilt underneath a running view is reopened and every cache dropped, and a
+row is never looked up in an index of another store's images. Every
 user-facing problem is a `DitfError` (`ViewNotFound` for an unknown key, pair or image), which
 the web layer turns into an HTTP 4xx with the message.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -21,7 +27,8 @@ import numpy as np
 
 from ..datasets.base import Pair
 from ..core.errors import DitfError
-from ..store.feature_store import FeatureStore, prediction_scope, store_folder_exists
+from ..store.backends.locations import is_remote, store_location
+from ..store.feature_store import FeatureStore, prediction_scope
 from . import queries
 from .uploads import UPLOAD_DATASET, Uploads
 
@@ -29,6 +36,8 @@ from .uploads import UPLOAD_DATASET, Uploads
 UPLOADS = "uploads"
 #: variant maps kept in memory (3 variants x 2 pairs; 40 MB each at SPair size)
 MAPS_CACHE = 6
+#: seconds between two checks of an object store for changes (each check lists the store's keys)
+REMOTE_RECHECK_S = 5.0
 
 
 class ViewNotFound(DitfError):
@@ -61,15 +70,18 @@ class Explorer:
     """Everything the web app asks, answered from the cache (no DiT runs, except for uploads)."""
 
     def __init__(self, store: Path | str, data_root: Path | str | None = None, split: str | None = None,
-                 uploads: Path | str | None = None) -> None:
-        if not store_folder_exists(store):  # (a URL stays a URL: never through Path)
+                 uploads: Path | str | Uploads | None = None) -> None:
+        self.location = store_location(store)
+        if not is_remote(self.location) and not Path(self.location).exists():
             raise DitfError(f"store {store} does not exist: run `ditf extract` first")
-        self.store = FeatureStore(store, read_only=True)
+        self.store = FeatureStore(self.location, read_only=True)
+        self._seen: object = None
+        self._checked_at = 0.0
         self.data_root = Path(data_root).resolve() if data_root is not None else None
         if self.data_root is not None and not self.data_root.is_dir():
             raise DitfError(f"dataset root {data_root} does not exist or is not a directory")
         self.split = split
-        self.uploads = Uploads(uploads) if uploads is not None else None
+        self.uploads = uploads if isinstance(uploads, Uploads) or uploads is None else Uploads(uploads)
         self._upload_pairs: dict[str, Pair] = {}
         self._lock = threading.RLock()
         self._datasets: dict[str, _DatasetIndex] = {}
@@ -78,6 +90,49 @@ class Explorer:
         self._pcks: dict[tuple, dict] = {}
         self._pngs: dict[tuple, bytes] = {}
         self._meta: dict[tuple, object] = {}
+        self._seen = self._fingerprint()
+
+    # ---- freshness ----------------------------------------------------------------------------
+    def _fingerprint(self) -> object:
+        """What changes whenever a writer touched the store (module docstring).
+
+        A local store: the root zarr.json's identity and time (every writer rewrites it when it
+        starts and when it ends; a rebuilt store has a new one). An object store keeps no
+        consolidated copy, so there it is the keys and image indexes themselves.
+        """
+        if not self.store.remote:
+            try:
+                st = os.stat(Path(self.store.path) / "zarr.json")
+            except OSError:
+                return None
+            return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        fresh = FeatureStore(self.location, read_only=True)
+        keys = fresh.feature_keys()
+        digest = hashlib.sha256(repr(keys).encode())
+        for dataset in sorted({k[0] for k in keys}):
+            digest.update(repr(sorted(fresh.image_rows(dataset).items())).encode())
+        return digest.hexdigest()
+
+    def refresh(self) -> bool:
+        """Reopen the store and drop every cache when it changed since the last request; True if so."""
+        with self._lock:
+            now = time.monotonic()
+            if self.store.remote and now - self._checked_at < REMOTE_RECHECK_S:
+                return False
+            self._checked_at = now
+            seen = self._fingerprint()
+            if seen == self._seen:
+                return False
+            if not is_remote(self.location) and not Path(self.location).exists():
+                raise DitfError("the store was removed while the view runs: restart `ditf view` when it is back")
+            self.store = FeatureStore(self.location, read_only=True)
+            self._seen = seen
+            self._maps.clear()
+            self._channels.clear()
+            self._pcks.clear()
+            self._pngs.clear()
+            self._meta.clear()
+            return True
 
     # ---- keys ---------------------------------------------------------------------------------
     def _uploads_store(self) -> FeatureStore | None:
@@ -173,6 +228,30 @@ class Explorer:
                     "massive_channels": arrays.massive_channels,
                 })
             return out
+
+    def default_key(self) -> tuple[str | None, str | None]:
+        """(label, note) of the key the page opens on: the rule of every ditf command.
+
+        The first stored key that is its model's default key, else the only key, else the first
+        one with a note saying so (`queries.default_key`).
+        """
+        from ..models import get_spec
+
+        keys = self.all_keys()
+        defaults = {}
+        for model in {k.model for k in keys}:
+            try:
+                spec = get_spec(model)
+            except DitfError:  # a model this ditf does not know has no default
+                continue
+            defaults[model] = (spec.default_k, spec.default_t)
+        return queries.default_key([k.label for k in keys], [(k.model, k.k, k.t) for k in keys], defaults)
+
+    def offered_models(self) -> list[str]:
+        """The models an upload may run (what the page lists): none when uploads are off."""
+        if self.uploads is None:
+            return []
+        return self.uploads.offered_models(k.model for k in self.all_keys())
 
     def channels(self, key: KeyRef) -> list[int]:
         """Discarded channels of ``adaln+cd``: those `ditf match` stored with its predictions, else auto."""
@@ -418,7 +497,7 @@ class Explorer:
             return self._pngs[cache_key]
 
     def pca_png(self, key: KeyRef, pair_id: str) -> bytes:
-        from ..extract.images import load_rgb
+        from ..core.images import load_rgb
 
         with self._lock:
             pair = self._pair(key, pair_id)
@@ -436,10 +515,13 @@ class Explorer:
     # ---- uploads ------------------------------------------------------------------------------
     def upload(self, model: str, k: int | None, t: int | None, source: bytes, target: bytes) -> dict:
         """Cache two images of the user's, extract their features (tiny models on CPU), open them as a pair."""
-        from ..extract.images import image_size
+        from ..core.images import image_size
 
         if self.uploads is None:
             raise DitfError("uploads are off (start `ditf view` with an uploads folder)")
+        offered = self.offered_models()
+        if model not in offered:  # checked before anything is decoded or loaded
+            raise DitfError(f"model {model!r} is not offered for uploads here; choose one of: {', '.join(offered) or 'none'}")
         ids = [self.uploads.add_image(source), self.uploads.add_image(target)]
         _, model_name, kk, tt = self.uploads.extract(model, k, t, ids)
         key = KeyRef(UPLOADS, model_name, kk, tt)

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from ..core.errors import DitfError
+# the matching rules a view can apply (stored geoaware-softN predictions are listed, not recomputed)
+from ..core.naming import PROTOCOLS
 from ..match.matchers import one_intra_op_thread, upsampled_vectors
 
-#: the matching rules a view can apply (stored geoaware-softN predictions are listed, not recomputed)
-PROTOCOLS = ("dift", "geoaware")
 #: the variants a view computes from the cache for every AdaLN key (the paper's ablation)
 BASE_VARIANTS = ("raw", "adaln", "adaln+cd")
 
@@ -99,6 +99,21 @@ def choose_predictions(groups: Sequence[tuple[str, object]], scope: str | None, 
             if len(candidates) == 1:
                 chosen[name] = scopes[candidates[0]]
     return chosen
+
+
+def default_key(labels: Sequence[str], keys: Sequence[tuple[str, int, int]],
+                defaults: Mapping[str, tuple[int, int]]) -> tuple[str | None, str | None]:
+    """(label, note) of the key to open among `labels` ((model, k, t) each), by the rule of every
+    ditf command: a model's default key when stored, else the only key, else the first with a note."""
+    if not labels:
+        return None, None
+    for label, (model, k, t) in zip(labels, keys):
+        if defaults.get(model) == (k, t):
+            return label, None
+    if len(labels) == 1:
+        return labels[0], None
+    return labels[0], (f"the store holds {len(labels)} keys and none is a model's default key: "
+                       f"showing {labels[0]}; choose another above")
 
 
 def check_point(x: float, y: float, size: tuple[int, int]) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """Where a store lives: the backend interface, its implementations and `--store` parsing.
 
 `base` declares the interface (`ReadBackend`, `Backend`); `local` (a folder, NFS included) and
-`object` (S3, GCS, Azure through fsspec) implement it; `locations` parses a `--store` value.
+`object` (S3, GCS, Azure through fsspec) implement it; `published` (HTTP(S), the Hugging Face
+Hub) implements `ReadBackend` only; `locations` parses a `--store` value.
 `backend_for` picks the implementation for a parsed location.
 """
 
@@ -10,14 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import AnnouncingStore, Backend, ReadBackend, WriteHook
-from .locations import is_remote, local_beside, store_location
+from .locations import is_read_only, is_remote, local_beside, store_location
 
-__all__ = ["AnnouncingStore", "Backend", "ReadBackend", "WriteHook", "backend_for", "is_remote", "local_beside",
+__all__ = ["AnnouncingStore", "Backend", "ReadBackend", "WriteHook", "backend_for", "is_read_only", "is_remote", "local_beside",
            "store_location"]
 
 
-def backend_for(location: str | Path, *, on_write: WriteHook | None = None) -> Backend:
-    """The backend of a location parsed by `store_location` (a Path, or an object-store URL)."""
+def backend_for(location: str | Path, *, on_write: WriteHook | None = None) -> Backend | ReadBackend:
+    """The backend of a location parsed by `store_location` (a Path, an object-store or a published URL)."""
+    if is_read_only(location):
+        from .published import PublishedBackend
+
+        return PublishedBackend(str(location))
     if isinstance(location, Path):
         from .local import LocalBackend
 

@@ -1,9 +1,11 @@
 """Image loading and model-input preprocessing (PIL + numpy only, no torch).
 
-Every benchmark image goes through `load_rgb` so that what the DiT sees never depends on how a
-file happens to be stored: EXIF rotation, grayscale, CMYK, palette, alpha and 16-bit files all
-become plain 8-bit RGB of the size a viewer would show. Keypoint annotations are given in that
-displayed frame, so applying EXIF orientation matters for correctness, not just looks.
+Every image goes through `load_rgb` so that what the DiT sees never depends on how a file
+happens to be stored: grayscale, CMYK, palette, alpha and 16-bit files all become plain 8-bit RGB.
+The EXIF orientation tag is a choice of the caller (`exif_transpose`): photos (a folder dataset,
+the API) are read as a viewer shows them, while the annotated benchmarks are read in their stored
+pixel orientation, the frame their keypoints, boxes and sizes are given in (the authors load them
+with plain PIL, which ignores the tag). `orientation_label` names the choice in a key's config.
 
 Problems the user can fix (missing, truncated or corrupt files, zero-size or oversized images)
 raise `DitfError("cannot read image <path>: <reason>")` on one line.
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..core.errors import DitfError
+from .errors import DitfError
 
 #: Resampling filter for `preprocess`. DIFT's public eval (`eval_spair.py` ->
 #: `SDFeaturizer4Eval.forward`) calls ``img.resize(img_size)`` with PIL's default filter, which
@@ -95,8 +97,14 @@ def _opened(path: Path) -> Iterator[Image.Image]:
         raise _fail(path, f"{type(exc).__name__}: {exc}") from exc
 
 
-def load_rgb(path: Path | str) -> Image.Image:
-    """Fully decode an image file into an 8-bit RGB image in its displayed orientation.
+def orientation_label(exif_transpose: bool) -> str:
+    """How a key's config records the choice: "exif applied" or "stored" (the tag ignored)."""
+    return "exif applied" if exif_transpose else "stored"
+
+
+def load_rgb(path: Path | str, *, exif_transpose: bool = True) -> Image.Image:
+    """Fully decode an image file into an 8-bit RGB image, in its displayed orientation (the
+    EXIF tag applied) or, with ``exif_transpose=False``, in its stored pixel orientation.
 
     The whole file is decoded here (not lazily) so that a truncated or corrupt file fails now,
     with its path, instead of deep inside a batch. The decompression-bomb limit is PIL's
@@ -115,7 +123,7 @@ def load_rgb(path: Path | str) -> Image.Image:
                 f"decompression-bomb limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)",
             )
         img.load()
-        oriented = ImageOps.exif_transpose(img)
+        oriented = ImageOps.exif_transpose(img) if exif_transpose else img
         rgb = to_rgb(oriented)
         if rgb is img:  # keep nothing that refers to the open file
             rgb = rgb.copy()
@@ -128,8 +136,8 @@ _EXIF_ORIENTATION = 0x0112
 _ORIENTATIONS_SWAPPING_AXES = {5, 6, 7, 8}  # transpose / rotate 90 / transverse / rotate 270
 
 
-def image_size(path: Path | str) -> tuple[int, int]:
-    """(width, height) as `load_rgb` will return it (EXIF orientation applied), header only.
+def image_size(path: Path | str, *, exif_transpose: bool = True) -> tuple[int, int]:
+    """(width, height) as `load_rgb` returns it with the same `exif_transpose`, header only.
 
     Cheap (no pixel decoding), so a whole split can be sized up front; a file that is corrupt
     further in still fails later, in `load_rgb`.
@@ -140,7 +148,8 @@ def image_size(path: Path | str) -> tuple[int, int]:
         orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     if width <= 0 or height <= 0:
         raise _fail(path, f"zero-size image ({width}x{height})")
-    return (height, width) if orientation in _ORIENTATIONS_SWAPPING_AXES else (width, height)
+    swapped = exif_transpose and orientation in _ORIENTATIONS_SWAPPING_AXES
+    return (height, width) if swapped else (width, height)
 
 
 def _round_to_multiple(value: float, multiple: int) -> int:
@@ -185,7 +194,7 @@ def model_size(width: int, height: int, size: int, multiple: int = 16, side: str
 RESAMPLERS = ("pil-bicubic", "cv2-bilinear")
 
 
-def load_rgb_cv2(path: Path | str) -> Image.Image:
+def load_rgb_cv2(path: Path | str, *, exif_transpose: bool = True) -> Image.Image:
     """Decode a file with ``cv2.imread`` (BGR, 8-bit, as the DAVIS script does) into RGB.
 
     The BGR -> RGB flip is lossless, so `preprocess(..., resample="cv2-bilinear")` sees
@@ -197,15 +206,19 @@ def load_rgb_cv2(path: Path | str) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise _fail(path, "no such file" if not path.exists() else "not a regular file")
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    # cv2.imread applies the EXIF orientation itself unless told to ignore it
+    flags = cv2.IMREAD_COLOR if exif_transpose else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imread(str(path), flags)
     if bgr is None or bgr.size == 0:
         raise _fail(path, "OpenCV cannot decode it")
     return Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]), mode="RGB")
 
 
-def load_for_model(path: Path | str, resample: str = "pil-bicubic") -> Image.Image:
+def load_for_model(path: Path | str, resample: str = "pil-bicubic", *, exif_transpose: bool = True) -> Image.Image:
     """The decoder that goes with a resampler: cv2 for "cv2-bilinear", else `load_rgb`."""
-    return load_rgb_cv2(path) if resample == "cv2-bilinear" else load_rgb(path)
+    if resample == "cv2-bilinear":
+        return load_rgb_cv2(path, exif_transpose=exif_transpose)
+    return load_rgb(path, exif_transpose=exif_transpose)
 
 
 def resize_pixels(img: Image.Image, new_w: int, new_h: int, resample: str = "pil-bicubic") -> np.ndarray:
