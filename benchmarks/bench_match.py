@@ -26,11 +26,16 @@ torch vs FAISS-GPU for the GeoAware grid, HPatches-sized mutual NN and a dense a
 and the fast matcher with pairs batched by target).
 
     python benchmarks/bench_match.py [--pairs N] [--naive-pairs M] [--quick | --smoke] [--device cuda] [--json PATH]
+
+On a GPU machine (`benchmarks/gpu_check.sh` runs it so): ``--device cuda --quick --no-referee``
+(faiss is optional: the CUDA image has none; the float64 referee over every pair is the
+slow part, ~10 min at full size); the GPU figure is taken after a warm-up block.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -239,19 +244,26 @@ def time_scoring(images, pairs):
 
 
 def time_nn_cpu(repeats: int) -> dict:
-    """Plain cosine NN as in the geoaware hard argmax: 10 queries vs 3600 x 3072, CPU."""
-    import faiss
+    """Plain cosine NN as in the geoaware hard argmax: 10 queries vs 3600 x 3072, CPU (torch
+    alone where faiss is not installed, as in the GPU machine's image)."""
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
 
     g = torch.Generator().manual_seed(2)
     database = F.normalize(torch.randn(3600, CHANNELS, generator=g), dim=1)
     queries = F.normalize(torch.randn(10, CHANNELS, generator=g), dim=1)
     out, results = {}, {}
-    for backend in ("torch", "faiss"):
+    for backend in ("torch", "faiss") if faiss is not None else ("torch",):
         nearest_neighbours(queries, database, backend)
         with Clock() as clock:
             for _ in range(repeats):
                 results[backend] = nearest_neighbours(queries, database, backend)
         out[f"{backend}_cpu_ms"] = 1000 * clock.cpu / repeats
+    if faiss is None:
+        out["faiss"] = "not installed"
+        return out
     index = faiss.IndexFlatIP(CHANNELS)
     with Clock() as clock:
         for _ in range(repeats):
@@ -274,19 +286,19 @@ def time_geoaware(images, pairs, pool, n_pairs) -> float:
 
 # ---- GPU --------------------------------------------------------------------------------------
 def _gpu_time(fn, repeats: int) -> float:
-    """Milliseconds per call on the GPU (CUDA events around `repeats` calls after a warm-up)."""
+    """Milliseconds per call on the GPU (wall clock around `repeats` calls after a warm-up call,
+    synchronised at both ends; runs under `fake_cuda` too, where no CUDA events exist)."""
     fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+    return 1000 * (time.perf_counter() - start) / repeats
 
 
-def time_gpu(images, pairs, n_pairs: int, pool_size: int, device: str) -> dict:
+def time_gpu(images, pairs, n_pairs: int, pool_size: int, device: str,
+             cpu_predictions: list[np.ndarray] | None = None, repeats: int = 20) -> dict:
     """FAISS-GPU against torch on the GPU for the searches `auto` may hand to FAISS, and the fast
     matcher with the pairs of each 256-pair block batched by target (data on the device)."""
     g = torch.Generator().manual_seed(5)
@@ -297,32 +309,51 @@ def time_gpu(images, pairs, n_pairs: int, pool_size: int, device: str) -> dict:
 
     searches = {"geoaware_grid_10x3600": (unit(10), unit(3600)), "dense_3600x3600": (unit(3600), unit(3600))}
     for name, (q, b) in searches.items():
-        row = {"torch_ms": _gpu_time(lambda q=q, b=b: nearest_neighbours(q, b, "torch"), 20)}
+        row = {"torch_ms": _gpu_time(lambda q=q, b=b: nearest_neighbours(q, b, "torch"), repeats)}
         if out["faiss_gpus"]:
-            row["faiss_gpu_ms"] = _gpu_time(lambda q=q, b=b: faiss_gpu_search(q, b), 20)
+            row["faiss_gpu_ms"] = _gpu_time(lambda q=q, b=b: faiss_gpu_search(q, b), repeats)
             row["identical"] = bool(torch.equal(nearest_neighbours(q, b, "torch"), faiss_gpu_search(q, b)[:, 0]))
         out[name] = row
     a, b = unit(1000), unit(1000)
-    row = {"torch_ms": _gpu_time(lambda: mutual_nearest_neighbours(a, b, "torch"), 20)}
+    row = {"torch_ms": _gpu_time(lambda: mutual_nearest_neighbours(a, b, "torch"), repeats)}
     if out["faiss_gpus"]:
-        row["faiss_gpu_ms"] = _gpu_time(lambda: mutual_nearest_neighbours(a, b, "faiss"), 20)
+        row["faiss_gpu_ms"] = _gpu_time(lambda: mutual_nearest_neighbours(a, b, "faiss"), repeats)
     out["hpatches_mnn_1000x1000"] = row
 
     pool = FeaturePool(pool_size, device=device)
     matcher = DiftMatcher()
+
+    def run_pairs(indices) -> dict[int, np.ndarray]:
+        out_pairs: dict[int, np.ndarray] = {}
+        for block_start in range(0, len(indices), 256):
+            groups: dict = {}
+            for i in indices[block_start : block_start + 256]:
+                groups.setdefault(pairs[i]["trg"], []).append(i)
+            for trg, members in groups.items():
+                t = images[trg]
+                sources = [(pool(pairs[i]["src"], images[pairs[i]["src"]]["grid"]), images[pairs[i]["src"]]["size"],
+                            pairs[i]["kps"]) for i in members]
+                for i, xy in zip(members, matcher.match_batch(pool(trg, t["grid"]), t["size"], sources, trg_key=t["key"])):
+                    out_pairs[i] = xy
+        return out_pairs
+
+    # warm-up: kernels, allocator and the per-target norm cache of the pairs timed below, on
+    # pairs after the timed ones (a GPU figure without one times CUDA's start-up)
+    warm = list(range(n_pairs, min(N_PAIRS, n_pairs + min(n_pairs, 256)))) or list(range(min(n_pairs, 256)))
+    run_pairs(warm)
+    matcher.clear_cache()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    for block_start in range(0, n_pairs, 256):
-        groups: dict = {}
-        for pair in pairs[block_start : min(block_start + 256, n_pairs)]:
-            groups.setdefault(pair["trg"], []).append(pair)
-        for trg, members in groups.items():
-            t = images[trg]
-            sources = [(pool(p["src"], images[p["src"]]["grid"]), images[p["src"]]["size"], p["kps"]) for p in members]
-            matcher.match_batch(pool(trg, t["grid"]), t["size"], sources, trg_key=t["key"])
+    predicted = run_pairs(list(range(n_pairs)))
     torch.cuda.synchronize()
     out["fast_batched_ms_per_pair"] = 1000 * (time.perf_counter() - start) / n_pairs
     out["fast_batched_pairs"] = n_pairs
+    out["warm_up_pairs"] = len(warm)
+    if cpu_predictions is not None:  # the same pairs on the CPU (`run_fast`): CUDA vs CPU agreement
+        same = [np.array_equal(predicted[i], cpu_predictions[i]) for i in range(min(n_pairs, len(cpu_predictions)))]
+        points = [(predicted[i] == cpu_predictions[i]).all(axis=1) for i in range(len(same))]
+        out["cuda_vs_cpu_pairs_identical"] = float(np.mean(same))
+        out["cuda_vs_cpu_keypoints_identical"] = float(np.concatenate(points).mean())
     return out
 
 
@@ -334,6 +365,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pool", type=int, default=8, help="distinct random maps per grid shape")
     parser.add_argument("--no-referee", action="store_true", help="skip the referee over the fast workload")
     parser.add_argument("--device", default="cpu", help="cuda: also the GPU section (FAISS-GPU vs torch, batched matcher)")
+    parser.add_argument("--fake-cuda", action="store_true",
+                        help="with --device cuda: run the GPU section on the CPU's stand-in cuda device (dry runs)")
     parser.add_argument("--quick", action="store_true", help="a few-minute run: 600 fast pairs, 4 naive pairs")
     parser.add_argument("--smoke", action="store_true", help="CI check that the benchmark runs (~20 s): 10 pairs, 1 naive")
     parser.add_argument("--machine", default=None, help="machine description recorded in the JSON")
@@ -375,20 +408,27 @@ def main(argv=None) -> dict:
     print(f"scoring {result['n_pairs']} pairs / {result['n_points']} points: {score_clock.cpu:.2f} s CPU")
 
     nn = time_nn_cpu(10 if args.quick else 30)
-    print(f"geoaware NN, 10 queries vs 3600 x {CHANNELS}, CPU: torch matmul {nn['torch_cpu_ms']:.2f} ms, "
-          f"faiss.knn {nn['faiss_cpu_ms']:.2f} ms, IndexFlatIP add+search {nn['faiss_IndexFlatIP_add_search_cpu_ms']:.2f} ms "
-          f"(CPU time); identical: {nn['identical']}")
+    faiss_part = (f"faiss.knn {nn['faiss_cpu_ms']:.2f} ms, IndexFlatIP add+search {nn['faiss_IndexFlatIP_add_search_cpu_ms']:.2f} ms "
+                  f"(CPU time); identical: {nn['identical']}") if "faiss_cpu_ms" in nn else "faiss not installed"
+    print(f"geoaware NN, 10 queries vs 3600 x {CHANNELS}, CPU: torch matmul {nn['torch_cpu_ms']:.2f} ms, {faiss_part}")
     geo_pairs = min(args.pairs, 20 if args.quick else 200)
     geo_ms = time_geoaware(images, pairs, pool, geo_pairs)
     print(f"geoaware matcher (hard): {geo_ms:.1f} ms CPU/pair over {geo_pairs} pairs")
 
     gpu = None
     if args.device.startswith("cuda"):
-        if not torch.cuda.is_available():
+        fake = contextlib.nullcontext()
+        if args.fake_cuda:
+            from ditf_pipeline.fake_cuda import fake_cuda
+
+            fake = fake_cuda()
+        elif not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but torch sees no GPU")
-        gpu = time_gpu(images, pairs, args.pairs, args.pool, args.device)
+        with fake:
+            gpu = time_gpu(images, pairs, args.pairs, args.pool, args.device, predictions, 1 if args.smoke else 20)
         print(f"GPU ({gpu['device']}, faiss GPUs: {gpu['faiss_gpus']}): " + json.dumps({k: v for k, v in gpu.items() if isinstance(v, dict)}))
-        print(f"  fast matcher, pairs batched by target: {gpu['fast_batched_ms_per_pair']:.3f} ms wall/pair")
+        print(f"  fast matcher, pairs batched by target: {gpu['fast_batched_ms_per_pair']:.3f} ms wall/pair after "
+              f"{gpu['warm_up_pairs']} warm-up pairs; keypoints as on the CPU: {gpu.get('cuda_vs_cpu_keypoints_identical')}")
     else:
         print("GPU: not measured (run with --device cuda on a GPU machine)")
 

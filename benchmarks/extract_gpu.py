@@ -6,15 +6,24 @@
 
 What it measures (all with random weights, which cost exactly what real weights cost):
 
+Inputs: SPair-71k's aspect ratios (500x375, 375x500, 500x333, 333x500 in SPair-like
+proportions, so token grids differ and groups of one grid are partial), resized as ditf does
+(long side 640 for Flux: ~1,200 image tokens, not a square's 1,600), at least 32 timed images
+(`--images`). Every prompt of the run is encoded (and cached in the store) BEFORE any clock
+starts; warm-ups run on their own images of the same aspect mix.
+
 * ours: the real `Extractor` (decode-ahead threads, writer thread, text encoders never resident,
-  early exit after block k) into a real Zarr store; Flux at 640x640 (1600 image + 512 text
-  tokens), ensemble 8 in one batch, k=28; images/s and peak GPU memory. Eager blocks, one image
-  per forward (`--compile off --batch-images 1`): the path before the lean one.
+  early exit after block k) into a real Zarr store, with ditf's CUT model (blocks after k never
+  built, as `ditf extract` loads it); ensemble 8 in one batch, k=28; images/s, peak GPU memory
+  at 1 image per forward, and the seconds of the timed run spent outside the image loop. Eager
+  blocks, one image per forward (`--compile off --batch-images 1`): the path before the lean one.
 * lean: the same `Extractor` as `ditf extract` runs it on CUDA by default: the blocks that run
   compiled one at a time (`--compile on`, inductor), images of one token grid batched
   (`--batch-images 4`: 32 rows per forward at ensemble 8), no host wait per image (pinned,
-  non-blocking copies; the store writer waits for the copies). Warm-up: one whole batch, so the
-  compiles of both batch shapes stay out of the timing. On a GPU the run also counts the
+  non-blocking copies; the store writer waits for the copies). Warm-up: a whole batch and two
+  partial ones of other grids, timed as the compile seconds; the graphs compiled per block kind
+  (`models.compiled.compiled_graphs`) are reported for the warm-up and for the timed run (0
+  expected there). Peak GPU memory at 4 images per forward. On a GPU the run also counts the
   synchronizing calls PyTorch flags (`torch.cuda.set_sync_debug_mode`) during the lean run.
 * floor: the FLOPs of what actually runs per image (the 19 double blocks, 9 single blocks and the
   modulation linear of single block 28 where the early exit stops, plus the input embedders) x
@@ -22,7 +31,8 @@ What it measures (all with random weights, which cost exactly what real weights 
   by the bf16 matmul ceiling measured on the same device in the same run (a large torch.matmul).
   fraction of floor = floor seconds per image / measured seconds per image (1.0 = the hardware limit).
   The floor also counts one VAE encode of the image (counted by the same flop counter).
-* baseline (the authors' `eval_spair.py`, github.com/ganchaofan0000/DiTF): a T5-XXL-sized and a
+* baseline (the authors' `eval_spair.py`, github.com/ganchaofan0000/DiTF), with their
+  ``torch.backends.cudnn.benchmark = True`` and the whole model resident: a T5-XXL-sized and a
   CLIP-L-sized random text encoder resident on the GPU next to the DiT, the prompt encoded for
   every image, one image at a time (decode, encode prompt, float32 VAE on the ensemble's
   copies, the DiT through block k IN FULL plus the final layer: no early exit, features to
@@ -55,11 +65,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ditf_pipeline.datasets import get_dataset  # noqa: E402
-from ditf_pipeline.demo import make_spair_demo  # noqa: E402
 import ditf_pipeline.extract.extractor as extractor_module  # noqa: E402
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings  # noqa: E402
 from ditf_pipeline.models.base import CompileOptions  # noqa: E402
-from ditf_pipeline.core.images import load_rgb, preprocess  # noqa: E402
+from ditf_pipeline.core.images import load_rgb, model_size, preprocess  # noqa: E402
+from ditf_pipeline.extract.prompts import prompts_for  # noqa: E402
+from ditf_pipeline.models.compiled import compiled_graphs, reset_compiled_graphs  # noqa: E402
 from ditf_pipeline.models import DTYPES, load_adapter, resolve_device  # noqa: E402
 from ditf_pipeline.store.feature_store import FeatureStore  # noqa: E402
 
@@ -110,8 +121,18 @@ def _build(module_fn, device: torch.device, dtype: torch.dtype) -> torch.nn.Modu
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def cut_config(family: str, config: dict, k: int) -> dict:
+    """The transformer config with the blocks after k removed: the model `ditf extract` builds."""
+    if family == "flux":
+        if k >= config["num_layers"]:
+            return dict(config, num_single_layers=k - config["num_layers"] + 1)
+        return dict(config, num_layers=k + 1, num_single_layers=0)
+    return dict(config, num_layers=k + 1)
+
+
 def build_adapter(family: str, config: dict, vae_config: dict, device: torch.device, dtype: str, n_txt: int):
-    """The real adapter of the family around a full-size (or --tiny) random-weight DiT and VAE."""
+    """The real adapter of the family around a full-size (or --tiny) random-weight DiT and VAE
+    (pass `cut_config(...)` for ditf's cut model, the whole config for the authors' resident one)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
 
     torch.manual_seed(0)
@@ -136,6 +157,44 @@ def build_adapter(family: str, config: dict, vae_config: dict, device: torch.dev
     # prompts are encoded once per distinct prompt and cached in the store: random embeddings of the real shapes
     adapter.encode_prompts = lambda prompts: [{n: torch.randn(*shape) for n, shape in text.items()} for _ in prompts]
     return adapter
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+#: SPair-71k's common image sizes (W, H) and their shares of the timed images (landscape first)
+ASPECTS = {(500, 375): 0.4, (375, 500): 0.28, (500, 333): 0.19, (333, 500): 0.13}
+
+
+def _category(width: int, height: int) -> str:
+    return f"a{width}x{height}"  # the folder dataset's category: one prompt per aspect ratio
+
+
+def aspect_shares(records) -> dict[tuple[int, int], float]:
+    """(W, H) -> share of `records` at that size (read back from the folder's category names)."""
+    counts: dict[tuple[int, int], int] = {}
+    for record in records:
+        width, height = (int(v) for v in record.category[1:].split("x"))
+        counts[(width, height)] = counts.get((width, height), 0) + 1
+    return {size: count / len(records) for size, count in counts.items()}
+
+
+def write_aspect_folder(root: Path, n_images: int, batch: int) -> None:
+    """Images at SPair's sizes in a folder dataset: ``e*`` the eager warm-up (one image), ``w*``
+    the lean warm-up (a whole batch of one grid and partial batches of two others: the batch
+    shapes the timed run meets), ``t*`` the `n_images` timed ones in SPair-like proportions
+    (so groups of one grid end partial)."""
+    rng = np.random.default_rng(0)
+    sizes = list(ASPECTS)
+    counts = [int(n_images * share) for share in ASPECTS.values()]
+    counts[0] += n_images - sum(counts)
+    plan = [("e", sizes[0])] + [("w", sizes[0])] * batch + [("w", sizes[1])] + [("w", sizes[2])] * min(2, batch)
+    plan += [("t", size) for size, count in zip(sizes, counts) for _ in range(count)]
+    from PIL import Image
+
+    for i, (role, (width, height)) in enumerate(plan):
+        folder = root / _category(width, height)
+        folder.mkdir(parents=True, exist_ok=True)
+        small = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+        Image.fromarray(small).resize((width, height), Image.BILINEAR).save(folder / f"{role}{i:04d}.png")
 
 
 # ---- FLOPs --------------------------------------------------------------------------------------
@@ -206,22 +265,55 @@ def _peak_gib(device: torch.device) -> float | None:
 
 
 # ---- the two ways of running ------------------------------------------------------------------
-def run_ours(adapter, dataset, records, settings: ExtractSettings, tmp: Path, device, warmup: int = 1,
+def run_ours(adapter, dataset, warm_records, records, settings: ExtractSettings, tmp: Path, device,
              label: str = "ours", sync_check: bool = False) -> dict:
-    """`records[:warmup]` untimed (allocator, kernels, compiles), then the rest timed."""
+    """`warm_records` untimed (allocator, kernels, compiles), then `records` timed.
+
+    Every prompt of both is encoded into the store's prompt cache first, outside every clock
+    (the text encoders are loaded, run and released there); the image loop (`Extractor._extract`)
+    is timed on its own, so what the timed run spends around it is reported too.
+    """
     extractor = Extractor(adapter, FeatureStore(tmp / f"{label}-{adapter.spec.family}.zarr"), settings)
+    start = time.perf_counter()
+    extractor.encode_prompts(set(prompts_for(list(warm_records) + list(records), settings.prompt).values()))
+    prompt_seconds = time.perf_counter() - start
+    loop = {"seconds": 0.0}
+    image_loop = extractor._extract
+
+    def timed_loop(*args, **kwargs):
+        begin = time.perf_counter()
+        try:
+            return image_loop(*args, **kwargs)
+        finally:
+            _sync(device)
+            loop["seconds"] += time.perf_counter() - begin
+
+    extractor._extract = timed_loop
+    torch._dynamo.reset()
+    reset_compiled_graphs()
     try:
-        extractor.run(dataset, progress=False, records=records[:warmup])
+        start = time.perf_counter()
+        extractor.run(dataset, progress=False, records=warm_records)
+        _sync(device)
+        warm_seconds = time.perf_counter() - start
+        warm_graphs = compiled_graphs()
+        reset_compiled_graphs()
         _reset_peak(device)
         flagged: list[str] = []
+        loop["seconds"] = 0.0
         with _sync_warnings(device, flagged) if sync_check else contextlib.nullcontext():
             start = time.perf_counter()
-            report = extractor.run(dataset, progress=False, records=records[warmup:])
+            report = extractor.run(dataset, progress=False, records=records)
             _sync(device)
             seconds = time.perf_counter() - start
+        timed_graphs = compiled_graphs()
     finally:
         adapter.set_compile(None)  # FLOP counting and the baseline run eagerly
     out = {"images": report.extracted, "seconds": seconds, "images_per_s": report.extracted / seconds,
+           "image_loop_seconds": loop["seconds"], "seconds_outside_image_loop": seconds - loop["seconds"],
+           "prompt_seconds_before_clock": prompt_seconds, "warm_up_images": len(warm_records),
+           "warm_up_seconds": warm_seconds, "compiled_graphs_warm_up": warm_graphs,
+           "compiled_graphs_timed_run": timed_graphs,
            "peak_gpu_gib": _peak_gib(device), "compile": settings.compile, "batch_images": settings.batch_images}
     if sync_check and device.type == "cuda":
         out["host_syncs_flagged"] = len(flagged)
@@ -329,13 +421,18 @@ def run_baseline(adapter, records, settings: ExtractSettings, t5, clip, tmp: Pat
         mods = {n: getattr(block.modulation, n).float().mean(0).cpu().numpy() for n in ("shift", "scale", "gate")}
         np.savez(out_dir / f"{record.key.replace('/', '_')}.npz", z=z, **mods)
 
-    one(records[0])  # warm-up
-    _reset_peak(device)
-    start = time.perf_counter()
-    for record in records[1:]:
-        one(record)
-    _sync(device)
-    seconds = time.perf_counter() - start
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as `eval_spair.py` sets it
+    try:
+        one(records[0])  # warm-up
+        _reset_peak(device)
+        start = time.perf_counter()
+        for record in records[1:]:
+            one(record)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     n = len(records) - 1
 
     # what one image costs the authors' way (FLOPs): the full blocks through k + final layer, and the VAE x ensemble
@@ -347,16 +444,18 @@ def run_baseline(adapter, records, settings: ExtractSettings, t5, clip, tmp: Pat
     vae_flops = counted_vae_flops(vae, settings.ensemble_size, settings.img_size, device)
     return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "peak_gpu_gib": _peak_gib(device),
             "flops_per_image_counted": dit_flops + vae_flops, "flops_dit": dit_flops, "flops_vae": vae_flops,
+            "cudnn_benchmark": True,
             "recipe": "text encoders resident, prompt encoded per image, fp32 VAE on ensemble copies, "
                       f"DiT through block {k} in full + final layer, one image at a time"}
 
 
-def counted_vae_flops(vae, batch: int, img: int, device) -> int:
-    """FLOPs of one VAE encode of `batch` images of img x img, as torch's flop counter sees them."""
+def counted_vae_flops(vae, batch: int, img: int | tuple[int, int], device) -> int:
+    """FLOPs of one VAE encode of `batch` images of img x img (or (height, width)), as torch's flop counter sees them."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    height, width = (img, img) if isinstance(img, int) else img
     counter = FlopCounterMode(display=False)
-    pixels = torch.zeros(batch, 3, img, img, device=device, dtype=next(vae.parameters()).dtype)
+    pixels = torch.zeros(batch, 3, height, width, device=device, dtype=next(vae.parameters()).dtype)
     with counter, torch.no_grad():
         vae.encode(pixels)
     return int(counter.get_total_flops())
@@ -376,7 +475,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="toy widths on CPU, for CI (< 1 min)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--images", type=int, default=None, help="timed images per run (+1 warm-up)")
+    parser.add_argument("--images", type=int, default=None, help="timed images per run (default 32; --tiny 4)")
     parser.add_argument("--img-size", type=int, default=None, help="Flux image side (default 640; --tiny 64)")
     parser.add_argument("--ensemble-size", type=int, default=None, help="default 8 (--tiny: 2)")
     parser.add_argument("--models", default="flux,sd3.5", help="comma list of flux, sd3.5")
@@ -392,7 +491,7 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     tiny = args.tiny
-    n_images = args.images or (1 if tiny else 8)
+    n_images = args.images or (4 if tiny else 32)
     batch = max(1, args.batch_images)
     n_images = max(n_images, batch)  # the lean row times at least one whole batch
     extractor_module.COMPILE = CompileOptions(backend=args.compile_backend or ("aot_eager" if tiny else "inductor"))
@@ -420,33 +519,48 @@ def main() -> None:
             work = _workload(family, args, tiny)
             img = work["img"]
             # square images (scaled 0.9 / 1.0 / 1.1 by the generator): one token grid, so the lean row batches
-            root = make_spair_demo(tmp / f"data-{img}", categories=("cat", "car", "dog"), pairs_per_category=n_images + batch,
-                                   image_size=(img, img)) if not (tmp / f"data-{img}").exists() else tmp / f"data-{img}"
-            dataset = get_dataset("spair", root, "test")
-            records = dataset.images()
-            if len(records) < n_images + batch:
-                raise SystemExit(f"the demo set has {len(records)} images, {n_images + batch} needed")
+            root = tmp / "images"
+            if not root.exists():
+                write_aspect_folder(root, n_images, batch)
+            dataset = get_dataset("folder", root)
+            by_role: dict[str, list] = {"e": [], "w": [], "t": []}
+            for record in dataset.images():
+                by_role[record.key.rsplit("/", 1)[-1][0]].append(record)
             settings = ExtractSettings(ks=[work["k"]], ts=[work["t"]], img_size=img, ensemble_size=ensemble,
                                        compile="off", batch_images=1)
             n_txt = work["n_txt"]
-            adapter = build_adapter(family, work["config"], TINY_VAE if tiny else VAE, device, dtype, n_txt)
-            ours = run_ours(adapter, dataset, records[: n_images + 1], settings, tmp, device)
+            cut = cut_config(family, work["config"], work["k"])
+            adapter = build_adapter(family, cut, TINY_VAE if tiny else VAE, device, dtype, n_txt)
+            ours = run_ours(adapter, dataset, by_role["e"], by_role["t"], settings, tmp, device)
             lean_settings = replace(settings, compile="on", batch_images=batch)
-            lean = run_ours(adapter, dataset, records[: n_images + batch], lean_settings, tmp, device, warmup=batch,
-                            label="lean", sync_check=True)
-            # the FLOP floor of one image: what the forward actually runs, x the ensemble
+            lean = run_ours(adapter, dataset, by_role["w"], by_role["t"], lean_settings, tmp, device, label="lean",
+                            sync_check=True)
+            lean["compile_seconds"] = max(0.0, lean["warm_up_seconds"] - len(by_role["w"]) / ours["images_per_s"])
+            # the FLOP floor of one image: what the forward actually runs, x the ensemble, averaged
+            # over the timed images' token grids (each aspect ratio counted once, weighted)
             side = img // 16
             prompt = adapter.encode_prompts(["x"])[0]
-            noisy = torch.randn(ensemble, 16, 2 * side, 2 * side, device=device, dtype=adapter.dtype)
-            counted = counted_flops(adapter, noisy, prompt, work["t"], work["k"])
-            entry = {"img": img, "k": work["k"], "t": work["t"], "ensemble": ensemble, "tokens_image": side * side,
-                     "tokens_text": n_txt, "blocks": adapter.spec.num_blocks, "width": adapter.spec.hidden_size,
+            counted = vae_once = tokens = 0.0
+            for (w, h), share in aspect_shares(by_role["t"]).items():
+                pw, ph = model_size(w, h, img, adapter.patch_stride)
+                noisy = torch.randn(ensemble, 16, ph // 8, pw // 8, device=device, dtype=adapter.dtype)
+                counted += share * counted_flops(adapter, noisy, prompt, work["t"], work["k"])
+                # the floor counts the VAE too: one encode of the image (the ensemble's latents can all
+                # be drawn from that one posterior), at the VAE's own dtype
+                vae_once += share * counted_vae_flops(adapter.vae, 1, (ph, pw), device)
+                tokens += share * (ph // 16) * (pw // 16)
+            entry = {"img": img, "k": work["k"], "t": work["t"], "ensemble": ensemble,
+                     "aspects": {f"{w}x{h}": sum(1 for r in by_role["t"] if r.category == _category(w, h))
+                                 for w, h in ASPECTS},
+                     "tokens_image_mean": tokens, "tokens_image_square": side * side,
+                     "blocks_built": adapter.spec.num_blocks,
+                     "tokens_text": n_txt, "width": adapter.spec.hidden_size,
                      "flops_per_image_counted": counted, "ours": ours}
             if family == "flux":
-                entry["flops_per_image_analytic"] = flux_flops(work["config"], side * side, n_txt, work["k"], ensemble)["total"]
-            # the floor counts the VAE too: one encode of the image (the ensemble's latents can all be
-            # drawn from that one posterior), at the VAE's own dtype
-            vae_once = counted_vae_flops(adapter.vae, 1, img, device)
+                entry["flops_per_image_analytic"] = sum(
+                    share * flux_flops(work["config"], (lambda p: (p[0] // 16) * (p[1] // 16))(model_size(w, h, img, 16)),
+                                       n_txt, work["k"], ensemble)["total"]
+                    for (w, h), share in aspect_shares(by_role["t"]).items())
             entry["flops_vae_once"] = vae_once
             floor_s = (counted + vae_once) / ceiling
             entry["floor_seconds_per_image"] = floor_s
@@ -455,7 +569,8 @@ def main() -> None:
             entry["lean"] = lean
             entry["lean_vs_ours"] = lean["images_per_s"] / ours["images_per_s"]
             peak = f"; peak GPU {ours['peak_gpu_gib']:.2f} GiB" if ours["peak_gpu_gib"] is not None else ""
-            print(f"RESULT {name} ours: {ours['images_per_s']:.3f} img/s ({img}x{img}, ensemble {ensemble}, k={work['k']}, "
+            print(f"RESULT {name} ours: {ours['images_per_s']:.3f} img/s (long side {img}, SPair aspects, "
+                  f"{tokens:.0f} image tokens on average, ensemble {ensemble}, k={work['k']}, "
                   f"{adapter.spec.num_blocks} blocks d={adapter.spec.hidden_size}){peak}; "
                   f"{counted / 1e12:.4g} TFLOP/image; floor {1 / floor_s:.3f} img/s; "
                   f"fraction of floor {entry['ours']['fraction_of_floor']:.3f}")
@@ -467,8 +582,12 @@ def main() -> None:
             if "flops_per_image_analytic" in entry:
                 print(f"RESULT {name} flops analytic/counted = {entry['flops_per_image_analytic'] / counted:.4f}")
             if family == "flux" and not args.no_baseline:
+                del adapter  # the authors keep the whole model resident: built anew, uncut
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                adapter = build_adapter(family, work["config"], TINY_VAE if tiny else VAE, device, dtype, n_txt)
                 t5, clip = build_text_encoders(device, DTYPES[dtype], tiny)
-                base = run_baseline(adapter, records[: n_images + 1], settings, t5, clip, tmp, device, n_txt)
+                base = run_baseline(adapter, by_role["e"] + by_role["t"], settings, t5, clip, tmp, device, n_txt)
                 del t5, clip
                 print(f"RESULT {name} baseline FLOPs per image: {base['flops_per_image_counted'] / 1e12:.4g} TFLOP "
                       f"(DiT through block {work['k']} + final layer {base['flops_dit'] / 1e12:.4g}, "

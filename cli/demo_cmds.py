@@ -83,7 +83,7 @@ def _demo_probe(model: str, data_root: Path, store: Path, out: Path, progress: b
         typer.echo(report.line())
     k, t = (int(part[1:]) for part in report.keys[0].split("/")[-2:])
     feature_store = FeatureStore(store, read_only=True)
-    has_adaln = "shift" in feature_store.open_features("ade20k", model, k, t).modulation_names
+    has_adaln = "scale" in feature_store.open_features("ade20k", model, k, t).modulation_names
     settings = ProbeSettings(variant="adaln" if has_adaln else "raw", epochs=4, lr=0.05, batch_size=4, warmup_steps=0,
                              train_label_side=48)
     result = run_probe([feature_store], get_dataset("ade20k", data_root, "training"),

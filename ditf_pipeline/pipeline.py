@@ -288,7 +288,7 @@ def run_score(
     if settings is None:
         if not variants:
             stored = feature_store.open_features(data.name, model, k_, t_).modulation_names
-            variants = ["adaln+cd"] if "shift" in stored else ["raw"]
+            variants = ["adaln+cd"] if "scale" in stored else ["raw"]
         settings = [StageSettings(variant=v, protocol=protocol, soft_window=soft_window, fuse=fuse, pca_dim=pca_dim)
                     for v in variants]
     results = [score(feature_store, data, model, k_, t_, s, alphas) for s in settings]

@@ -35,9 +35,10 @@ import torch
 from ..core.version import SCHEMA_VERSION, __version__
 from ..datasets.base import Dataset, ImageRecord, check_annotated_sizes
 from ..core.errors import DitfError
-from ..core.images import RESAMPLERS, image_size, load_for_model, orientation_label
+from ..core.images import RESAMPLERS, image_size, load_for_model, orientation_label, pixel_digest
 from ..models.base import CompileOptions, DiTAdapter, LatentPosterior, PromptEmbedding
-from .prompts import prompt_identity, prompts_for
+from .prompt_memory import PromptMemory
+from .prompts import PER_IMAGE, prompt_identity, prompts_for
 from .transfer import HostCopies, HostCopy, pinned, upload
 from ..core.shards import Shard
 from ..store.feature_store import ROWS_PER_SHARD, FeatureArrays, FeatureStore, config_differences
@@ -127,7 +128,7 @@ def default_settings(spec, dataset: Dataset, **given) -> ExtractSettings:
     flux = spec.family == "flux" and not spec.tiny
     given = {name: value for name, value in given.items() if value is not None}  # 0 is a value, not "unset"
     prompt = given.get("prompt") or data.get("prompt") or "template"
-    if prompt not in ("template", "none") and not prompt.startswith(("captions:", "text:")):
+    if prompt not in ("template", "none", PER_IMAGE) and not prompt.startswith(("captions:", "text:")):
         prompt = f"text:{prompt}"  # a dataset's literal prompt, e.g. DAVIS's "a photo of a image"
     return ExtractSettings(
         ks=list(given.get("ks") or [data["k"] if flux and "k" in data else spec.default_k]),
@@ -201,7 +202,9 @@ def check_run(adapter: DiTAdapter, settings: ExtractSettings, dataset: Dataset |
     compiles(adapter, settings)
     adapter.check_indices(settings.ks)
     if dataset is not None:
-        dataset.images()
+        records = dataset.images()
+        if settings.prompt == PER_IMAGE:  # every image carries its prompt, named in its key
+            prompts_for(records, PER_IMAGE)
 
 
 def image_seed(seed: int, key: str, timestep: int, member: int | None = None) -> int:
@@ -299,17 +302,26 @@ def _conditioning_variants(
         except DitfError:
             continue  # e.g. PixArt: AdaLN sees t only, no c-only variant
         for k, mod in mods.items():
-            for name in ("shift", "scale", "gate"):
-                out[k][f"{name}_{conditioning}"] = getattr(mod, name).float()
+            for name, value in mod.vectors().items():
+                if name != "norm_weight":  # the norm's weight is the same whatever the conditioning
+                    out[k][f"{name}_{conditioning}"] = value.float()
     return out
 
 
+def adaln_names(adapter: DiTAdapter) -> list[str]:
+    """The vectors each block's modulation stores: shift, scale, gate after a LayerNorm; scale,
+    gate and the norm's learned weight after a scale-only RMSNorm (no shift is stored at all)."""
+    return ["shift", "scale", "gate"] if adapter.modulated_norm == "layer" else ["scale", "gate", "norm_weight"]
+
+
 def modulation_names(adapter: DiTAdapter) -> list[str]:
+    """The conditioning-ablation vectors stored besides `adaln_names`."""
     if not adapter.has_adaln:
         return []
-    names = ["shift_t", "scale_t", "gate_t"]
+    base = [name for name in adaln_names(adapter) if name != "norm_weight"]
+    names = [f"{name}_t" for name in base]
     if adapter.separates_conditioning:
-        names += ["shift_c", "scale_c", "gate_c"]
+        names += [f"{name}_c" for name in base]
     return names
 
 
@@ -355,6 +367,12 @@ class Extractor:
             {"source": adapter.source, "revision": adapter.revision, "dtype": str(adapter.dtype), "model": adapter.spec.name},
         )
         found = cache.get_many(texts)
+        # a model object kept across runs (the Python API) remembers what it encoded before
+        memory: PromptMemory | None = getattr(adapter, "prompt_memory", None)
+        if memory is not None:
+            for text, embedding in memory.get_many(texts - set(found)).items():
+                cache.put(text, embedding)
+                found[text] = embedding
         missing = sorted(texts - set(found))
         if missing:
             for text, embedding in zip(missing, adapter.encode_prompts(missing)):
@@ -362,6 +380,9 @@ class Extractor:
                 cache.put(text, numpy_embedding)
                 found[text] = numpy_embedding
             adapter.release_text_encoders()
+        if memory is not None:
+            for text, embedding in found.items():
+                memory.put(text, embedding)
         return {text: {name: torch.from_numpy(np.asarray(v)) for name, v in emb.items()} for text, emb in found.items()}
 
     # ---- one image, or images of one grid ------------------------------------------------------
@@ -422,8 +443,7 @@ class Extractor:
             for k, block in adapter.forward_intermediates(noisy, prompts[0] if n == 1 else prompts, timestep, ks).items():
                 parts = {"pre_adaln": block.pre_adaln}
                 if block.modulation is not None:  # None: a model without AdaLN
-                    for name in ("shift", "scale", "gate"):
-                        parts[name] = getattr(block.modulation, name)
+                    parts.update(block.modulation.vectors())
                 into = sums.setdefault(k, {})
                 for name, value in parts.items():
                     value = value.float().reshape(n, len(members), *value.shape[1:])
@@ -491,8 +511,13 @@ class Extractor:
         # file per block, rewritten whole on each commit, so two shards must never share a block
         expected = _expected_rows(store.image_rows(dataset.name), records)
         mine = [r for r in records if shard.owns(expected[r.key] // ROWS_PER_SHARD)]
-        self._check_decodable(self._pending(dataset, mine))  # a bad file fails before the index grows
-        rows = store.register_images(dataset.name, [r.key for r in records], sizes)
+        pending = {r.key for r in self._pending(dataset, mine)}
+        # every image is decoded (a bad file fails before the index grows) and its pixels digested:
+        # a name reused for other pixels is refused, never served the features of the old image
+        digests = self._digests(records, pending)
+        keys = [r.key for r in records]
+        store.check_identities(dataset.name, keys, sizes, digests)
+        rows = store.register_images(dataset.name, keys, sizes, digests)
         n_rows = len(rows)
         config = store_config(adapter, settings)
         arrays: dict[tuple[int, int], FeatureArrays] = {}
@@ -513,6 +538,7 @@ class Extractor:
                             provenance=provenance(adapter, settings),
                             n_images=n_rows, grid_max=(rows_max, cols_max), hidden_size=channels,
                             modulation_names=modulation_names(adapter), adaln=adapter.has_adaln,
+                            adaln_names=adaln_names(adapter),
                         )
 
                     if shard.whole:
@@ -553,16 +579,25 @@ class Extractor:
                                if r.key not in rows or rows[r.key] >= len(complete) or not complete[rows[r.key]])
         return list(records) if missing_key else [r for r in records if r.key in pending]
 
-    def _check_decodable(self, records: Sequence[ImageRecord]) -> None:
-        """Fully decode every image about to be extracted, before anything is written.
+    def _digests(self, records: Sequence[ImageRecord], pending: set[str]) -> list[str]:
+        """`pixel_digest` of every record, decoding each fully before anything is written.
 
         Headers alone miss truncated files; a file that fails mid-run would otherwise leave a new
-        index row and grown arrays behind. Decoding twice costs far less than one DiT forward.
+        index row and grown arrays behind. Decoding costs far less than one DiT forward. A file
+        that cannot be decoded fails here if it is `pending` (about to be extracted); an already
+        complete one that no longer decodes gets no digest (its size is still compared).
         """
+        def digest(record: ImageRecord) -> str:
+            try:
+                return pixel_digest(load_for_model(record.path, self.settings.resample,
+                                                   exif_transpose=self.settings.exif_transpose))
+            except DitfError:
+                if record.key in pending:
+                    raise
+                return ""
+
         with ThreadPoolExecutor(max_workers=max(1, self.settings.workers)) as pool:
-            for _ in pool.map(lambda record: load_for_model(record.path, self.settings.resample,
-                                                           exif_transpose=self.settings.exif_transpose).size, records):
-                pass
+            return list(pool.map(digest, records))
 
     def _run_locked(self, dataset, records, rows, arrays, start_time, progress) -> ExtractReport:
         settings, store = self.settings, self.store
@@ -635,11 +670,20 @@ class Extractor:
         from ..core.progress import progress as progress_display
 
         writer = _StoreWriter(depth=2 * self.batch_images + 2)
+        # each distinct prompt goes to the device once per run (a category's images share one),
+        # not once per image: a pinned staging copy and an upload per image bought nothing
+        on_device: dict[str, PromptEmbedding] = {}
+
+        def device_prompt(text: str) -> PromptEmbedding:
+            if text not in on_device:
+                on_device[text] = self.device_prompt(embeddings[text])
+            return on_device[text]
+
         try:
             bar = progress_display(len(todo), f"extract {self.adapter.spec.name}", "img", enabled=progress)
             for group in self._groups(self._decoded(self._ordered(todo)), texts, embeddings):
                 images = [_Image(record, rows[record.key], upload(pixels, self.adapter.device),
-                                 self.device_prompt(embeddings[texts[record.key]])) for record, pixels in group]
+                                 device_prompt(texts[record.key])) for record, pixels in group]
                 for t in self.settings.ts:
                     wanted = [(image, [k for k in self.settings.ks if not complete[(k, t)][image.row]]) for image in images]
                     wanted = [(image, ks) for image, ks in wanted if ks]

@@ -235,7 +235,7 @@ def upsampled_vectors(grid: torch.Tensor, size: ImageSize, xs: np.ndarray, ys: n
     h, w, _ = grid.shape
     dtype = _taps_dtype(grid)
     rows, cols = linear_taps(h, height, grid.device, dtype), linear_taps(w, width, grid.device, dtype)
-    ys, xs = torch.as_tensor(ys, device=grid.device), torch.as_tensor(xs, device=grid.device)
+    ys, xs = torch.as_tensor(np.stack([ys, xs]), device=grid.device)  # one host -> device copy for both
     r0, r1, a0, a1 = rows.index0[ys], rows.index1[ys], rows.weight0[ys, None], rows.weight1[ys, None]
     c0, c1, b0, b1 = cols.index0[xs], cols.index1[xs], cols.weight0[xs, None], cols.weight1[xs, None]
 
@@ -438,6 +438,22 @@ class DiftMatcher:
         each row's score is computed exactly as `match` would, but a batched matmul may round
         differently from a single one, so the CPU driver calls `match` per pair.
         """
+        best, counts = self.best_batch(trg_feat, trg_img_size, sources, trg_key)
+        if best is None:
+            return [np.zeros((0, 2)) for _ in sources]
+        return split_pixels(best.cpu().numpy(), counts, _check_size(trg_img_size, "target")[0])  # the one device -> host copy
+
+    @torch.inference_mode()
+    def best_batch(
+        self,
+        trg_feat: torch.Tensor | np.ndarray,
+        trg_img_size: ImageSize,
+        sources: Sequence[SourceRequest],
+        trg_key: Hashable | None = None,
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """`match_batch` without the host copy: the flat best-pixel indices of every keypoint of
+        every source, on the target's device (None when there is no keypoint), and the count of
+        keypoints per source. The GPU pair loop gathers a whole block of these, then copies once."""
         trg_grid = _check_grid(trg_feat, "target")
         trg_size = _check_size(trg_img_size, "target")
         vectors = []
@@ -448,16 +464,18 @@ class DiftMatcher:
             vectors.append(v.to(trg_grid.device))
         counts = [len(v) for v in vectors]
         if sum(counts) == 0:
-            return [np.zeros((0, 2)) for _ in sources]
+            return None, counts
         trg = self._float_target(trg_grid)
-        best = self._best_pixels(torch.cat(vectors) if len(vectors) > 1 else vectors[0], trg, trg_size, trg_key)
-        best = best.cpu().numpy()  # the one device -> host copy
-        width = trg_size[0]
-        xy = np.stack([best % width, best // width], axis=1).astype(np.float64)
-        return list(np.split(xy, np.cumsum(counts)[:-1])) if len(counts) > 1 else [xy]
+        return self._best_pixels(torch.cat(vectors) if len(vectors) > 1 else vectors[0], trg, trg_size, trg_key), counts
 
     def clear_cache(self) -> None:
         self._inverse_norms.clear()
+
+
+def split_pixels(best: np.ndarray, counts: Sequence[int], width: int) -> list[np.ndarray]:
+    """Flat row-major pixel indices -> one (n, 2) float64 (x, y) array per source of `counts`."""
+    xy = np.stack([best % width, best // width], axis=1).astype(np.float64)
+    return list(np.split(xy, np.cumsum(counts)[:-1])) if len(counts) > 1 else [xy]
 
 
 @torch.inference_mode()

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import DitfError
+from ..adaln import RMS_EPS
 from .features import check_variant_applies, variant_names
 
 #: variant -> (shift name, scale name, where channels are zeroed: "pre" LayerNorm, "post", None)
@@ -49,10 +50,15 @@ def paper_matching(config: Mapping, protocol: str) -> bool:
     return config.get("precision") == "paper" and protocol == "dift"
 
 
-def _bf16_vector(modulation: Mapping, name: str, dim: int) -> torch.Tensor:
+def _as_tensor(value) -> torch.Tensor:
+    """A tensor where it lives (a device tensor stays on its device: `np.asarray` would need a host copy)."""
+    return value if torch.is_tensor(value) else torch.as_tensor(np.asarray(value))
+
+
+def _bf16_vector(modulation: Mapping, name: str, dim: int, device: torch.device) -> torch.Tensor:
     if name not in modulation:
         raise DitfError(f"modulation vector {name!r} is missing (have: {', '.join(sorted(modulation)) or 'none'})")
-    vector = torch.as_tensor(np.asarray(modulation[name])).reshape(-1)
+    vector = _as_tensor(modulation[name]).to(device).reshape(-1)
     if vector.numel() != dim:
         raise DitfError(f"modulation vector {name!r} has {vector.numel()} entries, the feature has {dim} channels")
     return vector.to(torch.bfloat16)
@@ -66,7 +72,7 @@ def paper_feature(
         raise DitfError(f"unknown feature variant {variant!r}; known variants: {', '.join(_PAPER_VARIANTS)}")
     check_variant_applies(variant, bool(modulation))
     shift_name, scale_name, discard = _PAPER_VARIANTS[variant]
-    z = torch.as_tensor(np.asarray(pre_adaln)).to(torch.bfloat16)  # exact for bf16-rounded stored values
+    z = _as_tensor(pre_adaln).to(torch.bfloat16)  # exact for bf16-rounded stored values
     dim = z.shape[-1]
     channels = [int(c) for c in channels] if discard else []
     if any(not 0 <= c < dim for c in channels):
@@ -75,9 +81,13 @@ def paper_feature(
         z = z.clone()
         z[..., channels] = 0
     x = z
-    if shift_name is not None:
-        shift = _bf16_vector(modulation or {}, shift_name, dim)
-        scale = _bf16_vector(modulation or {}, scale_name, dim)
+    if shift_name is not None and "norm_weight" in (modulation or {}):  # scale-only RMSNorm key: no shift
+        scale = _bf16_vector(modulation, scale_name, dim, z.device)
+        weight = _bf16_vector(modulation, "norm_weight", dim, z.device)
+        x = F.rms_norm(z, (dim,), weight, eps=RMS_EPS) * (1 + scale)  # every step rounded to bf16
+    elif shift_name is not None:
+        shift = _bf16_vector(modulation or {}, shift_name, dim, z.device)
+        scale = _bf16_vector(modulation or {}, scale_name, dim, z.device)
         x = (1 + scale) * F.layer_norm(z, (dim,), eps=1e-6) + shift  # every step rounded to bf16
     if discard == "post" and channels:
         x = x.clone()
@@ -102,8 +112,8 @@ class PaperDiftMatcher:
         trg_key: Hashable | None = None,
     ) -> np.ndarray:
         """(N, 2) float64 predicted (x, y) in original target pixels for (N, 2) source (x, y)."""
-        src = torch.as_tensor(np.asarray(src_feat) if not torch.is_tensor(src_feat) else src_feat).to(torch.float16)
-        trg = torch.as_tensor(np.asarray(trg_feat) if not torch.is_tensor(trg_feat) else trg_feat).to(torch.float16)
+        src, trg = _as_tensor(src_feat).to(torch.float16), _as_tensor(trg_feat).to(torch.float16)
+        src = src.to(trg.device)
         (sw, sh), (tw, th) = (tuple(int(v) for v in size) for size in (src_img_size, trg_img_size))
         if min(sw, sh, tw, th) <= 0:
             raise DitfError(f"image sizes must be positive, got {src_img_size} and {trg_img_size}")
@@ -123,7 +133,7 @@ class PaperDiftMatcher:
         trg_vecs = F.normalize(trg_up.reshape(channels, -1).T)  # (HW, C)
         del trg_up
         cosine = torch.mm(trg_vecs, src_vecs.T)  # (HW, N) fp16
-        best = cosine.float().argmax(dim=0).numpy()  # fp16 -> fp32 is exact: same first maximum
+        best = cosine.float().argmax(dim=0).cpu().numpy()  # fp16 -> fp32 is exact: same first maximum
         return np.stack([best % tw, best // tw], axis=1).astype(np.float64)
 
     def clear_cache(self) -> None:

@@ -18,8 +18,10 @@ Why processes: worker threads (used before) share the GIL for the Python between
 of them gave 1.47x at SPair size on two cores, the pool 1.7-1.8x, close to what two fully
 independent processes reach there (`benchmarks/bench_predict.py --ceiling`, docs/benchmarks.md).
 
-On a GPU (``--device cuda``) the feature cache lives on the device and the pairs of a block
-that share a target are matched in one batch (`DiftMatcher.match_batch`); one job.
+On a GPU (``--device cuda``) the feature cache lives on the device (its budget sized for the
+device, maps uploaded pinned and non-blocking), the pairs of a block that share a target are
+matched in one batch (`DiftMatcher.best_batch`) and the block's results come back in one copy
+(no host wait per target); one job. `ditf_pipeline.fake_cuda` runs this path on a CPU in tests.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from .features import (
     variant_names,
 )
 from .fusion import PairFusion, parse_fuse
-from .matchers import ByteLRU, make_matcher, one_intra_op_thread, resolve_match_device
+from .matchers import ByteLRU, make_matcher, one_intra_op_thread, resolve_match_device, split_pixels
 from ..core.naming import DEFAULT_PCA_DIM, fusion_label, prediction_name
 from .paper import PaperDiftMatcher, paper_feature, paper_matching
 from .pool import BlockRunner, WorkerPool
@@ -152,6 +154,24 @@ def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list
     return channels
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor queued to `device` without a host wait (pinned staging, non-blocking copy;
+    PyTorch's caching host allocator keeps the staging buffer until the copy is done)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def device_cache_bytes(device: torch.device, default: int = FEATURE_CACHE_BYTES) -> int:
+    """Byte budget of the feature cache on `device`: the CPU's `default`, or on a GPU a quarter of
+    its free memory (at most 8 GiB: ~1,100 SPair maps, every image of the test split), since
+    the CPU's 256 MB would re-read and re-upload a category's images for every pair."""
+    if device.type != "cuda":
+        return default
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(default, min(8 * 2**30, free // 4))
+
+
 class FeatureCache:
     """Variant features of recently used images, each computed once while it stays cached.
 
@@ -188,15 +208,18 @@ class FeatureCache:
     def _compute(self, key: str) -> torch.Tensor:
         # (no lock: zarr reads from several threads overlap in its event loop and codec threads)
         pre_adaln, modulation = self.arrays.read_image(self.rows[key], vectors=VECTORS_USED.get(self.variant))
-        z = torch.from_numpy(np.ascontiguousarray(pre_adaln)).to(self.device)
+        z = _to_device(torch.from_numpy(np.ascontiguousarray(pre_adaln)), self.device)
         if self.variant == "raw" and z.dtype == self.dtype:
             return z.contiguous()  # the cached z itself (what compute_feature would round back to)
-        modulation = {name: torch.as_tensor(np.asarray(v)).to(self.device) for name, v in modulation.items()}
-        # every variant is per token: computed a few rows at a time into the cached map, so the
-        # float32 intermediates stay small (whole-map ones grew the heap by ~100 MB per thread)
+        modulation = {name: _to_device(torch.as_tensor(np.asarray(v)), self.device) for name, v in modulation.items()}
+        # every variant is per token: on the CPU computed a few rows at a time into the cached map,
+        # so the float32 intermediates stay small (whole-map ones grew the heap by ~100 MB per
+        # thread); on a device in one piece (each piece costs kernel launches and an upload of
+        # the discarded-channel index)
         out = torch.empty(z.shape, dtype=self.dtype, device=self.device)
-        for start in range(0, z.shape[0], VARIANT_ROWS):
-            rows = slice(start, start + VARIANT_ROWS)
+        step = VARIANT_ROWS if self.device.type == "cpu" else max(1, z.shape[0])
+        for start in range(0, z.shape[0], step):
+            rows = slice(start, start + step)
             out[rows] = self.compute(self.variant, z[rows], modulation, self.channels)
         return out
 
@@ -233,25 +256,37 @@ def match_pairs(pairs: Sequence[Pair], pair_features: PairFeatures, matcher, bat
     """
     out: list[np.ndarray | None] = [None] * len(pairs)
     todo = list(range(len(pairs)))
-    if batch_by_target and hasattr(matcher, "match_batch"):
+    if batch_by_target and hasattr(matcher, "best_batch"):
         groups: dict[str, list[int]] = {}
         for i, pair in enumerate(pairs):
             groups.setdefault(pair.trg_key, []).append(i)
         todo = []
+        # the device's results of every group stay there until the block is done: one host copy
+        # per block, not one wait per target
+        pending: list[tuple[list[int], list[int], int]] = []
+        on_device: list[torch.Tensor] = []
         for members in groups.values():
             try:
                 sources = []
                 for i in members:
                     src, trg, trg_key = pair_features(pairs[i].src_key, pairs[i].trg_key)
                     sources.append((src, pairs[i].src_size, pairs[i].src_kps))
-                results = matcher.match_batch(trg, pairs[members[0]].trg_size, sources, trg_key=trg_key)
+                best, counts = matcher.best_batch(trg, pairs[members[0]].trg_size, sources, trg_key=trg_key)
             except DitfError:
                 todo += members  # redone one by one below, for an error that names its pair
                 continue
-            for i, result in zip(members, results):
-                out[i] = result
+            pending.append((members, counts, int(pairs[members[0]].trg_size[0])))
+            if best is not None:
+                on_device.append(best)
             if advance is not None:
                 advance(len(members))
+        host = torch.cat(on_device).cpu().numpy() if on_device else np.zeros(0, dtype=np.int64)
+        start = 0
+        for members, counts, width in pending:
+            stop = start + sum(counts)
+            for i, result in zip(members, split_pixels(host[start:stop], counts, width)):
+                out[i] = result
+            start = stop
     # pairs that share a target back to back: its float32 copy and norms are reused while hot in
     # the core's cache (each pair's result is its own: the order changes no bit)
     for i in sorted(todo, key=lambda i: (pairs[i].trg_key, i)):
@@ -279,7 +314,10 @@ def block_matcher(arrays: FeatureArrays, rows: dict[str, int], settings: MatchSe
     """The function that predicts one block of pairs: the settings' feature cache and matcher,
     built once and kept for every block (in `predict` and in each worker process alike)."""
     matcher = pair_matcher(settings, paper)
-    features = pair_feature_cache(arrays, rows, settings.variant, channels, device, settings.cache_bytes,
+    budget = settings.cache_bytes
+    if budget == FEATURE_CACHE_BYTES:  # the default: sized for the device
+        budget = device_cache_bytes(device)
+    features = pair_feature_cache(arrays, rows, settings.variant, channels, device, budget,
                                   compute=paper_feature if paper else compute_feature)
     pair_features = features.pair if fusion is None else fusion.bind(features)
     batch = device.type != "cpu" and fusion is None
@@ -315,15 +353,16 @@ def check_features(pairs: Sequence[Pair], rows: dict[str, int], arrays: FeatureA
 
 
 def open_fusion(store: FeatureStore, dataset: Dataset, rows: dict[str, int], pairs: Sequence[Pair], fuse: str,
-                pca_dim: int) -> PairFusion:
-    """The `--fuse MODEL` partner: its raw features in the same store, checked for every image of the pairs."""
+                pca_dim: int, device: str | torch.device = "cpu") -> PairFusion:
+    """The `--fuse MODEL` partner: its raw features in the same store, checked for every image of the
+    pairs, cached on the matching `device` (fusion concatenates them with the DiT's maps there)."""
     if pca_dim < 0:
         raise DitfError(f"--pca-dim must be 0 (no PCA) or positive, got {pca_dim}")
     model, k, t = parse_fuse(fuse)
     k, t = store.find_feature_key(dataset.name, model, k, t)
     arrays = store.open_features(dataset.name, model, k, t)
     check_features(pairs, rows, arrays)
-    return PairFusion(model=model, k=k, t=t, pca_dim=pca_dim, other=FeatureCache(arrays, rows, "raw", []),
+    return PairFusion(model=model, k=k, t=t, pca_dim=pca_dim, other=FeatureCache(arrays, rows, "raw", [], device=device),
                       config=arrays.config)
 
 
@@ -389,7 +428,7 @@ def predict(
         if settings.fuse:
             if block_runner is not None:
                 raise DitfError("--fuse is not supported by the distributed match runner yet")
-            fusion = open_fusion(store, dataset, rows, pairs, settings.fuse, settings.pca_dim)
+            fusion = open_fusion(store, dataset, rows, pairs, settings.fuse, settings.pca_dim, device)
             attrs.update(variant=settings.label, fuse=fusion.describe())
         feature_key = (dataset.name, model, k, t)
         max_kps = max(len(p.src_kps) for p in pairs)

@@ -47,6 +47,7 @@ from .schema import (
     ROWS_PER_SHARD,
     SCHEMA_VERSION,
     config_differences,
+    create_digest_array,
     create_feature_arrays,
     create_index_arrays,
     create_prediction_arrays,
@@ -287,11 +288,15 @@ class FeatureStore:
 
     # ---- image index --------------------------------------------------------------------------
     @writes
-    def register_images(self, dataset: str, keys: Sequence[str], sizes: Sequence[tuple[int, int]]) -> dict[str, int]:
+    def register_images(self, dataset: str, keys: Sequence[str], sizes: Sequence[tuple[int, int]],
+                        digests: Sequence[str] | None = None) -> dict[str, int]:
         """Add images to the dataset's index (existing rows keep their position); key -> row.
 
-        New rows are written past the committed `count`, then `count` is raised: a kill in
-        between leaves rows that the next call simply overwrites.
+        `digests` (one per key, `pixel_digest` of the decoded pixels) are recorded with each new
+        row; an indexed key given with another size or digest is refused (`check_identities`),
+        so a name reused for other pixels is never served the old row's features. New rows are
+        written past the committed `count`, then `count` is raised: a kill in between leaves
+        rows that the next call simply overwrites.
         """
         node = f"{dataset}/{IMAGES}"
         # waited for, so concurrent shards queue here instead of failing
@@ -302,17 +307,24 @@ class FeatureStore:
                     create_index_arrays(group)
                     self.publish(staged, node)
             group = self.group(node)
+            self.check_identities(dataset, keys, sizes, digests)
             rows = self.image_rows(dataset)
-            new = [(key, size) for key, size in zip(keys, sizes) if key not in rows]
+            digests = list(digests) if digests is not None else [""] * len(keys)
+            new = [(key, size, digest) for key, size, digest in zip(keys, sizes, digests) if key not in rows]
             if new:
                 start = len(rows)
+                if "digest" not in group:  # an index of an earlier version: the column is added
+                    create_digest_array(group, int(group["key"].shape[0]))
                 key_array, size_array = writable(group["key"]), writable(group["size"])
-                key_array.resize((start + len(new),))
-                size_array.resize((start + len(new), 2))
-                key_array[start:] = np.array([key for key, _ in new], dtype=object).astype(str)
-                size_array[start:] = np.array([size for _, size in new], dtype="int32").reshape(-1, 2)
+                digest_array = writable(group["digest"])
+                for array, shape in ((key_array, (start + len(new),)), (size_array, (start + len(new), 2)),
+                                     (digest_array, (start + len(new),))):
+                    array.resize(shape)
+                key_array[start:] = np.array([key for key, _, _ in new], dtype=object).astype(str)
+                size_array[start:] = np.array([size for _, size, _ in new], dtype="int32").reshape(-1, 2)
+                digest_array[start:] = np.array([digest for _, _, digest in new], dtype=object).astype(str)
                 group.attrs["count"] = start + len(new)  # the commit mark of these rows
-                rows.update({key: start + i for i, (key, _) in enumerate(new)})
+                rows.update({key: start + i for i, (key, _, _) in enumerate(new)})
             return rows
 
     @reads("the image index")
@@ -324,6 +336,44 @@ class FeatureStore:
         count = legacy.committed_rows(group)
         keys = group["key"][:count] if count else []
         return {str(key): row for row, key in enumerate(keys)}
+
+    @reads("the image index")
+    def image_identities(self, dataset: str) -> dict[str, tuple[tuple[int, int], str]]:
+        """image key -> ((width, height), pixel digest) of every committed row; the digest is ""
+        where none was recorded (rows written before the index had the column)."""
+        group = self.group(f"{dataset}/{IMAGES}")
+        if group is None or "key" not in group:
+            return {}
+        count = legacy.committed_rows(group)
+        if not count:
+            return {}
+        keys, sizes = group["key"][:count], group["size"][:count]
+        digests = group["digest"][:count] if "digest" in group and group["digest"].shape[0] >= count else [""] * count
+        return {str(key): ((int(size[0]), int(size[1])), str(digest)) for key, size, digest in zip(keys, sizes, digests)}
+
+    def check_identities(self, dataset: str, keys: Sequence[str], sizes: Sequence[tuple[int, int]],
+                         digests: Sequence[str] | None = None) -> None:
+        """Refuse an indexed image key given now with other pixels (another size, or another digest
+        where both are known): its stored rows were computed from another image.
+
+        Raises
+        ------
+        DitfError
+            Naming the first such key, its stored and its current size.
+        """
+        stored = self.image_identities(dataset)
+        digests = list(digests) if digests is not None else [""] * len(keys)
+        for key, size, digest in zip(keys, sizes, digests):
+            if key not in stored:
+                continue
+            (width, height), known = stored[key]
+            if (width, height) != tuple(size) or (known and digest and known != digest):
+                what = (f"stored {width}x{height}, now {size[0]}x{size[1]}" if (width, height) != tuple(size)
+                        else f"both {width}x{height}, other pixels")
+                raise DitfError(
+                    f"image {key!r} of {dataset} in {self.path} was extracted from another image ({what}): its "
+                    f"stored features are not this image's; give the new image another name or use another --store"
+                )
 
     def image_key(self, dataset: str, row: int) -> str:
         """The key of one row (for error messages: a damaged image is named, not numbered)."""
@@ -347,13 +397,15 @@ class FeatureStore:
         hidden_size: int | None = None,
         modulation_names: Iterable[str] = (),
         adaln: bool = True,
+        adaln_names: Sequence[str] = ("shift", "scale", "gate"),
     ) -> FeatureArrays:
         """Open (or, with `config`, create/validate) the arrays of one (dataset, model, k, t).
 
         Writing into an existing key with a different `config` is refused, naming the settings
         that differ: silently mixing two configurations in one key would corrupt every score.
         With `adaln=False` (models without AdaLN: DINOv2, the SD UNet) no shift/scale/gate arrays
-        are created, only `modulation_names` (normally none). A new key (arrays and attributes)
+        are created, only `modulation_names` (normally none). `adaln_names` are the block's own
+        vectors: scale-only RMSNorm families store scale, gate and norm_weight (no shift). A new key (arrays and attributes)
         is built in staging and published: it appears whole or not at all.
 
         Raises
@@ -386,7 +438,7 @@ class FeatureStore:
             legacy.clear_half_setup(self, group, path)
             group = None
         if group is None:
-            names = (["shift", "scale", "gate"] if adaln else []) + [*modulation_names]
+            names = ([*adaln_names] if adaln else []) + [*modulation_names]
             attrs = {"config": config, "provenance": jsonable(provenance or {}), "modulation": names}
             with self.staged(attrs) as (staged, new):
                 create_feature_arrays(new, n_images=n_images, grid_max=grid_max, hidden_size=hidden_size,
