@@ -8,6 +8,7 @@ stay light.
 from __future__ import annotations
 
 import functools
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -33,6 +34,20 @@ def note(text: str) -> None:
     typer.echo(text, err=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill` and SLURM at its time limit send), handled as Ctrl-C is: the stores
+    are closed as usual, the user learns how to resume, and the exit code is 128 + 15."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """Turn SIGTERM into `Terminated` in this (main) thread; `ditf`'s entry point calls it."""
+    signal.signal(signal.SIGTERM, _terminated)
+
+
 def user_errors(fn):
     """Print a DitfError as one line and exit 1; leave real bugs their traceback."""
 
@@ -43,9 +58,10 @@ def user_errors(fn):
         except DitfError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: completed images are kept; rerun the same command to resume", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+            typer.echo(f"{what}: completed images are kept; rerun the same command to resume", err=True)
+            raise typer.Exit(code) from None
 
     return wrapper
 

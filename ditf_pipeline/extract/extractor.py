@@ -25,7 +25,7 @@ import platform
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -42,6 +42,7 @@ from .prompts import PER_IMAGE, prompt_identity, prompts_for
 from .transfer import HostCopies, HostCopy, pinned, upload
 from ..core.shards import Shard
 from ..store.feature_store import ROWS_PER_SHARD, FeatureArrays, FeatureStore, config_differences
+from ..store.schema import file_rows
 
 
 @dataclass
@@ -324,6 +325,20 @@ def modulation_names(adapter: DiTAdapter) -> list[str]:
     return names
 
 
+def _rows_per_file(arrays: Mapping[tuple[int, int], FeatureArrays]) -> int:
+    """Images per file of the keys' small per-image arrays: a shard owns whole files of them.
+
+    Read from each key's `complete` array as it was created, so every shard of a key agrees on
+    ownership whatever DITF_ROWS_PER_SHARD says now.
+    """
+    sizes = {file_rows(a.group["complete"]) for a in arrays.values()}
+    if len(sizes) > 1:
+        raise DitfError("the keys of this run keep different numbers of images per file ("
+                        + ", ".join(f"{a.path}: {file_rows(a.group['complete'])}" for a in arrays.values())
+                        + "): run --shard separately for each --k / --t")
+    return sizes.pop() if sizes else ROWS_PER_SHARD
+
+
 class Extractor:
     """Runs one adapter over a dataset into a store."""
 
@@ -504,7 +519,6 @@ class Extractor:
         keys = [r.key for r in records]
         store.check_identities(dataset.name, keys, sizes, digests)
         rows = store.register_images(dataset.name, keys, sizes, digests)
-        mine = [r for r in records if shard.owns(rows[r.key] // ROWS_PER_SHARD)]
         n_rows = len(rows)
         config = store_config(adapter, settings)
         arrays: dict[tuple[int, int], FeatureArrays] = {}
@@ -534,9 +548,12 @@ class Extractor:
                         arrays[(k, t)] = open_key()
                     else:
                         # shards take turns only to set the key up, then write their own images side by side
-                        with store.writer_lock(dataset.name, adapter.spec.name, k, t, wait=SHARD_SETUP_WAIT):
+                        with store.setup_lock(dataset.name, adapter.spec.name, k, t, wait=SHARD_SETUP_WAIT):
                             arrays[(k, t)] = open_key()
                         locks.enter_context(store.writer_lock(dataset.name, adapter.spec.name, k, t, shard=str(shard)))
+            # ownership follows the keys' files as created (never this run's environment)
+            block = _rows_per_file(arrays)
+            mine = [r for r in records if shard.owns(rows[r.key] // block)]
             return self._run_locked(dataset, mine, rows, arrays, start_time, progress)
 
     def _pending(self, dataset: Dataset, records: Sequence[ImageRecord]) -> list[ImageRecord]:

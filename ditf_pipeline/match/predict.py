@@ -405,8 +405,12 @@ def predict(
         feature_key = (dataset.name, model, k, t)
         max_kps = max(len(p.src_kps) for p in pairs)
         pair_ids = [p.pair_id for p in pairs]
+        scope = prediction_scope(dataset.split, pair_ids)
+        # this group is ours alone (or this shard's) from before it is opened or recreated to its last block
+        stack.enter_context(store.predictions_lock(feature_key, settings.name, scope,
+                                                   None if part.whole else str(part)))
         predictions = store.open_predictions(feature_key, settings.name, pair_ids, max_kps, attrs, block=BLOCK,
-                                             scope=prediction_scope(dataset.split, pair_ids), overwrite=overwrite)
+                                             scope=scope, overwrite=overwrite)
         done = predictions.done()
         mine = set(part.blocks(len(pairs), BLOCK))
         todo_blocks = [s for s in range(0, len(pairs), BLOCK) if s in mine and not done[s : s + BLOCK].all()]

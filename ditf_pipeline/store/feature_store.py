@@ -37,7 +37,7 @@ import zarr
 
 from ..core.errors import DitfError
 from ..core.keys import FeatureKey
-from . import legacy, writers
+from . import leases, legacy, locks, writers
 from .arrays import FeatureArrays, PredictionArrays
 from .backends import Backend, ReadBackend, backend_for, is_read_only, is_remote, local_beside, store_location
 from .failures import reads, reason, writes
@@ -106,7 +106,9 @@ class FeatureStore:
         self.path = store_location(path)
         self.read_only = read_only
         self._writing = False
-        on_write = None if read_only or is_remote(self.path) else self._before_write
+        # every write is announced first: locally to the writer registry, on object stores to the
+        # lease check (a writer whose lease was lost stops before its next write)
+        on_write = None if read_only else leases.check_held if is_remote(self.path) else self._before_write
         self.backend: Backend | ReadBackend = backend_for(self.path, on_write=on_write)
         self.remote = self.backend.remote
         self.layout = StoreLayout(self.backend)
@@ -122,6 +124,7 @@ class FeatureStore:
             self.backend.create_root(root_metadata())
         if not read_only:
             if self.remote:
+                self.backend.sweep_dead_staging()
                 self.drop_consolidated()  # no shared locks on object stores: drop at once
             else:
                 writers.join(self.path, self.drop_consolidated)
@@ -143,6 +146,19 @@ class FeatureStore:
         if not read_only and self.schema_version < SCHEMA_VERSION:
             self.migrate()
 
+    def sweep_if_alone(self) -> bool:
+        """Remove what dead writers left (staging, temp files) where their death is proved.
+
+        Locally that is when no other process writes the store (`writers.sweep_if_alone`); on an
+        object store, staging folders whose writer is a dead process of this host or that are
+        older than two lease periods (`ObjectBackend.sweep_dead_staging`). False when nothing
+        could be proved.
+        """
+        if self.remote:
+            self.backend.sweep_dead_staging()
+            return not self.layout.staging()
+        return writers.sweep_if_alone(self.path)
+
     def _before_write(self, what: str) -> None:
         """Every write of this (local) writer is announced here first (see `writers.note_write`)."""
         writers.note_write(self.path)
@@ -161,24 +177,25 @@ class FeatureStore:
                 raise DitfError(f"cannot write to store {self.path}: {exc.strerror or exc}") from exc
 
     @writes
-    def close(self) -> bool:
+    def close(self, restore: bool = True) -> bool:
         """End this writer: the last writer of a local store writes consolidated metadata.
 
         Every node's metadata is then in the root's zarr.json, so a reader opens the store with
         one read. The CLI closes what is left as a command ends; a killed process just leaves
         no copy. Object stores have no shared locks and are not consolidated. Returns True when
-        it was written.
+        it was written. A writer that wrote nothing writes back a copy that a killed writer
+        dropped, unless `restore` is False (a failed command leaves the store as it was).
         """
         if not self._writing:
             return False
         self._writing = False
-        return writers.leave(self.path)
+        return writers.leave(self.path, restore)
 
     def __enter__(self) -> FeatureStore:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        self.close(restore=exc_type is None)
 
     @writes
     def migrate(self) -> list[str]:
@@ -451,15 +468,75 @@ class FeatureStore:
         """One extract per key at a time: a second writer is refused, not interleaved.
 
         With `shard` ("i/N", `--shard`) the lock is that shard's alone: shards write disjoint
-        images, so any number of them may run at once, but never the same shard twice.
+        images, so any number of them may run at once, but never the same shard twice, never
+        beside a whole-key run, and never beside shards of another count N (`run_lock`).
         """
         key = feature_path(dataset, model, k, t)
+        return self.run_lock(key, f"extracting {key} into", shard, wait,
+                             "(then rerun: completed images are skipped) or use another --store")
+
+    def setup_lock(self, dataset: str, model: str, k: int, t: int,
+                   wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
+        """The right to set a key up (shards take turns for it, then write side by side)."""
+        key = feature_path(dataset, model, k, t)
+        return self.lock(key, f"another process is extracting {key} into {self.path}: wait for it to finish", wait)
+
+    def predictions_lock(self, feature_key: tuple[str, str, int, int], name: str, scope: str,
+                         shard: str | None = None) -> contextlib.AbstractContextManager[None]:
+        """One `ditf match` per predictions group at a time (`--overwrite` included); shards as
+        for `writer_lock`. Held from before the group is opened (or recreated) to the last block."""
+        node = f"{feature_path(*feature_key)}/{PREDICTIONS}/{scope}/{name}"
+        return self.run_lock(node, f"matching {name} of {feature_path(*feature_key)} in", shard, 0.0,
+                             "or use another --variant / --store")
+
+    @contextlib.contextmanager
+    def run_lock(self, node: str, doing: str, shard: str | None = None, wait: float = 0.0,
+                 advice: str = "") -> Iterator[None]:
+        """Exclusion of the runs writing `node`: a whole run excludes every other run; a shard
+        ("i/N") excludes the same shard, whole runs and shards of another N (whose blocks overlap).
+
+        Locally: the whole run holds `<node>` and `<node>%whole` exclusively; shard i of N holds
+        `<node>%shards-of-N` shared and `<node>%shard-i-of-N` exclusively. `doing` names the run
+        and ends in the preposition before the store ("extracting <key> into"). Each takes its own
+        locks first and then checks the others' (`locks.is_free`), so of two runs that start at
+        once at least one is refused. Object stores have no shared locks: there, leases keep out
+        a second whole run and a second copy of one shard only.
+        """
+        refusal = f"another process is {doing} {self.path}: wait for it to finish {advice}".rstrip()
         if shard is None:
-            return self.lock(key, f"another process is extracting {key} into {self.path}: wait for it to finish "
-                                  "(then rerun: completed images are skipped) or use another --store", wait)
+            with self.lock(node, refusal, wait):
+                if self.remote:
+                    yield
+                    return
+                with self.lock(f"{node}%whole", refusal):
+                    running = [f.name for f in self._shard_lock_files(node) if not locks.is_free(f)]
+                    if running:
+                        raise DitfError(f"shard jobs are {doing} {self.path} ({', '.join(running)}): "
+                                        "wait for them to finish, then rerun")
+                    yield
+            return
         index, count = shard.split("/")
-        return self.lock(f"{key}%shard-{index}-of-{count}",
-                         f"another process is extracting shard {shard} of {key} into {self.path}: wait for it to finish")
+        own = self.lock(f"{node}%shard-{index}-of-{count}",
+                        f"another process is {doing} {self.path} (shard {shard}): wait for it to finish")
+        if self.remote:
+            with own:
+                yield
+            return
+        group = self.path / lock_path(f"{node}%shards-of-{count}")
+        with locks.shared_lock_file(group, refusal), own:
+            if not locks.is_free(self.path / lock_path(f"{node}%whole")):
+                raise DitfError(f"{refusal} (a run without --shard)")
+            others = [f.name for f in self._shard_lock_files(node) if f != group and not locks.is_free(f)]
+            if others:
+                raise DitfError(f"shards of another count are {doing} {self.path} ({', '.join(others)}): "
+                                f"every shard of one run must use the same N (--shard i/{count})")
+            yield
+
+    def _shard_lock_files(self, node: str) -> list[Path]:
+        """The `%shards-of-N` lock files of `node` (one per shard count ever used)."""
+        stem = lock_path(f"{node}%shards-of-").removesuffix(".lock")
+        folder = (self.path / stem).parent
+        return sorted(folder.glob(Path(stem).name.replace("[", "[[]") + "*.lock"))
 
     def feature_keys(self, dataset: str | None = None) -> list[tuple[str, str, int, int]]:
         """Every (dataset, model, k, t) holding features."""
