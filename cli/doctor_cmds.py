@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import DEFAULT_STORE, DatasetOpt, SplitOpt, app, user_errors
+from .app import DEFAULT_STORE, DatasetOpt, QuietOpt, SplitOpt, app, user_errors
 
 
 @app.command()
@@ -21,16 +21,17 @@ def doctor(
     repair: Annotated[bool, typer.Option(help="Remove half-done setups and unreadable nodes, un-commit damaged "
                                               "images so a rerun redoes only those; never deletes intact data.")] = False,
     migrate: Annotated[bool, typer.Option(help="Convert a store of an older schema in place.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Report what is missing, corrupt or inconsistent in a dataset root and a store (read-only
     unless --repair or --migrate)."""
-    from ditf_pipeline.pipeline import run_doctor
+    from ditf_pipeline.pipeline import check
 
     store = store if store is not None else (DEFAULT_STORE if Path(DEFAULT_STORE).exists() else None)
     if data_root is None and store is None:
         typer.echo("nothing to check: pass --data-root and/or --store", err=True)
         raise typer.Exit(2)
-    findings = run_doctor(dataset=dataset, data_root=data_root, split=split, store=store, quick=quick, repair=repair,
+    findings = check(dataset=dataset, data_root=data_root, split=split, store=store, quick=quick, repair=repair,
                           migrate=migrate)
     for line in findings.ok:
         typer.echo(f"ok       {line}")

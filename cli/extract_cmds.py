@@ -7,25 +7,25 @@ from pathlib import Path
 import typer
 
 from .app import (
-    DEFAULT_STORE, BatchImagesOpt, BatchSizeOpt, CompileOpt, OffloadOpt, ShardOpt, TextDeviceOpt, DataRootOpt, DatasetOpt, DeviceOpt, DtypeOpt, EnsembleOpt, ImgSizeOpt, KOpt, ModelOpt,
-    PrecisionOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt, RevisionOpt, SchedulerOpt, SeedOpt, SplitOpt, StoreOpt,
-    TOpt, WeightsOpt, WorkersOpt, app, user_errors,
+    DEFAULT_STORE, BatchImagesOpt, BatchSizeOpt, CompileOpt, DataRootOpt, DatasetOpt, DeviceOpt, DtypeOpt, EnsembleOpt,
+    ImgSizeOpt, KOpt, ModelOpt, OffloadOpt, PrecisionOpt, ProgressOpt, PromptOpt, QuietOpt, ResampleOpt, ResizeOpt,
+    RevisionOpt, SchedulerOpt, SeedOpt, ShardOpt, SplitOpt, StoreOpt, TextDeviceOpt, TOpt, WeightsOpt, WorkersOpt, app,
+    user_errors,
 )
 
 
 @app.command()
 @user_errors
-def models() -> None:
+def models(quiet: QuietOpt = False) -> None:
     """List the models: weights (hub id), licence, blocks, width and default block k, timestep t, image size.
 
     Defaults marked "rule" are not the paper's: they follow a stated rule and were not tuned on
     real weights (`ditf analyze --match` over a k x t grid tunes them).
     """
-    from ditf_pipeline.models import get_spec, model_names
+    from ditf_pipeline.pipeline import list_models
 
     typer.echo(f"{'name':<18} {'blocks':>6} {'width':>6} {'k':>4} {'t':>5} {'img':>5}  {'k,t':<6} weights")
-    for name in model_names():
-        spec = get_spec(name)
+    for spec in list_models():
         typer.echo(
             f"{spec.name:<18} {spec.num_blocks:>6} {spec.hidden_size:>6} {spec.default_k:>4} {spec.default_t:>5} "
             f"{spec.img_size:>5}  {'rule' if spec.defaults_rule else 'paper':<6} "
@@ -78,11 +78,15 @@ def extract(
     Resumable: rerunning skips images already complete. Writing into an existing key with
     different settings is refused.
     """
+    from ditf_pipeline.core.settings import FeatureSettings, LoadSettings, RunSettings
     from ditf_pipeline.pipeline import run_extract
 
-    report = run_extract(model, dataset, data_root, split, store, k, t, img_size, ensemble_size, batch_size, seed,
-                         prompt, weights, revision, dtype, device, progress and not quiet, workers, scheduler, resize,
-                         resample=resample, precision=precision, text_device=text_device, offload=offload,
-                         batch_images=batch_images, compile=compile,
-                         shard=shard)
+    report = run_extract(
+        dataset=dataset, data_root=data_root, split=split, store=store, progress=progress and not quiet,
+        features=FeatureSettings(model=model, k=k, t=t, img_size=img_size, resize=resize, resample=resample,
+                                 ensemble_size=ensemble_size, seed=seed, prompt=prompt, precision=precision),
+        run=RunSettings(device=device, batch_size=batch_size, batch_images=batch_images, compile=compile,
+                        offload=offload, shard=shard, workers=workers, scheduler=scheduler),
+        load=LoadSettings(weights=weights, revision=revision, dtype=dtype, text_device=text_device),
+    )
     typer.echo(report.line())

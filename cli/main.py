@@ -10,18 +10,15 @@ import sys
 from . import analysis_cmds, baseline_cmds, doctor_cmds, extract_cmds, pairs_cmds, probe_cmds  # noqa: F401  (each registers its commands)
 from . import demo_cmds, export_cmds, pack_cmds  # noqa: F401
 from . import view_cmds  # noqa: F401,E402  (`ditf view`; FastAPI is imported only when it runs)
-from .app import app
+from .app import app, handle_sigterm
 
 
 def main() -> None:
-    from ditf_pipeline.match.pool import limit_malloc_arenas
-    from ditf_pipeline.store.feature_store import close_writers
+    from ditf_pipeline.pipeline.process import command_process
 
-    limit_malloc_arenas()  # this process's memory: two glibc arenas (see `pool.MALLOC_ARENAS`)
-    try:
+    handle_sigterm()  # SIGTERM (SLURM's time limit) ends like Ctrl-C: resume hint, exit 143
+    with command_process():  # memory arenas; the last writer of a store consolidates its metadata
         app()
-    finally:
-        close_writers()  # the last writer of a store writes its consolidated metadata
 
 
 if __name__ == "__main__":

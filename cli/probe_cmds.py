@@ -7,51 +7,13 @@ from typing import Annotated
 
 import typer
 
-from .app import (
-    DEFAULT_STORE,
-    DataRootOpt,
-    DatasetOpt,
-    KOpt,
-    ModelOpt,
-    ProgressOpt,
-    QuietOpt,
-    TOpt,
-    app,
-    user_errors,
-)
+from .app import DataRootOpt, DatasetOpt, KOpt, ModelOpt, ProgressOpt, QuietOpt, TOpt, app, quiet_note, user_errors
 
 ProbeStoreOpt = Annotated[
     list[str] | None,
     typer.Option("--store", "-s", help="Feature store (a path or a URL); repeat for several image scales (one store per --img-size "
                  "used at extract; the first is the training scale)."),
 ]
-
-
-def _single(values: list[int] | None, name: str) -> int | None:
-    from ditf_pipeline.core.errors import DitfError
-
-    if values and len(values) > 1:
-        raise DitfError(f"probe takes one --{name}")
-    return values[0] if values else None
-
-
-def _table(report) -> str:
-    lines = [f"probe {report.key} variant {report.variant}: {report.steps} steps, scales {report.scales}"]
-    lines.append(f"{'':<24} {'mIoU':>7} {'mAcc':>7} {'aAcc':>7}")
-    rows = [("single-scale", report.single_scale)]
-    if report.multi_scale is not None:
-        rows.append((f"multi-scale ({len(report.scales)})", report.multi_scale))
-    for name, result in rows:
-        lines.append(f"{name:<24} {result['miou']:>7.2f} {result['macc']:>7.2f} {result['aacc']:>7.2f}")
-    return "\n".join(lines)
-
-
-def _per_class(report) -> str:
-    lines = [f"{'class':<22} {'IoU':>7}" + (f" {'IoU ms':>7}" if report.multi_scale else "")]
-    for name, iou in report.single_scale["per_class_iou"].items():
-        cells = [iou] + ([report.multi_scale["per_class_iou"][name]] if report.multi_scale else [])
-        lines.append(f"{name:<22} " + " ".join(f"{'-':>7}" if v is None else f"{v:>7.2f}" for v in cells))
-    return "\n".join(lines)
 
 
 @app.command()
@@ -95,33 +57,28 @@ def probe(
     """
     import json
 
-    from ditf_pipeline.datasets import get_dataset
     from ditf_pipeline.core.errors import DitfError
-    from ditf_pipeline.analysis.probe import ProbeSettings, run_probe
-    from ditf_pipeline.store.feature_store import FeatureStore
+    from ditf_pipeline.pipeline import run_probe
+    from ditf_pipeline.pipeline.probe import ProbeSettings, probe_per_class, probe_table
 
     if fmt not in ("table", "json"):
         raise DitfError(f"--format must be table or json, got {fmt!r}")
-    train = get_dataset(dataset, data_root, train_split)
-    val = get_dataset(dataset, data_root, val_split)
-    stores = [FeatureStore(path, read_only=True) for path in (store or [DEFAULT_STORE])]
-    k_, t_ = stores[0].find_feature_key(train.name, model, _single(k, "k"), _single(t, "t"))
     settings = ProbeSettings(variant=variant, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                              warmup_steps=warmup_steps, seed=seed, train_label_side=train_label_side)
-    report = run_probe(stores, train, val, model, k_, t_, settings, out_dir=out, resume=resume, device=device,
-                       workers=workers, progress=progress and not quiet, checkpoint_every=checkpoint_every, ms_average=ms_average)
+    probed = run_probe(model=model, dataset=dataset, data_root=data_root, stores=store, k=k, t=t, settings=settings,
+                       train_split=train_split, val_split=val_split, out=out, resume=resume, device=device,
+                       workers=workers, progress=progress and not quiet, checkpoint_every=checkpoint_every,
+                       ms_average=ms_average)
+    report, notes = probed.report, quiet_note(quiet)
     if report.resumed_from is not None:
-        typer.echo(f"probe: resumed at step {report.resumed_from} of {report.total_steps}")
+        notes(f"probe: resumed at step {report.resumed_from} of {report.total_steps}")
     if not report.finished:  # pragma: no cover - only when stopped early through the API
-        typer.echo(f"probe: stopped at step {report.steps}; rerun to continue")
+        notes(f"probe: stopped at step {report.steps}; rerun to continue")
         return
     if fmt == "json":
-        context = {"dataset": val.name, "split": val.split, "train_split": train.split, "model": model, "k": k_,
-                   "t": t_, "variant": variant, "stores": [str(s.path) for s in stores], "unit": "percent",
-                   "features": stores[0].open_features(train.name, model, k_, t_).config}
-        typer.echo(json.dumps({**context, **report.to_json()}, indent=1))
+        typer.echo(json.dumps(probed.to_json(), indent=1))
     else:
-        typer.echo(_table(report))
+        typer.echo(probe_table(report))
         if per_class:
-            typer.echo(_per_class(report))
-    typer.echo(f"probe: head and results in {report.out_dir} ({report.seconds:.1f} s)")
+            typer.echo(probe_per_class(report))
+    notes(f"probe: head and results in {report.out_dir} ({report.seconds:.1f} s)")

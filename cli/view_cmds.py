@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import DEFAULT_STORE, SplitOpt, app, user_errors
+from .app import DEFAULT_STORE, QuietOpt, SplitOpt, app, user_errors
 
 
 def _uploads_folder(store: str, uploads: Optional[Path], no_uploads: bool) -> Optional[Path]:
@@ -37,6 +37,7 @@ def view(
     uploads: Annotated[Optional[Path], typer.Option(help="Writable folder for uploaded images and their features (default: <store>.uploads next to a local store).")] = None,
     no_uploads: Annotated[bool, typer.Option("--no-uploads", help="Disable uploading images (nothing is ever written).")] = False,
     uploads_max_mb: Annotated[int, typer.Option("--uploads-max-mb", help="Most MiB the uploads folder may hold; uploads beyond it are refused.", min=1)] = 2048,
+    quiet: QuietOpt = False,  # accepted as on every command: the server's address is the result it prints
 ) -> None:
     """Explore correspondences in the browser, straight from the cache.
 

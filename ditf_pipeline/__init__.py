@@ -26,6 +26,7 @@ _LAZY = {
     "DiTF": "api",
     "open_store": "api",
     "FeatureStoreReader": "api",
+    "image_key": "api",
     "run_extract": "pipeline",
     "export_features": "match.export",
     "compute_feature": "match.features",
@@ -36,7 +37,8 @@ _LAZY = {
 __all__ = ["SCHEMA_VERSION", "__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:  # what `__getattr__` imports on first use, spelled out for type checkers
-    from .api import DiTF as DiTF, FeatureStoreReader as FeatureStoreReader, open_store as open_store
+    from .api import DiTF as DiTF, FeatureStoreReader as FeatureStoreReader, image_key as image_key
+    from .api import open_store as open_store
     from .core.errors import DitfError as DitfError
     from .match.export import export_features as export_features
     from .match.features import compute_feature as compute_feature, variant_names as variant_names

@@ -11,7 +11,15 @@ from .core.errors import DitfError, unknown
 
 
 def _model_default(model: str) -> tuple[int, int] | None:
-    """The model's default (k, t), or None for a name the registry does not know (imports torch)."""
+    """The model's default (k, t), or None for a name the registry does not know.
+
+    The torch-free table first, so `ditf score` stays without torch; the registry (which imports
+    torch) only for a model the table does not list.
+    """
+    from .core.naming import MODEL_DEFAULT_KEYS
+
+    if model in MODEL_DEFAULT_KEYS:
+        return MODEL_DEFAULT_KEYS[model]
     from .models import get_spec
 
     try:

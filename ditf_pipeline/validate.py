@@ -36,10 +36,11 @@ def check_variants(variants: Iterable[str]) -> list[str]:
 
 def supported_variants(modulation_names: Sequence[str]) -> list[str]:
     """The variants stored vectors allow: `raw` only without AdaLN; `adaln-t`/`adaln-c` only
-    when the t-only / c-only vectors were stored (PixArt's AdaLN sees t only)."""
-    if "shift" not in modulation_names:
+    when the t-only / c-only vectors were stored (PixArt's AdaLN sees t only). Scale-only
+    RMSNorm keys store scales and the norm's weight, never a shift."""
+    if "scale" not in modulation_names:
         return ["raw"]
-    return [v for v in VARIANTS if not v.startswith("adaln-") or f"shift_{v[-1]}" in modulation_names]
+    return [v for v in VARIANTS if not v.startswith("adaln-") or f"scale_{v[-1]}" in modulation_names]
 
 
 def check_variant_supported(variant: str, model: str, modulation_names: Sequence[str]) -> None:

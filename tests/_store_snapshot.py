@@ -53,3 +53,21 @@ def without_store(result: dict) -> dict:
     """A score as two stores holding the same numbers give it: the `store` it names set aside
     (scores record where they came from, so two equal stores at two paths differ only there)."""
     return {key: value for key, value in result.items() if key != "store"}
+
+
+def files(path: Path | str) -> list[str]:
+    """Every file and folder of a local store, relative to it, with what ditf builds beside it
+    (`.<name>.ditf-new-*`): what a rerun must leave exactly as an uninterrupted run does.
+
+    Lock files are part of the set (the same locks are taken by both runs); zarr's chunk files
+    are too, so a chunk written by one run and not the other shows here as well.
+    """
+    path = Path(path)
+    found = sorted(str(p.relative_to(path)) + ("/" if p.is_dir() else "") for p in path.rglob("*"))
+    return found + sorted(f"../{p.name}" for p in path.parent.glob(f".{path.name}.ditf-new-*"))
+
+
+def file_differences(got: Path | str, want: Path | str) -> list[str]:
+    """The files only one of two local stores has ('+' only in `got`, '-' only in `want`)."""
+    mine, theirs = set(files(got)), set(files(want))
+    return [f"+{name}" for name in sorted(mine - theirs)] + [f"-{name}" for name in sorted(theirs - mine)]

@@ -67,6 +67,12 @@ def test_bench_predict_runs(tmp_path):
     assert sum(h["pairs"] for h in result["two_independent_halves"]["raw"]["halves"]) == result["pairs"]
 
 
+def test_bench_api_calls(tmp_path):
+    out = _run("benchmarks/bench_api_calls.py", "--calls", "1", "--out", str(tmp_path / "r.json"))
+    assert "RESULT per call: with prompt memory" in out and "without/with =" in out
+    assert json.loads((tmp_path / "r.json").read_text())["calls"] == 1
+
+
 def test_bench_published_small():
     out = _run("benchmarks/bench_published.py", "--images", "2", "--repeats", "1")
     assert "RESULT open: 1 request(s)" in out and "RESULT http:" in out and "x local" in out

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from ditf_cli.main import app
 from ditf_pipeline.core.errors import DitfError
-from ditf_pipeline.extract.extractor import modulation_names
+from ditf_pipeline.extract.extractor import adaln_names, modulation_names
 from ditf_pipeline.models import get_spec, load_adapter
 from ditf_pipeline.models._diffusers import NeverRun
 from ditf_pipeline.models.base import DiTAdapter
@@ -124,6 +124,46 @@ def _flux2_hooks(transformer, k: int, hw, seen: dict) -> list:
     ]
 
 
+def _lumina2_hooks(transformer, k: int, hw, seen: dict) -> list:
+    """Lumina2: z = input of layers[k].ffn_norm1 on the image tokens (after each caption's valid
+    tokens); scale, gate = scale_mlp, gate_mlp as layers[k].norm1 returns them; norm_weight =
+    layers[k].ffn_norm1.weight; no shift."""
+    block = transformer.layers[k]
+    n_image = hw[0] * hw[1]
+
+    def on_refined(m, args, kwargs, out):
+        seen["start"] = int(args[1].sum(dim=1)[0]) if args[1] is not None else args[0].shape[1]
+
+    def on_ffn_norm(m, args):
+        start = seen["start"]
+        seen["z"] = _grid(args[0][:, start:start + n_image], hw)
+        seen["norm_weight"] = m.weight.float().expand(args[0].shape[0], -1)
+
+    return [
+        transformer.context_refiner[0].register_forward_hook(on_refined, with_kwargs=True),
+        block.ffn_norm1.register_forward_pre_hook(on_ffn_norm),
+        block.norm1.register_forward_hook(lambda m, a, o: seen.update(scale=o[2].float(), gate=o[3].float())),
+    ]
+
+
+def _z_image_hooks(transformer, k: int, hw, seen: dict) -> list:
+    """Z-Image: z = input of layers[k].ffn_norm1 on the image tokens (first in [image; caption]);
+    scale, gate = items 2, 3 of layers[k].adaLN_modulation's output (one vector for every token
+    outside omni mode); norm_weight = layers[k].ffn_norm1.weight; no shift."""
+    block = transformer.layers[k]
+    n_image = hw[0] * hw[1]
+
+    def on_ffn_norm(m, args):
+        seen["z"] = _grid(args[0][:, :n_image], hw)
+        seen["norm_weight"] = m.weight.float().expand(args[0].shape[0], -1)
+
+    def on_modulation(m, args, out):
+        chunks = out.float().chunk(4, dim=-1)
+        seen.update(scale=chunks[2], gate=chunks[3])
+
+    return [block.ffn_norm1.register_forward_pre_hook(on_ffn_norm), block.adaLN_modulation.register_forward_hook(on_modulation)]
+
+
 #: tiny twin -> (hooks on the named modules, block list attributes in block order)
 CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "tiny-sd3.5-medium": (_sd3_hooks, ("transformer_blocks",)),
@@ -132,10 +172,13 @@ CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "tiny-chroma": (_chroma_hooks, ("transformer_blocks", "single_transformer_blocks")),
     "tiny-qwen-image": (_qwen_image_hooks, ("transformer_blocks",)),
     "tiny-flux2": (_flux2_hooks, ("transformer_blocks", "single_transformer_blocks")),
+    "tiny-lumina2": (_lumina2_hooks, ("layers",)),
+    "tiny-z-image": (_z_image_hooks, ("layers",)),
 }
 #: tiny twin -> the real model it stands for
 REAL = {"tiny-sd3.5-medium": "sd3.5-medium", "tiny-pixart-sigma": "pixart-sigma", "tiny-sana": "sana", "tiny-chroma": "chroma",
-        "tiny-qwen-image": "qwen-image", "tiny-flux2": "flux2-dev"}
+        "tiny-qwen-image": "qwen-image", "tiny-flux2": "flux2-dev", "tiny-lumina2": "lumina2",
+        "tiny-z-image": "z-image-turbo"}
 NAMES = list(CASES)
 
 
@@ -187,13 +230,16 @@ def test_capture_equals_diffusers_forward_hooks(case):
         ours = adapter.forward_intermediates(noisy, prompt, TIMESTEP, [k])[k]
         assert ours.pre_adaln.shape == (BATCH, *_hw(adapter), adapter.architecture.width)
         torch.testing.assert_close(ours.pre_adaln.float(), seen["z"].float(), rtol=1e-6, atol=0)
-        for part in ("shift", "scale", "gate"):
-            got = getattr(ours.modulation, part)
+        vectors = ours.modulation.vectors()
+        # what the family's norm applies, and nothing else (an absent shift is absent, not zeros)
+        assert set(vectors) == set(seen) - {"z", "start"}
+        for part, got in vectors.items():
             assert got.shape == (BATCH, adapter.architecture.width) and got.dtype == torch.float32
             torch.testing.assert_close(got, seen[part], rtol=1e-6, atol=0, msg=f"{name} k={k} {part}")
-        tc = adapter.modulation(prompt, TIMESTEP, [k], "tc")[k]
-        for part in ("shift", "scale", "gate"):
-            torch.testing.assert_close(getattr(tc, part), seen[part][0], rtol=1e-5, atol=1e-6)
+        tc = adapter.modulation(prompt, TIMESTEP, [k], "tc")[k].vectors()
+        assert set(tc) == set(vectors)
+        for part, got in tc.items():
+            torch.testing.assert_close(got, seen[part][0], rtol=1e-5, atol=1e-6)
 
 
 def test_conditioning_ablation_or_one_line_error(case):
@@ -265,8 +311,9 @@ def test_saved_twin_loads_through_weights_truncated(case, tmp_path, monkeypatch)
     assert _RecordingSafeOpen.read and not [n for n in _RecordingSafeOpen.read if n.startswith(tuple(prefixes))]
     want = adapter.forward_intermediates(noisy, prompt, TIMESTEP, [k], stop_early=False)[k]  # lists uncut
     assert torch.equal(got.pre_adaln, want.pre_adaln)
-    for part in ("shift", "scale", "gate"):
-        assert torch.equal(getattr(got.modulation, part), getattr(want.modulation, part))
+    assert got.modulation.vectors().keys() == want.modulation.vectors().keys()
+    for part, value in want.modulation.vectors().items():
+        assert torch.equal(got.modulation.vectors()[part], value)
 
 
 def test_registry_entry_states_licence_and_rule():
@@ -286,7 +333,11 @@ def test_store_key_records_the_architecture(case):
     assert config["width"] == adapter.architecture.width and config["blocks"]
     # t-only vectors are stored only where the conditioning separates; c-only never without it
     names = modulation_names(adapter)
-    assert ("shift_c" in names) == adapter.separates_conditioning and "shift_t" in names
+    assert ("scale_c" in names) == adapter.separates_conditioning and "scale_t" in names
+    assert ("shift_t" in names) == (adapter.modulated_norm == "layer")
+    assert config.get("norm", "layer") == adapter.modulated_norm
+    # a scale-only RMSNorm key stores the norm's weight and no shift at all (absent, never zeros)
+    assert ("shift" in adaln_names(adapter)) == ("norm_weight" not in adaln_names(adapter)) == ("norm" not in config)
 
 
 def _cli(*args):
@@ -325,3 +376,52 @@ def test_models_lists_families_with_hub_ids_licences_and_twins():
     for name in NAMES:
         assert get_spec(REAL[name]).hub_id in result.output
     assert "not tuned on real weights" in result.output and "licence:" in result.output
+
+
+#: scale-only RMSNorm twins -> the module whose input is the block's modulated MLP-side norm output
+MLP_INPUT = {"tiny-lumina2": lambda transformer, k: transformer.layers[k].feed_forward,
+             "tiny-z-image": lambda transformer, k: transformer.layers[k].feed_forward}
+
+
+@pytest.mark.parametrize("name", list(MLP_INPUT))
+def test_rms_variant_equals_the_blocks_own_norm_output(name):
+    """`adaln` of a stored rms key (z, scale, norm_weight) is exactly what the block feeds its MLP:
+    diffusers' ``ffn_norm1(z) * (1 + scale)``, read on the image tokens of diffusers' forward."""
+    from ditf_pipeline.match.features import compute_feature
+    from ditf_pipeline.match.paper import paper_feature
+
+    adapter = load_adapter(name, device="cpu")
+    noisy, prompt = _inputs(adapter)
+    k = adapter.spec.default_k
+    block = adapter.forward_intermediates(noisy, prompt, TIMESTEP, [k])[k]
+    assert block.modulation.shift is None and block.modulation.norm_weight is not None
+    seen: dict = {}
+    handles = CASES[name][0](adapter.transformer, k, _hw(adapter), seen)
+    n_image = 3 * 4
+
+    def on_mlp(m, args):
+        start = seen.get("start", 0)
+        seen["mlp_in"] = args[0][:, start:start + n_image].reshape(BATCH, 3, 4, -1)
+
+    handles.append(MLP_INPUT[name](adapter.transformer, k).register_forward_pre_hook(on_mlp))
+    try:
+        with torch.no_grad():
+            adapter.transformer(**adapter._inputs(noisy, prompt, TIMESTEP))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i in range(BATCH):
+        vectors = {name: value[i] for name, value in block.modulation.vectors().items()}
+        ours = compute_feature("adaln", block.pre_adaln[i], vectors)
+        torch.testing.assert_close(ours, seen["mlp_in"][i].float(), rtol=1e-5, atol=1e-6)
+        # the authors' bf16 arithmetic on the same key: the same norm, rounded
+        paper = paper_feature("adaln", block.pre_adaln[i], {n: v.numpy() for n, v in vectors.items()})
+        torch.testing.assert_close(paper.float(), ours, rtol=0.05, atol=0.05)
+
+
+def test_rms_keys_support_every_adaln_variant_their_vectors_allow():
+    from ditf_pipeline.validate import supported_variants
+
+    rms = adaln_names(load_adapter("tiny-lumina2", device="cpu")) + ["scale_t", "gate_t"]
+    assert "shift" not in rms
+    assert supported_variants(rms) == ["raw", "adaln", "adaln+cd", "adaln+cd-post", "adaln-t"]

@@ -126,6 +126,26 @@ def test_kill_during_match_then_resume_equals_clean_run(demo, tmp_path):
     assert np.array_equal(got["pred"], want["pred"], equal_nan=True)
 
 
+@pytest.mark.slow
+def test_sigterm_is_handled_like_ctrl_c_and_the_rerun_completes(small_root, tmp_path):
+    """SIGTERM (SLURM's time limit) right before a store write: the resume hint and exit 143, no
+    traceback; the plain rerun completes and the store is clean."""
+    store = tmp_path / "s.zarr"
+    args = ["extract", "--model", "tiny-flux", "--data-root", small_root, "--k", "1", "--img-size", "64",
+            "--ensemble-size", "1", "--dtype", "fp32", "--no-progress", "--store", store]
+    marker = tmp_path / "signalled-at"
+    env = {**ENV, "DITF_KILL_AT_WRITE": "20", "DITF_KILL_SIGNAL": "TERM", "DITF_KILL_MARKER": str(marker)}
+    stopped = subprocess.run([sys.executable, "-m", "ditf_cli.main", *map(str, args)], capture_output=True,
+                             text=True, env=env)
+    assert marker.read_text() == "20"  # it was running, right before that write
+    assert stopped.returncode == 143, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        "terminated (SIGTERM): completed images are kept; rerun the same command to resume")
+    assert _cli(*args).returncode == 0
+    assert _cli("doctor", "--store", store, "--data-root", small_root).returncode == 0
+
+
 # ---- disk full, read-only store, second writer -----------------------------------------------------
 def _mount_tmpfs(path: Path, options: str) -> bool:
     """Mount a tmpfs; False where that is impossible (not root). Under CI=true (CI runs as root)

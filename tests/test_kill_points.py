@@ -26,7 +26,7 @@ import pytest
 
 from ditf_pipeline.demo import make_spair_demo
 
-from _store_snapshot import differences as _differences, snapshot as _snapshot, without_store
+from _store_snapshot import differences as _differences, file_differences, snapshot as _snapshot, without_store
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def world(tmp_path_factory):
         "run": run, "tmp": tmp, "extract": extract, "match": match, "common": common, "extracted": extracted,
         "snapshot": _snapshot(reference), "score": json.loads(score.read_text()),
         # the store as extract leaves it (match adds predictions and records the detected channels)
-        "extracted_snapshot": _snapshot(extracted),
+        "extracted_snapshot": _snapshot(extracted), "reference": reference,
         "extract_trace": json.loads((tmp / "extract.trace").read_text()),
         "match_trace": json.loads((tmp / "match.trace").read_text()),
     }
@@ -138,6 +138,9 @@ def test_extract_killed_before_any_setup_write_resumes_to_the_same_store(world):
         bad = _differences(_snapshot(store), world["extracted_snapshot"])
         if bad:
             failures.append(f"kill at write {n} ({world['extract_trace'][n - 1]}): differs in {bad[:5]}")
+        litter = file_differences(store, world["extracted"])
+        if litter:
+            failures.append(f"kill at write {n} ({world['extract_trace'][n - 1]}): other files {litter[:5]}")
         shutil.rmtree(store)
     assert not failures, "\n".join(failures) + "\n" + (tmp / "child.log").read_text()[-3000:]
     (tmp / "extract-kill-points.txt").write_text(str(len(points)))
@@ -160,6 +163,9 @@ def test_match_killed_before_any_write_resumes_to_the_same_predictions_and_score
         bad = _differences(_snapshot(store), world["snapshot"])
         if bad:
             failures.append(f"kill at write {n} ({trace[n - 1]}): differs in {bad[:5]}")
+        litter = file_differences(store, world["reference"])
+        if litter:
+            failures.append(f"kill at write {n} ({trace[n - 1]}): other files {litter[:5]}")
         if without_store(json.loads(score.read_text())) != without_store(world["score"]):
             failures.append(f"kill at write {n} ({trace[n - 1]}): score differs")
         shutil.rmtree(store)

@@ -107,6 +107,34 @@ def test_an_unknown_bucket_and_a_missing_store_are_one_line_errors(s3):
     assert not _fs().exists(f"{BUCKET}/absent.zarr")  # nothing was created by the failed opens
 
 
+@pytest.mark.slow
+def test_an_unreachable_endpoint_is_named_as_such(monkeypatch):
+    """Not "the bucket does not exist": nothing answers at the configured endpoint."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    for key, value in dict(AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1").items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(app, ["doctor", "--store", "s3://bucket/x.zarr"])
+    assert result.exit_code == 1, result.output
+    assert f"cannot reach the object store at http://127.0.0.1:{port}" in result.output, result.output
+    assert "does not exist" not in result.output
+    from ditf_pipeline.store.feature_store import FeatureStore
+
+    with pytest.raises(DitfError, match=f"cannot reach the object store at http://127.0.0.1:{port}"):
+        FeatureStore("s3://bucket/x.zarr")  # what extract and match open
+
+
+def test_view_prints_an_object_store_url_as_given(s3, tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    result = CliRunner().invoke(app, ["view", "--store", f"{s3}/absent.zarr", "--no-uploads"])
+    assert result.exit_code == 1 and f"store {s3}/absent.zarr does not exist" in result.output, result.output
+    monkeypatch.chdir(tmp_path)  # `--store .`: an empty folder, not a store; one line, no traceback
+    result = CliRunner().invoke(app, ["view", "--store", "."])
+    assert result.exit_code == 1 and result.output.startswith("error: "), (result.output, result.exception)
+
+
 # ---- leases ---------------------------------------------------------------------------------------
 HOLDER = textwrap.dedent("""
     import sys
@@ -192,6 +220,39 @@ def test_the_holder_renews_its_lease(s3, monkeypatch):
         assert json.loads(_fs().cat_file(f"{url[5:]}/{LEASE}"))["expires"] > first
 
 
+def test_a_writer_whose_lease_was_taken_over_stops_before_its_next_write(s3, monkeypatch):
+    from ditf_pipeline.store import leases
+    from ditf_pipeline.store.feature_store import FeatureStore
+
+    monkeypatch.setattr(leases, "LEASE_SECONDS", 0.6)
+    url = f"{s3}/taken.zarr"
+    store = FeatureStore(url)
+    with store.writer_lock("spair", "tiny-flux", 1, 260):
+        other = {"owner": "elsewhere:1:x", "host": "elsewhere", "pid": 1, "expires": time.time() + 300}
+        _fs().pipe_file(f"{url[5:]}/{LEASE}", json.dumps(other).encode())  # what a takeover leaves
+        time.sleep(1.0)  # several heartbeats: the holder reads the lease and finds another owner
+        with pytest.raises(DitfError, match="lost the lease .*another writer took it over"):
+            store.root.require_group("after")
+    assert not _fs().exists(f"{url[5:]}/after")  # nothing was written
+    assert json.loads(_fs().cat_file(f"{url[5:]}/{LEASE}")) == other  # and the new holder's lease is left alone
+
+
+def test_a_writer_stalled_past_its_lease_stops_before_its_next_write(s3, monkeypatch):
+    """A stalled process (its heartbeat stalled with it) learns from its own clock, before writing."""
+    from ditf_pipeline.store import leases
+    from ditf_pipeline.store.feature_store import FeatureStore
+
+    monkeypatch.setattr(leases, "LEASE_SECONDS", 0.5)
+    monkeypatch.setattr(leases.ObjectLease, "_heartbeat", lambda self, stop: None)  # renews nothing
+    url = f"{s3}/stalled.zarr"
+    store = FeatureStore(url)
+    with store.writer_lock("spair", "tiny-flux", 1, 260):
+        time.sleep(0.6)  # past the lease: another writer may have taken it over
+        with pytest.raises(DitfError, match="lost the lease .*not renewed"):
+            store.register_images("spair", ["a"], [(4, 4)])
+    assert not _fs().exists(f"{url[5:]}/spair")
+
+
 # ---- end to end -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(s3, tmp_path_factory):
@@ -248,14 +309,17 @@ def test_a_killed_extract_resumes_to_the_same_store_and_doctor_finds_and_repairs
     _fs().copy(f"{BUCKET}/killed.zarr", f"{BUCKET}/killed-copy.zarr", recursive=True)
     sick = CliRunner().invoke(app, ["doctor", "--store", store])
     assert sick.exit_code == 1
-    assert f"{KEY}: half-done setup of a feature key" in sick.output and "unfinished setup left by" in sick.output
+    assert f"{KEY}: half-done setup of a feature key" in sick.output and "note: store: unfinished setup of a" in sick.output
     _cli(*runs["extract"], "--store", store)  # a plain rerun clears the half-copied node and publishes it anew
     want = runs["s3"]["extracted"]
     assert differences(snapshot(store), want) == []
 
     copy = f"{s3}/killed-copy.zarr"  # the same interrupted state, repaired by the doctor instead
     repaired = CliRunner().invoke(app, ["doctor", "--store", copy, "--repair"])
-    assert f"removed {KEY}" in repaired.output and "removed s3://" in repaired.output, repaired.output
+    assert f"removed {KEY}" in repaired.output, repaired.output
+    # the killed writer's staging (a dead process of this host) went as the repairing writer opened the store
+    assert not _fs().exists(f"{BUCKET}/killed-copy.zarr/.ditf/staging") or not _fs().ls(
+        f"{BUCKET}/killed-copy.zarr/.ditf/staging")
     assert CliRunner().invoke(app, ["doctor", "--store", copy]).exit_code == 0
     assert not _fs().exists(f"{BUCKET}/killed-copy.zarr/{KEY}")
 

@@ -45,9 +45,9 @@ EXTRACT = ["--img-size", "64", "--ensemble-size", "2", "--dtype", "fp32", "--dev
 MATCH = ["--variant", "adaln+cd", "--device", "cpu", "--jobs", "1", "--quiet"]
 
 
-def _ditf(args: list[str]) -> subprocess.Popen:
+def _ditf(args: list[str], rows_per_shard: int = 2) -> subprocess.Popen:
     # several pair blocks per shard, and image rows handed out in blocks of 2 (not 32): shards interleave
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DITF_MATCH_BLOCK": "2", "DITF_ROWS_PER_SHARD": "2"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DITF_MATCH_BLOCK": "2", "DITF_ROWS_PER_SHARD": str(rows_per_shard)}
     return subprocess.Popen([sys.executable, "-m", "ditf_cli.main", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -94,3 +94,22 @@ def test_one_shard_alone_extracts_only_its_images(tmp_path: Path):
     bad = _ditf(["match", *COMMON, "--data-root", str(root), "--store", store, *MATCH, "--shard", "0/2", "--overwrite"])
     _, err = bad.communicate(timeout=600)
     assert bad.returncode == 1 and err.count("error:") == 1 and "--overwrite with --shard" in err
+
+
+@pytest.mark.slow
+def test_shard_ownership_is_the_keys_not_the_environments(tmp_path: Path):
+    """The key was created with files of 2 images; a shard run later under another
+    DITF_ROWS_PER_SHARD still takes the blocks of 2 that are its own, so the shards together
+    extract every image once."""
+    from ditf_pipeline.store.feature_store import FeatureStore
+
+    root = make_spair_demo(tmp_path / "SPair", categories=("cat",), pairs_per_category=3)
+    store = str(tmp_path / "s.zarr")
+    args = ["extract", *COMMON, "--data-root", str(root), "--store", store, *EXTRACT]
+    _all([_ditf([*args, "--shard", "0/2"], rows_per_shard=2)])
+    _all([_ditf([*args, "--shard", "1/2"], rows_per_shard=3)])
+    complete = FeatureStore(store, read_only=True).open_features("spair", "tiny-flux", 2, 260).complete()
+    assert complete.all(), complete.tolist()
+    rerun = _ditf(args, rows_per_shard=3)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0 and "0 image(s) extracted" in out

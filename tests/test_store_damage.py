@@ -25,7 +25,8 @@ from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.store.doctor import Findings, check_store
 from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
-from ditf_pipeline.stages import StageSettings, match, score
+from ditf_pipeline.core.settings import MatchSettings as StageSettings
+from ditf_pipeline.pipeline.stages import match, score
 from ditf_pipeline.store.feature_store import FeatureStore
 
 KEY = "spair/tiny-flux/k1/t260"
@@ -164,6 +165,51 @@ def test_repair_keeps_intact_committed_images(base, tmp_path):
     assert _chunk(store, "pre_adaln", row=0).read_bytes() == untouched
 
 
+def test_a_damaged_image_chunk_inside_a_shard_costs_that_image_only(base, tmp_path):
+    """A flipped byte in one image's chunk of a shift shard: the repair keeps the shard's other
+    committed images (their vectors and commits), so the rerun extracts one image."""
+    adapter, root, clean, want, _ = base
+    store = tmp_path / "s.zarr"
+    shutil.copytree(clean, store)
+    shard = _chunk(store, "shift", row=1)
+    inner = zarr.open_array(str(store / KEY / "shift"), mode="r").shape[1] * 4 + 4  # float32 vector + its crc32c
+    data = bytearray(shard.read_bytes())
+    data[inner + inner // 2] ^= 0xFF  # inside image 1's chunk (chunks in row order, the index at the end)
+    shard.write_bytes(bytes(data))
+    findings = Findings()
+    check_store(store, findings)
+    assert any("damaged inside an intact file" in p for p in findings.problems), findings.problems
+    check_store(store, repaired := Findings(), repair=True)
+    assert repaired.open_problems == 0, repaired.repaired
+    complete = FeatureStore(store, read_only=True).open_features("spair", "tiny-flux", 1, 260).complete()
+    assert int(complete.sum()) == len(complete) - 1  # one image un-committed, the others kept
+    settings = ExtractSettings(ks=[1], ts=[260], img_size=64, ensemble_size=1)
+    report = Extractor(adapter, FeatureStore(store), settings).run(get_dataset("spair", root, "test"), progress=False)
+    assert (report.extracted, report.skipped) == (1, report.n_images - 1)
+    assert not differences(snapshot(store), want)
+
+
+def test_a_damaged_image_index_chunk_is_repaired_and_the_rerun_completes(base, tmp_path):
+    """Not "run --repair" again: the lost rows are un-committed and re-registered by the rerun."""
+    adapter, root, clean, _, want_score = base
+    store = tmp_path / "s.zarr"
+    shutil.copytree(clean, store)
+    _flip(next(p for p in (store / "spair" / "images" / "key" / "c").rglob("*") if p.is_file()))
+    findings = Findings()
+    check_store(store, findings)
+    assert any("image index rows 0..2 are damaged" in p for p in findings.problems), findings.problems
+    check_store(store, repaired := Findings(), repair=True)
+    assert repaired.open_problems == 0 and any("un-committed rows 0..2" in r for r in repaired.repaired), repaired.repaired
+    settings = ExtractSettings(ks=[1], ts=[260], img_size=64, ensemble_size=1)
+    report = Extractor(adapter, FeatureStore(store), settings).run(get_dataset("spair", root, "test"), progress=False)
+    assert report.extracted == report.n_images  # the images lost with their rows, registered and extracted anew
+    match(FeatureStore(store), get_dataset("spair", root, "test"), "tiny-flux", 1, 260, SETTINGS, overwrite=True,
+          progress=False)
+    assert _score(root, store) == want_score
+    check_store(store, after := Findings())
+    assert not after.problems, after.problems
+
+
 def test_half_done_setups_are_found_removed_and_do_not_block_a_rerun(base, tmp_path):
     """Leftover staging, and a schema-1 style key with arrays but no configuration or commit mark."""
     import zarr
@@ -180,7 +226,7 @@ def test_half_done_setups_are_found_removed_and_do_not_block_a_rerun(base, tmp_p
     assert FeatureStore(store, read_only=True).feature_keys() == [("spair", "tiny-flux", 1, 260)]  # invisible
     findings = Findings()
     check_store(store, findings)
-    assert any("unfinished setup" in p for p in findings.problems), findings.problems
+    assert any("note: store: unfinished setup" in line for line in findings.ok), findings.ok  # litter, not damage
     assert any("interrupted by a crash" in line for line in findings.ok), findings.ok
     assert any("spair/tiny-flux/k1/t90: half-done setup" in p for p in findings.problems), findings.problems
     repaired = Findings()

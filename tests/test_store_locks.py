@@ -85,3 +85,71 @@ def test_registering_images_waits_for_a_concurrent_registration_instead_of_faili
     finally:
         holder.wait(timeout=60)
     assert rows == {"a": 0, "b": 1}
+
+
+# ---- runs of one node: whole runs, shard jobs, shards of another count, predictions groups -----------
+RUN_HOLDER = textwrap.dedent("""
+    import sys
+    from ditf_pipeline.store.feature_store import FeatureStore
+    store, what, shard = FeatureStore(sys.argv[1]), sys.argv[2], sys.argv[3] or None
+    lock = (store.writer_lock("spair", "tiny-flux", 1, 260, shard=shard) if what == "extract" else
+            store.predictions_lock(("spair", "tiny-flux", 1, 260), "adaln+cd/nn", "test-12345678", shard=shard))
+    with lock:
+        print("locked", flush=True)
+        sys.stdin.read()
+""")
+
+
+class _Holder:
+    """Another process holding a run's locks until the test ends it."""
+
+    def __init__(self, path, what: str, shard: str = "") -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", RUN_HOLDER, str(path), what, shard],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "locked"
+
+    def end(self) -> None:
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=60) == 0
+
+
+def _extract_lock(store, shard=None):
+    with store.writer_lock("spair", "tiny-flux", 1, 260, shard=shard):
+        pass
+
+
+def test_shard_jobs_and_a_whole_key_run_exclude_each_other(tmp_path):
+    store = FeatureStore(tmp_path / "s.zarr")
+    shard = _Holder(store.path, "extract", "0/2")
+    try:
+        with pytest.raises(DitfError, match="shard jobs are extracting spair/tiny-flux/k1/t260"):
+            _extract_lock(store)  # a whole-key run while a shard job runs
+        with pytest.raises(DitfError, match="shards of another count .*--shard i/3"):
+            _extract_lock(store, "1/3")  # blocks of N=3 overlap those of N=2
+        _extract_lock(store, "1/2")  # the other shard of the same run: side by side
+    finally:
+        shard.end()
+    whole = _Holder(store.path, "extract")
+    try:
+        with pytest.raises(DitfError, match=r"another process is extracting spair/tiny-flux/k1/t260 .*without --shard"):
+            _extract_lock(store, "0/2")
+    finally:
+        whole.end()
+    _extract_lock(store, "0/2")
+    _extract_lock(store)
+
+
+def test_a_second_match_of_one_predictions_group_is_refused_overwrite_included(tmp_path):
+    store = FeatureStore(tmp_path / "s.zarr")
+    key = ("spair", "tiny-flux", 1, 260)
+    holder = _Holder(store.path, "match")
+    try:
+        with pytest.raises(DitfError, match="another process is matching adaln\\+cd/nn of spair/tiny-flux/k1/t260"):
+            with store.predictions_lock(key, "adaln+cd/nn", "test-12345678"):
+                pass
+        with store.predictions_lock(key, "adaln/nn", "test-12345678"):  # another variant is free
+            pass
+    finally:
+        holder.end()
+    with store.predictions_lock(key, "adaln+cd/nn", "test-12345678"):
+        pass

@@ -20,7 +20,8 @@ from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline import SCHEMA_VERSION
 from ditf_pipeline.store.doctor import Findings, check_store
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
-from ditf_pipeline.stages import StageSettings, match, score
+from ditf_pipeline.core.settings import MatchSettings as StageSettings
+from ditf_pipeline.pipeline.stages import match, score
 from ditf_pipeline.store.feature_store import FeatureStore
 
 KEY = "spair/tiny-flux/k1/t260"

@@ -9,7 +9,8 @@ import pytest
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.demo import make_spair_demo
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
-from ditf_pipeline.stages import StageSettings, match
+from ditf_pipeline.core.settings import MatchSettings as StageSettings
+from ditf_pipeline.pipeline.stages import match
 from ditf_pipeline.store.feature_store import FeatureStore
 
 xr = pytest.importorskip("xarray")

@@ -51,9 +51,11 @@ def demo(tmp_path_factory):
     base = tmp_path_factory.mktemp("view-browser")
     root = make_spair_demo(base / "SPair", pairs_per_category=2)
     store = base / "ditf.zarr"
-    report = run_extract("tiny-flux", "spair", root, None, store, img_size=128, ensemble_size=2, dtype="fp32", progress=False)
+    report = run_extract(model="tiny-flux", dataset="spair", data_root=root, store=store, img_size=128, ensemble_size=2,
+                         dtype="fp32", progress=False)
     k, t = (int(part[1:]) for part in report.keys[0].split("/")[-2:])
-    matched = run_match("tiny-flux", "spair", root, None, store, [k], [t], VARIANTS, progress=False)
+    matched = run_match(model="tiny-flux", dataset="spair", data_root=root, store=store, k=[k], t=[t], variants=VARIANTS,
+                        progress=False)
     data, k, t = matched.data, matched.k, matched.t
     return {"root": root, "store": store, "data": data, "k": k, "t": t, "uploads": base / "uploads"}
 

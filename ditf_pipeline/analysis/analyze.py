@@ -150,7 +150,7 @@ def analyze_key(
     if not rows:
         raise DitfError(f"{arrays.path} has no complete image yet: run `ditf extract` first")
     dim = arrays.hidden_size
-    has_adaln = {"shift", "scale"} <= set(arrays.modulation_names)
+    has_adaln = "scale" in arrays.modulation_names
     has_gate = "gate" in arrays.modulation_names
     stages = STAGES if has_adaln else STAGES[:1]  # models without AdaLN (DINOv2, UNets): raw only
     acc = {stage: _Accumulator(dim, seed=i) for i, stage in enumerate(stages)}
@@ -203,7 +203,7 @@ def stage_features(arrays, row: int, channels: Sequence[int], stages: Sequence[s
     from ..match.features import compute_feature
 
     z, modulation = arrays.read_image(row)
-    if not {"shift", "scale"} <= set(modulation):
+    if "scale" not in modulation:  # no AdaLN (a scale-only RMSNorm key has scale and no shift)
         stages = [s for s in stages if s == "raw"]
     return {stage: compute_feature(stage, z, modulation, channels).numpy() for stage in stages}
 

@@ -214,6 +214,17 @@ def load_rgb_cv2(path: Path | str, *, exif_transpose: bool = True) -> Image.Imag
     return Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1]), mode="RGB")
 
 
+def pixel_digest(img: Image.Image) -> str:
+    """What an image's store row is computed from, as text: sha256 of its size and decoded 8-bit
+    RGB pixels (32 hex digits). Equal for the same pixels whatever the file name or format."""
+    import hashlib
+
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()[:32]
+
+
 def load_for_model(path: Path | str, resample: str = "pil-bicubic", *, exif_transpose: bool = True) -> Image.Image:
     """The decoder that goes with a resampler: cv2 for "cv2-bilinear", else `load_rgb`."""
     if resample == "cv2-bilinear":

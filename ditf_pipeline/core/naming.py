@@ -6,6 +6,20 @@ from __future__ import annotations
 #: the paper's DiT part after PCA ("+PCA of the DiT part to 1280 dims over the pair")
 DEFAULT_PCA_DIM = 1280
 
+#: (k, t) each registered model extracts by default, readable without torch: reading commands
+#: (`ditf score`) pick this key among several without importing the registry. A model missing
+#: here is looked up in the registry; tests pin every entry to its `ModelSpec`.
+MODEL_DEFAULT_KEYS: dict[str, tuple[int, int]] = {
+    "chroma": (28, 260), "dinov2-b14": (11, 0), "dinov2-g14": (39, 0), "dinov2-l14": (23, 0),
+    "dinov2-s14": (11, 0), "flux": (28, 260), "flux-schnell": (28, 260), "flux2-dev": (28, 260),
+    "lumina2": (13, 260), "pixart-alpha": (14, 141), "pixart-sigma": (14, 141), "qwen-image": (30, 260),
+    "sana": (10, 260), "sd2.1": (1, 261), "sd3": (9, 340), "sd3.5": (23, 380), "sd3.5-medium": (12, 260),
+    "tiny-chroma": (2, 260), "tiny-dinov2": (3, 0), "tiny-flux": (2, 260), "tiny-flux2": (2, 260),
+    "tiny-lumina2": (2, 260), "tiny-pixart": (2, 141), "tiny-pixart-sigma": (2, 141),
+    "tiny-qwen-image": (2, 260), "tiny-sana": (2, 260), "tiny-sd": (1, 261), "tiny-sd3": (2, 340),
+    "tiny-sd3.5-medium": (2, 260), "tiny-z-image": (2, 260), "z-image-turbo": (15, 260),
+}
+
 #: the pair protocols and how each compares a prediction's error with the PCK threshold
 #: (DIFT counts an error equal to the threshold as correct, GeoAware-SC does not)
 PROTOCOL_RULES = {"dift": "<=", "geoaware": "<"}

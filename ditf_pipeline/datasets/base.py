@@ -93,6 +93,8 @@ class ImageRecord:
     key: str
     path: Path
     category: str | None = None
+    #: the image's own prompt text (`--prompt per-image`: the Python API's per-image prompts)
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import platform
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -35,12 +35,14 @@ import torch
 from ..core.version import SCHEMA_VERSION, __version__
 from ..datasets.base import Dataset, ImageRecord, check_annotated_sizes
 from ..core.errors import DitfError
-from ..core.images import RESAMPLERS, image_size, load_for_model, orientation_label
+from ..core.images import RESAMPLERS, image_size, load_for_model, orientation_label, pixel_digest
 from ..models.base import CompileOptions, DiTAdapter, LatentPosterior, PromptEmbedding
-from .prompts import prompt_identity, prompts_for
+from .prompt_memory import PromptMemory
+from .prompts import PER_IMAGE, prompt_identity, prompts_for
 from .transfer import HostCopies, HostCopy, pinned, upload
 from ..core.shards import Shard
 from ..store.feature_store import ROWS_PER_SHARD, FeatureArrays, FeatureStore, config_differences
+from ..store.schema import file_rows
 
 
 @dataclass
@@ -126,7 +128,7 @@ def default_settings(spec, dataset: Dataset, **given) -> ExtractSettings:
     flux = spec.family == "flux" and not spec.tiny
     given = {name: value for name, value in given.items() if value is not None}  # 0 is a value, not "unset"
     prompt = given.get("prompt") or data.get("prompt") or "template"
-    if prompt not in ("template", "none") and not prompt.startswith(("captions:", "text:")):
+    if prompt not in ("template", "none", PER_IMAGE) and not prompt.startswith(("captions:", "text:")):
         prompt = f"text:{prompt}"  # a dataset's literal prompt, e.g. DAVIS's "a photo of a image"
     return ExtractSettings(
         ks=list(given.get("ks") or [data["k"] if flux and "k" in data else spec.default_k]),
@@ -200,7 +202,9 @@ def check_run(adapter: DiTAdapter, settings: ExtractSettings, dataset: Dataset |
     compiles(adapter, settings)
     adapter.check_indices(settings.ks)
     if dataset is not None:
-        dataset.images()
+        records = dataset.images()
+        if settings.prompt == PER_IMAGE:  # every image carries its prompt, named in its key
+            prompts_for(records, PER_IMAGE)
 
 
 def image_seed(seed: int, key: str, timestep: int, member: int | None = None) -> int:
@@ -298,18 +302,41 @@ def _conditioning_variants(
         except DitfError:
             continue  # e.g. PixArt: AdaLN sees t only, no c-only variant
         for k, mod in mods.items():
-            for name in ("shift", "scale", "gate"):
-                out[k][f"{name}_{conditioning}"] = getattr(mod, name).float()
+            for name, value in mod.vectors().items():
+                if name != "norm_weight":  # the norm's weight is the same whatever the conditioning
+                    out[k][f"{name}_{conditioning}"] = value.float()
     return out
 
 
+def adaln_names(adapter: DiTAdapter) -> list[str]:
+    """The vectors each block's modulation stores: shift, scale, gate after a LayerNorm; scale,
+    gate and the norm's learned weight after a scale-only RMSNorm (no shift is stored at all)."""
+    return ["shift", "scale", "gate"] if adapter.modulated_norm == "layer" else ["scale", "gate", "norm_weight"]
+
+
 def modulation_names(adapter: DiTAdapter) -> list[str]:
+    """The conditioning-ablation vectors stored besides `adaln_names`."""
     if not adapter.has_adaln:
         return []
-    names = ["shift_t", "scale_t", "gate_t"]
+    base = [name for name in adaln_names(adapter) if name != "norm_weight"]
+    names = [f"{name}_t" for name in base]
     if adapter.separates_conditioning:
-        names += ["shift_c", "scale_c", "gate_c"]
+        names += [f"{name}_c" for name in base]
     return names
+
+
+def _rows_per_file(arrays: Mapping[tuple[int, int], FeatureArrays]) -> int:
+    """Images per file of the keys' small per-image arrays: a shard owns whole files of them.
+
+    Read from each key's `complete` array as it was created, so every shard of a key agrees on
+    ownership whatever DITF_ROWS_PER_SHARD says now.
+    """
+    sizes = {file_rows(a.group["complete"]) for a in arrays.values()}
+    if len(sizes) > 1:
+        raise DitfError("the keys of this run keep different numbers of images per file ("
+                        + ", ".join(f"{a.path}: {file_rows(a.group['complete'])}" for a in arrays.values())
+                        + "): run --shard separately for each --k / --t")
+    return sizes.pop() if sizes else ROWS_PER_SHARD
 
 
 class Extractor:
@@ -318,13 +345,14 @@ class Extractor:
     def __init__(self, adapter: DiTAdapter, store: FeatureStore, settings: ExtractSettings) -> None:
         self.adapter = adapter
         self.store = store
-        self.settings = settings
         check_settings(settings, adapter.patch_stride)
-        settings.ks = adapter.check_indices(settings.ks)
+        # a copy: the caller's settings stay as passed (it may run them on another adapter)
+        settings = replace(settings, ks=adapter.check_indices(list(settings.ks)))
         if not adapter.stochastic:
-            settings.ensemble_size = 1  # no noise: every ensemble member would be identical
+            settings = replace(settings, ensemble_size=1)  # no noise: every ensemble member would be identical
         if not adapter.conditioned:
-            settings.prompt = "none"
+            settings = replace(settings, prompt="none")
+        self.settings = settings
         check_precision(adapter, settings)
         adapter.set_compile(COMPILE if compiles(adapter, settings) else None)
         #: images of one token grid per forward
@@ -340,6 +368,12 @@ class Extractor:
             {"source": adapter.source, "revision": adapter.revision, "dtype": str(adapter.dtype), "model": adapter.spec.name},
         )
         found = cache.get_many(texts)
+        # a model object kept across runs (the Python API) remembers what it encoded before
+        memory: PromptMemory | None = getattr(adapter, "prompt_memory", None)
+        if memory is not None:
+            for text, embedding in memory.get_many(texts - set(found)).items():
+                cache.put(text, embedding)
+                found[text] = embedding
         missing = sorted(texts - set(found))
         if missing:
             for text, embedding in zip(missing, adapter.encode_prompts(missing)):
@@ -347,6 +381,9 @@ class Extractor:
                 cache.put(text, numpy_embedding)
                 found[text] = numpy_embedding
             adapter.release_text_encoders()
+        if memory is not None:
+            for text, embedding in found.items():
+                memory.put(text, embedding)
         return {text: {name: torch.from_numpy(np.asarray(v)) for name, v in emb.items()} for text, emb in found.items()}
 
     # ---- one image, or images of one grid ------------------------------------------------------
@@ -407,8 +444,7 @@ class Extractor:
             for k, block in adapter.forward_intermediates(noisy, prompts[0] if n == 1 else prompts, timestep, ks).items():
                 parts = {"pre_adaln": block.pre_adaln}
                 if block.modulation is not None:  # None: a model without AdaLN
-                    for name in ("shift", "scale", "gate"):
-                        parts[name] = getattr(block.modulation, name)
+                    parts.update(block.modulation.vectors())
                 into = sums.setdefault(k, {})
                 for name, value in parts.items():
                     value = value.float().reshape(n, len(members), *value.shape[1:])
@@ -476,9 +512,13 @@ class Extractor:
         # file per block, rewritten whole on each commit, so two shards must never share a block
         expected = _expected_rows(store.image_rows(dataset.name), records)
         mine = [r for r in records if shard.owns(expected[r.key] // ROWS_PER_SHARD)]
-        self._check_decodable(self._pending(dataset, mine))  # a bad file fails before the index grows
-        rows = store.register_images(dataset.name, [r.key for r in records], sizes)
-        mine = [r for r in records if shard.owns(rows[r.key] // ROWS_PER_SHARD)]
+        pending = {r.key for r in self._pending(dataset, mine)}
+        # every image is decoded (a bad file fails before the index grows) and its pixels digested:
+        # a name reused for other pixels is refused, never served the features of the old image
+        digests = self._digests(records, pending)
+        keys = [r.key for r in records]
+        store.check_identities(dataset.name, keys, sizes, digests)
+        rows = store.register_images(dataset.name, keys, sizes, digests)
         n_rows = len(rows)
         config = store_config(adapter, settings)
         arrays: dict[tuple[int, int], FeatureArrays] = {}
@@ -499,6 +539,7 @@ class Extractor:
                             provenance=provenance(adapter, settings),
                             n_images=n_rows, grid_max=(rows_max, cols_max), hidden_size=channels,
                             modulation_names=modulation_names(adapter), adaln=adapter.has_adaln,
+                            adaln_names=adaln_names(adapter),
                         )
 
                     if shard.whole:
@@ -507,9 +548,12 @@ class Extractor:
                         arrays[(k, t)] = open_key()
                     else:
                         # shards take turns only to set the key up, then write their own images side by side
-                        with store.writer_lock(dataset.name, adapter.spec.name, k, t, wait=SHARD_SETUP_WAIT):
+                        with store.setup_lock(dataset.name, adapter.spec.name, k, t, wait=SHARD_SETUP_WAIT):
                             arrays[(k, t)] = open_key()
                         locks.enter_context(store.writer_lock(dataset.name, adapter.spec.name, k, t, shard=str(shard)))
+            # ownership follows the keys' files as created (never this run's environment)
+            block = _rows_per_file(arrays)
+            mine = [r for r in records if shard.owns(rows[r.key] // block)]
             return self._run_locked(dataset, mine, rows, arrays, start_time, progress)
 
     def _pending(self, dataset: Dataset, records: Sequence[ImageRecord]) -> list[ImageRecord]:
@@ -536,16 +580,25 @@ class Extractor:
                                if r.key not in rows or rows[r.key] >= len(complete) or not complete[rows[r.key]])
         return list(records) if missing_key else [r for r in records if r.key in pending]
 
-    def _check_decodable(self, records: Sequence[ImageRecord]) -> None:
-        """Fully decode every image about to be extracted, before anything is written.
+    def _digests(self, records: Sequence[ImageRecord], pending: set[str]) -> list[str]:
+        """`pixel_digest` of every record, decoding each fully before anything is written.
 
         Headers alone miss truncated files; a file that fails mid-run would otherwise leave a new
-        index row and grown arrays behind. Decoding twice costs far less than one DiT forward.
+        index row and grown arrays behind. Decoding costs far less than one DiT forward. A file
+        that cannot be decoded fails here if it is `pending` (about to be extracted); an already
+        complete one that no longer decodes gets no digest (its size is still compared).
         """
+        def digest(record: ImageRecord) -> str:
+            try:
+                return pixel_digest(load_for_model(record.path, self.settings.resample,
+                                                   exif_transpose=self.settings.exif_transpose))
+            except DitfError:
+                if record.key in pending:
+                    raise
+                return ""
+
         with ThreadPoolExecutor(max_workers=max(1, self.settings.workers)) as pool:
-            for _ in pool.map(lambda record: load_for_model(record.path, self.settings.resample,
-                                                           exif_transpose=self.settings.exif_transpose).size, records):
-                pass
+            return list(pool.map(digest, records))
 
     def _run_locked(self, dataset, records, rows, arrays, start_time, progress) -> ExtractReport:
         settings, store = self.settings, self.store

@@ -1,4 +1,5 @@
-"""Which text each image is conditioned on (`--prompt template | captions:FILE | text:STRING | none`).
+"""Which text each image is conditioned on (`--prompt template | captions:FILE | text:STRING | none`,
+and `per-image`: each record's own prompt, as the Python API passes them).
 
 The authors condition Flux on a per-image MLLM caption read from a JSON file keyed by
 category + image name; the category template is the documented alternative (~0.3 PCK lower).
@@ -16,10 +17,18 @@ from ..datasets.base import ImageRecord
 from ..core.errors import DitfError
 
 TEMPLATE = "a photo of a {category}"
+#: the prompt mode of images that carry their own text (`ImageRecord.prompt`): one key serves
+#: any number of prompts, and each row's image key names the digest of its prompt (`prompt_digest`)
+PER_IMAGE = "per-image"
+
+
+def prompt_digest(text: str) -> str:
+    """12 hex digits naming a prompt text (in the image keys of per-image prompts)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def parse_prompt_mode(mode: str) -> tuple[str, Path | None]:
-    if mode in ("template", "none"):
+    if mode in ("template", "none", PER_IMAGE):
         return mode, None
     if mode.startswith("text:"):
         return "text", None
@@ -29,6 +38,25 @@ def parse_prompt_mode(mode: str) -> tuple[str, Path | None]:
             raise DitfError(f"caption file {path} does not exist")
         return "captions", path
     raise DitfError(f"unknown --prompt {mode!r}: use template, captions:FILE, text:STRING or none")
+
+
+def per_image_key(key: str, text: str) -> str:
+    """The row key of image `key` under its own prompt `text`: the key, "~p" and the prompt's digest."""
+    return f"{key}~p{prompt_digest(text)}"
+
+
+def _per_image(records: Sequence[ImageRecord]) -> dict[str, str]:
+    """Each record's own prompt; its key must name that prompt's digest, so a row can never hold
+    features computed under another prompt than the one its key says."""
+    missing = [record.key for record in records if record.prompt is None]
+    if missing:
+        raise DitfError(f"--prompt {PER_IMAGE} needs a prompt for every image ({missing[0]} has none): "
+                        "per-image prompts are given through the Python API (DiTF.features(prompt=[...]))")
+    for record in records:
+        if not record.key.endswith(f"~p{prompt_digest(record.prompt)}"):
+            raise DitfError(f"image key {record.key!r} does not name the digest of its prompt "
+                            f"(expected it to end in ~p{prompt_digest(record.prompt)}: `per_image_key`)")
+    return {record.key: record.prompt for record in records}
 
 
 def _caption_keys(record: ImageRecord) -> list[str]:
@@ -42,6 +70,8 @@ def prompts_for(records: Sequence[ImageRecord], mode: str) -> dict[str, str]:
     kind, path = parse_prompt_mode(mode)
     if kind == "none":
         return {record.key: "" for record in records}
+    if kind == PER_IMAGE:
+        return _per_image(records)
     if kind == "text":  # one literal prompt for every image (DiTF's DAVIS script: "a photo of a image")
         text = mode.split(":", 1)[1]
         return {record.key: text for record in records}
@@ -69,6 +99,8 @@ def prompt_identity(mode: str) -> str:
     kind, path = parse_prompt_mode(mode)
     if kind == "text":
         return mode
+    if kind == PER_IMAGE:
+        return f"{PER_IMAGE} (each image key ends in its prompt's digest)"
     if path is None:
         return kind
     return f"captions:{path.name}:sha256={hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"

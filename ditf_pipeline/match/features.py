@@ -18,6 +18,11 @@ Variants (stable names, written into every result):
 
 LayerNorm is affine-free with eps 1e-6, as in every DiT block (`ditf_pipeline.adaln.layer_norm`, which
 the model adapters share with this module, so the match stage never depends on the model package).
+
+Scale-only RMSNorm families (Lumina-Image 2.0, Z-Image; key config ``"norm": "rms"``) store no
+shift but the norm's learned weight as the vector ``norm_weight``; for their keys every AdaLN
+variant applies ``rmsnorm(z) * norm_weight * (1 + scale)`` (`ditf_pipeline.adaln.rms_norm`) in
+place of ``(1 + scale) * LayerNorm(z) + shift``: the stored vectors say which norm applies.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import numpy as np
 import torch
 
 
-from ..adaln import layer_norm
+from ..adaln import layer_norm, rms_norm
 from ..core.errors import DitfError
 
 #: Modulation vectors as they come out of the store: name -> (D,) array or tensor.
@@ -56,6 +61,16 @@ def _adaln(pre_adaln: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) ->
     return layer_norm(pre_adaln.to(torch.float32)).mul_(1 + scale).add_(shift)
 
 
+def _modulated(pre_adaln: torch.Tensor, modulation: ModulationVectors, suffix: str = "") -> torch.Tensor:
+    """The block's modulated norm applied to z, LayerNorm or scale-only RMSNorm as the key stored
+    (`suffix` picks the conditioning-ablation vectors, e.g. "_t")."""
+    d = pre_adaln.shape[-1]
+    scale = _vector(modulation, f"scale{suffix}", d)
+    if "norm_weight" in modulation:
+        return rms_norm(pre_adaln, _vector(modulation, "norm_weight", d)).mul_(1 + scale)
+    return _adaln(pre_adaln, _vector(modulation, f"shift{suffix}", d), scale)
+
+
 def _check_channels(channels: Sequence[int], dim: int) -> list[int]:
     channels = [int(c) for c in channels]
     bad = [c for c in channels if not 0 <= c < dim]
@@ -77,13 +92,11 @@ def _raw(z, modulation, channels):
 
 
 def _adaln_tc(z, modulation, channels):
-    d = z.shape[-1]
-    return _adaln(z, _vector(modulation, "shift", d), _vector(modulation, "scale", d))
+    return _modulated(z, modulation)
 
 
 def _adaln_cd_pre(z, modulation, channels):
-    d = z.shape[-1]
-    return _adaln(_zero_channels(z, channels), _vector(modulation, "shift", d), _vector(modulation, "scale", d))
+    return _modulated(_zero_channels(z, channels), modulation)
 
 
 def _adaln_cd_post(z, modulation, channels):
@@ -91,13 +104,11 @@ def _adaln_cd_post(z, modulation, channels):
 
 
 def _adaln_t(z, modulation, channels):
-    d = z.shape[-1]
-    return _adaln(z, _vector(modulation, "shift_t", d), _vector(modulation, "scale_t", d))
+    return _modulated(z, modulation, "_t")
 
 
 def _adaln_c(z, modulation, channels):
-    d = z.shape[-1]
-    return _adaln(z, _vector(modulation, "shift_c", d), _vector(modulation, "scale_c", d))
+    return _modulated(z, modulation, "_c")
 
 
 VariantFn = Callable[[torch.Tensor, ModulationVectors, Sequence[int]], torch.Tensor]
@@ -115,14 +126,15 @@ VARIANTS: dict[str, VariantFn] = {
 #: variants that read the discarded-channel list
 USES_CHANNELS = frozenset({"adaln+cd", "adaln+cd-post"})
 
-#: the AdaLN vectors each variant reads (the store reads just these: 2 of up to 9 per image)
+#: the AdaLN vectors each variant reads (the store reads just these: 2 of up to 9 per image;
+#: a key has either the shifts or `norm_weight`, and only those it has are read)
 VECTORS_USED: dict[str, tuple[str, ...]] = {
     "raw": (),
-    "adaln": ("shift", "scale"),
-    "adaln+cd": ("shift", "scale"),
-    "adaln+cd-post": ("shift", "scale"),
-    "adaln-t": ("shift_t", "scale_t"),
-    "adaln-c": ("shift_c", "scale_c"),
+    "adaln": ("shift", "scale", "norm_weight"),
+    "adaln+cd": ("shift", "scale", "norm_weight"),
+    "adaln+cd-post": ("shift", "scale", "norm_weight"),
+    "adaln-t": ("shift_t", "scale_t", "norm_weight"),
+    "adaln-c": ("shift_c", "scale_c", "norm_weight"),
 }
 
 
@@ -149,7 +161,7 @@ def compute_feature(
 
     `pre_adaln` is the valid region of the cached raw stream z (float16 or float32);
     `modulation` maps "shift", "scale", "gate", "shift_t", "scale_t", "shift_c", "scale_c"
-    to (D,) vectors (only those the variant needs are read); `channels` lists the discarded
+    (and "norm_weight" for scale-only RMSNorm keys, which have no shifts) to (D,) vectors (only those the variant needs are read); `channels` lists the discarded
     channels (used by the ``+cd`` variants only).
     """
     if variant not in VARIANTS:

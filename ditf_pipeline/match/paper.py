@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import DitfError
+from ..adaln import RMS_EPS
 from .features import check_variant_applies, variant_names
 
 #: variant -> (shift name, scale name, where channels are zeroed: "pre" LayerNorm, "post", None)
@@ -80,7 +81,11 @@ def paper_feature(
         z = z.clone()
         z[..., channels] = 0
     x = z
-    if shift_name is not None:
+    if shift_name is not None and "norm_weight" in (modulation or {}):  # scale-only RMSNorm key: no shift
+        scale = _bf16_vector(modulation, scale_name, dim, z.device)
+        weight = _bf16_vector(modulation, "norm_weight", dim, z.device)
+        x = F.rms_norm(z, (dim,), weight, eps=RMS_EPS) * (1 + scale)  # every step rounded to bf16
+    elif shift_name is not None:
         shift = _bf16_vector(modulation or {}, shift_name, dim, z.device)
         scale = _bf16_vector(modulation or {}, scale_name, dim, z.device)
         x = (1 + scale) * F.layer_norm(z, (dim,), eps=1e-6) + shift  # every step rounded to bf16

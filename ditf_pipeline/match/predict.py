@@ -48,7 +48,7 @@ from .features import (
 )
 from .fusion import PairFusion, parse_fuse
 from .matchers import ByteLRU, make_matcher, one_intra_op_thread, resolve_match_device, split_pixels
-from ..core.naming import DEFAULT_PCA_DIM, fusion_label, prediction_name
+from ..core.settings import FEATURE_CACHE_BYTES, MatchSettings
 from .paper import PaperDiftMatcher, paper_feature, paper_matching
 from .pool import BlockRunner, WorkerPool
 from ..core.shards import Shard
@@ -62,9 +62,6 @@ BLOCK = int(os.environ.get("DITF_MATCH_BLOCK") or 256)
 #: of a core to start (a fresh interpreter importing torch), ~150 pairs' worth of matching;
 #: DITF_MATCH_POOL_MIN_PAIRS lowers it for tests
 POOL_MIN_PAIRS = int(os.environ.get("DITF_MATCH_POOL_MIN_PAIRS") or 512)
-#: default byte budget of the variant feature cache (float16 40x30x3072 maps are 7.4 MB: ~34
-#: images; an SPair category has ~27, and its pairs are consecutive)
-FEATURE_CACHE_BYTES = 256 * 2**20
 
 
 #: rows of a feature map computed together by `FeatureCache` (8 x 40 x 3072 float32 = 3.9 MB)
@@ -77,31 +74,6 @@ def default_jobs() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
-
-
-@dataclass
-class MatchSettings:
-    variant: str = "adaln+cd"
-    protocol: str = "dift"
-    channels: str = "auto"  # "auto" or comma-separated channel indices
-    soft_window: int | None = None  # geoaware only
-    channel_sample: int = 32  # images used to detect massive channels for "auto"
-    fuse: str | None = None  # partner model (e.g. "dinov2-b14"), concatenated per pair (`fusion`)
-    pca_dim: int = DEFAULT_PCA_DIM  # PCA of the DiT part over each pair before fusing (0: none)
-    jobs: int | None = None  # workers: this thread + jobs-1 processes (None: every core); CPU only
-    device: str = "cpu"  # auto | cpu | cuda | cuda:N
-    cache_bytes: int = FEATURE_CACHE_BYTES  # budget of the variant feature cache
-    shard: str | None = None  # "i/N": only blocks b with b mod N == i (job arrays, `shards.Shard`)
-
-    @property
-    def label(self) -> str:
-        """The variant as results name it: with `fuse`, ``<variant>+<model>-pca<dim>``."""
-        return fusion_label(self.variant, self.fuse, self.pca_dim)
-
-    @property
-    def name(self) -> str:
-        """Store key of these predictions: variant/protocol (soft-argmax window appended)."""
-        return prediction_name(self.variant, self.protocol, self.soft_window, self.fuse, self.pca_dim)
 
 
 @dataclass
@@ -433,8 +405,12 @@ def predict(
         feature_key = (dataset.name, model, k, t)
         max_kps = max(len(p.src_kps) for p in pairs)
         pair_ids = [p.pair_id for p in pairs]
+        scope = prediction_scope(dataset.split, pair_ids)
+        # this group is ours alone (or this shard's) from before it is opened or recreated to its last block
+        stack.enter_context(store.predictions_lock(feature_key, settings.name, scope,
+                                                   None if part.whole else str(part)))
         predictions = store.open_predictions(feature_key, settings.name, pair_ids, max_kps, attrs, block=BLOCK,
-                                             scope=prediction_scope(dataset.split, pair_ids), overwrite=overwrite)
+                                             scope=scope, overwrite=overwrite)
         done = predictions.done()
         mine = set(part.blocks(len(pairs), BLOCK))
         todo_blocks = [s for s in range(0, len(pairs), BLOCK) if s in mine and not done[s : s + BLOCK].all()]

@@ -69,6 +69,8 @@ class DiffusersAdapter(DiTAdapter):
         self._streamer: BlockStreamer | None = None
         #: {id(block): the block compiled}; emptied when the transformer or the options change
         self._compiled: dict[int, torch.nn.Module] = {}
+        #: hub download options of the Python API (`cache_dir`, `token`, `local_files_only`)
+        self.hub_options: dict = {}
 
     # ---- tiny models ------------------------------------------------------------------------
     def build_tiny_components(self) -> dict:
@@ -94,9 +96,14 @@ class DiffusersAdapter(DiTAdapter):
         return Path(directory)
 
     # ---- loading ----------------------------------------------------------------------------
+    def _hub_kwargs(self) -> dict:
+        """Where and how the hub is asked: `hub_options` given, offline when HF_HUB_OFFLINE says so."""
+        options = {name: value for name, value in self.hub_options.items() if name in ("cache_dir", "token")}
+        return {**options, "local_files_only": bool(self.hub_options.get("local_files_only")) or _offline()}
+
     def _from_pretrained_kwargs(self) -> dict:
         # safetensors only: pickled .bin weights would run arbitrary code when loaded
-        return {"dtype": self.dtype, "use_safetensors": True, "local_files_only": _offline()}
+        return {"dtype": self.dtype, "use_safetensors": True, **self._hub_kwargs()}
 
     def _check_source(self) -> None:
         if self.source is None:
@@ -119,7 +126,7 @@ class DiffusersAdapter(DiTAdapter):
                 self._local = self.source
             else:
                 self._local = str(self._load(lambda: self.pipeline_cls.download(
-                    self.source, revision=self.revision, local_files_only=_offline(), use_safetensors=True,
+                    self.source, revision=self.revision, use_safetensors=True, **self._hub_kwargs(),
                 ), "weights"))
                 refuse_pickled(self._local)
         return self._local
@@ -155,7 +162,7 @@ class DiffusersAdapter(DiTAdapter):
 
         try:
             return Path(hf_hub_download(self.source, f"transformer/{name}", revision=self.revision,
-                                        local_files_only=_offline()))
+                                        **self._hub_kwargs()))
         except (EntryNotFoundError, LocalEntryNotFoundError):
             if required:
                 raise
@@ -193,7 +200,7 @@ class DiffusersAdapter(DiTAdapter):
             raise DitfError(f"the transformer config of {self.source} lacks {', '.join(missing)}")
         width = self.width_of(config)
         return Architecture(width, tuple((kind, int(config[entry])) for _, entry, kind in self.block_lists),
-                            cls=self.dit_classes()["transformer"].__name__)
+                            cls=self.dit_classes()["transformer"].__name__, norm=self.modulated_norm)
 
     @staticmethod
     def width_of(config: dict) -> int:

@@ -94,6 +94,9 @@ class Architecture:
     blocks: tuple[tuple[str, int], ...]
     #: the diffusers transformer class the weights are (None for models that are not one)
     cls: str | None = None
+    #: the modulated norm: "layer" (affine-free LayerNorm, then scale and shift) or "rms"
+    #: (RMSNorm with a learned weight, then scale only)
+    norm: str = "layer"
 
     @property
     def num_blocks(self) -> int:
@@ -117,6 +120,8 @@ class Architecture:
         config = {"width": self.width, "blocks": [[kind, count] for kind, count in self.blocks]}
         if self.cls is not None:
             config["class"] = self.cls
+        if self.norm != "layer":  # absent means LayerNorm: keys written before the field stay valid
+            config["norm"] = self.norm
         return config
 
 
@@ -141,11 +146,23 @@ def rule_defaults(num_blocks: int, schedule: str) -> tuple[int, int, str]:
 
 @dataclass
 class Modulation:
-    """The AdaLN vectors of one block, each (B, D) float32."""
+    """The AdaLN vectors of one block, each (B, D) float32 (or (D,) for `DiTAdapter.modulation`).
 
-    shift: torch.Tensor
+    LayerNorm families have all three of shift, scale, gate. Scale-only RMSNorm families
+    (Lumina-Image 2.0, Z-Image: ``rmsnorm(z) * norm_weight * (1 + scale)``) have no shift
+    (None: absent, never zeros) and carry the norm's learned weight as `norm_weight`, repeated
+    per row so that every stored image stays self-contained.
+    """
+
+    shift: torch.Tensor | None
     scale: torch.Tensor
     gate: torch.Tensor
+    norm_weight: torch.Tensor | None = None
+
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """The vectors present, by their stored name (absent ones are left out, not zero-filled)."""
+        named = {"shift": self.shift, "scale": self.scale, "gate": self.gate, "norm_weight": self.norm_weight}
+        return {name: value for name, value in named.items() if value is not None}
 
 
 @dataclass
@@ -199,6 +216,9 @@ class DiTAdapter(ABC):
     patch_stride: int = 16
     #: False for models without AdaLN: no modulation is captured or stored, only variant ``raw``
     has_adaln: bool = True
+    #: the norm the captured modulation applies: "layer" (shift, scale, gate) or "rms" (a learned
+    #: RMSNorm weight, scale and gate, no shift)
+    modulated_norm: str = "layer"
     #: False where the AdaLN sees the timestep only (PixArt, Sana): no t-only / c-only vectors
     #: are stored, and `modulation(..., "c")` raises a one-line error naming the family
     separates_conditioning: bool = True
@@ -252,6 +272,21 @@ class DiTAdapter(ABC):
     def block_kind(self, block_index: int) -> str:
         """A short label for the block type ("double", "single", "joint", ...)."""
         return self.architecture.kind(block_index)
+
+    def refuse_conditioning_c(self, conditioning: str, why: str) -> None:
+        """Refuse c-only conditioning for a family whose modulation never sees the text.
+
+        `why` completes "undefined for the F family, ..." (e.g. "whose AdaLN is conditioned on the
+        timestep only"): the one-line error names the family and the reason, and any other unknown
+        conditioning is refused too.
+        """
+        from ..core.errors import DitfError
+
+        if conditioning == "c":
+            raise DitfError(f"{self.spec.name}: conditioning 'c' is undefined for the {self.spec.family} family, "
+                            f"{why}; use 't' or 'tc'")
+        if conditioning not in ("t", "tc"):
+            raise DitfError(f"unknown conditioning {conditioning!r}; choose one of tc, t, c")
 
     def check_indices(self, indices: Sequence[int]) -> list[int]:
         from ..core.errors import DitfError

@@ -35,7 +35,6 @@ from collections.abc import Sequence
 import torch
 from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
-from ..core.errors import DitfError
 from . import register
 from ._diffusers import DiffusersAdapter, RectifiedFlowNoise, chunk_modulation
 from ._tiny_text import tiny_t5, tiny_t5_tokenizer
@@ -164,13 +163,7 @@ class ChromaAdapter(RectifiedFlowNoise, DiffusersAdapter):
     ) -> dict[int, Modulation]:
         """As the base class; `prompt` is unused (the approximator sees t only)."""
         indices = self.check_indices(indices)
-        if conditioning == "c":
-            raise DitfError(
-                f"{self.spec.name}: conditioning 'c' is undefined for the chroma family, whose modulation comes from an "
-                "approximator network of the timestep only (the text enters through attention); use 't' or 'tc'"
-            )
-        if conditioning not in ("t", "tc"):
-            raise DitfError(f"unknown conditioning {conditioning!r}; choose one of tc, t, c")
+        self.refuse_conditioning_c(conditioning, 'whose modulation comes from an approximator network of the timestep only (the text enters through attention)')
         transformer = self.transformer
         dtype = transformer.dtype
         # the forward's arithmetic: s cast to the model dtype, then x1000

@@ -48,7 +48,6 @@ from diffusers import (
 )
 from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 
-from ..core.errors import DitfError
 from . import register
 from ._diffusers import DiffusersAdapter, RectifiedFlowNoise
 from ._tiny_text import tiny_qwen3, tiny_qwen3_tokenizer
@@ -183,13 +182,7 @@ class Flux2Adapter(RectifiedFlowNoise, DiffusersAdapter):
     ) -> dict[int, Modulation]:
         """As the base class; `prompt` is unused (the shared modulation sees t and guidance only)."""
         indices = self.check_indices(indices)
-        if conditioning == "c":
-            raise DitfError(
-                f"{self.spec.name}: conditioning 'c' is undefined for the flux2 family, whose shared modulation is "
-                "computed from the timestep (and guidance) only (the text enters through attention); use 't' or 'tc'"
-            )
-        if conditioning not in ("t", "tc"):
-            raise DitfError(f"unknown conditioning {conditioning!r}; choose one of tc, t, c")
+        self.refuse_conditioning_c(conditioning, 'whose shared modulation is computed from the timestep (and guidance) only (the text enters through attention)')
         transformer = self.transformer
         dtype = transformer.dtype
         # the forward's arithmetic: s and g cast to the model dtype, then x1000

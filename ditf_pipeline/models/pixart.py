@@ -35,7 +35,6 @@ from diffusers import (
     PixArtTransformer2DModel,
 )
 
-from ..core.errors import DitfError
 from . import register
 from ._diffusers import DiffusersAdapter
 from ._tiny_text import tiny_t5, tiny_t5_tokenizer
@@ -178,13 +177,7 @@ class PixArtAdapter(DiffusersAdapter):
         square `img_size`) is the micro-condition the forward derives from the latents.
         """
         indices = self.check_indices(indices)
-        if conditioning == "c":
-            raise DitfError(
-                f"{self.spec.name}: conditioning 'c' is undefined for the {self.spec.family} family, whose AdaLN is conditioned on the "
-                "timestep only (the caption enters through cross-attention); use 't' or 'tc' (identical here)"
-            )
-        if conditioning not in ("t", "tc"):
-            raise DitfError(f"unknown conditioning {conditioning!r}; choose one of tc, t, c")
+        self.refuse_conditioning_c(conditioning, 'whose AdaLN is conditioned on the timestep only (the caption enters through cross-attention)')
         transformer = self.transformer
         size = image_size or (self.spec.img_size, self.spec.img_size)
         t = torch.full((1,), int(timestep), dtype=torch.long, device=self.device)

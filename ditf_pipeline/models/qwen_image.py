@@ -140,13 +140,7 @@ class QwenImageAdapter(RectifiedFlowNoise, DiffusersAdapter):
     ) -> dict[int, Modulation]:
         """As the base class; `prompt` is unused (the modulation sees the timestep only)."""
         indices = self.check_indices(indices)
-        if conditioning == "c":
-            raise DitfError(
-                f"{self.spec.name}: conditioning 'c' is undefined for the qwen-image family, whose modulation is "
-                "regressed from the timestep only (the text enters through joint attention); use 't' or 'tc'"
-            )
-        if conditioning not in ("t", "tc"):
-            raise DitfError(f"unknown conditioning {conditioning!r}; choose one of tc, t, c")
+        self.refuse_conditioning_c(conditioning, 'whose modulation is regressed from the timestep only (the text enters through joint attention)')
         self._check_plain()
         transformer = self.transformer
         dtype = transformer.dtype

@@ -143,13 +143,7 @@ class SanaAdapter(RectifiedFlowNoise, DiffusersAdapter):
     ) -> dict[int, Modulation]:
         """As the base class; `prompt` is unused (Sana's AdaLN never sees the caption)."""
         indices = self.check_indices(indices)
-        if conditioning == "c":
-            raise DitfError(
-                f"{self.spec.name}: conditioning 'c' is undefined for the sana family, whose AdaLN is conditioned on "
-                "the timestep only (the caption enters through cross-attention); use 't' or 'tc' (identical here)"
-            )
-        if conditioning not in ("t", "tc"):
-            raise DitfError(f"unknown conditioning {conditioning!r}; choose one of tc, t, c")
+        self.refuse_conditioning_c(conditioning, 'whose AdaLN is conditioned on the timestep only (the caption enters through cross-attention)')
         transformer = self.transformer
         with torch.no_grad():
             t6, _ = transformer.time_embed(self._timestep(1, timestep), batch_size=1, hidden_dtype=transformer.dtype)

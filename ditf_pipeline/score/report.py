@@ -146,8 +146,9 @@ def render(result: dict, fmt: str = "table") -> str:
     return _with_context(result, header, rows, fmt)
 
 
-def _row_label(result: dict, with_model: bool) -> list[str]:
-    return [str(result.get("model")), str(result.get("variant"))] if with_model else [str(result.get("variant"))]
+def _row_label(result: dict, with_model: bool, with_key: bool = False) -> list[str]:
+    label = [str(result.get("model")), str(result.get("variant"))] if with_model else [str(result.get("variant"))]
+    return label + ([f"k{result.get('k')}/t{result.get('t')}"] if with_key else [])
 
 
 def render_comparison(
@@ -174,13 +175,15 @@ def render_comparison(
         raise DitfError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
     alphas = list(alphas) if alphas is not None else list(results[0]["pck"])
     with_model = len({r.get("model") for r in results}) > 1
-    header = (["model", "variant"] if with_model else ["variant"]) + [f"PCK@{a}" for a in alphas]
+    with_key = len({(r.get("k"), r.get("t")) for r in results}) > 1  # rows of one variant at two keys stay apart
+    header = ((["model", "variant"] if with_model else ["variant"]) + (["key"] if with_key else [])
+              + [f"PCK@{a}" for a in alphas])
     rows = []
     for result in results:
         values = [result["pck"].get(a, {}).get(aggregation, {}).get(summary) for a in alphas]
-        rows.append(_row_label(result, with_model) + [_fmt(v, fmt) for v in values])
+        rows.append(_row_label(result, with_model, with_key) + [_fmt(v, fmt) for v in values])
     if fmt == "csv":  # each row's own context in leading columns
-        labels = {"model", "variant"} if with_model else {"variant"}
+        labels = ({"model", "variant"} if with_model else {"variant"}) | ({"k", "t"} if with_key else set())
         keys = [key for key in CONTEXT if key not in labels]
         context = [[value for _, value in _context_values(r, keys)] for r in results]
         names = [key for key, _ in _context_values(results[0], keys)]

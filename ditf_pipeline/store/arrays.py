@@ -121,6 +121,26 @@ class FeatureArrays:
         array = self.group[name]
         sync(array.store_path.store.delete(file_key(array, row)))
 
+    def rewrite_without(self, lost: Iterable[int], name: str, start: int, stop: int,
+                        intact: Mapping[int, np.ndarray]) -> None:
+        """Un-commit `lost`, then rewrite the file of array `name` holding rows `start:stop` with
+        only its `intact` rows (the others as never written): damage inside one image's chunk of
+        a shard costs that image only.
+
+        The file is replaced whole by one write (zarr writes a shard it covers completely without
+        reading the damaged one), so a kill leaves the damaged file or the repaired one.
+        """
+        self.clear_complete(lost)
+        array = self.group[name]
+        block = np.full((stop - start, *array.shape[1:]), array.fill_value, dtype=array.dtype)
+        for row, value in intact.items():
+            block[row - start] = value
+        try:
+            array[start:stop] = block
+        except Exception:  # (a last, partial shard may be read first: remove it, then write)
+            sync(array.store_path.store.delete(file_key(array, start)))
+            array[start:stop] = block
+
     @property
     def massive_channels(self) -> list[int] | None:
         """The channel set `ditf analyze` recorded, if any."""

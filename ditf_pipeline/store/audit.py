@@ -22,8 +22,8 @@ from .arrays import FeatureArrays, PredictionArrays, chunk_exists
 from .backends import Backend, ReadBackend, backend_for, store_location
 from .failures import reason
 from .feature_store import FeatureStore
-from .layout import PREDICTIONS_OF, node_kind
-from .schema import FEATURE_DTYPES, MODULATION_DTYPE, SCHEMA_VERSION, file_rows, root_metadata
+from .layout import IMAGES, PREDICTIONS_OF, node_kind
+from .schema import FEATURE_DTYPES, MODULATION_DTYPE, SCHEMA_VERSION, file_rows, root_metadata, writable
 
 __all__ = ["Finding", "audit_store", "repair_root_metadata"]
 
@@ -34,7 +34,8 @@ class Finding:
 
     problem: str
     repair: str = "no automatic repair"
-    action: Callable[[], None] | None = field(default=None, repr=False)
+    #: the repair; one that returns False could not be done yet (a writer still lives)
+    action: Callable[[], object] | None = field(default=None, repr=False)
     harmless: bool = False  # reported and repaired, but nothing reads it (not counted as a problem)
 
 
@@ -87,20 +88,23 @@ class _Audit:
     def under_damage(self, node: str) -> bool:
         return any(node == d or node.startswith(d + "/") or d.startswith(node + "/") for d in self.damaged)
 
-    # 1. leftovers of interrupted setups (never visible to readers, but they take space)
+    # 1. leftovers of writers (never visible to readers): a dead writer's are litter, not damage,
+    # and a live writer's are its work in progress, so they are notes; a repair removes them only
+    # once no writer lives (`writers.sweep`), as every writer does when it starts alone
     def leftovers(self) -> None:
         fs = self.fs
         if not isinstance(fs, Backend):
             return  # a published store: nothing ever wrote there through ditf, so nothing was left half-done
+        sweep = self.store.sweep_if_alone
         for staged in self.store.layout.staging():
-            self.findings.append(Finding(f"store: unfinished setup left by an interrupted run: {fs.where(staged)}",
-                                         f"removed {fs.where(staged)}", functools.partial(fs.discard, staged)))
+            self.findings.append(Finding(f"store: unfinished setup of a running or interrupted writer: {fs.where(staged)}",
+                                         f"removed {fs.where(staged)}", sweep, harmless=True))
         for sibling, discard in fs.stray_creations():
             self.findings.append(Finding(f"store: unfinished store creation left by an interrupted run: {sibling}",
-                                         f"removed {sibling}", discard))
-        for partial, discard in fs.partial_files():
+                                         f"removed {sibling}", discard, harmless=True))
+        for partial, _ in fs.partial_files():
             self.findings.append(Finding(f"store: leftover of a write interrupted by a crash: {partial}",
-                                         f"removed {partial}", discard, harmless=True))
+                                         f"removed {partial}", sweep, harmless=True))
 
     # 1b. a consolidated copy that no longer matches the nodes (edited by hand, or written by
     # another tool while ditf wrote): readers would trust it
@@ -177,12 +181,51 @@ class _Audit:
                 rows = store.image_rows(ds)
                 self.ok.append(f"store: {ds}/images: {len(rows)} images indexed")
             except DitfError as exc:
-                self.findings.append(Finding(f"store: {ds}/images: {exc}"))
+                self.findings.append(self._damaged_index(ds, exc))
                 continue
             for key in store.layout.key_folders(ds):
                 if self.under_damage(key.path) or not self.fs.list(key.path):
                     continue  # an empty folder (a schema-1 lock): nothing to report
                 self.key(key)
+
+    def _damaged_index(self, ds: str, exc: DitfError) -> Finding:
+        """The image index of `ds` cannot be read: which of its chunks, and the repair that keeps
+        the rest (the lost rows become placeholders no image name matches, un-committed in every
+        key of the dataset, so the next extract registers those images anew and extracts them)."""
+        group = self.store.group(f"{ds}/{IMAGES}")
+        damaged: list[tuple[int, int]] = []
+        try:
+            for name in ("key", "size"):
+                array = group[name]
+                step = array.chunks[0]
+                for start in range(0, array.shape[0], step):
+                    stop = min(start + step, array.shape[0])
+                    try:
+                        array[start:stop]
+                    except Exception:
+                        damaged.append((start, stop))
+        except Exception:  # the index's metadata itself: nothing to keep
+            damaged = []
+        if not damaged:
+            return Finding(f"store: {ds}/images: {exc}; every key of {ds} depends on it: extract {ds} into a new "
+                           "--store (its features cannot be told apart without the index)")
+        spans = ", ".join(f"{a}..{b - 1}" for a, b in sorted(set(damaged)))
+        return Finding(
+            f"store: {ds}/images: the image index rows {spans} are damaged ({reason(exc.__cause__ or exc)})",
+            f"un-committed rows {spans} in every key of {ds} and rewrote them as lost rows: the next extract "
+            "registers and extracts those images again, the other rows are kept",
+            functools.partial(self._repair_index, ds, sorted(set(damaged))))
+
+    def _repair_index(self, ds: str, spans: Sequence[tuple[int, int]]) -> None:
+        """Un-commit the rows of `spans` in every key of `ds`, then rewrite them as placeholders."""
+        lost = [row for a, b in spans for row in range(a, b)]
+        for key in self.store.layout.feature_keys(ds):
+            arrays = self.store.feature_arrays(key)
+            arrays.clear_complete([row for row in lost if row < arrays.n_images])
+        group = self.store.group(f"{ds}/{IMAGES}")
+        for a, b in spans:
+            writable(group["key"])[a:b] = np.array([f"<lost row {row}>" for row in range(a, b)], dtype=object).astype(str)
+            writable(group["size"])[a:b] = np.zeros((b - a, 2), dtype="int32")
 
     def key(self, key: FeatureKey) -> None:
         node, fs, store = key.path, self.fs, self.store
@@ -279,6 +322,8 @@ class _Audit:
                         raise DitfError("its file is missing")
                     array[start:stop]
                 except Exception as exc:
+                    if exists and self._damaged_inside(arrays, node, name, start, stop, committed, broken):
+                        continue
                     broken.update(committed)
                     self.findings.append(Finding(
                         f"store: {node}: the {name} file of images {start}..{stop - 1} is damaged ({reason(exc)}); "
@@ -298,6 +343,31 @@ class _Audit:
                     f"cleared the complete flag of {arrays.name_of(row)} in {node}: the next extract redoes it",
                     functools.partial(arrays.clear_complete, [row])))
         return broken
+
+    def _damaged_inside(self, arrays: FeatureArrays, node: str, name: str, start: int, stop: int,
+                        committed: Sequence[int], broken: set[int]) -> bool:
+        """A file whose index reads but some images' chunks do not: a finding that costs those
+        images only (the repair rewrites the file without them). False when no image reads (a
+        damaged index: the whole file goes)."""
+        array = arrays.group[name]
+        intact, damaged = {}, []
+        for row in range(start, stop):
+            try:
+                intact[row] = np.asarray(array[row])
+            except Exception:
+                damaged.append(row)
+        if not intact or not damaged:
+            return False
+        lost = [row for row in committed if row in damaged]
+        broken.update(lost)
+        names = ", ".join(arrays.name_of(row) for row in damaged)
+        self.findings.append(Finding(
+            f"store: {node}: the {name} chunks of images {names} are damaged inside an intact file; "
+            f"{len(lost)} committed images lose their {name} vector",
+            f"cleared the complete flag of those {len(lost)} images and rewrote that file of {node}/{name} without "
+            f"them, keeping its {len(intact)} intact images: the next extract redoes only those {len(lost)}",
+            functools.partial(arrays.rewrite_without, lost, name, start, stop, intact)))
+        return True
 
     def predictions(self, path: str) -> None:
         group = self.store.group(path) if self.fs.exists(f"{path}/zarr.json") else None

@@ -5,7 +5,7 @@ opens the store read-only and never writes, unless asked to `--repair` (or `--mi
 removes half-done setups and unreadable nodes and un-commits damaged images, never intact
 committed data. The walk itself is `audit.audit_store`; the dataset half of the command (is
 every image readable, every annotation well formed?) is the orchestration layer's, which
-combines both (`ditf_pipeline.pipeline.run_doctor`).
+combines both (`ditf_pipeline.pipeline.check`).
 """
 
 from __future__ import annotations
@@ -78,6 +78,15 @@ def check_store(path: str | Path, findings: Findings, dataset: str | None = None
     except DitfError as exc:
         findings.bad(f"store: {exc}")
         return
+    try:
+        _check(store, findings, dataset, keys, read_chunks, repair, migrate)
+    finally:
+        store.close()  # a repairing writer ends here (the last one writes the consolidated copy)
+
+
+def _check(store: FeatureStore, findings: Findings, dataset: str | None, keys: Sequence[str] | None,
+           read_chunks: bool, repair: bool, migrate: bool) -> None:
+    path = store.path
     if migrate:
         findings.fixed(f"migrated {path} to schema {store.schema_version}", resolves=False)
     try:
@@ -91,9 +100,9 @@ def check_store(path: str | Path, findings: Findings, dataset: str | None = None
         findings.good(line)
     for problem in problems:
         if problem.harmless:
-            findings.good(f"{problem.problem} (harmless; --repair removes it)")
-            if repair and problem.action is not None:
-                problem.action()
+            findings.good(f"note: {problem.problem} (harmless; the next writer or --repair removes it once its "
+                          "writer is gone)")
+            if repair and problem.action is not None and problem.action() is not False:
                 findings.fixed(problem.repair, resolves=False)
             continue
         findings.bad(problem.problem)

@@ -4,6 +4,7 @@ Armed only by its environment, read here and nowhere else (or by a test calling 
 
 * ``DITF_KILL_AT_WRITE=N``: the process SIGKILLs itself right before its N-th store write,
   after writing N to the file ``DITF_KILL_MARKER`` names (proof that it was still running);
+* ``DITF_KILL_SIGNAL``: the signal sent instead of SIGKILL (``TERM``: what SLURM sends);
 * ``DITF_WRITE_COUNT_FILE``: receives the number of writes at exit (to size those tests).
 
 A write is every set or delete of a zarr store (through `FaultInjectingStore`, zarr's own
@@ -29,6 +30,7 @@ __all__ = ["FaultInjectingStore", "WriteCounter", "arm", "before_write", "counte
 
 _KILL_AT = "DITF_KILL_AT_WRITE"
 _MARKER = "DITF_KILL_MARKER"
+_SIGNAL = "DITF_KILL_SIGNAL"
 _COUNT_FILE = "DITF_WRITE_COUNT_FILE"
 
 
@@ -38,6 +40,7 @@ class WriteCounter:
 
     kill_at: int | None = None
     marker: str | None = None
+    sig: int = signal.SIGKILL  # what it is killed with
     #: when a list, every write's target is appended (crash tests find where a setup ends)
     trace: list[str] | None = None
     seen: int = 0
@@ -53,7 +56,7 @@ class WriteCounter:
         if self.kill_at is not None and n == self.kill_at:
             if self.marker:
                 Path(self.marker).write_text(str(n))
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.sig)
 
 
 class FaultInjectingStore(AnnouncingStore):
@@ -68,7 +71,8 @@ def _from_environment() -> WriteCounter | None:
     kill_at, count_file = os.environ.get(_KILL_AT), os.environ.get(_COUNT_FILE)
     if not kill_at and not count_file:
         return None
-    armed = WriteCounter(kill_at=int(kill_at) if kill_at else None, marker=os.environ.get(_MARKER))
+    armed = WriteCounter(kill_at=int(kill_at) if kill_at else None, marker=os.environ.get(_MARKER),
+                         sig=signal.Signals[f"SIG{os.environ.get(_SIGNAL) or 'KILL'}"])
     if count_file:
         atexit.register(lambda: Path(count_file).write_text(str(armed.seen)))
     return armed

@@ -37,7 +37,7 @@ import zarr
 
 from ..core.errors import DitfError
 from ..core.keys import FeatureKey
-from . import legacy, writers
+from . import leases, legacy, locks, writers
 from .arrays import FeatureArrays, PredictionArrays
 from .backends import Backend, ReadBackend, backend_for, is_read_only, is_remote, local_beside, store_location
 from .failures import reads, reason, writes
@@ -47,6 +47,7 @@ from .schema import (
     ROWS_PER_SHARD,
     SCHEMA_VERSION,
     config_differences,
+    create_digest_array,
     create_feature_arrays,
     create_index_arrays,
     create_prediction_arrays,
@@ -105,7 +106,9 @@ class FeatureStore:
         self.path = store_location(path)
         self.read_only = read_only
         self._writing = False
-        on_write = None if read_only or is_remote(self.path) else self._before_write
+        # every write is announced first: locally to the writer registry, on object stores to the
+        # lease check (a writer whose lease was lost stops before its next write)
+        on_write = None if read_only else leases.check_held if is_remote(self.path) else self._before_write
         self.backend: Backend | ReadBackend = backend_for(self.path, on_write=on_write)
         self.remote = self.backend.remote
         self.layout = StoreLayout(self.backend)
@@ -121,6 +124,7 @@ class FeatureStore:
             self.backend.create_root(root_metadata())
         if not read_only:
             if self.remote:
+                self.backend.sweep_dead_staging()
                 self.drop_consolidated()  # no shared locks on object stores: drop at once
             else:
                 writers.join(self.path, self.drop_consolidated)
@@ -142,6 +146,19 @@ class FeatureStore:
         if not read_only and self.schema_version < SCHEMA_VERSION:
             self.migrate()
 
+    def sweep_if_alone(self) -> bool:
+        """Remove what dead writers left (staging, temp files) where their death is proved.
+
+        Locally that is when no other process writes the store (`writers.sweep_if_alone`); on an
+        object store, staging folders whose writer is a dead process of this host or that are
+        older than two lease periods (`ObjectBackend.sweep_dead_staging`). False when nothing
+        could be proved.
+        """
+        if self.remote:
+            self.backend.sweep_dead_staging()
+            return not self.layout.staging()
+        return writers.sweep_if_alone(self.path)
+
     def _before_write(self, what: str) -> None:
         """Every write of this (local) writer is announced here first (see `writers.note_write`)."""
         writers.note_write(self.path)
@@ -160,24 +177,25 @@ class FeatureStore:
                 raise DitfError(f"cannot write to store {self.path}: {exc.strerror or exc}") from exc
 
     @writes
-    def close(self) -> bool:
+    def close(self, restore: bool = True) -> bool:
         """End this writer: the last writer of a local store writes consolidated metadata.
 
         Every node's metadata is then in the root's zarr.json, so a reader opens the store with
         one read. The CLI closes what is left as a command ends; a killed process just leaves
         no copy. Object stores have no shared locks and are not consolidated. Returns True when
-        it was written.
+        it was written. A writer that wrote nothing writes back a copy that a killed writer
+        dropped, unless `restore` is False (a failed command leaves the store as it was).
         """
         if not self._writing:
             return False
         self._writing = False
-        return writers.leave(self.path)
+        return writers.leave(self.path, restore)
 
     def __enter__(self) -> FeatureStore:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        self.close(restore=exc_type is None)
 
     @writes
     def migrate(self) -> list[str]:
@@ -270,11 +288,15 @@ class FeatureStore:
 
     # ---- image index --------------------------------------------------------------------------
     @writes
-    def register_images(self, dataset: str, keys: Sequence[str], sizes: Sequence[tuple[int, int]]) -> dict[str, int]:
+    def register_images(self, dataset: str, keys: Sequence[str], sizes: Sequence[tuple[int, int]],
+                        digests: Sequence[str] | None = None) -> dict[str, int]:
         """Add images to the dataset's index (existing rows keep their position); key -> row.
 
-        New rows are written past the committed `count`, then `count` is raised: a kill in
-        between leaves rows that the next call simply overwrites.
+        `digests` (one per key, `pixel_digest` of the decoded pixels) are recorded with each new
+        row; an indexed key given with another size or digest is refused (`check_identities`),
+        so a name reused for other pixels is never served the old row's features. New rows are
+        written past the committed `count`, then `count` is raised: a kill in between leaves
+        rows that the next call simply overwrites.
         """
         node = f"{dataset}/{IMAGES}"
         # waited for, so concurrent shards queue here instead of failing
@@ -285,17 +307,24 @@ class FeatureStore:
                     create_index_arrays(group)
                     self.publish(staged, node)
             group = self.group(node)
+            self.check_identities(dataset, keys, sizes, digests)
             rows = self.image_rows(dataset)
-            new = [(key, size) for key, size in zip(keys, sizes) if key not in rows]
+            digests = list(digests) if digests is not None else [""] * len(keys)
+            new = [(key, size, digest) for key, size, digest in zip(keys, sizes, digests) if key not in rows]
             if new:
                 start = len(rows)
+                if "digest" not in group:  # an index of an earlier version: the column is added
+                    create_digest_array(group, int(group["key"].shape[0]))
                 key_array, size_array = writable(group["key"]), writable(group["size"])
-                key_array.resize((start + len(new),))
-                size_array.resize((start + len(new), 2))
-                key_array[start:] = np.array([key for key, _ in new], dtype=object).astype(str)
-                size_array[start:] = np.array([size for _, size in new], dtype="int32").reshape(-1, 2)
+                digest_array = writable(group["digest"])
+                for array, shape in ((key_array, (start + len(new),)), (size_array, (start + len(new), 2)),
+                                     (digest_array, (start + len(new),))):
+                    array.resize(shape)
+                key_array[start:] = np.array([key for key, _, _ in new], dtype=object).astype(str)
+                size_array[start:] = np.array([size for _, size, _ in new], dtype="int32").reshape(-1, 2)
+                digest_array[start:] = np.array([digest for _, _, digest in new], dtype=object).astype(str)
                 group.attrs["count"] = start + len(new)  # the commit mark of these rows
-                rows.update({key: start + i for i, (key, _) in enumerate(new)})
+                rows.update({key: start + i for i, (key, _, _) in enumerate(new)})
             return rows
 
     @reads("the image index")
@@ -307,6 +336,44 @@ class FeatureStore:
         count = legacy.committed_rows(group)
         keys = group["key"][:count] if count else []
         return {str(key): row for row, key in enumerate(keys)}
+
+    @reads("the image index")
+    def image_identities(self, dataset: str) -> dict[str, tuple[tuple[int, int], str]]:
+        """image key -> ((width, height), pixel digest) of every committed row; the digest is ""
+        where none was recorded (rows written before the index had the column)."""
+        group = self.group(f"{dataset}/{IMAGES}")
+        if group is None or "key" not in group:
+            return {}
+        count = legacy.committed_rows(group)
+        if not count:
+            return {}
+        keys, sizes = group["key"][:count], group["size"][:count]
+        digests = group["digest"][:count] if "digest" in group and group["digest"].shape[0] >= count else [""] * count
+        return {str(key): ((int(size[0]), int(size[1])), str(digest)) for key, size, digest in zip(keys, sizes, digests)}
+
+    def check_identities(self, dataset: str, keys: Sequence[str], sizes: Sequence[tuple[int, int]],
+                         digests: Sequence[str] | None = None) -> None:
+        """Refuse an indexed image key given now with other pixels (another size, or another digest
+        where both are known): its stored rows were computed from another image.
+
+        Raises
+        ------
+        DitfError
+            Naming the first such key, its stored and its current size.
+        """
+        stored = self.image_identities(dataset)
+        digests = list(digests) if digests is not None else [""] * len(keys)
+        for key, size, digest in zip(keys, sizes, digests):
+            if key not in stored:
+                continue
+            (width, height), known = stored[key]
+            if (width, height) != tuple(size) or (known and digest and known != digest):
+                what = (f"stored {width}x{height}, now {size[0]}x{size[1]}" if (width, height) != tuple(size)
+                        else f"both {width}x{height}, other pixels")
+                raise DitfError(
+                    f"image {key!r} of {dataset} in {self.path} was extracted from another image ({what}): its "
+                    f"stored features are not this image's; give the new image another name or use another --store"
+                )
 
     def image_key(self, dataset: str, row: int) -> str:
         """The key of one row (for error messages: a damaged image is named, not numbered)."""
@@ -330,13 +397,15 @@ class FeatureStore:
         hidden_size: int | None = None,
         modulation_names: Iterable[str] = (),
         adaln: bool = True,
+        adaln_names: Sequence[str] = ("shift", "scale", "gate"),
     ) -> FeatureArrays:
         """Open (or, with `config`, create/validate) the arrays of one (dataset, model, k, t).
 
         Writing into an existing key with a different `config` is refused, naming the settings
         that differ: silently mixing two configurations in one key would corrupt every score.
         With `adaln=False` (models without AdaLN: DINOv2, the SD UNet) no shift/scale/gate arrays
-        are created, only `modulation_names` (normally none). A new key (arrays and attributes)
+        are created, only `modulation_names` (normally none). `adaln_names` are the block's own
+        vectors: scale-only RMSNorm families store scale, gate and norm_weight (no shift). A new key (arrays and attributes)
         is built in staging and published: it appears whole or not at all.
 
         Raises
@@ -369,7 +438,7 @@ class FeatureStore:
             legacy.clear_half_setup(self, group, path)
             group = None
         if group is None:
-            names = (["shift", "scale", "gate"] if adaln else []) + [*modulation_names]
+            names = ([*adaln_names] if adaln else []) + [*modulation_names]
             attrs = {"config": config, "provenance": jsonable(provenance or {}), "modulation": names}
             with self.staged(attrs) as (staged, new):
                 create_feature_arrays(new, n_images=n_images, grid_max=grid_max, hidden_size=hidden_size,
@@ -399,15 +468,75 @@ class FeatureStore:
         """One extract per key at a time: a second writer is refused, not interleaved.
 
         With `shard` ("i/N", `--shard`) the lock is that shard's alone: shards write disjoint
-        images, so any number of them may run at once, but never the same shard twice.
+        images, so any number of them may run at once, but never the same shard twice, never
+        beside a whole-key run, and never beside shards of another count N (`run_lock`).
         """
         key = feature_path(dataset, model, k, t)
+        return self.run_lock(key, f"extracting {key} into", shard, wait,
+                             "(then rerun: completed images are skipped) or use another --store")
+
+    def setup_lock(self, dataset: str, model: str, k: int, t: int,
+                   wait: float = 0.0) -> contextlib.AbstractContextManager[None]:
+        """The right to set a key up (shards take turns for it, then write side by side)."""
+        key = feature_path(dataset, model, k, t)
+        return self.lock(key, f"another process is extracting {key} into {self.path}: wait for it to finish", wait)
+
+    def predictions_lock(self, feature_key: tuple[str, str, int, int], name: str, scope: str,
+                         shard: str | None = None) -> contextlib.AbstractContextManager[None]:
+        """One `ditf match` per predictions group at a time (`--overwrite` included); shards as
+        for `writer_lock`. Held from before the group is opened (or recreated) to the last block."""
+        node = f"{feature_path(*feature_key)}/{PREDICTIONS}/{scope}/{name}"
+        return self.run_lock(node, f"matching {name} of {feature_path(*feature_key)} in", shard, 0.0,
+                             "or use another --variant / --store")
+
+    @contextlib.contextmanager
+    def run_lock(self, node: str, doing: str, shard: str | None = None, wait: float = 0.0,
+                 advice: str = "") -> Iterator[None]:
+        """Exclusion of the runs writing `node`: a whole run excludes every other run; a shard
+        ("i/N") excludes the same shard, whole runs and shards of another N (whose blocks overlap).
+
+        Locally: the whole run holds `<node>` and `<node>%whole` exclusively; shard i of N holds
+        `<node>%shards-of-N` shared and `<node>%shard-i-of-N` exclusively. `doing` names the run
+        and ends in the preposition before the store ("extracting <key> into"). Each takes its own
+        locks first and then checks the others' (`locks.is_free`), so of two runs that start at
+        once at least one is refused. Object stores have no shared locks: there, leases keep out
+        a second whole run and a second copy of one shard only.
+        """
+        refusal = f"another process is {doing} {self.path}: wait for it to finish {advice}".rstrip()
         if shard is None:
-            return self.lock(key, f"another process is extracting {key} into {self.path}: wait for it to finish "
-                                  "(then rerun: completed images are skipped) or use another --store", wait)
+            with self.lock(node, refusal, wait):
+                if self.remote:
+                    yield
+                    return
+                with self.lock(f"{node}%whole", refusal):
+                    running = [f.name for f in self._shard_lock_files(node) if not locks.is_free(f)]
+                    if running:
+                        raise DitfError(f"shard jobs are {doing} {self.path} ({', '.join(running)}): "
+                                        "wait for them to finish, then rerun")
+                    yield
+            return
         index, count = shard.split("/")
-        return self.lock(f"{key}%shard-{index}-of-{count}",
-                         f"another process is extracting shard {shard} of {key} into {self.path}: wait for it to finish")
+        own = self.lock(f"{node}%shard-{index}-of-{count}",
+                        f"another process is {doing} {self.path} (shard {shard}): wait for it to finish")
+        if self.remote:
+            with own:
+                yield
+            return
+        group = self.path / lock_path(f"{node}%shards-of-{count}")
+        with locks.shared_lock_file(group, refusal), own:
+            if not locks.is_free(self.path / lock_path(f"{node}%whole")):
+                raise DitfError(f"{refusal} (a run without --shard)")
+            others = [f.name for f in self._shard_lock_files(node) if f != group and not locks.is_free(f)]
+            if others:
+                raise DitfError(f"shards of another count are {doing} {self.path} ({', '.join(others)}): "
+                                f"every shard of one run must use the same N (--shard i/{count})")
+            yield
+
+    def _shard_lock_files(self, node: str) -> list[Path]:
+        """The `%shards-of-N` lock files of `node` (one per shard count ever used)."""
+        stem = lock_path(f"{node}%shards-of-").removesuffix(".lock")
+        folder = (self.path / stem).parent
+        return sorted(folder.glob(Path(stem).name.replace("[", "[[]") + "*.lock"))
 
     def feature_keys(self, dataset: str | None = None) -> list[tuple[str, str, int, int]]:
         """Every (dataset, model, k, t) holding features."""

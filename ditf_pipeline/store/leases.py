@@ -18,20 +18,52 @@ import os
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..core.errors import DitfError
 from . import locks
 
-__all__ = ["LEASE_SECONDS", "ObjectLease"]
+__all__ = ["LEASE_SECONDS", "ObjectLease", "check_held", "holder_gone"]
+
+#: the leases this process holds now (`check_held` runs before every object-store write)
+_active: set[ObjectLease] = set()
+#: a holder stops writing once this share of its lease has passed without a renewal
+_SAFE_SHARE = 0.8
+
+
+def check_held(what: str = "") -> None:
+    """Before a write: refuse it when a lease of this process was taken over or ran out.
+
+    A writer that was stalled (a suspended process, a frozen VM) past its lease may have been
+    taken over; it learns it here, from its own clock, before it writes anything more.
+    """
+    with locks.GUARD:
+        held = list(_active)
+    for lease in held:
+        why = lease.why_lost()
+        if why:
+            raise DitfError(f"lost the lease {lease.key} ({why}): stopped before writing more; another writer may "
+                            "hold it now: rerun (completed work is kept) once it is done")
 
 #: how long an object-store writer's lease lasts without a heartbeat (seconds)
 LEASE_SECONDS = float(os.environ.get("DITF_LEASE_SECONDS") or 60)
 
 #: runs one fsspec call, turning its failures into one error line (`ObjectBackend.call`)
 Call = Callable[..., Any]
+
+
+def holder_gone(host: object, pid: object) -> bool:
+    """Whether `pid` of `host` is known dead: only a process of this host can be checked."""
+    if host != os.uname().nodename or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
 
 
 class ObjectLease:
@@ -44,7 +76,8 @@ class ObjectLease:
         self.refusal, self.wait = refusal, wait
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.ttl = LEASE_SECONDS
-        self.lost = False
+        self.lost = False  # the heartbeat found another owner in the lease
+        self.renewed = time.monotonic()  # when the lease was last created or renewed by us
 
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "host": os.uname().nodename, "pid": os.getpid(),
@@ -62,16 +95,8 @@ class ObjectLease:
 
     @staticmethod
     def _stale(lease: dict) -> bool:
-        if float(lease.get("expires", 0)) < time.time():
-            return True
-        if lease.get("host") == os.uname().nodename and isinstance(lease.get("pid"), int):
-            try:
-                os.kill(lease["pid"], 0)
-            except ProcessLookupError:
-                return True  # its process died on this host: no need to wait for the expiry
-            except PermissionError:
-                pass
-        return False
+        # a dead process of this host: no need to wait for the expiry
+        return float(lease.get("expires", 0)) < time.time() or holder_gone(lease.get("host"), lease.get("pid"))
 
     def _create(self) -> bool:
         try:
@@ -93,16 +118,25 @@ class ObjectLease:
             self.call("remove a stale lease", self.fs.rm_file, self.key)
         return self._create()
 
+    def why_lost(self) -> str | None:
+        """Why this lease can no longer be trusted, or None while it holds."""
+        if self.lost:
+            return "another writer took it over"
+        late = time.monotonic() - self.renewed
+        if late > _SAFE_SHARE * self.ttl:
+            return f"not renewed for {late:.0f} s of its {self.ttl:.0f} s"
+        return None
+
     def _heartbeat(self, stop: threading.Event) -> None:
         while not stop.wait(self.ttl / 3):
             try:
                 found = self._read()
                 if found is None or found[1].get("owner") != self.owner:
-                    self.lost = True
-                    warnings.warn(f"ditf: the lease {self.key} was taken over by another writer", stacklevel=1)
+                    self.lost = True  # the next write stops (`check_held`)
                     return
                 self.fs.pipe_file(self.key, self._body())
-            except Exception:  # a transient network error: try again at the next beat
+                self.renewed = time.monotonic()
+            except Exception:  # a transient network error: the next beat tries again (`why_lost` times it)
                 continue
 
     @contextlib.contextmanager
@@ -116,6 +150,7 @@ class ObjectLease:
                     locks.release(self.name)
                     mine = False
             if mine:
+                self.renewed = time.monotonic()
                 break
             if time.monotonic() >= deadline:
                 raise DitfError(self.refusal)
@@ -123,9 +158,13 @@ class ObjectLease:
         stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(stop,), daemon=True, name=f"ditf-lease {self.key}")
         beat.start()
+        with locks.GUARD:
+            _active.add(self)
         try:
             yield
         finally:
+            with locks.GUARD:
+                _active.discard(self)
             stop.set()
             beat.join()
             locks.release(self.name)

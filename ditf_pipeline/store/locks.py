@@ -20,12 +20,13 @@ from pathlib import Path
 
 from ..core.errors import DitfError
 
-__all__ = ["GUARD", "claim", "lock_failure", "lock_file", "open_lock_file", "release", "share_again", "try_exclusive",
-           "wait_shared"]
+__all__ = ["GUARD", "claim", "is_free", "lock_failure", "lock_file", "open_lock_file", "release", "share_again",
+           "shared_lock_file", "try_exclusive", "wait_shared"]
 
 #: guards `_held` and the writer registry (both per process)
 GUARD = threading.RLock()
 _held: set[str] = set()  # lock files (and leases) this process holds
+_shared: dict[str, list[int]] = {}  # lock files this process holds shared -> [descriptor, holders]
 _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF, errno.ENOTSUP}
 _TAKEN = (errno.EACCES, errno.EAGAIN)
 
@@ -124,3 +125,62 @@ def try_exclusive(fd: int) -> bool:
         return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def shared_lock_file(path: Path, refusal: str, wait: float = 0.0) -> Iterator[None]:
+    """A shared lock on one lock file for the `with` block: any number of holders, but none while
+    another process holds it exclusively (waited for `wait` seconds, then `refusal`)."""
+    key = os.path.abspath(path)
+    with GUARD:
+        if key in _shared:
+            _shared[key][1] += 1
+        else:
+            fd = open_lock_file(path, path.parent)
+            try:
+                wait_shared(fd, path, wait)  # (closes fd when refused)
+            except DitfError:
+                raise DitfError(refusal) from None
+            _shared[key] = [fd, 1]
+            _held.add(key)
+    try:
+        yield
+    finally:
+        with GUARD:
+            _shared[key][1] -= 1
+            if _shared[key][1] == 0:
+                os.close(_shared.pop(key)[0])
+                _held.discard(key)
+
+
+def is_free(path: Path, wait: float = 2.0) -> bool:
+    """Whether no process holds a lock on the lock file `path` (an absent file is free).
+
+    Probed by taking it exclusively for an instant; another probe holding it for that instant
+    is waited out (`wait` seconds), a real holder is not. A file this process holds is not free
+    (and is never probed: closing any descriptor of it would drop our own lock).
+    """
+    key = os.path.abspath(path)
+    with GUARD:
+        if key in _held:
+            return False
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        raise lock_failure(path, exc) from None
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError as exc:
+                if exc.errno not in _TAKEN:
+                    raise lock_failure(path, exc) from None
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+    finally:
+        os.close(fd)  # (drops the instant's lock)

@@ -23,7 +23,7 @@ from zarr.core.sync import sync
 from ..core.version import SCHEMA_VERSION
 
 __all__ = ["COMPRESSED", "FEATURE_DTYPES", "INDEX_CHUNK", "MODULATION_DTYPE", "PLAIN", "ROWS_PER_SHARD", "SCHEMA_VERSION",
-           "WRITE_CONFIG", "config_differences", "create_feature_arrays", "create_index_arrays", "create_prediction_arrays",
+           "WRITE_CONFIG", "config_differences", "create_digest_array", "create_feature_arrays", "create_index_arrays", "create_prediction_arrays",
            "create_prompt_arrays", "file_key", "file_rows", "jsonable", "root_metadata", "writable"]
 
 _COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
@@ -92,11 +92,25 @@ def file_key(array: zarr.Array, row: int) -> str:
 
 # ---- new nodes ----------------------------------------------------------------------------------
 def create_index_arrays(group: zarr.Group) -> None:
-    """An empty image index: `key` (image,) str and `size` (image, wh) int32, rows appended later."""
+    """An empty image index: `key` (image,) str, `size` (image, wh) int32 and `digest` (image,) str
+    (what the row was computed from: `create_digest_array`), rows appended later."""
     group.create_array("key", shape=(0,), chunks=(INDEX_CHUNK,), dtype=str, fill_value="",
                        compressors=PLAIN, dimension_names=("image",))
     group.create_array("size", shape=(0, 2), chunks=(INDEX_CHUNK, 2), dtype="int32", fill_value=0,
                        compressors=PLAIN, dimension_names=("image", "wh"))
+    create_digest_array(group, 0)
+
+
+def create_digest_array(group: zarr.Group, n_rows: int) -> None:
+    """The index's `digest` column: per row, the digest of the decoded pixels it was computed from.
+
+    An index written before the column existed gets it when it next grows; its older rows keep
+    "" (no digest recorded: only their size is compared).
+    """
+    digest = group.create_array("digest", shape=(n_rows,), chunks=(INDEX_CHUNK,), dtype=str, fill_value="",
+                                compressors=PLAIN, dimension_names=("image",))
+    if n_rows:  # every chunk written, as for every array of the current schema
+        writable(digest)[:] = np.full(n_rows, "", dtype=object).astype(str)
 
 
 def create_feature_arrays(group: zarr.Group, *, n_images: int, grid_max: tuple[int, int], hidden_size: int,

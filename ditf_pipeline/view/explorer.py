@@ -213,7 +213,7 @@ class Explorer:
     def variants(self, key: KeyRef) -> list[str]:
         """What a view can show for the key: the ablation variants, then the stored fused ones."""
         arrays = self._arrays(key)
-        base = list(queries.BASE_VARIANTS) if {"shift", "scale"} <= set(arrays.modulation_names) else ["raw"]
+        base = list(queries.BASE_VARIANTS) if "scale" in arrays.modulation_names else ["raw"]
         return base + sorted(queries.fused_specs(self._prediction_configs(key)))
 
     def describe_keys(self) -> list[dict]:
@@ -505,7 +505,7 @@ class Explorer:
             if cache_key not in self._pngs:
                 rows = self._rows(key)
                 arrays = self._arrays(key)
-                has_adaln = {"shift", "scale"} <= set(arrays.modulation_names)
+                has_adaln = "scale" in arrays.modulation_names
                 images = [np.asarray(load_rgb(self.image_path(key.dataset, name))) for name in (pair.src_key, pair.trg_key)]
                 self._pngs[cache_key] = queries.pca_png(
                     arrays, [rows[pair.src_key], rows[pair.trg_key]], images, [pair.src_key, pair.trg_key],

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,47 @@ from ...core.errors import DitfError
 from .. import faults, layout, locks
 from .base import AnnouncingStore, WriteHook
 
-__all__ = ["LocalBackend"]
+__all__ = ["LocalBackend", "stray_roots"]
+
+#: a store creation is built beside the store under this lock (held by its creator while it lives)
+_CREATE_LOCK = f"{layout.LOCKS}/create.lock"
+#: a creation folder without its lock is a creator killed in its first instant, or one in that instant
+_LOCKLESS_AGE = 3600.0
+
+
+def _strays(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f".{path.name}.ditf-new-*"))
+
+
+def _creator_gone(stray: Path) -> bool:
+    """Whether the process that built `stray` is gone: its lock is free (the OS drops a dead
+    process's POSIX locks), or it has none and is too old to be still in its first instant."""
+    try:
+        fd = os.open(stray / _CREATE_LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        try:
+            return time.time() - stray.stat().st_mtime > _LOCKLESS_AGE
+        except OSError:
+            return False
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (frees our lock, if we took one)
+
+
+def stray_roots(path: Path) -> list[Path]:
+    """Remove the creations of the store at `path` whose creator died (built beside it); those removed."""
+    removed = []
+    for stray in _strays(path):
+        if _creator_gone(stray):
+            shutil.rmtree(stray, ignore_errors=True)
+            removed.append(stray)
+    return removed
 
 
 def _list(path: Path) -> list[str]:
@@ -100,11 +142,20 @@ class LocalBackend:
             raise
 
     def create_root(self, metadata: bytes) -> None:
-        """The root as one transaction: built beside the target, renamed into place."""
+        """The root as one transaction: built beside the target, renamed into place.
+
+        The creator holds a lock inside what it builds, so the next creator can tell a dead
+        creator's leftover (removed) from a live one's (kept); renamed with the store, the lock
+        file stays among the store's other lock files.
+        """
         staged = self.path.parent / f".{self.path.name}.ditf-new-{uuid.uuid4().hex[:8]}"
+        fd = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            staged.mkdir()
+            stray_roots(self.path)
+            (staged / _CREATE_LOCK).parent.mkdir(parents=True)
+            fd = os.open(staged / _CREATE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._before_write(f"{staged}/zarr.json")
             (staged / "zarr.json").write_bytes(metadata)
             if not self._rename(staged, self.path):
@@ -112,6 +163,9 @@ class LocalBackend:
         except OSError as exc:
             shutil.rmtree(staged, ignore_errors=True)
             raise DitfError(f"cannot write to store {self.path}: {exc.strerror or exc}") from exc
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def new_staging(self) -> str:
         rel = f"{layout.STAGING}/{uuid.uuid4().hex}"
@@ -146,8 +200,8 @@ class LocalBackend:
         return sorted("/".join(meta.parent.relative_to(self.path).parts) for meta in self.path.rglob("zarr.json"))
 
     def stray_creations(self) -> list[tuple[str, Callable[[], None]]]:
-        return [(str(s), functools.partial(shutil.rmtree, s, True))
-                for s in self.path.parent.glob(f".{self.path.name}.ditf-new-*")]
+        """Creations beside the store whose creator is gone (a live creator's is none of these)."""
+        return [(str(s), functools.partial(shutil.rmtree, s, True)) for s in _strays(self.path) if _creator_gone(s)]
 
     def partial_files(self) -> list[tuple[str, Callable[[], None]]]:
         """Temp files of interrupted single-file writes (zarr's and ditf's temp file + rename)."""

@@ -115,6 +115,8 @@ def local_beside(store: str | Path, suffix: str, *, replace_suffix: bool = True)
     """
     location = store_location(store)
     if isinstance(location, Path):
+        if not location.name:  # "." or "/": name it by what it is
+            location = location.resolve()
         return location.with_suffix(suffix) if replace_suffix else location.with_name(location.name + suffix)
     flat = location.replace("::", "_").replace("://", "_").replace("/", "_").replace("@", "_")
     return Path(os.environ.get("DITF_RESULTS_ROOT") or "stores") / f"{flat}{suffix}"

@@ -9,6 +9,8 @@ deletes that zarr.json first. Writers hold leases (`leases.ObjectLease`).
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -19,11 +21,26 @@ from zarr.storage import FsspecStore
 from ...core.errors import DitfError
 from .. import faults, layout
 from ..failures import reason
-from ..leases import ObjectLease
+from ..leases import LEASE_SECONDS, ObjectLease, holder_gone
 from .base import AnnouncingStore, WriteHook
 from .locations import OBJECT_SCHEMES
 
 __all__ = ["ObjectBackend"]
+
+
+#: what a connection that never came about raises (botocore, aiohttp, the OS), by class name
+_CONNECTION_FAILURES = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectTimeout",
+                        "ServerTimeoutError", "ProxyConnectionError")
+
+
+def _unreachable(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what caused it) says the endpoint could not be reached at all."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, (ConnectionRefusedError, ConnectionResetError)) or type(exc).__name__ in _CONNECTION_FAILURES:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 class ObjectBackend:
@@ -74,10 +91,19 @@ class ObjectBackend:
             return fn(*args, **kwargs)
         except (FileNotFoundError, FileExistsError, DitfError):
             raise
-        except OSError as exc:
-            raise DitfError(f"store {self.url}: cannot {what}: {exc.strerror or exc}") from exc
         except Exception as exc:  # botocore and friends: credentials, endpoint, permissions
+            if _unreachable(exc):
+                raise DitfError(f"store {self.url}: cannot reach the object store at {self.endpoint()} "
+                                f"({reason(exc)}): check the endpoint (AWS_ENDPOINT_URL) and the network") from exc
+            if isinstance(exc, OSError):
+                raise DitfError(f"store {self.url}: cannot {what}: {exc.strerror or exc}") from exc
             raise DitfError(f"store {self.url}: cannot {what}: {reason(exc)}") from exc
+
+    def endpoint(self) -> str:
+        """The object store's address as configured (a custom endpoint), else the URL's scheme."""
+        kwargs = getattr(self.fs, "client_kwargs", None) or {}
+        return str(getattr(self.fs, "endpoint_url", None) or kwargs.get("endpoint_url")
+                   or os.environ.get("AWS_ENDPOINT_URL") or f"the {self.url.split('://', 1)[0]}:// service")
 
     def exists(self, rel: str) -> bool:
         return bool(self.call("read", self.fs.exists, self.key(rel)))
@@ -108,6 +134,15 @@ class ObjectBackend:
 
     def root_problem(self, read_only: bool) -> str | None:
         bucket = self.root.split("/", 1)[0]
+        # one call that raises what went wrong (the bucket probe below turns every failure into
+        # "absent"): an endpoint that cannot be reached is named as such, not as a missing bucket
+        try:
+            self.call("read", self.fs.info, self.key("zarr.json"))
+        except FileNotFoundError:
+            pass
+        except DitfError as exc:
+            if _unreachable(exc.__cause__):
+                raise
         try:
             if not self.call("read", self.fs.exists, bucket):
                 return f"store {self.url}: bucket {bucket} does not exist (or these credentials cannot see it)"
@@ -126,7 +161,29 @@ class ObjectBackend:
             pass  # another process created the store first
 
     def new_staging(self) -> str:
-        return f"{layout.STAGING}/{uuid.uuid4().hex}"
+        """Named by its writer (host and process), so that another can tell when it died."""
+        return f"{layout.STAGING}/{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex}"
+
+    def _staging_dead(self, name: str) -> bool:
+        """Whether the writer of staging folder `name` is gone: a dead process of this host, or
+        nothing written there for two lease periods (a live writer renews its lease far more often)."""
+        parts = name.rsplit("-", 2)
+        if len(parts) == 3 and parts[1].isdigit() and holder_gone(parts[0], int(parts[1])):
+            return True
+        try:
+            infos = self.call("list", self.fs.find, self.key(f"{layout.STAGING}/{name}"), detail=True).values()
+        except FileNotFoundError:
+            return False
+        stamps = [info.get("LastModified") or info.get("mtime") for info in infos]
+        stamps = [s.timestamp() if hasattr(s, "timestamp") else float(s) for s in stamps if s is not None]
+        return bool(stamps) and time.time() - max(stamps) > 2 * LEASE_SECONDS
+
+    def sweep_dead_staging(self) -> list[str]:
+        """Remove the staging folders of dead writers; those removed."""
+        dead = [name for name in self.list(layout.STAGING) if self._staging_dead(name)]
+        for name in dead:
+            self.discard(f"{layout.STAGING}/{name}")
+        return dead
 
     def discard(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError, DitfError):

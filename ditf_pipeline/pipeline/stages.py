@@ -16,40 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .datasets.base import Dataset
-from .core.errors import DitfError
-from .core.naming import DEFAULT_PCA_DIM, prediction_name
-from .core.shards import Shard
-from .store.feature_store import FeatureStore, prediction_scope
-
-
-@dataclass
-class StageSettings:
-    """What the match stage needs beyond the feature key (pair protocol options included)."""
-
-    variant: str = "adaln+cd"
-    protocol: str = "dift"
-    channels: str = "auto"
-    soft_window: int | None = None
-    device: str = "auto"
-    fuse: str | None = None  # pairs only: partner model concatenated per pair (DiTF + DINOv2)
-    pca_dim: int = DEFAULT_PCA_DIM
-    jobs: int | None = None  # pairs: workers on the CPU (`match.pool`; None: every core)
-    shard: str | None = None  # pairs: "i/N", this job's share of the pair blocks (`--shard`)
-
-    def prediction_name(self, task: str) -> str:
-        if task == "pairs":
-            return prediction_name(self.variant, self.protocol, self.soft_window, self.fuse, self.pca_dim)
-        if self.fuse:
-            raise DitfError(f"--fuse applies to keypoint-pair benchmarks only, not {task}")
-        return f"{self.variant}/{task}"
-
-    def match_settings(self):
-        from .match.predict import MatchSettings
-
-        return MatchSettings(variant=self.variant, protocol=self.protocol, channels=self.channels,
-                             soft_window=self.soft_window, fuse=self.fuse, pca_dim=self.pca_dim, jobs=self.jobs,
-                             device=self.device, shard=self.shard)
+from ..datasets.base import Dataset
+from ..core.errors import DitfError
+from ..core.settings import MatchSettings
+from ..core.shards import Shard
+from ..store.feature_store import FeatureStore, prediction_scope
 
 
 @dataclass
@@ -67,13 +38,13 @@ class StageReport:
         return f"match: {self.done} {self.unit} matched, {self.skipped} already done, {self.seconds:.1f} s{note} -> {self.key}"
 
 
-def _features(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings: StageSettings):
+def _features(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings: MatchSettings):
     """(arrays, rows, channels, key -> variant feature) for the non-pair drivers."""
-    from .match.features import USES_CHANNELS, variant_names
-    from .match.predict import FeatureCache, resolve_channels
+    from ..match.features import USES_CHANNELS, variant_names
+    from ..match.predict import FeatureCache, resolve_channels
 
     if settings.variant not in variant_names():
-        from .validate import unknown
+        from ..validate import unknown
 
         raise unknown("variant", settings.variant, variant_names())
     arrays = store.open_features(dataset.name, model, k, t)
@@ -86,19 +57,19 @@ def _features(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int,
     return arrays, channels, FeatureCache(arrays, rows, settings.variant, channels, size=16)
 
 
-def match(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings: StageSettings,
+def match(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings: MatchSettings,
           overwrite: bool = False, progress: bool = True, client=None) -> StageReport:
     """The match stage of any benchmark (pairs: spread over a dask `client` when given)."""
     if dataset.task == "pairs":
         if client is not None:
-            from .distributed.runners import predict_distributed
+            from ..distributed.runners import predict_distributed
 
-            report = predict_distributed(client, store, dataset, model, k, t, settings.match_settings(),
+            report = predict_distributed(client, store, dataset, model, k, t, settings,
                                          overwrite=overwrite, progress=progress)
         else:
-            from .match.predict import predict
+            from ..match.predict import predict
 
-            report = predict(store, dataset, model, k, t, settings.match_settings(), overwrite=overwrite, progress=progress)
+            report = predict(store, dataset, model, k, t, settings, overwrite=overwrite, progress=progress)
         return StageReport(report.key, report.n_pairs, report.matched, report.skipped, report.channels, report.seconds)
     settings.prediction_name(dataset.task)  # refuses --fuse here
     if settings.shard is not None and not Shard.parse(settings.shard).whole:
@@ -111,10 +82,10 @@ def match(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, set
 
 
 def _match_video(store, dataset, model, k, t, settings, overwrite, progress) -> StageReport:
-    from .core.progress import progress as progress_display
-    from .score.davis_metrics import RUN_MARKER
-    from .devices import resolve_device
-    from .match.video import PropagationSettings, propagate_davis
+    from ..core.progress import progress as progress_display
+    from ..score.davis_metrics import RUN_MARKER
+    from ..devices import resolve_device
+    from ..match.video import PropagationSettings, propagate_davis
 
     start = time.perf_counter()
     arrays, channels, features = _features(store, dataset, model, k, t, settings)
@@ -144,9 +115,9 @@ def _match_video(store, dataset, model, k, t, settings, overwrite, progress) -> 
 
 
 def _match_homography(store, dataset, model, k, t, settings, overwrite, progress) -> StageReport:
-    from .core.progress import progress as progress_display
-    from .match.homography import match_pair
-    from .match.matchers import resolve_match_device
+    from ..core.progress import progress as progress_display
+    from ..match.homography import match_pair
+    from ..match.matchers import resolve_match_device
 
     start = time.perf_counter()
     device = str(resolve_match_device(settings.device))
@@ -182,20 +153,20 @@ def _rest(context: dict, result: dict) -> dict:
     return {key: value for key, value in context.items() if key not in result and key not in ("dataset", "split")}
 
 
-def score(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings: StageSettings,
+def score(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings: MatchSettings,
           alphas=None) -> dict:
     """The score stage of any benchmark, as a JSON-ready dict (no torch)."""
     if dataset.task == "pairs":
-        from .score.evaluate import score_pairs
+        from ..score.evaluate import score_pairs
 
         return score_pairs(store, dataset, model, k, t, settings.prediction_name("pairs"), alphas)
-    from .score.evaluate import result_context
+    from ..score.evaluate import result_context
 
     name = settings.prediction_name(dataset.task)
     context = result_context(store, dataset, model, k, t, name)
     base = {key: context[key] for key in ("dataset", "split", "model", "k", "t")} | {"variant": settings.variant}
     if dataset.task == "video":
-        from .score.davis_metrics import RUN_MARKER, evaluate_results
+        from ..score.davis_metrics import RUN_MARKER, evaluate_results
 
         out = store.results_dir((dataset.name, model, k, t), name)
         marker = out / RUN_MARKER
@@ -204,7 +175,7 @@ def score(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, set
         return {**base, "protocol": "davis2017 (J&F, first and last frames excluded, F tolerance 0.008 x diagonal)",
                 "results_dir": str(out), **result, **_rest(context, result)}
     if dataset.task == "homography":
-        from .match.homography import corner_error, homography_accuracy
+        from ..match.homography import corner_error, homography_accuracy
 
         pairs = dataset.homography_pairs()
         ids = [f"{p.src_key}->{p.trg_key}" for p in pairs]
