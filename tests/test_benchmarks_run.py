@@ -76,3 +76,9 @@ def test_bench_api_calls(tmp_path):
 def test_bench_published_small():
     out = _run("benchmarks/bench_published.py", "--images", "2", "--repeats", "1")
     assert "RESULT open: 1 request(s)" in out and "RESULT http:" in out and "x local" in out
+
+
+def test_bench_pruned_smoke(tmp_path):
+    out = _run("benchmarks/bench_pruned.py", "--pairs", "3", "--json", str(tmp_path / "r.json"))
+    result = json.loads(out)
+    assert result["pruned_vs_float64_referee"]["keypoints"] == result["materialise_vs_float64_referee"]["keypoints"] > 0
