@@ -18,7 +18,9 @@ cosine (first maximum in row-major order, as ``torch.argmax``), in original targ
 
 ``geoaware`` (GeoAware-SC, github.com/Junyi42/GeoAware-SC): see `GeoAwareMatcher`.
 
-All arithmetic is float32, on the device the feature maps live on (the CPU by default; pass
+On the CPU the argmax is `pruned` by default (float32 bounds per feature cell, float64 samples only
+where the maximum can be; ``DITF_MATCH_UPSAMPLE=materialise`` for the float32 score maps). Otherwise
+all arithmetic is float32, on the device the feature maps live on (the CPU by default; pass
 CUDA tensors to match on a GPU: every step stays on the device, one copy of the predictions
 comes back). Matchers are thread-safe (`ditf view` serves requests from threads; scratch buffers
 are per thread); their caches are bounded in bytes, not entries.
