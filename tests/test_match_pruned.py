@@ -119,8 +119,9 @@ def test_pruned_agrees_with_the_float64_referee_at_least_as_often_as_materialisi
 def test_upsample_method_is_checked(monkeypatch):
     with pytest.raises(DitfError, match="unknown upsample method"):
         DiftMatcher(upsample="fast")
-    monkeypatch.setenv("DITF_MATCH_UPSAMPLE", "materialise")
-    assert DiftMatcher().upsample == "materialise"
+    assert DiftMatcher().upsample == "materialise"  # the default: the authors' float32 maps
+    monkeypatch.setenv("DITF_MATCH_UPSAMPLE", "pruned")
+    assert DiftMatcher().upsample == "pruned"
 
 
 def test_pixels_past_the_last_cell_centre_tie_and_the_first_wins():

@@ -18,9 +18,11 @@ cosine (first maximum in row-major order, as ``torch.argmax``), in original targ
 
 ``geoaware`` (GeoAware-SC, github.com/Junyi42/GeoAware-SC): see `GeoAwareMatcher`.
 
-On the CPU the argmax is `pruned` by default (float32 bounds per feature cell, float64 samples only
-where the maximum can be; ``DITF_MATCH_UPSAMPLE=materialise`` for the float32 score maps). Otherwise
-all arithmetic is float32, on the device the feature maps live on (the CPU by default; pass
+The argmax upsamples every score map in float32 by default, as the authors' code does
+(``materialise``). ``DITF_MATCH_UPSAMPLE=pruned`` (or `DiftMatcher(upsample="pruned")`) takes the
+exact CPU method instead: float32 bounds per feature cell, float64 samples only where the maximum
+can be; it agrees with a float64 referee at least as often, but is not faster yet
+(`benchmarks/bench_pruned.py`), so it is not the default. Otherwise all arithmetic is float32, on the device the feature maps live on (the CPU by default; pass
 CUDA tensors to match on a GPU: every step stays on the device, one copy of the predictions
 comes back). Matchers are thread-safe (`ditf view` serves requests from threads; scratch buffers
 are per thread); their caches are bounded in bytes, not entries.
@@ -361,16 +363,16 @@ CPU_SCORE_BYTES = 4 * 2**20
 DIFT_CACHE_BYTES = 64 * 2**20  # 1 / |t_p| at 500 x 375 is 0.75 MB: ~85 targets (an SPair category has ~27)
 GEOAWARE_CACHE_BYTES = 192 * 2**20  # 3600 x 3072 float32 descriptors are 44 MB: 4 targets
 
-#: how `DiftMatcher` finds the best pixel on the CPU: ``pruned`` (default) bounds each feature
-#: cell by its corners and samples only the cells that can hold the maximum, in float64
-#: (`pruned`); ``materialise`` upsamples every score map in float32 (kept for side-by-side
-#: benchmarks). CUDA maps always take the materialised path (one kernel per step on a GPU).
+#: how `DiftMatcher` finds the best pixel: ``materialise`` (the default) upsamples every score
+#: map in float32, as the authors' code; ``pruned`` (CPU only) bounds each feature cell by its
+#: corners and samples only the cells that can hold the maximum, in float64. CUDA maps always
+#: take the materialised path.
 UPSAMPLE_MODES = ("pruned", "materialise")
 
 
 def resolve_upsample(mode: str | None = None) -> str:
-    """The argmax method: `mode`, else the ``DITF_MATCH_UPSAMPLE`` environment variable, else ``pruned``."""
-    chosen = (mode or os.environ.get("DITF_MATCH_UPSAMPLE") or "pruned").strip().lower()
+    """The argmax method: `mode`, else the ``DITF_MATCH_UPSAMPLE`` environment variable, else ``materialise``."""
+    chosen = (mode or os.environ.get("DITF_MATCH_UPSAMPLE") or "materialise").strip().lower()
     if chosen not in UPSAMPLE_MODES:
         raise DitfError(f"unknown upsample method {chosen!r}; use {' or '.join(UPSAMPLE_MODES)} (DITF_MATCH_UPSAMPLE)")
     return chosen

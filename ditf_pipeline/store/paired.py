@@ -36,6 +36,10 @@ class PairedStore:
             self.predictions.hold_predictions_of(feature_key, str(self.features.path))
         return self.predictions.open_predictions(feature_key, name, pair_ids, *args, **kwargs)
 
+    def predictions_lock(self, *args: Any, **kwargs: Any) -> Any:
+        """The lock of a predictions group is taken where the group is written."""
+        return self.predictions.predictions_lock(*args, **kwargs)
+
     def prediction_groups(self, *args: Any, **kwargs: Any) -> Any:
         """Every predictions group of a key in the predictions store."""
         return self.predictions.prediction_groups(*args, **kwargs)
