@@ -72,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build(tmp / "source.zarr", args.images)
-        manifest = run_pack(tmp / "source.zarr", tmp / "packed")
+        manifest = run_pack(store=tmp / "source.zarr", out=tmp / "packed")
         local = str(tmp / "packed" / "ditf.zarr")
         import fsspec.config
 

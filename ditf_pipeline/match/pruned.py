@@ -3,7 +3,7 @@ the maximum can still be.
 
 The score at target pixel p is  num(p) / |t_p|,  where num is the bilinear upsampling
 (align_corners=False) of the low-resolution dot products D = <s, g_ij> and |t_p| the norm of the
-upsampled target vector (`matchers.upsampled_norms`). Pixels whose taps start at the same grid
+upsampled target vector (`taps.upsampled_norms`). Pixels whose taps start at the same grid
 cell (i, j) form a rectangular BLOCK; their num is a convex combination of the block's four
 corner dots D[i, j], D[i, j+1], D[i+1, j], D[i+1, j+1] (neighbours clamped at the border, as the
 taps are), so num <= M = max corner. Hence every score in the block is at most
@@ -102,7 +102,7 @@ def _one_cell_weights(index0, index1, weight0, weight1) -> tuple[np.ndarray, np.
 
 def target_blocks(grid: torch.Tensor, size: tuple[int, int]) -> TargetBlocks:
     """`TargetBlocks` of a (h, w, D) float32 target map shown at `size` = (width, height)."""
-    from .matchers import linear_taps, upsampled_norms
+    from .taps import linear_taps, upsampled_norms
 
     width, height = size
     h, w, _ = grid.shape
