@@ -49,8 +49,13 @@ def s3():
         pytest.skip(f"no S3 test server: {exc}")
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                       AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    import urllib.request
+
     import s3fs
 
+    # moto keeps its buckets in process-wide state that every server of this process shares: a
+    # module that ran before left its bucket and objects there, so start each module from nothing
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST")).close()
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(BUCKET)
     yield f"s3://{BUCKET}"
     server.stop()
