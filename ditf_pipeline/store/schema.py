@@ -51,7 +51,16 @@ _IGNORED_CONFIG = {"schema_version"}
 
 def writable(array: zarr.Array) -> zarr.Array:
     """`array` as the store writes through it (every chunk written, see `WRITE_CONFIG`)."""
-    return array.with_config(dict(WRITE_CONFIG))
+    if hasattr(array, "with_config"):
+        return array.with_config(dict(WRITE_CONFIG))
+    # zarr 3.1.3-3.1.5 (the floor is 3.1.3) lack `with_config`: build the same copy as it does
+    import dataclasses
+
+    from zarr.core.array import AsyncArray
+
+    inner = array._async_array
+    config = dataclasses.replace(inner._config, **WRITE_CONFIG)
+    return type(array)(AsyncArray(metadata=inner.metadata, store_path=inner.store_path, config=config))
 
 
 def jsonable(value: Any) -> Any:
