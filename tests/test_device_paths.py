@@ -167,7 +167,7 @@ def test_the_gpu_pair_loop_waits_for_the_device_once_per_block(tmp_path, monkeyp
     n_blocks = -(-len(data.pairs()) // 8)
     with fake_cuda() as fake:
         run(store, data, "cuda", variant="adaln+cd", channels="3")
-    downloads = {where: n for where, n in fake.downloads_by.items() if where.startswith(("predict.py", "matchers.py"))}
+    downloads = {where: n for where, n in fake.downloads_by.items() if where.startswith(("predict.py", "matchers.py", "taps.py"))}
     assert downloads == {"predict.py:match_pairs": n_blocks}, fake.downloads_by
-    assert fake.uploads_by["matchers.py:upsampled_vectors"] == len(data.pairs())
+    assert fake.uploads_by["taps.py:upsampled_vectors"] == len(data.pairs())
     assert fake.uploads_by["predict.py:_to_device"] == len(data.images) * 3  # z, shift and scale of each image, once
