@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class DiffusersAdapter(DiTAdapter):
     #: the transformer's block lists in the paper's numbering: (attribute, config entry giving
     #: its length, kind); empty for models without a transformer (the SD UNet)
     block_lists: tuple[tuple[str, str, str], ...] = ()
+    #: config entries whose product is the hidden width (heads x head size in most families)
+    width_entries: tuple[str, ...] = ("num_attention_heads", "attention_head_dim")
     #: True where the transformer's forward reads its block lists' lengths (Chroma indexes its
     #: modulation table by them): cut lists keep their length, the blocks after the cut replaced
     #: by parameter-free `NeverRun` placeholders
@@ -194,18 +197,21 @@ class DiffusersAdapter(DiTAdapter):
         if not self.block_lists:
             return super().architecture
         config = self.transformer_config()
-        missing = [entry for entry in ("num_attention_heads", "attention_head_dim") if entry not in config]
+        missing = [entry for entry in self.width_entries if entry not in config]
         missing += [entry for _, entry, _ in self.block_lists if entry not in config]
         if missing:
             raise DitfError(f"the transformer config of {self.source} lacks {', '.join(missing)}")
+        self.check_config(config)
         width = self.width_of(config)
         return Architecture(width, tuple((kind, int(config[entry])) for _, entry, kind in self.block_lists),
                             cls=self.dit_classes()["transformer"].__name__, norm=self.modulated_norm)
 
-    @staticmethod
-    def width_of(config: dict) -> int:
-        """The transformer's hidden width from its config (heads x head size in most families)."""
-        return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    def width_of(self, config: dict) -> int:
+        """The transformer's hidden width: the product of its `width_entries` in the config."""
+        return math.prod(int(config[entry]) for entry in self.width_entries)
+
+    def check_config(self, config: dict) -> None:
+        """Family-specific checks of the transformer's config before it is used (none by default)."""
 
     def check_indices(self, indices: Sequence[int]) -> list[int]:
         """Validate against the checkpoint's blocks; the transformer then holds blocks up to the deepest."""

@@ -41,7 +41,7 @@ from . import register
 from ._diffusers import DiffusersAdapter, RectifiedFlowNoise
 from ._tiny_text import tiny_gemma2, tiny_gemma_tokenizer
 from .base import (
-    Architecture, BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding, Prompts, rule_defaults,
+    BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding, Prompts, rule_defaults,
 )
 from .flux import tiny_vae
 
@@ -69,6 +69,7 @@ class Lumina2Adapter(RectifiedFlowNoise, DiffusersAdapter):
     block_lists = (("layers", "num_layers", "joint"),)
     separates_conditioning = False
     modulated_norm = "rms"
+    width_entries = ("hidden_size",)  # Lumina's config names its width `hidden_size` (no `attention_head_dim`)
 
     # ---- construction -----------------------------------------------------------------------
     def build_tiny_components(self) -> dict:
@@ -84,16 +85,8 @@ class Lumina2Adapter(RectifiedFlowNoise, DiffusersAdapter):
     def dit_classes(self) -> dict[str, type]:
         return {"transformer": Lumina2Transformer2DModel, "vae": AutoencoderKL}
 
-    @property
-    def architecture(self) -> Architecture:
-        """Width from `hidden_size` (Lumina's config has no `attention_head_dim`)."""
-        config = self.transformer_config()
-        missing = [entry for entry in ("hidden_size", "num_layers") if entry not in config]
-        if missing:
-            raise DitfError(f"the transformer config of {self.source} lacks {', '.join(missing)}")
+    def check_config(self, config: dict) -> None:
         check_rms_eps(self.spec.name, config)
-        return Architecture(int(config["hidden_size"]), (("joint", int(config["num_layers"])),),
-                            cls=Lumina2Transformer2DModel.__name__, norm="rms")
 
     # ---- prompts ----------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> list[PromptEmbedding]:

@@ -37,12 +37,11 @@ from collections.abc import Sequence
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 
-from ..core.errors import DitfError
 from . import register
 from ._diffusers import DiffusersAdapter, RectifiedFlowNoise
 from ._tiny_text import tiny_qwen3, tiny_qwen3_tokenizer
 from .base import (
-    Architecture, BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding, Prompts, rule_defaults,
+    BlockFeatures, BlockTap, Conditioning, ModelSpec, Modulation, PromptEmbedding, Prompts, rule_defaults,
 )
 from .flux import tiny_vae
 from .lumina2 import check_rms_eps, jitter_norm_weights
@@ -63,6 +62,7 @@ class ZImageAdapter(RectifiedFlowNoise, DiffusersAdapter):
     block_lists = (("layers", "n_layers", "joint"),)
     separates_conditioning = False
     modulated_norm = "rms"
+    width_entries = ("dim",)  # Z-Image's config names its width `dim`
 
     # ---- construction -----------------------------------------------------------------------
     def build_tiny_components(self) -> dict:
@@ -78,16 +78,8 @@ class ZImageAdapter(RectifiedFlowNoise, DiffusersAdapter):
     def dit_classes(self) -> dict[str, type]:
         return {"transformer": ZImageTransformer2DModel, "vae": AutoencoderKL}
 
-    @property
-    def architecture(self) -> Architecture:
-        """Width from `dim` (Z-Image's config names it so)."""
-        config = self.transformer_config()
-        missing = [entry for entry in ("dim", "n_layers") if entry not in config]
-        if missing:
-            raise DitfError(f"the transformer config of {self.source} lacks {', '.join(missing)}")
+    def check_config(self, config: dict) -> None:
         check_rms_eps(self.spec.name, config)
-        return Architecture(int(config["dim"]), (("joint", int(config["n_layers"])),),
-                            cls=ZImageTransformer2DModel.__name__, norm="rms")
 
     # ---- prompts ----------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> list[PromptEmbedding]:
