@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -60,6 +61,9 @@ def user_errors(fn):
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+            # the interrupt can land while zarr's sync() waits on its event loop: the abandoned
+            # coroutines are collected at exit and would each print a RuntimeWarning after our line
+            warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
             typer.echo(f"{what}: completed images are kept; rerun the same command to resume", err=True)
             raise typer.Exit(code) from None
 

@@ -53,6 +53,9 @@ def s3():
 
     import s3fs
 
+    # fsspec hands back filesystems made earlier in this process: one of them talks to the
+    # server of a module that ran before
+    s3fs.S3FileSystem.clear_instance_cache()
     # moto keeps its buckets in process-wide state that every server of this process shares: a
     # module that ran before left its bucket and objects there, so start each module from nothing
     urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST")).close()

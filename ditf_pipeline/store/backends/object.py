@@ -127,9 +127,10 @@ class ObjectBackend:
         self.call("write", self.fs.pipe_file, self.key(rel), text.encode())
 
     def zarr_store(self, rel: str = "", read_only: bool = False) -> Store:
-        # no listing cache: other processes write the same prefixes
-        store: Store = faults.wrap(FsspecStore.from_url(self.where(rel), storage_options={"use_listings_cache": False},
-                                                        read_only=read_only))
+        # no listing cache: other processes write the same prefixes; no shared instance: fsspec would
+        # hand back a filesystem made earlier in this process for another endpoint or credentials
+        options = {"use_listings_cache": False, "skip_instance_cache": True}
+        store: Store = faults.wrap(FsspecStore.from_url(self.where(rel), storage_options=options, read_only=read_only))
         return store if read_only or self.on_write is None else AnnouncingStore(store, self.on_write)
 
     def root_problem(self, read_only: bool) -> str | None:
