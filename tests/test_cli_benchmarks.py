@@ -25,7 +25,7 @@ def test_run_on_each_benchmark_demo(tmp_path, dataset):
     out = tmp_path / "result.json"
     _invoke("run", "--model", "tiny-flux", "--dataset", dataset, "--data-root", root, "--store", tmp_path / "s.zarr",
             "--img-size", "64", "--ensemble-size", "1", "--no-progress", "--format", "json", "--out", out)
-    result = json.loads(out.read_text())
+    [result] = json.loads(out.read_text())
     assert result["dataset"] == dataset and result["model"] == "tiny-flux"
     if dataset in ("pfpascal", "ap10k"):
         alphas = {"pfpascal": {"0.05", "0.1", "0.15"}, "ap10k": {"0.01", "0.05", "0.1"}}[dataset]

@@ -73,7 +73,39 @@ def test_run_json_shape_equals_score_json_shape(world):
     ran = json.loads(_ok("run", *world.common, "--img-size", "64", "--ensemble-size", "1", "--dtype", "fp32",
                          "--k", "2", "--t", "260", "--format", "json", "-q").stdout)
     scored = json.loads(_ok("score", *world.common, "--k", "2", "--t", "260", "--format", "json").stdout)
-    assert ran.keys() == scored.keys() and ran["pck"] == scored["pck"]
+    assert len(ran) == len(scored) == 1
+    assert ran[0].keys() == scored[0].keys() and ran[0]["pck"] == scored[0]["pck"]
+
+
+# each command's JSON: (arguments for one result, for several, what counts the results)
+_SHAPES = {
+    "score": (["-v", "adaln+cd"], ["-v", "adaln+cd", "-v", "raw"], len),
+    "run": (["-v", "adaln+cd"], ["-v", "adaln+cd", "-v", "raw"], len),
+    "ablate": (["-v", "raw"], ["-v", "raw", "-v", "adaln+cd"], len),
+    "compare": (["-r", "tiny-flux"], ["-r", "tiny-flux", "-r", "tiny-flux/k1/t90"], len),
+    "analyze": (["--k", "1", "--t", "90"], ["--k", "1", "--k", "2", "--t", "90", "--t", "260"], lambda parsed: len(parsed["keys"])),
+}
+
+
+@pytest.mark.parametrize("command", sorted(_SHAPES))
+def test_format_json_shape_is_the_same_for_one_and_several_results(world, command, tmp_path):
+    """A script reads `--format json` one way: the top-level type never depends on how many results."""
+    one_args, several_args, count = _SHAPES[command]
+    common = world.common if command != "compare" else world.common[2:]
+    extra = {"run": [*world.tiny, "--k", "2", "--t", "260"], "ablate": ["-q"], "compare": ["-q"],
+             "analyze": ["--no-plots", "--sample", "2"]}.get(command, [])
+    if command in ("score", "compare"):  # predictions of both variants and keys, as ablate and run make their own
+        _ok("match", *world.common, "-q", "-v", "adaln+cd", "-v", "raw")
+        _ok("match", *world.common, "-q", "--k", "1", "--t", "90")
+    parsed = []
+    for n, args in enumerate((one_args, several_args)):
+        out = ["--out", tmp_path / f"a{n}"] if command == "analyze" else []
+        parsed.append(json.loads(_ok(command, *common, *extra, *args, *out, "--format", "json").stdout))
+    one, several = parsed
+    assert type(one) is type(several), (one, several)
+    assert count(one) == 1 and count(several) == 2
+    if isinstance(one, list):
+        assert all(isinstance(result, dict) for result in [*one, *several])
 
 
 def test_every_command_accepts_quiet():
@@ -95,7 +127,7 @@ def test_run_takes_shard_and_jobs(world):
     """A whole shard (0/1) with one job is the same run: the cache answers, the scores print."""
     result = _ok("run", *world.common, "--img-size", "64", "--ensemble-size", "1", "--dtype", "fp32", "--k", "2",
                  "--t", "260", "--shard", "0/1", "--jobs", "1", "--format", "json")
-    assert json.loads(result.stdout)["k"] == 2
+    assert [r["k"] for r in json.loads(result.stdout)] == [2]
     assert "0 image(s) extracted" in result.stderr
 
 
@@ -117,7 +149,7 @@ def test_run_shards_extract_their_share_and_score_once_all_are_done(tmp_path):
     for shard in ("0/2", "1/2"):
         result = ditf("--shard", shard, "--jobs", "1")
         assert json.loads(result.stdout) == [] and f"shard {shard} done" in result.stderr, result.stderr
-    assert json.loads(ditf().stdout)["k"] == 2
+    assert [r["k"] for r in json.loads(ditf().stdout)] == [2]
 
 
 # ---- one key rule ---------------------------------------------------------------------------------
@@ -168,7 +200,7 @@ def test_score_runs_with_torch_unimportable(world, tmp_path, key):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["k"] == 2
+    assert [r["k"] for r in json.loads(result.stdout)] == [2]
 
 
 def test_torch_free_default_keys_equal_the_registry():

@@ -109,7 +109,7 @@ def world(tmp_path_factory):
     assert run(["score", *common, "--store", reference, "--format", "json", "--out", score]) == 0
     return {
         "run": run, "tmp": tmp, "extract": extract, "match": match, "common": common, "extracted": extracted,
-        "snapshot": _snapshot(reference), "score": json.loads(score.read_text()),
+        "snapshot": _snapshot(reference), "score": json.loads(score.read_text())[0],
         # the store as extract leaves it (match adds predictions and records the detected channels)
         "extracted_snapshot": _snapshot(extracted), "reference": reference,
         "extract_trace": json.loads((tmp / "extract.trace").read_text()),
@@ -166,7 +166,7 @@ def test_match_killed_before_any_write_resumes_to_the_same_predictions_and_score
         litter = file_differences(store, world["reference"])
         if litter:
             failures.append(f"kill at write {n} ({trace[n - 1]}): other files {litter[:5]}")
-        if without_store(json.loads(score.read_text())) != without_store(world["score"]):
+        if without_store(json.loads(score.read_text())[0]) != without_store(world["score"]):
             failures.append(f"kill at write {n} ({trace[n - 1]}): score differs")
         shutil.rmtree(store)
     assert not failures, "\n".join(failures) + "\n" + (tmp / "child.log").read_text()[-3000:]

@@ -283,7 +283,7 @@ def runs(s3, tmp_path_factory):
         score = tmp / f"{name}.json"
         _cli("score", *common, "--store", store, "--format", "json", "--out", score)
         out[name] = {"store": store, "snapshot": snapshot(store), "extracted": extracted,
-                     "score": json.loads(score.read_text()), "trace": trace}
+                     "score": json.loads(score.read_text())[0], "trace": trace}
     return {"tmp": tmp, "root": root, "extract": extract, "match": match, "common": common, **out}
 
 

@@ -89,7 +89,7 @@ def test_score_per_pair_csv_and_formats_carry_the_context(run_args, tmp_path):
     rows_path = tmp_path / "pairs.csv"
     result = CliRunner().invoke(app, ["score", *run_args, "--format", "json", "--per-pair", str(rows_path)])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[: result.output.rindex("}") + 1])
+    [summary] = json.loads(result.output[: result.output.rindex("]") + 1])
     for key in ("dataset", "split", "model", "k", "t", "variant", "protocol", "alphas", "threshold_rule", "store",
                 "features"):
         assert key in summary, key

@@ -51,7 +51,7 @@ def cache(tmp_path_factory):
     _cli("extract", *common, "--img-size", "64", "--ensemble-size", "1", "--dtype", "fp32", "--no-progress",
          "--store", local)
     _cli("match", *common, "--variant", "adaln+cd", "--no-progress", "--store", local)
-    score = json.loads(_cli("score", *common, "--store", local, "--format", "json"))
+    [score] = json.loads(_cli("score", *common, "--store", local, "--format", "json"))
     result = CliRunner().invoke(app, ["pack", "--store", str(local), "--out", str(tmp / "packed")])
     assert result.exit_code == 0, result.output
     return {"tmp": tmp, "root": root, "common": common, "local": local, "packed": tmp / "packed",
@@ -120,12 +120,12 @@ def test_score_and_ablate_over_http_equal_the_local_store(cache, tmp_path):
     common = cache["common"]
     with serve(cache["packed"]) as (base, _):
         url = f"{base}/ditf.zarr"
-        scored = json.loads(_cli("score", *common, "--store", url, "--format", "json"))
+        [scored] = json.loads(_cli("score", *common, "--store", url, "--format", "json"))
         assert without_store(scored) == without_store(cache["score"])
         preds = tmp_path / "preds.zarr"
         remote = _cli("ablate", *common, "--store", url, "--predictions-store", preds, "--no-progress",
                       "--format", "json", "-v", "raw", "-v", "adaln")
-        rescored = json.loads(_cli("score", *common, "--store", url, "--predictions-store", preds, "--format", "json",
+        [rescored] = json.loads(_cli("score", *common, "--store", url, "--predictions-store", preds, "--format", "json",
                                    "--variant", "raw"))
     copy = tmp_path / "local.zarr"  # the module's store stays as packed
     shutil.copytree(cache["local"], copy)

@@ -15,10 +15,9 @@ __all__ = ["check_rows_path", "render", "render_comparison", "render_results", "
 
 
 def render_results(results: Sequence[dict], fmt: str) -> str:
-    """score/run results: JSON is the result object for one result and a list of them for several
-    (docs/outputs.md); the other formats put the results one after another (CSV under one header)."""
-    if fmt == "json" and len(results) == 1:
-        return render(results[0], "json")
+    """score/run results: JSON is always a list of result objects, one for one result, so a script
+    reads the same shape whatever the number of variants or keys (docs/outputs.md); the other
+    formats put the results one after another (CSV under one header)."""
     if fmt == "json":
         return json.dumps(list(results), indent=2) + "\n"
     texts = [render(r, fmt) for r in results]
