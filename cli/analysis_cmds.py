@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from .app import (
-    DEFAULT_STORE, ChannelsOpt, DataRootOpt, DatasetOpt, DpiOpt, KOpt, ModelOpt, OneVariantOpt, ProgressOpt, QuietOpt,
-    ReadStoreOpt, SplitOpt, TOpt, app, one, quiet_note, user_errors,
+    DEFAULT_STORE, ChannelsOpt, DataRootOpt, DatasetOpt, DpiOpt, KOpt, ModelOpt, NoFormatOpt, OneVariantOpt, ProgressOpt,
+    QuietOpt, ReadStoreOpt, SplitOpt, TOpt, app, one, quiet_note, user_errors,
 )
 
 ProtocolOpt = Annotated[str, typer.Option(help="Matching/scoring protocol: dift or geoaware (show: also geoaware-softN predictions).")]
@@ -37,7 +37,7 @@ def analyze(
     aggregation: Annotated[str, typer.Option(help="per_point or per_image for the grid.")] = "per_point",
     match: Annotated[bool, typer.Option("--match/--no-match", help="Compute missing grid predictions from the cache (channels auto; writes predictions into the store).")] = False,
     out: Annotated[Path, typer.Option(help="Folder for the JSON and the figures.")] = Path("analysis"),
-    fmt: Annotated[str, typer.Option("--format", help="table | json: what is printed (the JSON file is always written in --out).")] = "table",
+    fmt: Annotated[str, typer.Option("--format", help="Format of the printed result: table | json (the JSON file is always written in --out).")] = "table",
     figure_format: Annotated[str, typer.Option("--figure-format", help="png | pdf | svg (pdf and svg: vector, for papers).")] = "png",
     dpi: DpiOpt = 100,
     progress: ProgressOpt = False,
@@ -48,11 +48,10 @@ def analyze(
     Per (k, t): channels ranked by mean |activation|, the 100x-median massive channels and their
     AdaLN gate ranks, the same after AdaLN and channel discard; PNG figures and a JSON in --out.
     """
-    from ditf_pipeline.core.errors import DitfError
     from ditf_pipeline.pipeline import run_analyze
+    from ditf_pipeline.pipeline.report import check_output_format
 
-    if fmt not in ("table", "json"):
-        raise DitfError(f"--format must be table or json, got {fmt!r}")
+    check_output_format(fmt, ("table", "json"))
     analyzed = run_analyze(model=model, dataset=dataset, data_root=data_root, split=split, store=store, k=k, t=t,
                            sample=sample, ratio=ratio, write=write, plots=plots, pca_images=pca_images,
                            variant=one(variant, "--variant", "adaln+cd"), protocol=protocol,
@@ -85,14 +84,17 @@ def show(
     dense: Annotated[bool, typer.Option("--dense", help="Show nearest-neighbour matches of a grid of source points (over the source box when annotated) instead, from cached features.")] = False,
     grid: Annotated[int, typer.Option(help="--dense: grid of N x N source points.")] = 12,
     out: Annotated[Path, typer.Option(help="Figure file to write (.png, .pdf or .svg).")] = Path("show.png"),
-    figure_format: Annotated[Optional[str], typer.Option("--figure-format", "--format", help="png | pdf | svg: replaces the ending of --out (default: --out's ending).")] = None,
+    figure_format: Annotated[Optional[str], typer.Option("--figure-format", help="png | pdf | svg: replaces the ending of --out (default: --out's ending).")] = None,
     dpi: DpiOpt = 100,
     quiet: QuietOpt = False,
+    fmt: NoFormatOpt = None,
 ) -> None:
     """Draw pairs side by side: predicted vs ground-truth keypoints, with the alpha x bbox radius
     around each ground truth (or --dense matches), as PNG, PDF or SVG."""
     from ditf_pipeline.pipeline import run_show
+    from ditf_pipeline.pipeline.report import refuse_format
 
+    refuse_format(fmt, "show", "a figure's file type with --figure-format png|pdf|svg")
     shown = run_show(pairs=pair, model=model, dataset=dataset, data_root=data_root, split=split, store=store, k=k, t=t,
                      variant=one(variant, "--variant", "adaln+cd"), protocol=protocol, channels=channels,
                      alpha=one(alpha, "--alpha", 0.1), dense=dense, grid=grid,

@@ -148,7 +148,10 @@ FuseOpt = Annotated[Optional[str], typer.Option(help="Pairs: concatenate another
 PcaOpt = Annotated[int, typer.Option(help="With --fuse (compare: fused rows): PCA dimension of the DiT part over each pair (0: none).")]
 AlphaOpt = Annotated[Optional[list[float]], typer.Option("--alpha", help="PCK alpha; repeat for several (default: the dataset's).")]
 AggregationOpt = Annotated[Optional[str], typer.Option(help="per_point (paper Table 2/4) or per_image (Table 3); default: the benchmark's (AP-10K per image).")]
-TableFormatOpt = Annotated[str, typer.Option("--format", help="table | json | csv | markdown (json: one stable shape, docs/outputs.md)")]
+TableFormatOpt = Annotated[str, typer.Option("--format", help="Format of the printed result: table | json | csv | markdown (json: one shape per command, docs/outputs.md).")]
+# `--format` is the printed result's format on every command; one that prints none keeps the name
+# hidden only to refuse it with the option it meant (show: --figure-format, export: --file-format)
+NoFormatOpt = Annotated[Optional[str], typer.Option("--format", hidden=True, help="Not an option of this command (see --help).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Also write the result to this file.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Recompute predictions stored with other settings.")]
 MatchDeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (matching and propagation)")]

@@ -54,8 +54,9 @@ def compare(
     """
     from ditf_pipeline.pipeline import run_compare
     from ditf_pipeline.pipeline.compare import paper_note
-    from ditf_pipeline.pipeline.report import render_comparison
+    from ditf_pipeline.pipeline.report import check_output_format, render_comparison
 
+    check_output_format(fmt)
     compared = run_compare(rows=row, dataset=dataset, data_root=data_root, split=split, store=store, protocol=protocol,
                            channels=channels, soft_window=soft_window, pca_dim=pca_dim, aggregation=aggregation,
                            alphas=alpha, out=out, overwrite=overwrite, progress=progress and not quiet,

@@ -22,6 +22,12 @@ from .app import (
 PerPairOpt = Annotated[Optional[Path], typer.Option("--per-pair", help="Also write one row per pair (correct keypoints and PCK per alpha, with the settings) to FILE.csv, or FILE.parquet with pyarrow installed.")]
 
 
+def _check_format(fmt: str) -> None:
+    from ditf_pipeline.pipeline.report import check_output_format
+
+    check_output_format(fmt)
+
+
 def _render_all(results: list[dict], fmt: str) -> str:
     from ditf_pipeline.pipeline.report import render_results
 
@@ -96,6 +102,7 @@ def score(
     from ditf_pipeline.pipeline import run_score
     from ditf_pipeline.pipeline.report import check_rows_path, write_rows
 
+    _check_format(fmt)
     if per_pair is not None:
         check_rows_path(per_pair)
     scored = run_score(model=model, dataset=dataset, data_root=data_root, split=split, store=store, k=k, t=t,
@@ -159,6 +166,7 @@ def run(
     from ditf_pipeline.core.settings import FeatureSettings, LoadSettings, MatchSettings, RunSettings
     from ditf_pipeline.pipeline import run_all
 
+    _check_format(fmt)
     notes = quiet_note(quiet)
     results = run_all(
         dataset=dataset, data_root=data_root, split=split, store=store, progress=progress and not quiet,
@@ -204,6 +212,7 @@ def ablate(
     from ditf_pipeline.pipeline import run_ablate
     from ditf_pipeline.pipeline.report import render_comparison
 
+    _check_format(fmt)
     notes = quiet_note(quiet)
     scored, aggregation = run_ablate(model=model, dataset=dataset, data_root=data_root, split=split, store=store, k=k,
                                      t=t, variants=variant, protocol=protocol, channels=channels, alphas=alpha,

@@ -45,7 +45,7 @@ def probe(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     workers: Annotated[int, typer.Option(help="Threads reading features and labels ahead.")] = 2,
     per_class: Annotated[bool, typer.Option(help="Also print the per-class IoU table.")] = False,
-    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+    fmt: Annotated[str, typer.Option("--format", help="Format of the printed result: table | json.")] = "table",
     progress: ProgressOpt = True,
     quiet: QuietOpt = False,
 ) -> None:
@@ -57,12 +57,11 @@ def probe(
     """
     import json
 
-    from ditf_pipeline.core.errors import DitfError
     from ditf_pipeline.pipeline import run_probe
     from ditf_pipeline.pipeline.probe import ProbeSettings, probe_per_class, probe_table
+    from ditf_pipeline.pipeline.report import check_output_format
 
-    if fmt not in ("table", "json"):
-        raise DitfError(f"--format must be table or json, got {fmt!r}")
+    check_output_format(fmt, ("table", "json"))
     settings = ProbeSettings(variant=variant, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                              warmup_steps=warmup_steps, seed=seed, train_label_side=train_label_side)
     probed = run_probe(model=model, dataset=dataset, data_root=data_root, stores=store, k=k, t=t, settings=settings,

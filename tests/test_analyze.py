@@ -230,7 +230,7 @@ def test_show_writes_vector_figures_and_scales_png_with_dpi(demo, tmp_path):
     store = FeatureStore(store_path)
     predict(store, get_dataset("spair", root, "test"), MODEL, 1, 260, MatchSettings(variant="raw"), progress=False)
     common = [*_common(root, store_path), "--k", 1, "--t", 260, "--pair", "1", "--variant", "raw"]
-    result = _cli("show", *common, "--format", "pdf", "--out", tmp_path / "fig.png")
+    result = _cli("show", *common, "--figure-format", "pdf", "--out", tmp_path / "fig.png")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "fig.pdf").read_bytes().startswith(b"%PDF") and not (tmp_path / "fig.png").exists()
     assert _cli("show", *common, "--out", tmp_path / "fig.svg").exit_code == 0

@@ -111,7 +111,7 @@ def test_match_follows_the_dift_rule(model, images):
 def test_export_one_file_per_image(cli_store, tmp_path, fmt):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["export", "--model", "tiny-flux", "--dataset", "folder", "--store", str(cli_store),
-                                      "--k", "2", "--variant", "adaln+cd", "--format", fmt, "--out", str(out)])
+                                      "--k", "2", "--variant", "adaln+cd", "--file-format", fmt, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir() if p.suffix == f".{fmt}") == [f"cat.{fmt}", f"dog.{fmt}"]
     expected = open_store(cli_store).features("folder", "tiny-flux", 2, 260, variant="adaln+cd", image="dog")
@@ -131,7 +131,7 @@ def test_export_one_file_per_image(cli_store, tmp_path, fmt):
 
 def test_export_refuses_bad_input(cli_store, tmp_path):
     result = CliRunner().invoke(app, ["export", "--model", "tiny-flux", "--dataset", "folder", "--store", str(cli_store),
-                                      "--k", "2", "--format", "pickle", "--out", str(tmp_path / "x")])
+                                      "--k", "2", "--file-format", "pickle", "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "error: unknown export format" in result.output
     assert not (tmp_path / "x").exists()
 

@@ -108,6 +108,39 @@ def test_format_json_shape_is_the_same_for_one_and_several_results(world, comman
         assert all(isinstance(result, dict) for result in [*one, *several])
 
 
+def test_format_means_the_printed_result_format_on_every_command(tmp_path):
+    """One meaning per option name: `--format` is what is printed (table, json, csv, markdown); a
+    figure or export file type is refused there with the option that takes it, before any work."""
+    import typer.main
+
+    from ditf_pipeline.analysis.plots import FORMATS as PLOT_FORMATS
+    from ditf_pipeline.match.export import FORMATS as EXPORT_FORMATS
+    from ditf_pipeline.pipeline.report import FIGURE_FORMATS, FILE_FORMATS, FORMATS
+
+    assert FIGURE_FORMATS == PLOT_FORMATS and FILE_FORMATS == EXPORT_FORMATS
+    commands = typer.main.get_command(app).commands
+    with_format = {name: param for name, command in commands.items() for param in command.params
+                   if "--format" in param.opts}
+    printed = {name for name, param in with_format.items() if not param.hidden}
+    assert printed == {"score", "run", "ablate", "compare", "analyze", "probe"}
+    assert set(with_format) - printed == {"show", "export"}  # kept only to point at the option meant
+    for name, param in with_format.items():
+        if name in printed:
+            assert param.default in FORMATS and "|" in param.help, (name, param.help)
+            named = set(param.help.replace("|", " ").replace(":", " ").split())
+            assert not named & {*FIGURE_FORMATS, *FILE_FORMATS}, (name, param.help)
+        required = ["--out", tmp_path / "out"] if name == "export" else []
+        wrongs = [*FIGURE_FORMATS, *FILE_FORMATS, "pickle"] + (["json", "table"] if name not in printed else [])
+        for wrong in wrongs:
+            result = _invoke(name, *required, "--format", wrong)
+            lines = result.output.strip().splitlines()
+            assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (name, wrong, result.output)
+            meant = {"show": "--figure-format", "export": "--file-format"}.get(name) or (
+                "--figure-format" if wrong in FIGURE_FORMATS else "--file-format" if wrong in FILE_FORMATS else "choose one of")
+            assert meant in lines[0], (name, wrong, lines)
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_command_accepts_quiet():
     names = [command.name or command.callback.__name__ for command in app.registered_commands]
     assert {"extract", "match", "score", "run", "ablate", "compare", "analyze", "show", "export", "probe", "doctor",
@@ -157,7 +190,7 @@ def test_export_and_open_store_pick_the_model_default_key_among_several(world, t
     from ditf_pipeline import open_store
 
     _ok("export", "--model", "tiny-flux", "--store", world.store, "--out", tmp_path / "x", "--variant", "raw",
-        "--format", "npy")
+        "--file-format", "npy")
     sidecars = [json.loads(p.read_text()) for p in (tmp_path / "x").rglob("*.json")]
     assert sidecars and {(m["k"], m["t"]) for m in sidecars} == {(2, 260)}
     reader = open_store(world.store)

@@ -164,7 +164,7 @@ def test_a_damaged_chunk_on_the_server_is_one_line_naming_the_image(cache, tmp_p
     chunk.write_bytes(bytes(data[: len(data) // 2]))  # truncated, as a cut transfer leaves it
     with serve(served) as (base, _):
         line = _refused("export", "--store", f"{base}/ditf.zarr", "--model", "tiny-flux", "--out", tmp_path / "exp",
-                        "--format", "npy")
+                        "--file-format", "npy")
     assert "damaged" in line and "image cat/" in line, line
 
 
@@ -292,7 +292,7 @@ def test_a_failing_server_is_retried_then_one_error_line(cache, monkeypatch):
         assert np.array_equal(got.numpy(), want.numpy()) and _http_server.FAILURES[0] == 0
         _http_server.FAILURES[0] = 1000  # down for good
         line = _refused("export", "--store", f"{base}/ditf.zarr", "--model", "tiny-flux", "--out", cache["tmp"] / "x",
-                        "--format", "npy")
+                        "--file-format", "npy")
     assert "after 3 tries" in line and "503" in line, line
 
 
@@ -304,7 +304,7 @@ def test_a_stalled_server_times_out_into_one_error_line(cache, monkeypatch, tmp_
     monkeypatch.setattr(_http_server, "DELAY", [3.0])
     with serve(cache["packed"]) as (base, _):
         line = _refused("export", "--store", f"{base}/ditf.zarr", "--model", "tiny-flux", "--out", tmp_path / "x",
-                        "--format", "npy")
+                        "--file-format", "npy")
     assert "after 2 tries" in line and "Timeout" in line, line
 
 

@@ -9,9 +9,44 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from ..score.report import check_rows_path, render, render_comparison, write_rows
+from ..core.errors import DitfError
+from ..score.report import FORMATS, check_rows_path, render, render_comparison, write_rows
 
-__all__ = ["check_rows_path", "render", "render_comparison", "render_results", "write_rows"]
+__all__ = [
+    "FIGURE_FORMATS", "FILE_FORMATS", "FORMATS", "check_output_format", "check_rows_path", "render", "render_comparison",
+    "refuse_format", "render_results", "write_rows",
+]
+
+#: the file types of `--figure-format` (analysis.plots.FORMATS) and `ditf export --file-format`
+#: (match.export.FORMATS), named here without importing matplotlib or torch: `--format` refuses
+#: them with a pointer to the option that takes them (a test pins the copies to the originals)
+FIGURE_FORMATS = ("png", "pdf", "svg")
+FILE_FORMATS = ("safetensors", "npy")
+
+
+def check_output_format(fmt: str, allowed: Sequence[str] = FORMATS) -> None:
+    """`--format` means one thing on every command: the format of the printed result.
+
+    Checked before any work (a `ditf run` must not extract for an hour and then refuse to print);
+    a figure or export file type gets the option that does take it.
+    """
+    if fmt in allowed:
+        return
+    choices = ", ".join(allowed)
+    if fmt in FIGURE_FORMATS:
+        raise DitfError(f"--format is the printed result's format ({choices}); {fmt} is a figure file type: "
+                        "give it with --figure-format (ditf show, ditf analyze)")
+    if fmt in FILE_FORMATS:
+        raise DitfError(f"--format is the printed result's format ({choices}); {fmt} is an export file type: "
+                        "give it with ditf export --file-format")
+    raise DitfError(f"unknown --format {fmt!r}; choose one of {choices}")
+
+
+def refuse_format(fmt: str | None, command: str, instead: str) -> None:
+    """A command that prints no formatted result keeps `--format` only to say which option it meant."""
+    if fmt is not None:
+        raise DitfError(f"ditf {command} has no --format (on every command it is the printed result's format: "
+                        f"{', '.join(FORMATS)}); give {instead}")
 
 
 def render_results(results: Sequence[dict], fmt: str) -> str:
