@@ -1,4 +1,7 @@
-"""`ditf view`: the local web app over the feature store (optional extra `[view]`)."""
+"""`ditf view`: the local web app over the feature store (optional extra `[view]`).
+
+Parsing and printing only: `ditf_pipeline.pipeline.run_view` builds, binds and serves.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +11,6 @@ from typing import Annotated, Optional
 import typer
 
 from .app import DEFAULT_STORE, QuietOpt, SplitOpt, app, user_errors
-
-
-def _uploads_folder(store: str, uploads: Optional[Path], no_uploads: bool) -> Optional[Path]:
-    """Where uploads go: --uploads, else `<store>.uploads` next to a local store; none for a URL store."""
-    from ditf_pipeline.store.backends.locations import is_remote, store_location
-
-    if no_uploads:
-        return None
-    if uploads is not None:
-        return uploads
-    if is_remote(store):
-        typer.echo("view: uploads are off for an object store (give a local folder with --uploads to turn them on)", err=True)
-        return None
-    local = Path(store_location(store)).resolve()
-    return local.with_name(local.name + ".uploads")
 
 
 @app.command()
@@ -45,24 +33,8 @@ def view(
     features on the target, with the ground truth; pairs sorted by stored PCK; key figures.
     The printed URL carries a per-run token: the page needs it to upload.
     """
-    from ditf_pipeline.core.errors import DitfError
+    from ditf_pipeline.pipeline import run_view
 
-    try:
-        from ditf_pipeline.view.app import serve
-        from ditf_pipeline.view.server import bind, url_of
-    except ImportError as exc:
-        raise DitfError(f"`ditf view` needs the optional extra: pip install 'ditf[view]' ({exc.name} is missing)") from None
-    from ditf_pipeline.view.explorer import Explorer
-    from ditf_pipeline.view.guard import allowed_hosts, new_token
-    from ditf_pipeline.view.uploads import Uploads
-
-    folder = _uploads_folder(store, uploads, no_uploads)
-    explorer = Explorer(store, data_root, split,
-                        None if folder is None else Uploads(folder, max_bytes=uploads_max_mb * 2**20))
-    sock = bind(host, port)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo(f"view: WARNING: serving on {host}: anyone who can reach this port can read the store's data", err=True)
-    token = new_token()
-    typer.echo(f"{url_of(sock, host)}?token={token}")
-    typer.echo(f"view: store {store}, read-only; open the URL above; Ctrl-C stops", err=True)
-    serve(explorer, sock, token, allowed_hosts(host, allow_host or ()))
+    run_view(store=store, data_root=data_root, split=split, host=host, port=port, allow_hosts=allow_host or (),
+             uploads=uploads, no_uploads=no_uploads, uploads_max_mb=uploads_max_mb, on_url=typer.echo,
+             note=lambda text: typer.echo(text, err=True))

@@ -8,7 +8,8 @@ package stays cheap (`ditf score` never loads torch).
 
 * `commands`: extract, match, score, ablate, run (settings objects from `core.settings`);
 * `stages`: the match and score drivers of every kind of benchmark (pairs, video, homography);
-* `views`: analyze and show; `compare`, `export`, `pack`, `probe`, `doctor` (`check`), `demo`.
+* `views`: analyze and show; `view`: the `ditf view` web app; `compare`, `export`, `pack`, `probe`,
+  `doctor` (`check`), `demo`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from .doctor import check
 from .export import run_export
 from .pack import run_pack
 from .probe import run_probe
+from .view import run_view
 from .views import run_analyze, run_show
 
 __all__ = [
     "DEFAULT_STORE", "MatchRun", "ScoreRun", "check", "check_key", "check_pair_arguments", "list_models", "run_ablate", "run_all",
     "run_analyze", "run_compare", "run_demo", "run_export", "run_extract", "run_match", "run_pack", "run_probe",
-    "run_score", "run_show", "reading_store", "single_key", "stored_variants", "writing_store",
+    "run_score", "run_show", "run_view", "reading_store", "single_key", "stored_variants", "writing_store",
 ]
