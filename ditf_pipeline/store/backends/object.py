@@ -22,7 +22,7 @@ from ...core.errors import DitfError
 from .. import faults, layout
 from ..failures import reason
 from ..leases import LEASE_SECONDS, ObjectLease, holder_gone
-from .base import AnnouncingStore, WriteHook
+from ..backend_interface import AnnouncingStore, WriteHook
 from .locations import OBJECT_SCHEMES
 
 __all__ = ["ObjectBackend"]
@@ -49,7 +49,7 @@ class ObjectBackend:
     remote = True
 
     def __init__(self, url: str, *, on_write: WriteHook | None = None) -> None:
-        """`on_write` is told of every write before it happens (see `backends.base`).
+        """`on_write` is told of every write before it happens (see `backend_interface`).
 
         Raises
         ------
