@@ -31,6 +31,7 @@ import json
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
@@ -56,6 +57,9 @@ from .schema import (
     writable,
 )
 from .writers import close_writers
+
+if TYPE_CHECKING:
+    from .backends.object import ObjectBackend
 
 __all__ = ["ROWS_PER_SHARD", "FeatureArrays", "FeatureStore", "PredictionArrays", "PromptCache", "close_writers",
            "config_differences", "feature_path", "is_read_only", "is_remote", "local_beside", "prediction_scope", "store_exists",
@@ -499,27 +503,34 @@ class FeatureStore:
         `<node>%shards-of-N` shared and `<node>%shard-i-of-N` exclusively. `doing` names the run
         and ends in the preposition before the store ("extracting <key> into"). Each takes its own
         locks first and then checks the others' (`locks.is_free`), so of two runs that start at
-        once at least one is refused. Object stores have no shared locks: there, leases keep out
-        a second whole run and a second copy of one shard only.
+        once at least one is refused. On object stores (no shared locks) the same with leases: the
+        whole run holds the leases `<node>` and `<node>%whole`, shard i of N the lease
+        `<node>%shard-i-of-N`; each then checks for the others' live leases
+        (`ObjectBackend.live_leases`; an expired one is its dead holder's and does not count).
         """
         refusal = f"another process is {doing} {self.path}: wait for it to finish {advice}".rstrip()
         if shard is None:
-            with self.lock(node, refusal, wait):
-                if self.remote:
-                    yield
-                    return
-                with self.lock(f"{node}%whole", refusal):
-                    running = [f.name for f in self._shard_lock_files(node) if not locks.is_free(f)]
-                    if running:
-                        raise DitfError(f"shard jobs are {doing} {self.path} ({', '.join(running)}): "
-                                        "wait for them to finish, then rerun")
-                    yield
+            with self.lock(node, refusal, wait), self.lock(f"{node}%whole", refusal):
+                running = (self._object_backend().live_leases(f"{node}%shard-") if self.remote else
+                           [f.name for f in self._shard_lock_files(node) if not locks.is_free(f)])
+                if running:
+                    raise DitfError(f"shard jobs are {doing} {self.path} ({', '.join(running)}): "
+                                    "wait for them to finish, then rerun")
+                yield
             return
         index, count = shard.split("/")
         own = self.lock(f"{node}%shard-{index}-of-{count}",
                         f"another process is {doing} {self.path} (shard {shard}): wait for it to finish")
         if self.remote:
             with own:
+                backend = self._object_backend()
+                if backend.live_leases(f"{node}%whole"):
+                    raise DitfError(f"{refusal} (a run without --shard)")
+                others = [name for name in backend.live_leases(f"{node}%shard-")
+                          if not name.removesuffix(".lease").endswith(f"-of-{count}")]
+                if others:
+                    raise DitfError(f"shards of another count are {doing} {self.path} ({', '.join(others)}): "
+                                    f"every shard of one run must use the same N (--shard i/{count})")
                 yield
             return
         group = self.path / lock_path(f"{node}%shards-of-{count}")
@@ -531,6 +542,13 @@ class FeatureStore:
                 raise DitfError(f"shards of another count are {doing} {self.path} ({', '.join(others)}): "
                                 f"every shard of one run must use the same N (--shard i/{count})")
             yield
+
+    def _object_backend(self) -> ObjectBackend:
+        """This store's backend, known to be an object store (`self.remote`)."""
+        from .backends.object import ObjectBackend  # imported when used: fsspec's import is not cheap
+
+        assert isinstance(self.backend, ObjectBackend)
+        return self.backend
 
     def _shard_lock_files(self, node: str) -> list[Path]:
         """The `%shards-of-N` lock files of `node` (one per shard count ever used)."""

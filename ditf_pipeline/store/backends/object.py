@@ -21,7 +21,7 @@ from zarr.storage import FsspecStore
 from ...core.errors import DitfError
 from .. import faults, layout
 from ..failures import reason
-from ..leases import LEASE_SECONDS, ObjectLease, holder_gone
+from ..leases import LEASE_SECONDS, ObjectLease, holder_gone, is_live
 from ..backend_interface import AnnouncingStore, WriteHook
 from .locations import OBJECT_SCHEMES
 
@@ -238,6 +238,24 @@ class ObjectBackend:
         rel = rel.removesuffix(".lock") + ".lease"
         return ObjectLease(fs=self.fs, key=self.key(rel), name=f"{self.url}#{rel}", call=self.call,
                            refusal=refusal, wait=wait).held()
+
+    def live_leases(self, prefix: str) -> list[str]:
+        """The live leases whose node names begin with `prefix` (as `lock` is given them, before
+        `layout.lock_path`), by object name: how a run sees which runs of the same node hold
+        theirs (a shard job the whole-key run, and the other way round)."""
+        stem = layout.lock_path(prefix).removesuffix(".lock")
+        folder, name = stem.rsplit("/", 1)
+        live = []
+        for entry in self.list(folder):
+            if not (entry.startswith(name) and entry.endswith(".lease")):
+                continue
+            try:
+                raw = self.call("read", self.fs.cat_file, self.key(f"{folder}/{entry}"))
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if is_live(raw):
+                live.append(entry)
+        return live
 
     def metadata_nodes(self) -> list[str]:
         nodes = []
