@@ -23,6 +23,7 @@ from .. import faults, layout
 from ..failures import reason
 from ..leases import LEASE_SECONDS, ObjectLease, holder_gone, is_live
 from ..backend_interface import AnnouncingStore, WriteHook
+from .conditional import ConditionalStore
 from .locations import OBJECT_SCHEMES
 
 __all__ = ["ObjectBackend"]
@@ -132,6 +133,25 @@ class ObjectBackend:
         options = {"use_listings_cache": False, "skip_instance_cache": True}
         store: Store = faults.wrap(FsspecStore.from_url(self.where(rel), storage_options=options, read_only=read_only))
         return store if read_only or self.on_write is None else AnnouncingStore(store, self.on_write)
+
+    def conditional_store(self, rel: str) -> Store | None:
+        """A zarr store rooted at `rel` whose every write is compare-and-swap against the objects
+        that are there now (`conditional.ConditionalStore`: the versions are listed first); None
+        where the object store's fsspec backend passes no conditions (all but S3)."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        if "s3" not in protocols:
+            return None
+        prefix = self.key(rel)
+        try:
+            found = self.call("list", self.fs.find, prefix, detail=True)
+        except FileNotFoundError:
+            found = {}
+        versions = {name[len(prefix) + 1:]: str(info["ETag"]) for name, info in found.items()
+                    if name.startswith(prefix + "/") and info.get("ETag")}
+        base = FsspecStore.from_url(self.where(rel), storage_options={"use_listings_cache": False,
+                                                                      "skip_instance_cache": True})
+        store: Store = faults.wrap(ConditionalStore(fs=base.fs, path=base.path, versions=versions))
+        return store if self.on_write is None else AnnouncingStore(store, self.on_write)
 
     def root_problem(self, read_only: bool) -> str | None:
         bucket = self.root.split("/", 1)[0]
