@@ -96,7 +96,7 @@ def feature_path(dataset: str, model: str, k: int, t: int) -> str:
     return FeatureKey(dataset, model, k, t).path
 
 
-
+#: one image to add to the index: (key, (width, height), pixel digest)
 NewRow = tuple[str, tuple[int, int], str]
 
 
@@ -390,9 +390,10 @@ class FeatureStore:
             rows = self.image_rows(dataset)
             new = _new_rows(rows, keys, sizes, digests)
             if new:
-                _append_rows(group, len(rows), new)
-                group.attrs["count"] = len(rows) + len(new)  # the commit mark of these rows
-                rows.update({key: len(rows) + i for i, (key, _, _) in enumerate(new)})
+                start = len(rows)
+                _append_rows(group, start, new)
+                group.attrs["count"] = start + len(new)  # the commit mark of these rows
+                rows.update({key: start + i for i, (key, _, _) in enumerate(new)})
             return rows
 
     def _register_conditionally(self, dataset: str, node: str, keys: Sequence[str],
@@ -415,7 +416,7 @@ class FeatureStore:
         from a fresh listing and reading (the rows another writer committed meanwhile are
         merged: its keys keep its rows, ours follow), at most `_INDEX_TRIES` times.
         """
-        from .backends.conditional import Conflict  # with the object backend: fsspec's import is not cheap
+        from .backends.conditional import Conflict  # imported with the object backend it serves, as `backend_for` does
 
         for attempt in range(_INDEX_TRIES):
             if attempt:  # a fresh listing of the versions, after a pause that spreads the retries
@@ -428,13 +429,19 @@ class FeatureStore:
                 new = _new_rows(rows, keys, sizes, digests)
                 if not new:
                     return rows
+                start = len(rows)
                 attrs = {name: value for name, value in group.attrs.asdict().items() if name != _CLAIM}
                 group.attrs.put({**attrs, _CLAIM: uuid.uuid4().hex})  # the claim: later commits of others fail
-                _append_rows(group, len(rows), new)
-                group.attrs.put({**attrs, "count": len(rows) + len(new)})  # the commit, If-Match our claim
+                _append_rows(group, start, new)
+                group.attrs.put({**attrs, "count": start + len(new)})  # the commit, If-Match our claim
             except Conflict:
                 continue
-            rows.update({key: len(rows) + i for i, (key, _, _) in enumerate(new)})
+            except (DitfError, OSError):
+                raise
+            except Exception as exc:  # zarr raises several types for a damaged node (as `reads` says)
+                raise DitfError(f"store {self.path}: the image index is damaged ({reason(exc)}): "
+                                "run `ditf doctor --repair`") from exc
+            rows.update({key: start + i for i, (key, _, _) in enumerate(new)})
             return rows
         raise DitfError(f"the image index of {dataset} in {self.path} kept changing under this writer "
                         f"({_INDEX_TRIES} tries to register {len(keys)} images): rerun")
@@ -633,7 +640,7 @@ class FeatureStore:
 
     def _object_backend(self) -> ObjectBackend:
         """This store's backend, known to be an object store (`self.remote`)."""
-        from .backends.object import ObjectBackend  # imported when used: fsspec's import is not cheap
+        from .backends.object import ObjectBackend  # imported when used, as `backend_for` does
 
         assert isinstance(self.backend, ObjectBackend)
         return self.backend
