@@ -130,8 +130,26 @@ def test_a_registration_overtaken_by_another_starts_over_and_both_are_indexed(s3
     assert min(results["a"][k] for k in a_keys) == 21  # A's rows follow B's
 
 
+def _atomic_conditional_puts(monkeypatch):
+    """S3 checks a put's condition and stores the object as one step; moto's threaded server
+    checks, then stores, in the request's thread. One lock around both makes it S3 here (the
+    server runs in this process), so that a test of racing writers tests ditf, not moto."""
+    from moto.s3.responses import S3Response
+
+    guard = threading.Lock()
+    for name in ("put_object", "delete_object"):
+        plain = getattr(S3Response, name)
+
+        def atomic(self, plain=plain):
+            with guard:
+                return plain(self)
+
+        monkeypatch.setattr(S3Response, name, atomic)
+
+
 def test_writers_registering_at_once_all_end_up_in_the_index(s3, monkeypatch):  # noqa: F811
     _without_leases(monkeypatch)
+    _atomic_conditional_puts(monkeypatch)
     url = f"{s3}/at-once.zarr"
     FeatureStore(url).register_images("spair", ["first"], [(4, 4)])
     start, results = threading.Barrier(3), {}
