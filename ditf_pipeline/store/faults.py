@@ -24,7 +24,7 @@ from pathlib import Path
 
 from zarr.abc.store import Store
 
-from .backends.base import AnnouncingStore
+from .backend_interface import AnnouncingStore
 
 __all__ = ["FaultInjectingStore", "WriteCounter", "arm", "before_write", "counter", "disarm", "wrap"]
 

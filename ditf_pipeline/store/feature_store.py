@@ -28,9 +28,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import random
+import time
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
@@ -57,6 +61,9 @@ from .schema import (
 )
 from .writers import close_writers
 
+if TYPE_CHECKING:
+    from .backends.object import ObjectBackend
+
 __all__ = ["ROWS_PER_SHARD", "FeatureArrays", "FeatureStore", "PredictionArrays", "PromptCache", "close_writers",
            "config_differences", "feature_path", "is_read_only", "is_remote", "local_beside", "prediction_scope", "store_exists",
            "store_folder_exists", "store_location"]
@@ -64,6 +71,11 @@ __all__ = ["ROWS_PER_SHARD", "FeatureArrays", "FeatureStore", "PredictionArrays"
 #: how long a writer waits for the image index's lock (a registration appends a few rows;
 #: only a stuck writer holds it longer)
 _INDEX_LOCK_WAIT = 300.0
+#: how often a conditional registration of images starts over after another writer changed the
+#: index under it (each try re-reads it; only writers that lost their lease collide at all)
+_INDEX_TRIES = 5
+#: the group attribute a conditional registration claims the index with (`_register_conditionally`)
+_CLAIM = "registration"
 
 
 def store_exists(store: str | Path) -> bool:
@@ -82,6 +94,69 @@ def store_folder_exists(store: str | Path) -> bool:
 def feature_path(dataset: str, model: str, k: int, t: int) -> str:
     """The group of a feature key (see `FeatureKey.path`)."""
     return FeatureKey(dataset, model, k, t).path
+
+
+#: one image to add to the index: (key, (width, height), pixel digest)
+NewRow = tuple[str, tuple[int, int], str]
+
+
+def _committed_rows(index: zarr.Group) -> dict[str, int]:
+    """image key -> row of every committed row of the image index `index`."""
+    if "key" not in index:
+        return {}
+    count = legacy.committed_rows(index)
+    keys = index["key"][:count] if count else []
+    return {str(key): row for row, key in enumerate(keys)}
+
+
+def _identities(index: zarr.Group) -> dict[str, tuple[tuple[int, int], str]]:
+    """image key -> ((width, height), pixel digest) of every committed row of `index`."""
+    if "key" not in index:
+        return {}
+    count = legacy.committed_rows(index)
+    if not count:
+        return {}
+    keys, sizes = index["key"][:count], index["size"][:count]
+    digests = index["digest"][:count] if "digest" in index and index["digest"].shape[0] >= count else [""] * count
+    return {str(key): ((int(size[0]), int(size[1])), str(digest)) for key, size, digest in zip(keys, sizes, digests)}
+
+
+def _check_identities(index: zarr.Group, store: object, dataset: str, keys: Sequence[str],
+                      sizes: Sequence[tuple[int, int]], digests: Sequence[str] | None) -> None:
+    """`FeatureStore.check_identities` against the image index `index` of store `store`."""
+    stored = _identities(index)
+    digests = list(digests) if digests is not None else [""] * len(keys)
+    for key, size, digest in zip(keys, sizes, digests):
+        if key not in stored:
+            continue
+        (width, height), known = stored[key]
+        if (width, height) != tuple(size) or (known and digest and known != digest):
+            what = (f"stored {width}x{height}, now {size[0]}x{size[1]}" if (width, height) != tuple(size)
+                    else f"both {width}x{height}, other pixels")
+            raise DitfError(
+                f"image {key!r} of {dataset} in {store} was extracted from another image ({what}): its "
+                f"stored features are not this image's; give the new image another name or use another --store"
+            )
+
+
+def _new_rows(rows: Mapping[str, int], keys: Sequence[str], sizes: Sequence[tuple[int, int]],
+              digests: Sequence[str] | None) -> list[NewRow]:
+    """(key, size, digest) of the images not in `rows` yet, in the order given."""
+    digests = list(digests) if digests is not None else [""] * len(keys)
+    return [(key, size, digest) for key, size, digest in zip(keys, sizes, digests) if key not in rows]
+
+
+def _append_rows(index: zarr.Group, start: int, new: Sequence[NewRow]) -> None:
+    """Write `new` as rows `start`... of the image index `index` (not committed: `count` is the caller's)."""
+    if "digest" not in index:  # an index of an earlier version: the column is added
+        create_digest_array(index, int(index["key"].shape[0]))
+    key_array, size_array, digest_array = writable(index["key"]), writable(index["size"]), writable(index["digest"])
+    for array, shape in ((key_array, (start + len(new),)), (size_array, (start + len(new), 2)),
+                         (digest_array, (start + len(new),))):
+        array.resize(shape)
+    key_array[start:] = np.array([key for key, _, _ in new], dtype=object).astype(str)
+    size_array[start:] = np.array([size for _, size, _ in new], dtype="int32").reshape(-1, 2)
+    digest_array[start:] = np.array([digest for _, _, digest in new], dtype=object).astype(str)
 
 
 class FeatureStore:
@@ -296,7 +371,8 @@ class FeatureStore:
         row; an indexed key given with another size or digest is refused (`check_identities`),
         so a name reused for other pixels is never served the old row's features. New rows are
         written past the committed `count`, then `count` is raised: a kill in between leaves
-        rows that the next call simply overwrites.
+        rows that the next call simply overwrites. On S3 the registration is also a
+        compare-and-swap (`_register_conditionally`).
         """
         node = f"{dataset}/{IMAGES}"
         # waited for, so concurrent shards queue here instead of failing
@@ -306,51 +382,84 @@ class FeatureStore:
                 with self.staged({"count": 0}) as (staged, group):
                     create_index_arrays(group)
                     self.publish(staged, node)
+            conditional = self._object_backend().conditional_store(node) if self.remote else None
+            if conditional is not None:
+                return self._register_conditionally(dataset, node, keys, sizes, digests, conditional)
             group = self.group(node)
             self.check_identities(dataset, keys, sizes, digests)
             rows = self.image_rows(dataset)
-            digests = list(digests) if digests is not None else [""] * len(keys)
-            new = [(key, size, digest) for key, size, digest in zip(keys, sizes, digests) if key not in rows]
+            new = _new_rows(rows, keys, sizes, digests)
             if new:
                 start = len(rows)
-                if "digest" not in group:  # an index of an earlier version: the column is added
-                    create_digest_array(group, int(group["key"].shape[0]))
-                key_array, size_array = writable(group["key"]), writable(group["size"])
-                digest_array = writable(group["digest"])
-                for array, shape in ((key_array, (start + len(new),)), (size_array, (start + len(new), 2)),
-                                     (digest_array, (start + len(new),))):
-                    array.resize(shape)
-                key_array[start:] = np.array([key for key, _, _ in new], dtype=object).astype(str)
-                size_array[start:] = np.array([size for _, size, _ in new], dtype="int32").reshape(-1, 2)
-                digest_array[start:] = np.array([digest for _, _, digest in new], dtype=object).astype(str)
+                _append_rows(group, start, new)
                 group.attrs["count"] = start + len(new)  # the commit mark of these rows
                 rows.update({key: start + i for i, (key, _, _) in enumerate(new)})
             return rows
+
+    def _register_conditionally(self, dataset: str, node: str, keys: Sequence[str],
+                                sizes: Sequence[tuple[int, int]], digests: Sequence[str] | None,
+                                store: zarr.abc.store.Store) -> dict[str, int]:
+        """`register_images` on S3 as a compare-and-swap over the index's objects.
+
+        The lease keeps live writers apart, but a writer stalled past its lease (or two that
+        took over one stale lease at once) could still write the index from what it read before
+        the other's registration, and un-index the other's images. So every write of the
+        registration is conditional (`backends.conditional`): `store` knows the ETag of each
+        index object as listed before anything was read, and the server refuses a write to an
+        object changed since. The registration first claims the index by rewriting the group's
+        zarr.json with a unique `registration` mark (If-Match the listed version), then writes
+        its rows past `count` (each chunk and array metadata If-Match what it saw), and commits
+        by rewriting zarr.json with the new `count` and without the mark (If-Match its claim).
+        Of two registrations that overlap, the later claim makes the earlier's commit fail, and
+        a chunk written by the one after the other listed it fails the other's write: a commit
+        that succeeds commits rows nobody overwrote. A refused write (`Conflict`) starts over
+        from a fresh listing and reading (the rows another writer committed meanwhile are
+        merged: its keys keep its rows, ours follow), at most `_INDEX_TRIES` times.
+        """
+        from .backends.conditional import Conflict  # imported with the object backend it serves, as `backend_for` does
+
+        for attempt in range(_INDEX_TRIES):
+            if attempt:  # a fresh listing of the versions, after a pause that spreads the retries
+                time.sleep(random.uniform(0.05, 0.2) * attempt)
+                store = self._object_backend().conditional_store(node)
+            try:
+                group = zarr.open_group(store=store, mode="r+", use_consolidated=False)
+                _check_identities(group, self.path, dataset, keys, sizes, digests)
+                rows = _committed_rows(group)
+                new = _new_rows(rows, keys, sizes, digests)
+                if not new:
+                    return rows
+                start = len(rows)
+                attrs = {name: value for name, value in group.attrs.asdict().items() if name != _CLAIM}
+                group.attrs.put({**attrs, _CLAIM: uuid.uuid4().hex})  # the claim: later commits of others fail
+                _append_rows(group, start, new)
+                group.attrs.put({**attrs, "count": start + len(new)})  # the commit, If-Match our claim
+            except Conflict:
+                continue
+            except (DitfError, OSError):
+                raise
+            except Exception as exc:  # zarr raises several types for a damaged node (as `reads` says)
+                raise DitfError(f"store {self.path}: the image index is damaged ({reason(exc)}): "
+                                "run `ditf doctor --repair`") from exc
+            rows.update({key: start + i for i, (key, _, _) in enumerate(new)})
+            return rows
+        raise DitfError(f"the image index of {dataset} in {self.path} kept changing under this writer "
+                        f"({_INDEX_TRIES} tries to register {len(keys)} images): rerun")
 
     @reads("the image index")
     def image_rows(self, dataset: str) -> dict[str, int]:
         """image key -> row of every committed row of the dataset's index."""
         group = self.group(f"{dataset}/{IMAGES}")
-        if group is None or "key" not in group:
-            return {}
-        count = legacy.committed_rows(group)
-        keys = group["key"][:count] if count else []
-        return {str(key): row for row, key in enumerate(keys)}
+        return {} if group is None else _committed_rows(group)
 
     @reads("the image index")
     def image_identities(self, dataset: str) -> dict[str, tuple[tuple[int, int], str]]:
         """image key -> ((width, height), pixel digest) of every committed row; the digest is ""
         where none was recorded (rows written before the index had the column)."""
         group = self.group(f"{dataset}/{IMAGES}")
-        if group is None or "key" not in group:
-            return {}
-        count = legacy.committed_rows(group)
-        if not count:
-            return {}
-        keys, sizes = group["key"][:count], group["size"][:count]
-        digests = group["digest"][:count] if "digest" in group and group["digest"].shape[0] >= count else [""] * count
-        return {str(key): ((int(size[0]), int(size[1])), str(digest)) for key, size, digest in zip(keys, sizes, digests)}
+        return {} if group is None else _identities(group)
 
+    @reads("the image index")
     def check_identities(self, dataset: str, keys: Sequence[str], sizes: Sequence[tuple[int, int]],
                          digests: Sequence[str] | None = None) -> None:
         """Refuse an indexed image key given now with other pixels (another size, or another digest
@@ -361,19 +470,9 @@ class FeatureStore:
         DitfError
             Naming the first such key, its stored and its current size.
         """
-        stored = self.image_identities(dataset)
-        digests = list(digests) if digests is not None else [""] * len(keys)
-        for key, size, digest in zip(keys, sizes, digests):
-            if key not in stored:
-                continue
-            (width, height), known = stored[key]
-            if (width, height) != tuple(size) or (known and digest and known != digest):
-                what = (f"stored {width}x{height}, now {size[0]}x{size[1]}" if (width, height) != tuple(size)
-                        else f"both {width}x{height}, other pixels")
-                raise DitfError(
-                    f"image {key!r} of {dataset} in {self.path} was extracted from another image ({what}): its "
-                    f"stored features are not this image's; give the new image another name or use another --store"
-                )
+        group = self.group(f"{dataset}/{IMAGES}")
+        if group is not None:
+            _check_identities(group, self.path, dataset, keys, sizes, digests)
 
     def image_key(self, dataset: str, row: int) -> str:
         """The key of one row (for error messages: a damaged image is named, not numbered)."""
@@ -499,27 +598,34 @@ class FeatureStore:
         `<node>%shards-of-N` shared and `<node>%shard-i-of-N` exclusively. `doing` names the run
         and ends in the preposition before the store ("extracting <key> into"). Each takes its own
         locks first and then checks the others' (`locks.is_free`), so of two runs that start at
-        once at least one is refused. Object stores have no shared locks: there, leases keep out
-        a second whole run and a second copy of one shard only.
+        once at least one is refused. On object stores (no shared locks) the same with leases: the
+        whole run holds the leases `<node>` and `<node>%whole`, shard i of N the lease
+        `<node>%shard-i-of-N`; each then checks for the others' live leases
+        (`ObjectBackend.live_leases`; an expired one is its dead holder's and does not count).
         """
         refusal = f"another process is {doing} {self.path}: wait for it to finish {advice}".rstrip()
         if shard is None:
-            with self.lock(node, refusal, wait):
-                if self.remote:
-                    yield
-                    return
-                with self.lock(f"{node}%whole", refusal):
-                    running = [f.name for f in self._shard_lock_files(node) if not locks.is_free(f)]
-                    if running:
-                        raise DitfError(f"shard jobs are {doing} {self.path} ({', '.join(running)}): "
-                                        "wait for them to finish, then rerun")
-                    yield
+            with self.lock(node, refusal, wait), self.lock(f"{node}%whole", refusal):
+                running = (self._object_backend().live_leases(f"{node}%shard-") if self.remote else
+                           [f.name for f in self._shard_lock_files(node) if not locks.is_free(f)])
+                if running:
+                    raise DitfError(f"shard jobs are {doing} {self.path} ({', '.join(running)}): "
+                                    "wait for them to finish, then rerun")
+                yield
             return
         index, count = shard.split("/")
         own = self.lock(f"{node}%shard-{index}-of-{count}",
                         f"another process is {doing} {self.path} (shard {shard}): wait for it to finish")
         if self.remote:
             with own:
+                backend = self._object_backend()
+                if backend.live_leases(f"{node}%whole"):
+                    raise DitfError(f"{refusal} (a run without --shard)")
+                others = [name for name in backend.live_leases(f"{node}%shard-")
+                          if not name.removesuffix(".lease").endswith(f"-of-{count}")]
+                if others:
+                    raise DitfError(f"shards of another count are {doing} {self.path} ({', '.join(others)}): "
+                                    f"every shard of one run must use the same N (--shard i/{count})")
                 yield
             return
         group = self.path / lock_path(f"{node}%shards-of-{count}")
@@ -531,6 +637,13 @@ class FeatureStore:
                 raise DitfError(f"shards of another count are {doing} {self.path} ({', '.join(others)}): "
                                 f"every shard of one run must use the same N (--shard i/{count})")
             yield
+
+    def _object_backend(self) -> ObjectBackend:
+        """This store's backend, known to be an object store (`self.remote`)."""
+        from .backends.object import ObjectBackend  # imported when used, as `backend_for` does
+
+        assert isinstance(self.backend, ObjectBackend)
+        return self.backend
 
     def _shard_lock_files(self, node: str) -> list[Path]:
         """The `%shards-of-N` lock files of `node` (one per shard count ever used)."""

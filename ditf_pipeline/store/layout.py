@@ -22,7 +22,7 @@ import hashlib
 from collections.abc import Sequence
 
 from ..core.keys import FeatureKey
-from .backends.base import ReadBackend
+from .backend_interface import ReadBackend
 
 __all__ = ["IMAGES", "LOCKS", "META", "PREDICTIONS", "PREDICTIONS_OF", "PROMPTS", "STAGING", "TRASH", "StoreLayout", "lock_path",
            "node_kind", "prediction_scope"]

@@ -24,7 +24,7 @@ from typing import Any
 from ..core.errors import DitfError
 from . import locks
 
-__all__ = ["LEASE_SECONDS", "ObjectLease", "check_held", "holder_gone"]
+__all__ = ["LEASE_SECONDS", "ObjectLease", "check_held", "holder_gone", "is_live"]
 
 #: the leases this process holds now (`check_held` runs before every object-store write)
 _active: set[ObjectLease] = set()
@@ -64,6 +64,16 @@ def holder_gone(host: object, pid: object) -> bool:
     except PermissionError:
         pass
     return False
+
+
+def is_live(raw: bytes) -> bool:
+    """Whether the lease object `raw` still holds: not expired, its holder not a dead process of
+    this host (a damaged lease counts as expired, as when it is taken over)."""
+    try:
+        lease = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(lease, dict) and not ObjectLease._stale(lease)
 
 
 class ObjectLease:

@@ -11,16 +11,12 @@ A writing command migrates a store in place (`migrate`): additive only, older da
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import zarr
 
 from ..core.errors import DitfError
 from .schema import SCHEMA_VERSION
-
-if TYPE_CHECKING:
-    from .feature_store import FeatureStore
+from .store_access import StoreAccess
 
 __all__ = ["MODULATION_OF_SCHEMA_1", "clear_half_setup", "committed_rows", "migrate", "unscoped_predictions",
            "writes_every_chunk"]
@@ -50,7 +46,7 @@ def unscoped_predictions(base: str, name: str) -> str:
     return f"{base}/{name}"
 
 
-def clear_half_setup(store: FeatureStore, group: zarr.Group, path: str) -> None:
+def clear_half_setup(store: StoreAccess, group: zarr.Group, path: str) -> None:
     """Remove a feature key that a schema-1 run left half set up (no `config` or no `complete`).
 
     Raises
@@ -65,7 +61,7 @@ def clear_half_setup(store: FeatureStore, group: zarr.Group, path: str) -> None:
     store.delete(path)
 
 
-def migrate(store: FeatureStore) -> list[str]:
+def migrate(store: StoreAccess) -> list[str]:
     """Bring an older store to the current schema in place (additive: older data stays as it is).
 
     Schema 2 added the image index's commit mark (`count`, set to today's rows); schema-1

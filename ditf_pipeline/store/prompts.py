@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
@@ -18,9 +17,7 @@ import zarr
 from .failures import writes
 from .layout import PROMPTS
 from .schema import create_prompt_arrays, jsonable
-
-if TYPE_CHECKING:
-    from .feature_store import FeatureStore
+from .store_access import StoreAccess
 
 __all__ = ["PromptCache", "prompt_cache_path"]
 
@@ -41,7 +38,7 @@ def prompt_cache_path(model: str, identity: Mapping) -> str:
 class PromptCache:
     """Encoded prompts of one model in one store."""
 
-    def __init__(self, store: FeatureStore, path: str, identity: Mapping) -> None:
+    def __init__(self, store: StoreAccess, path: str, identity: Mapping) -> None:
         self.store = store
         self.path = path
         self.identity = identity

@@ -1,6 +1,7 @@
 """Where a store lives: the backend interface, its implementations and `--store` parsing.
 
-`base` declares the interface (`ReadBackend`, `Backend`); `local` (a folder, NFS included) and
+The interface (`ReadBackend`, `Backend`) is declared one level down, in `store.backend_interface`
+(the layout walker and the fault injector use it too, without importing any backend); `local` (a folder, NFS included) and
 `object` (S3, GCS, Azure through fsspec) implement it; `published` (HTTP(S), the Hugging Face
 Hub) implements `ReadBackend` only; `locations` parses a `--store` value.
 `backend_for` picks the implementation for a parsed location.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import AnnouncingStore, Backend, ReadBackend, WriteHook
+from ..backend_interface import AnnouncingStore, Backend, ReadBackend, WriteHook
 from .locations import is_read_only, is_remote, local_beside, store_location
 
 __all__ = ["AnnouncingStore", "Backend", "ReadBackend", "WriteHook", "backend_for", "is_read_only", "is_remote", "local_beside",

@@ -18,7 +18,7 @@ from zarr.storage import LocalStore
 
 from ...core.errors import DitfError
 from .. import faults, layout, locks
-from .base import AnnouncingStore, WriteHook
+from ..backend_interface import AnnouncingStore, WriteHook
 
 __all__ = ["LocalBackend", "stray_roots"]
 
@@ -81,7 +81,7 @@ class LocalBackend:
     remote = False
 
     def __init__(self, path: Path, *, on_write: WriteHook | None = None) -> None:
-        """`on_write` is told of every write before it happens (see `backends.base`)."""
+        """`on_write` is told of every write before it happens (see `backend_interface`)."""
         self.path = path
         self.on_write = on_write
 

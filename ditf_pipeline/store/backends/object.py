@@ -3,7 +3,8 @@
 Object stores have single-object atomic puts but no directory rename and no locks, so a node is
 published by copying its staged objects into place and writing the node's own zarr.json last (a
 node without it is absent to every reader, and the next publish clears the leftovers); a removal
-deletes that zarr.json first. Writers hold leases (`leases.ObjectLease`).
+deletes that zarr.json first. Writers hold leases (`leases.ObjectLease`); on S3 the image index is
+registered by compare-and-swap (`conditional`, `FeatureStore._register_conditionally`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from zarr.storage import FsspecStore
 from ...core.errors import DitfError
 from .. import faults, layout
 from ..failures import reason
-from ..leases import LEASE_SECONDS, ObjectLease, holder_gone
-from .base import AnnouncingStore, WriteHook
+from ..leases import LEASE_SECONDS, ObjectLease, holder_gone, is_live
+from ..backend_interface import AnnouncingStore, WriteHook
+from .conditional import ConditionalStore
 from .locations import OBJECT_SCHEMES
 
 __all__ = ["ObjectBackend"]
@@ -49,7 +51,7 @@ class ObjectBackend:
     remote = True
 
     def __init__(self, url: str, *, on_write: WriteHook | None = None) -> None:
-        """`on_write` is told of every write before it happens (see `backends.base`).
+        """`on_write` is told of every write before it happens (see `backend_interface`).
 
         Raises
         ------
@@ -132,6 +134,25 @@ class ObjectBackend:
         options = {"use_listings_cache": False, "skip_instance_cache": True}
         store: Store = faults.wrap(FsspecStore.from_url(self.where(rel), storage_options=options, read_only=read_only))
         return store if read_only or self.on_write is None else AnnouncingStore(store, self.on_write)
+
+    def conditional_store(self, rel: str) -> Store | None:
+        """A zarr store rooted at `rel` whose every write is compare-and-swap against the objects
+        that are there now (`conditional.ConditionalStore`: the versions are listed first); None
+        where the object store's fsspec backend passes no conditions (all but S3)."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        if "s3" not in protocols:
+            return None
+        prefix = self.key(rel)
+        try:
+            found = self.call("list", self.fs.find, prefix, detail=True)
+        except FileNotFoundError:
+            found = {}
+        versions = {name[len(prefix) + 1:]: str(info["ETag"]) for name, info in found.items()
+                    if name.startswith(prefix + "/") and info.get("ETag")}
+        base = FsspecStore.from_url(self.where(rel), storage_options={"use_listings_cache": False,
+                                                                      "skip_instance_cache": True})
+        store: Store = faults.wrap(ConditionalStore(fs=base.fs, path=base.path, versions=versions))
+        return store if self.on_write is None else AnnouncingStore(store, self.on_write)
 
     def root_problem(self, read_only: bool) -> str | None:
         bucket = self.root.split("/", 1)[0]
@@ -238,6 +259,24 @@ class ObjectBackend:
         rel = rel.removesuffix(".lock") + ".lease"
         return ObjectLease(fs=self.fs, key=self.key(rel), name=f"{self.url}#{rel}", call=self.call,
                            refusal=refusal, wait=wait).held()
+
+    def live_leases(self, prefix: str) -> list[str]:
+        """The live leases whose node names begin with `prefix` (as `lock` is given them, before
+        `layout.lock_path`), by object name: how a run sees which runs of the same node hold
+        theirs (a shard job the whole-key run, and the other way round)."""
+        stem = layout.lock_path(prefix).removesuffix(".lock")
+        folder, name = stem.rsplit("/", 1)
+        live = []
+        for entry in self.list(folder):
+            if not (entry.startswith(name) and entry.endswith(".lease")):
+                continue
+            try:
+                raw = self.call("read", self.fs.cat_file, self.key(f"{folder}/{entry}"))
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if is_live(raw):
+                live.append(entry)
+        return live
 
     def metadata_nodes(self) -> list[str]:
         nodes = []
