@@ -252,7 +252,7 @@ def match_block(
     The same code as a local `predict` (`predict.block_matcher`: float16 feature cache, one
     intra-op thread), so the bits are the same.
     """
-    from ..match.matchers import resolve_match_device
+    from ..match.device import resolve_match_device
     from ..match.paper import paper_matching
     from ..match.predict import block_matcher, run_blocks
 

@@ -47,7 +47,11 @@ from .features import (
     variant_names,
 )
 from .fusion import PairFusion, parse_fuse
-from .matchers import ByteLRU, make_matcher, one_intra_op_thread, resolve_match_device, split_pixels
+from .cache import ByteLRU
+from .device import resolve_match_device
+from .dift import split_pixels
+from .matchers import make_matcher
+from .threads import one_intra_op_thread
 from ..core.settings import FEATURE_CACHE_BYTES, MatchSettings
 from .paper import PaperDiftMatcher, paper_feature, paper_matching
 from .pool import BlockRunner, WorkerPool

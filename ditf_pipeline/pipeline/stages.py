@@ -117,7 +117,7 @@ def _match_video(store, dataset, model, k, t, settings, overwrite, progress) -> 
 def _match_homography(store, dataset, model, k, t, settings, overwrite, progress) -> StageReport:
     from ..core.progress import progress as progress_display
     from ..match.homography import match_pair
-    from ..match.matchers import resolve_match_device
+    from ..match.device import resolve_match_device
 
     start = time.perf_counter()
     device = str(resolve_match_device(settings.device))
