@@ -202,12 +202,16 @@ def write_spair_layout(root: Path, data: SyntheticPairs) -> None:
         (folder / f"{pair.pair_id}-{src}-{trg}:{category}.json").write_text(json.dumps(record))
 
 
-def run_process(command: list[str]) -> dict:
+def run_process(command: list[str], code: Path | None = None) -> dict:
     """One `ditf` command as a child process: its CPU seconds (with its waited-for worker
-    processes: Linux's wait4 reports both), wall seconds and largest RSS of any of them."""
+    processes: Linux's wait4 reports both), wall seconds and largest RSS of any of them. With
+    `code`, the `ditf_pipeline` package is imported from that folder (an older checkout)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])])
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # run from the file system root: a `python -c` worker would otherwise find ./ditf_pipeline first
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -224,28 +228,45 @@ def process_mode(args, data: SyntheticPairs, store: Path, root: Path) -> dict:
 
     write_spair_layout(root, data)
     ditf = [sys.executable, "-m", "ditf_cli.main"] if args.module else [str(Path(sys.executable).with_name("ditf"))]
+    # with --baseline, each measurement runs the older code and this one back to back, so that
+    # both see the same load of a shared machine
+    codes = [("baseline", args.baseline), ("this", None)] if args.baseline else [("this", None)]
     runs, speedups = [], {}
+    predictions = {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         for jobs in [int(j) for j in args.jobs.split(",")]:
-            with FeatureStore(store) as opened:  # every run detects (and stores) the channels itself
-                opened.open_features(data.name, "flux", 28, 260).group.attrs.pop("massive_channels", None)
-            command = [*ditf, "match", "-m", "flux", "-d", "spair", "--data-root", str(root), "-s", str(store),
-                       "--k", "28", "--t", "260", "-v", variant, "--jobs", str(jobs), "--device", "cpu", "-q"]
-            full = run_process([*command, "--overwrite"])
-            startup = run_process(command)  # everything is done: start-up, parsing and checks only
-            pairs = len(data.pairs())
-            run = {"variant": variant, "jobs": jobs, "pairs": pairs, **full, "startup_cpu_s": startup["cpu_s"],
-                   "startup_wall_s": startup["wall_s"],
-                   "cpu_ms_per_pair": 1000 * (full["cpu_s"] - startup["cpu_s"]) / pairs,
-                   "wall_ms_per_pair": 1000 * (full["wall_s"] - startup["wall_s"]) / pairs}
-            runs.append(run)
-            print(f"{variant:14s} jobs={jobs}: {run['cpu_ms_per_pair']:.2f} ms CPU/pair (start-up {startup['cpu_s']:.1f} s "
-                  f"excluded), {full['wall_s']:.1f} s wall, largest process {full['peak_rss_mib']:.0f} MiB")
-        by_jobs = {r["jobs"]: r["wall_s"] - r["startup_wall_s"] for r in runs if r["variant"] == variant}
-        if 1 in by_jobs and 2 in by_jobs:
-            speedups[variant] = by_jobs[1] / by_jobs[2]
-            print(f"{variant:14s} wall-clock speed-up 1 -> 2 jobs (start-up excluded): {speedups[variant]:.2f}x")
-    return {"mode": "process", "runs": runs, "speedup_1_to_2_jobs": speedups}
+            for name, code in codes:
+                with FeatureStore(store) as opened:  # every run detects (and stores) the channels itself
+                    opened.open_features(data.name, "flux", 28, 260).group.attrs.pop("massive_channels", None)
+                command = [*ditf, "match", "-m", "flux", "-d", "spair", "--data-root", str(root), "-s", str(store),
+                           "--k", "28", "--t", "260", "-v", variant, "--jobs", str(jobs), "--device", "cpu", "-q"]
+                full = run_process([*command, "--overwrite"], code)
+                startup = run_process(command, code)  # everything is done: start-up, parsing and checks only
+                with FeatureStore(store) as opened:
+                    from ditf_pipeline.core.settings import MatchSettings
+
+                    read = opened.open_predictions((data.name, "flux", 28, 260), MatchSettings(variant=variant).name).read()
+                same = predictions.setdefault(variant, read).keys() == read.keys() and all(
+                    np.array_equal(predictions[variant][key], value, equal_nan=True) for key, value in read.items())
+                pairs = len(data.pairs())
+                run = {"code": name, "variant": variant, "jobs": jobs, "pairs": pairs, **full,
+                       "startup_cpu_s": startup["cpu_s"], "startup_wall_s": startup["wall_s"],
+                       "cpu_ms_per_pair": 1000 * (full["cpu_s"] - startup["cpu_s"]) / pairs,
+                       "wall_ms_per_pair": 1000 * (full["wall_s"] - startup["wall_s"]) / pairs,
+                       "predictions_equal_first_run": same}
+                runs.append(run)
+                print(f"{name:8s} {variant:10s} jobs={jobs}: {run['cpu_ms_per_pair']:.2f} ms CPU/pair (start-up "
+                      f"{startup['cpu_s']:.1f} s excluded), {full['wall_s']:.1f} s wall, largest process "
+                      f"{full['peak_rss_mib']:.0f} MiB, predictions equal to the first run: {same}")
+        for name, _ in codes:
+            by_jobs = {r["jobs"]: r["wall_s"] - r["startup_wall_s"] for r in runs
+                       if r["variant"] == variant and r["code"] == name}
+            if 1 in by_jobs and 2 in by_jobs:
+                speedups[f"{name} {variant}"] = by_jobs[1] / by_jobs[2]
+                print(f"{name:8s} {variant:10s} wall-clock speed-up 1 -> 2 jobs (start-up excluded): "
+                      f"{speedups[f'{name} {variant}']:.2f}x")
+    return {"mode": "process", "baseline": str(args.baseline) if args.baseline else None, "runs": runs,
+            "speedup_1_to_2_jobs": speedups}
 
 
 def main() -> None:
@@ -260,6 +281,8 @@ def main() -> None:
     parser.add_argument("--ceiling", action="store_true", help="also two independent 1-job halves at once")
     parser.add_argument("--process", action="store_true", help="the whole `ditf match` process (see above)")
     parser.add_argument("--module", action="store_true", help="--process: run `python -m ditf_cli.main`, not `ditf`")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="--process: also run the ditf_pipeline package of this folder (an older checkout), side by side")
     parser.add_argument("--one", nargs=3, metavar=("STORE", "VARIANT", "JOBS"), help=argparse.SUPPRESS)
     parser.add_argument("--half", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -128,11 +128,18 @@ class DiftMatcher:
         per_pass = min(n, per_pass)
         scores = self._scratch.get("scores", per_pass * height * width, torch.float32, trg.device)
         best = torch.empty(n, dtype=torch.long, device=trg.device)
+        on_cpu = trg.device.type == "cpu"
         for start in range(0, n, per_pass):
             stop = min(n, start + per_pass)
             plane = scores[: (stop - start) * height * width].view(stop - start, 1, height, width)
             torch._C._nn.upsample_bilinear2d(dots[start:stop], (height, width), False, None, None, out=plane)
-            torch.argmax(plane.view(stop - start, -1).mul_(inverse_norm), dim=1, out=best[start:stop])
+            cosine = plane.view(stop - start, -1).mul_(inverse_norm)
+            if on_cpu:
+                # numpy's argmax is the same rule (first maximum; a NaN counts as the maximum, as
+                # in torch) but SIMD-vectorised: about 14x faster than torch.argmax on one core
+                np.argmax(cosine.numpy(), axis=1, out=best.numpy()[start:stop])
+            else:
+                torch.argmax(cosine, dim=1, out=best[start:stop])
         return best
 
     def _best_pixels_pruned(self, source_vectors: torch.Tensor, trg: torch.Tensor, trg_size: ImageSize,
