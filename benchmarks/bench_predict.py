@@ -227,7 +227,8 @@ def process_mode(args, data: SyntheticPairs, store: Path, root: Path) -> dict:
     from ditf_pipeline.store.feature_store import FeatureStore
 
     write_spair_layout(root, data)
-    ditf = [sys.executable, "-m", "ditf_cli.main"] if args.module else [str(Path(sys.executable).with_name("ditf"))]
+    script = Path(sys.executable).with_name("ditf")  # the installed command, as a user runs it
+    ditf = [str(script)] if script.exists() and not args.module else [sys.executable, "-m", "ditf_cli.main"]
     # with --baseline, each measurement runs the older code and this one back to back, so that
     # both see the same load of a shared machine
     codes = [("baseline", args.baseline), ("this", None)] if args.baseline else [("this", None)]
