@@ -43,18 +43,10 @@ import torch
 
 from ..datasets.base import Dataset, Pair
 from ..core.errors import DitfError
-from .features import (
-    MASSIVE_RATIO,
-    USES_CHANNELS,
-    VECTORS_USED,
-    ChannelMeans,
-    check_variant_applies,
-    compute_feature,
-    variant_names,
-)
+from .features import USES_CHANNELS, VECTORS_USED, ChannelMeans, compute_feature  # noqa: F401  (ChannelMeans: re-exported)
 from .fusion import PairFusion, parse_fuse
+from .inputs import MatchInputs, check_features, default_jobs, open_inputs, resolve_channels  # noqa: F401  (re-exported)
 from .cache import ByteLRU
-from .device import resolve_match_device
 from .dift import split_pixels
 from .matchers import make_matcher
 from ..core.settings import FEATURE_CACHE_BYTES, MatchSettings
@@ -62,9 +54,7 @@ from .paper import PaperDiftMatcher, paper_feature, paper_matching
 from .executors import Executor, InThreadExecutor, WorkerPoolExecutor, run_blocks  # noqa: F401  (run_blocks: re-exported)
 from .plan import MatchPlan
 from .pool import BlockRunner, WorkerPool
-from ..core.shards import Shard
 from ..store.feature_store import FeatureArrays, FeatureStore, prediction_scope
-from ..validate import unknown
 
 #: pairs committed together (one zarr chunk of predictions); DITF_MATCH_BLOCK makes blocks
 #: small so that crash tests see several of them
@@ -79,14 +69,6 @@ POOL_MIN_PAIRS = int(os.environ.get("DITF_MATCH_POOL_MIN_PAIRS") or 512)
 VARIANT_ROWS = 8
 
 
-def default_jobs() -> int:
-    """The cores this process may run on (``--jobs`` default)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 @dataclass
 class MatchReport:
     key: str
@@ -96,45 +78,6 @@ class MatchReport:
     channels: list[int]
     seconds: float
     workers: int = 1  # how many matched (more jobs start workers only for enough pairs: `POOL_MIN_PAIRS`)
-
-
-def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list[int]:
-    """`--channels`: explicit indices, or "auto": the 100x-median criterion on cached z.
-
-    "auto" reads the channels stored in the key (`ditf analyze` or an earlier match wrote them);
-    otherwise it detects them once, on the first `sample` complete images with a running
-    per-channel mean (one image in memory at a time), and stores them in the key with how they
-    were found, so every later match of the key reuses the same set without re-reading images.
-    A read-only store gets the detection without the write.
-    """
-    spec = spec.strip()
-    if spec == "auto":
-        if arrays.massive_channels is not None:
-            return arrays.massive_channels
-        rows = np.flatnonzero(arrays.complete())[:sample]
-        if len(rows) == 0:
-            return []
-        means = ChannelMeans(arrays.hidden_size)
-        for row in rows:
-            means.add(arrays.read_image(int(row), vectors=())[0])
-        channels = means.massive(MASSIVE_RATIO)
-        info = {"criterion": f"mean |z| over tokens > {MASSIVE_RATIO:g} x median of the channel means",
-                "images": int(len(rows)), "tokens": int(means.tokens), "by": "ditf match --channels auto"}
-        try:
-            arrays.set_massive_channels(channels, info)
-        except (DitfError, OSError, PermissionError, ValueError):
-            pass  # a read-only store: detect again next time
-        return channels
-    if spec in ("", "none"):
-        return []
-    try:
-        channels = sorted({int(part) for part in spec.split(",") if part.strip()})
-    except ValueError:
-        raise DitfError(f"--channels must be 'auto', 'none' or comma-separated integers, got {spec!r}") from None
-    bad = [c for c in channels if not 0 <= c < arrays.hidden_size]
-    if bad:  # checked here, before a rerun with --overwrite deletes anything
-        raise DitfError(f"--channels {bad[0]} is out of range: the features have channels 0..{arrays.hidden_size - 1}")
-    return channels
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -318,16 +261,6 @@ class WorkerBlockMatcher:
         return block_matcher(arrays, self.rows, self.settings, self.channels, self.paper, torch.device("cpu"))
 
 
-def check_features(pairs: Sequence[Pair], rows: dict[str, int], arrays: FeatureArrays) -> None:
-    complete = arrays.complete()
-    missing = sorted({key for p in pairs for key in (p.src_key, p.trg_key) if key not in rows or not complete[rows[key]]})
-    if missing:
-        raise DitfError(
-            f"{len(missing)} image(s) of the pairs have no features in {arrays.path} (e.g. {missing[0]}): "
-            "run `ditf extract` with the same dataset and split first"
-        )
-
-
 def open_fusion(store: FeatureStore, dataset: Dataset, rows: dict[str, int], pairs: Sequence[Pair], fuse: str,
                 pca_dim: int, device: str | torch.device = "cpu") -> PairFusion:
     """The `--fuse MODEL` partner: its raw features in the same store, checked for every image of the
@@ -340,48 +273,6 @@ def open_fusion(store: FeatureStore, dataset: Dataset, rows: dict[str, int], pai
     check_features(pairs, rows, arrays)
     return PairFusion(model=model, k=k, t=t, pca_dim=pca_dim, other=FeatureCache(arrays, rows, "raw", [], device=device),
                       config=arrays.config)
-
-
-@dataclass(frozen=True)
-class MatchInputs:
-    """What `predict` checked before any work: the feature arrays, image rows and pairs of the
-    dataset, the matching device and how many jobs may match."""
-
-    feature_key: tuple[str, str, int, int]
-    arrays: FeatureArrays
-    rows: dict[str, int]
-    pairs: list[Pair]
-    device: torch.device
-    jobs: int
-    shard: Shard
-
-
-def open_inputs(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings: MatchSettings,
-                overwrite: bool = False) -> MatchInputs:
-    """Every check of the request that needs no write, in the order the user meets them."""
-    part = Shard.parse(settings.shard)
-    if overwrite and not part.whole:
-        raise DitfError("--overwrite with --shard would let one shard delete another's predictions: "
-                        "run `ditf match --overwrite` once without --shard (or not at all), then the shards")
-    device = resolve_match_device(settings.device)
-    if settings.jobs is not None and int(settings.jobs) < 1:
-        raise DitfError(f"--jobs must be at least 1, got {settings.jobs}")
-    if settings.variant not in variant_names():
-        raise unknown("variant", settings.variant, variant_names())
-    make_matcher(settings.protocol)  # validates the protocol name before any work
-    if dataset.task != "pairs":
-        raise DitfError(f"dataset {dataset.name} is a {dataset.task} benchmark, not keypoint pairs")
-    arrays = store.open_features(dataset.name, model, k, t)
-    rows = store.image_rows(dataset.name)
-    pairs = dataset.pairs()
-    if not pairs:
-        raise DitfError(f"dataset {dataset.name} at {dataset.root} has no pairs")
-    check_features(pairs, rows, arrays)
-    check_variant_applies(settings.variant, bool(arrays.modulation_names))
-    # one job on a GPU (the device is the parallel part) and with --fuse (its partner's cache is
-    # opened in this process, not in the workers)
-    jobs = 1 if device.type != "cpu" or settings.fuse else max(1, int(settings.jobs or default_jobs()))
-    return MatchInputs((dataset.name, model, k, t), arrays, rows, list(pairs), device, jobs, part)
 
 
 def plan_match(store: FeatureStore, dataset: Dataset, inputs: MatchInputs, settings: MatchSettings,

@@ -41,7 +41,8 @@ class StageReport:
 def _features(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings: MatchSettings):
     """(arrays, rows, channels, key -> variant feature) for the non-pair drivers."""
     from ..match.features import USES_CHANNELS, variant_names
-    from ..match.predict import FeatureCache, resolve_channels
+    from ..match.inputs import resolve_channels
+    from ..match.predict import FeatureCache
 
     if settings.variant not in variant_names():
         from ..validate import unknown
