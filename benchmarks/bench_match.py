@@ -52,17 +52,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ditf_pipeline.datasets.base import Pair  # noqa: E402
-from ditf_pipeline.match.matchers import (  # noqa: E402
-    DiftMatcher,
-    GeoAwareMatcher,
-    _integer_keypoints,
-    faiss_gpus,
+from ditf_pipeline.match.device import (  # noqa: E402
     faiss_gpu_search,
+    faiss_gpus,
     mutual_nearest_neighbours,
     nearest_neighbours,
-    upsampled_norms,
-    upsampled_vectors,
 )
+from ditf_pipeline.match.dift import DiftMatcher  # noqa: E402
+from ditf_pipeline.match.geoaware import GeoAwareMatcher  # noqa: E402
+from ditf_pipeline.match.grids import integer_keypoints as _integer_keypoints  # noqa: E402
+from ditf_pipeline.match.taps import upsampled_norms, upsampled_vectors  # noqa: E402
 from ditf_pipeline.score.pck import pck  # noqa: E402
 
 N_PAIRS, N_IMAGES, N_CATEGORIES, CHANNELS = 12_234, 481, 18, 3072

@@ -17,6 +17,16 @@ map them, so the PSS sum is the memory the run takes.
 
     python benchmarks/bench_predict.py [--scale 0.25] [--jobs 1,2] [--variants raw,adaln+cd] [--ceiling] [--json PATH]
 
+`--process` measures instead the whole `ditf match` command as a user runs it: a synthetic
+SPair-layout dataset (pair JSONs) and store (default --scale 0.25: ~120 images, ~3,000 pairs,
+3072 channels float16, 18 categories) on disk, `ditf match -v VARIANT --jobs N --overwrite` run
+as a subprocess, its CPU seconds from the child's rusage (its worker processes included) minus
+those of a start-up run (the same command once the predictions are done: interpreter, imports,
+dataset parsing, checks, nothing to match), wall clock for each --jobs, and the peak RSS of
+the largest process (one worker). Reads, checksums, channel detection and variants count.
+
+    python benchmarks/bench_predict.py --process [--scale 0.25] [--jobs 1,2] [--variants raw,adaln+cd] [--json PATH]
+
 `--ceiling` also runs, per variant, two independent one-job processes at the same time, each on
 one contiguous half of the pairs: the best a 2-job run could do on this machine (nothing
 shared, no start-up, no tail), so the 1 -> 2 jobs speed-up can be read against it.
@@ -76,12 +86,12 @@ class SyntheticPairs:
         return self._pairs
 
 
-def build_store(path: Path, data: SyntheticPairs) -> None:
+def build_store(path: Path, data: SyntheticPairs, model: str = "synthetic") -> None:
     from ditf_pipeline.store.feature_store import FeatureStore
 
     store = FeatureStore(path)
     rows = store.register_images(data.name, [im["key"] for im in data.images], [im["size"] for im in data.images])
-    arrays = store.open_features(data.name, "synthetic", 28, 260, config={"model": "synthetic"}, n_images=len(rows),
+    arrays = store.open_features(data.name, model, 28, 260, config={"model": model}, n_images=len(rows),
                                  grid_max=(40, 40), hidden_size=CHANNELS,
                                  modulation_names=["shift_t", "scale_t", "gate_t", "shift_c", "scale_c", "gate_c"])
     complete = arrays.complete()
@@ -178,6 +188,88 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def write_spair_layout(root: Path, data: SyntheticPairs) -> None:
+    """`data` as an SPair-71k test split on disk (pair JSONs only: matching reads no image)."""
+    folder = root / "PairAnnotation" / "test"
+    folder.mkdir(parents=True, exist_ok=True)
+    for pair in data.pairs():
+        category, src, trg = pair.category, pair.src_key.split("/")[1], pair.trg_key.split("/")[1]
+        width, height = pair.trg_size
+        record = {"category": category, "src_imname": f"{src}.jpg", "trg_imname": f"{trg}.jpg",
+                  "src_imsize": [*pair.src_size, 3], "trg_imsize": [width, height, 3],
+                  "trg_bndbox": [0, 0, width - 1, height - 1],
+                  "src_kps": pair.src_kps.astype(int).tolist(), "trg_kps": pair.trg_kps.astype(int).tolist()}
+        (folder / f"{pair.pair_id}-{src}-{trg}:{category}.json").write_text(json.dumps(record))
+
+
+def run_process(command: list[str], code: Path | None = None) -> dict:
+    """One `ditf` command as a child process: its CPU seconds (with its waited-for worker
+    processes: Linux's wait4 reports both), wall seconds and largest RSS of any of them. With
+    `code`, the `ditf_pipeline` package is imported from that folder (an older checkout)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])])
+    start = time.perf_counter()
+    # run from the file system root: a `python -c` worker would otherwise find ./ditf_pipeline first
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    err = process.stderr.read().decode()
+    process.stderr.close()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{err[-3000:]}")
+    return {"cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def process_mode(args, data: SyntheticPairs, store: Path, root: Path) -> dict:
+    """`--process`: the whole `ditf match` per (variant, jobs), start-up subtracted."""
+    from ditf_pipeline.store.feature_store import FeatureStore
+
+    write_spair_layout(root, data)
+    script = Path(sys.executable).with_name("ditf")  # the installed command, as a user runs it
+    ditf = [str(script)] if script.exists() and not args.module else [sys.executable, "-m", "ditf_cli.main"]
+    # with --baseline, each measurement runs the older code and this one back to back, so that
+    # both see the same load of a shared machine
+    codes = [("baseline", args.baseline), ("this", None)] if args.baseline else [("this", None)]
+    runs, speedups = [], {}
+    predictions = {}
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        for jobs in [int(j) for j in args.jobs.split(",")]:
+            for name, code in codes:
+                with FeatureStore(store) as opened:  # every run detects (and stores) the channels itself
+                    opened.open_features(data.name, "flux", 28, 260).group.attrs.pop("massive_channels", None)
+                command = [*ditf, "match", "-m", "flux", "-d", "spair", "--data-root", str(root), "-s", str(store),
+                           "--k", "28", "--t", "260", "-v", variant, "--jobs", str(jobs), "--device", "cpu", "-q"]
+                full = run_process([*command, "--overwrite"], code)
+                startup = run_process(command, code)  # everything is done: start-up, parsing and checks only
+                with FeatureStore(store) as opened:
+                    from ditf_pipeline.core.settings import MatchSettings
+
+                    read = opened.open_predictions((data.name, "flux", 28, 260), MatchSettings(variant=variant).name).read()
+                same = predictions.setdefault(variant, read).keys() == read.keys() and all(
+                    np.array_equal(predictions[variant][key], value, equal_nan=True) for key, value in read.items())
+                pairs = len(data.pairs())
+                run = {"code": name, "variant": variant, "jobs": jobs, "pairs": pairs, **full,
+                       "startup_cpu_s": startup["cpu_s"], "startup_wall_s": startup["wall_s"],
+                       "cpu_ms_per_pair": 1000 * (full["cpu_s"] - startup["cpu_s"]) / pairs,
+                       "wall_ms_per_pair": 1000 * (full["wall_s"] - startup["wall_s"]) / pairs,
+                       "predictions_equal_first_run": same}
+                runs.append(run)
+                print(f"{name:8s} {variant:10s} jobs={jobs}: {run['cpu_ms_per_pair']:.2f} ms CPU/pair (start-up "
+                      f"{startup['cpu_s']:.1f} s excluded), {full['wall_s']:.1f} s wall, largest process "
+                      f"{full['peak_rss_mib']:.0f} MiB, predictions equal to the first run: {same}")
+        for name, _ in codes:
+            by_jobs = {r["jobs"]: r["wall_s"] - r["startup_wall_s"] for r in runs
+                       if r["variant"] == variant and r["code"] == name}
+            if 1 in by_jobs and 2 in by_jobs:
+                speedups[f"{name} {variant}"] = by_jobs[1] / by_jobs[2]
+                print(f"{name:8s} {variant:10s} wall-clock speed-up 1 -> 2 jobs (start-up excluded): "
+                      f"{speedups[f'{name} {variant}']:.2f}x")
+    return {"mode": "process", "baseline": str(args.baseline) if args.baseline else None, "runs": runs,
+            "speedup_1_to_2_jobs": speedups}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of SPair's 481 images / 12,234 pairs")
@@ -188,6 +280,10 @@ def main() -> None:
     parser.add_argument("--machine", default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--ceiling", action="store_true", help="also two independent 1-job halves at once")
+    parser.add_argument("--process", action="store_true", help="the whole `ditf match` process (see above)")
+    parser.add_argument("--module", action="store_true", help="--process: run `python -m ditf_cli.main`, not `ditf`")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="--process: also run the ditf_pipeline package of this folder (an older checkout), side by side")
     parser.add_argument("--one", nargs=3, metavar=("STORE", "VARIANT", "JOBS"), help=argparse.SUPPRESS)
     parser.add_argument("--half", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -196,12 +292,24 @@ def main() -> None:
         print("RUN " + json.dumps(run))
         return
 
+    if args.process and "--scale" not in sys.argv:
+        args.scale = 0.25  # the issue's SPair-size store: ~120 images, ~3,000 pairs
     data = SyntheticPairs(args.scale)
     with tempfile.TemporaryDirectory() as tmp:
         store = args.store or Path(tmp) / "bench.zarr"
         start = time.perf_counter()
-        build_store(store, data)
+        build_store(store, data, model="flux" if args.process else "synthetic")
         print(f"store: {len(data.images)} images, {len(data.pairs())} pairs ({time.perf_counter() - start:.0f} s to build)")
+        if args.process:
+            result = {"machine": args.machine, "date": datetime.date.today().isoformat(), "scale": args.scale,
+                      "images": len(data.images), "pairs": len(data.pairs()), "protocol": "dift",
+                      "load_average_at_start": list(os.getloadavg()),
+                      **process_mode(args, data, store, Path(tmp) / "SPair-71k"),
+                      "load_average_at_end": list(os.getloadavg())}
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(result, indent=2) + "\n")
+            return
         runs, ceilings = [], {}
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_match import Agreement, FeaturePool, build_workload, referee_scores  # noqa: E402
 
-from ditf_pipeline.match.matchers import DiftMatcher, one_intra_op_thread  # noqa: E402
+from ditf_pipeline.match.dift import DiftMatcher  # noqa: E402
+from ditf_pipeline.match.threads import one_intra_op_thread  # noqa: E402
 
 MODES = ("materialise", "pruned")
 

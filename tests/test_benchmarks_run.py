@@ -67,6 +67,19 @@ def test_bench_predict_runs(tmp_path):
     assert sum(h["pairs"] for h in result["two_independent_halves"]["raw"]["halves"]) == result["pairs"]
 
 
+def test_bench_predict_process_mode_against_a_baseline(tmp_path):
+    """`--process`: the whole `ditf match` as a child, start-up subtracted, a baseline checkout
+    (here this very tree) run side by side and its predictions compared."""
+    out = _run("benchmarks/bench_predict.py", "--process", "--scale", "0.01", "--variants", "raw", "--jobs", "1",
+               "--baseline", str(ROOT), "--json", str(tmp_path / "p.json"))
+    assert "baseline raw        jobs=1:" in out and "this     raw        jobs=1:" in out
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert [run["code"] for run in result["runs"]] == ["baseline", "this"]
+    for run in result["runs"]:
+        assert run["predictions_equal_first_run"] and run["pairs"] == result["pairs"]
+        assert run["cpu_s"] > run["startup_cpu_s"] > 0 and run["peak_rss_mib"] > 0
+
+
 def test_bench_api_calls(tmp_path):
     out = _run("benchmarks/bench_api_calls.py", "--calls", "1", "--out", str(tmp_path / "r.json"))
     assert "RESULT per call: with prompt memory" in out and "without/with =" in out

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from ..datasets.base import Dataset, ImageRecord, Pair
 from ..core.errors import DitfError
 from ..extract.extractor import Extractor, ExtractReport, ExtractSettings
-from ..store.feature_store import ROWS_PER_SHARD, FeatureStore, prediction_scope
+from ..store.feature_store import ROWS_PER_SHARD, FeatureStore
 
 #: images per extraction task: small, so a lost worker costs little and the load stays balanced
 DEFAULT_CHUNK = 4
@@ -252,9 +252,10 @@ def match_block(
     The same code as a local `predict` (`predict.block_matcher`: float16 feature cache, one
     intra-op thread), so the bits are the same.
     """
-    from ..match.matchers import resolve_match_device
+    from ..match.device import resolve_match_device
     from ..match.paper import paper_matching
-    from ..match.predict import block_matcher, run_blocks
+    from ..match.executors import run_blocks
+    from ..match.predict import block_matcher
 
     with FeatureStore(store_path) as store:  # closed after each task: the coordinator consolidates at its end
         predictions = store.open_predictions(feature_key, settings.name, scope=scope)
@@ -354,25 +355,33 @@ def extract_distributed(
         return extractor.run(dataset, progress=progress, records=records, shard=shard)
 
 
-def predict_distributed(client, store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings,
-                        overwrite: bool = False, progress: bool = True):
-    """`predict(...)` with the blocks of pairs spread over the client's workers."""
-    from ..match.predict import BLOCK, predict
+class DaskExecutor:
+    """An executor of a `match.plan.MatchPlan` (`match.executors`): each pending block is a dask
+    task (`match_block`) that predicts and commits it in a worker; the coordinator only waits."""
 
-    feature_key = (dataset.name, model, k, t)
-    scope = prediction_scope(dataset.split, [p.pair_id for p in dataset.pairs()])
+    workers = 1
+    runs_fusion = False  # the fusion partner's cache is opened by the coordinator, not the workers
 
-    def run_blocks(todo_blocks, pairs, rows, channels) -> int:
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def run(self, plan, progress: bool = True) -> int:
         futures, sizes = [], {}
-        for start in todo_blocks:
-            block = pairs[start : start + BLOCK]
-            needed = {key for p in block for key in (p.src_key, p.trg_key)}
-            future = client.submit(match_block, str(store.path), feature_key, settings, list(channels), start, block,
-                                   {key: rows[key] for key in needed}, scope, pure=False)
+        for start in plan.todo:
+            block = plan.block_pairs(start)
+            future = self.client.submit(match_block, plan.store_path, plan.feature_key, plan.settings, list(plan.channels),
+                                        start, block, plan.rows_of(block), plan.scope, pure=False)
             futures.append(future)
             sizes[future.key] = len(block)
         total = sum(sizes.values())
-        _run_tasks(client, futures, sizes, total, f"match {settings.name} (dask)", progress)
+        _run_tasks(self.client, futures, sizes, total, f"match {plan.settings.name} (dask)", progress)
         return total  # every pair of the blocks is done (some possibly by an earlier, lost attempt)
 
-    return predict(store, dataset, model, k, t, settings, overwrite=overwrite, progress=progress, block_runner=run_blocks)
+
+def predict_distributed(client, store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings,
+                        overwrite: bool = False, progress: bool = True):
+    """`predict(...)` with the blocks of pairs spread over the client's workers."""
+    from ..match.predict import predict
+
+    return predict(store, dataset, model, k, t, settings, overwrite=overwrite, progress=progress,
+                   executor=DaskExecutor(client))

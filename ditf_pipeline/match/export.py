@@ -23,7 +23,8 @@ from ..core.version import __version__
 from ..core.errors import DitfError
 from ..store.feature_store import FeatureArrays, FeatureStore
 from .features import USES_CHANNELS, check_variant_applies
-from .predict import FeatureCache, resolve_channels
+from .inputs import resolve_channels
+from .predict import FeatureCache
 
 if TYPE_CHECKING:
     import torch

@@ -192,7 +192,7 @@ def _device_matches(feature_a, feature_b, kps_a, kps_b, size_a, size_b, device: 
     import torch
     import torch.nn.functional as F
 
-    from .matchers import mutual_nearest_neighbours as device_mnn
+    from .device import mutual_nearest_neighbours as device_mnn
 
     def descriptors(feature, kps, size):
         grid = torch.as_tensor(feature).to(device=device, dtype=torch.float32)  # (rows, cols, D)

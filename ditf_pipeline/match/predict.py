@@ -5,6 +5,11 @@ Reads only the store (the DiT never runs here), computes each image's feature va
 yet, and commits predictions to the store in blocks next to the features, so a rerun is
 incremental and a crash loses at most one block.
 
+The stage is a plan plus an executor: `open_inputs` checks the request, `plan_match` decides
+what is pending and where it goes (`plan.MatchPlan`), and an executor runs the plan's blocks:
+in this thread or a worker pool (`executors`), or on dask workers
+(`distributed.runners.DaskExecutor`). No executor reaches into `predict`.
+
 Parallelism (`MatchSettings.jobs`, CLI ``--jobs``): with more than one job on the CPU (and at
 least `POOL_MIN_PAIRS` pairs to match) the blocks go to that many workers (`pool`: a thread of
 this process and fresh worker processes; each owns a contiguous span of blocks and its own
@@ -27,9 +32,10 @@ matched in one batch (`DiftMatcher.best_batch`) and the block's results come bac
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,23 +43,18 @@ import torch
 
 from ..datasets.base import Dataset, Pair
 from ..core.errors import DitfError
-from .features import (
-    MASSIVE_RATIO,
-    USES_CHANNELS,
-    VECTORS_USED,
-    ChannelMeans,
-    check_variant_applies,
-    compute_feature,
-    variant_names,
-)
+from .features import USES_CHANNELS, VECTORS_USED, ChannelMeans, compute_feature  # noqa: F401  (ChannelMeans: re-exported)
 from .fusion import PairFusion, parse_fuse
-from .matchers import ByteLRU, make_matcher, one_intra_op_thread, resolve_match_device, split_pixels
+from .inputs import MatchInputs, check_features, default_jobs, open_inputs, resolve_channels  # noqa: F401  (re-exported)
+from .cache import ByteLRU
+from .dift import split_pixels
+from .matchers import make_matcher
 from ..core.settings import FEATURE_CACHE_BYTES, MatchSettings
 from .paper import PaperDiftMatcher, paper_feature, paper_matching
+from .executors import Executor, InThreadExecutor, WorkerPoolExecutor, run_blocks  # noqa: F401  (run_blocks: re-exported)
+from .plan import MatchPlan
 from .pool import BlockRunner, WorkerPool
-from ..core.shards import Shard
 from ..store.feature_store import FeatureArrays, FeatureStore, prediction_scope
-from ..validate import unknown
 
 #: pairs committed together (one zarr chunk of predictions); DITF_MATCH_BLOCK makes blocks
 #: small so that crash tests see several of them
@@ -68,14 +69,6 @@ POOL_MIN_PAIRS = int(os.environ.get("DITF_MATCH_POOL_MIN_PAIRS") or 512)
 VARIANT_ROWS = 8
 
 
-def default_jobs() -> int:
-    """The cores this process may run on (``--jobs`` default)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 @dataclass
 class MatchReport:
     key: str
@@ -85,45 +78,6 @@ class MatchReport:
     channels: list[int]
     seconds: float
     workers: int = 1  # how many matched (more jobs start workers only for enough pairs: `POOL_MIN_PAIRS`)
-
-
-def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list[int]:
-    """`--channels`: explicit indices, or "auto": the 100x-median criterion on cached z.
-
-    "auto" reads the channels stored in the key (`ditf analyze` or an earlier match wrote them);
-    otherwise it detects them once, on the first `sample` complete images with a running
-    per-channel mean (one image in memory at a time), and stores them in the key with how they
-    were found, so every later match of the key reuses the same set without re-reading images.
-    A read-only store gets the detection without the write.
-    """
-    spec = spec.strip()
-    if spec == "auto":
-        if arrays.massive_channels is not None:
-            return arrays.massive_channels
-        rows = np.flatnonzero(arrays.complete())[:sample]
-        if len(rows) == 0:
-            return []
-        means = ChannelMeans(arrays.hidden_size)
-        for row in rows:
-            means.add(arrays.read_image(int(row), vectors=())[0])
-        channels = means.massive(MASSIVE_RATIO)
-        info = {"criterion": f"mean |z| over tokens > {MASSIVE_RATIO:g} x median of the channel means",
-                "images": int(len(rows)), "tokens": int(means.tokens), "by": "ditf match --channels auto"}
-        try:
-            arrays.set_massive_channels(channels, info)
-        except (DitfError, OSError, PermissionError, ValueError):
-            pass  # a read-only store: detect again next time
-        return channels
-    if spec in ("", "none"):
-        return []
-    try:
-        channels = sorted({int(part) for part in spec.split(",") if part.strip()})
-    except ValueError:
-        raise DitfError(f"--channels must be 'auto', 'none' or comma-separated integers, got {spec!r}") from None
-    bad = [c for c in channels if not 0 <= c < arrays.hidden_size]
-    if bad:  # checked here, before a rerun with --overwrite deletes anything
-        raise DitfError(f"--channels {bad[0]} is out of range: the features have channels 0..{arrays.hidden_size - 1}")
-    return channels
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -273,13 +227,6 @@ def match_pairs(pairs: Sequence[Pair], pair_features: PairFeatures, matcher, bat
     return out  # type: ignore[return-value]
 
 
-def run_blocks(block_starts: Sequence[int], run_block: Callable[[int], list]) -> Iterator[tuple[int, list]]:
-    """Yield (block_start, predictions) block after block, with torch on one intra-op thread."""
-    with one_intra_op_thread():
-        for start in block_starts:
-            yield start, run_block(start)
-
-
 def block_matcher(arrays: FeatureArrays, rows: dict[str, int], settings: MatchSettings, channels: Sequence[int],
                   paper: bool, device: torch.device, fusion: PairFusion | None = None,
                   advance: Callable[[int], object] | None = None) -> BlockRunner:
@@ -314,16 +261,6 @@ class WorkerBlockMatcher:
         return block_matcher(arrays, self.rows, self.settings, self.channels, self.paper, torch.device("cpu"))
 
 
-def check_features(pairs: Sequence[Pair], rows: dict[str, int], arrays: FeatureArrays) -> None:
-    complete = arrays.complete()
-    missing = sorted({key for p in pairs for key in (p.src_key, p.trg_key) if key not in rows or not complete[rows[key]]})
-    if missing:
-        raise DitfError(
-            f"{len(missing)} image(s) of the pairs have no features in {arrays.path} (e.g. {missing[0]}): "
-            "run `ditf extract` with the same dataset and split first"
-        )
-
-
 def open_fusion(store: FeatureStore, dataset: Dataset, rows: dict[str, int], pairs: Sequence[Pair], fuse: str,
                 pca_dim: int, device: str | torch.device = "cpu") -> PairFusion:
     """The `--fuse MODEL` partner: its raw features in the same store, checked for every image of the
@@ -338,6 +275,59 @@ def open_fusion(store: FeatureStore, dataset: Dataset, rows: dict[str, int], pai
                       config=arrays.config)
 
 
+def plan_match(store: FeatureStore, dataset: Dataset, inputs: MatchInputs, settings: MatchSettings,
+               stack: contextlib.ExitStack, overwrite: bool = False) -> MatchPlan:
+    """The plan of the match stage: channels resolved, the predictions group opened (or made) under
+    its lock, held on `stack` until the caller's executor is done, and the blocks still pending."""
+    arrays, rows, pairs, device = inputs.arrays, inputs.rows, inputs.pairs, inputs.device
+    channels = resolve_channels(settings.channels, arrays, settings.channel_sample) if settings.variant in USES_CHANNELS else []
+    attrs = {
+        "variant": settings.variant,
+        "protocol": settings.protocol,
+        "soft_window": settings.soft_window,
+        "channels": channels,
+        "features": arrays.config,
+    }
+    paper = paper_matching(arrays.config, settings.protocol)  # --precision paper: the authors' bf16 / fp16 casts
+    if paper:
+        attrs["precision"] = "paper"
+    fusion = None
+    if settings.fuse:
+        fusion = open_fusion(store, dataset, rows, pairs, settings.fuse, settings.pca_dim, device)
+        attrs.update(variant=settings.label, fuse=fusion.describe())
+    max_kps = max(len(p.src_kps) for p in pairs)
+    pair_ids = [p.pair_id for p in pairs]
+    scope = prediction_scope(dataset.split, pair_ids)
+    part = inputs.shard
+    # this group is ours alone (or this shard's) from before it is opened or recreated to its last block
+    stack.enter_context(store.predictions_lock(inputs.feature_key, settings.name, scope,
+                                               None if part.whole else str(part)))
+    predictions = store.open_predictions(inputs.feature_key, settings.name, pair_ids, max_kps, attrs, block=BLOCK,
+                                         scope=scope, overwrite=overwrite)
+    done = predictions.done()
+    mine = set(part.blocks(len(pairs), BLOCK))
+    todo = [s for s in range(0, len(pairs), BLOCK) if s in mine and not done[s : s + BLOCK].all()]
+    worker_runner = None
+    if fusion is None:
+        needed = {key for s in todo for p in pairs[s : s + BLOCK] for key in (p.src_key, p.trg_key)}
+        worker_runner = WorkerBlockMatcher(str(store.path), inputs.feature_key, {key: rows[key] for key in needed},
+                                           settings, tuple(channels), paper)
+    return MatchPlan(
+        store_path=str(store.path), feature_key=inputs.feature_key, settings=settings, pairs=pairs, rows=rows,
+        channels=channels, block=BLOCK, todo=todo, scope=scope, predictions=predictions,
+        local_runner=functools.partial(block_matcher, arrays, rows, settings, channels, paper, device, fusion),
+        worker_runner=worker_runner,
+    )
+
+
+def local_executor(jobs: int, n_pairs: int) -> InThreadExecutor | WorkerPoolExecutor:
+    """How this process runs a plan: `jobs` workers for at least `POOL_MIN_PAIRS` pairs (their
+    processes start now, and boot while the plan is made), else this thread."""
+    if jobs > 1 and n_pairs >= POOL_MIN_PAIRS:
+        return WorkerPoolExecutor(WorkerPool(jobs), POOL_MIN_PAIRS)
+    return InThreadExecutor()
+
+
 def predict(
     store: FeatureStore,
     dataset: Dataset,
@@ -347,95 +337,24 @@ def predict(
     settings: MatchSettings,
     overwrite: bool = False,
     progress: bool = True,
-    block_runner=None,
+    executor: Executor | None = None,
 ) -> MatchReport:
     """Predict every pair of `dataset` from the cached features of (model, k, t).
 
-    `block_runner(todo_blocks, pairs, rows, channels) -> n_matched`, when given, predicts the
-    blocks elsewhere once the prediction arrays exist (`ditf_pipeline.distributed.runners`: dask workers).
+    Checks the request (`open_inputs`), makes the plan (`plan_match`) and hands it to `executor`:
+    by default this thread or a pool of worker processes (`local_executor`, by ``--jobs``);
+    `distributed.runners.DaskExecutor` spreads the blocks over dask workers.
     """
-    from ..core.progress import progress as progress_display
-
     start = time.perf_counter()
-    part = Shard.parse(settings.shard)
-    if overwrite and not part.whole:
-        raise DitfError("--overwrite with --shard would let one shard delete another's predictions: "
-                        "run `ditf match --overwrite` once without --shard (or not at all), then the shards")
-    device = resolve_match_device(settings.device)
-    if settings.jobs is not None and int(settings.jobs) < 1:
-        raise DitfError(f"--jobs must be at least 1, got {settings.jobs}")
-    if settings.variant not in variant_names():
-        raise unknown("variant", settings.variant, variant_names())
-    make_matcher(settings.protocol)  # validates the protocol name before any work
-    if dataset.task != "pairs":
-        raise DitfError(f"dataset {dataset.name} is a {dataset.task} benchmark, not keypoint pairs")
-    arrays = store.open_features(dataset.name, model, k, t)
-    rows = store.image_rows(dataset.name)
-    pairs = dataset.pairs()
-    if not pairs:
-        raise DitfError(f"dataset {dataset.name} at {dataset.root} has no pairs")
-    check_features(pairs, rows, arrays)
-    check_variant_applies(settings.variant, bool(arrays.modulation_names))
-    # one job on a GPU (the device is the parallel part) and with --fuse (its partner's cache is
-    # opened here, not in the workers)
-    jobs = 1 if device.type != "cpu" or settings.fuse else max(1, int(settings.jobs or default_jobs()))
+    inputs = open_inputs(store, dataset, model, k, t, settings, overwrite)
+    if settings.fuse and executor is not None and not executor.runs_fusion:
+        raise DitfError("--fuse is not supported by the distributed match runner yet")
     with contextlib.ExitStack() as stack:
-        pool = None
-        if jobs > 1 and block_runner is None and len(pairs) >= POOL_MIN_PAIRS:
-            # the worker processes boot (import torch) while channels are detected and the
-            # prediction arrays set up; closed unused when too few pairs are left to match
-            pool = stack.enter_context(WorkerPool(jobs))
-        channels = resolve_channels(settings.channels, arrays, settings.channel_sample) if settings.variant in USES_CHANNELS else []
-        attrs = {
-            "variant": settings.variant,
-            "protocol": settings.protocol,
-            "soft_window": settings.soft_window,
-            "channels": channels,
-            "features": arrays.config,
-        }
-        paper = paper_matching(arrays.config, settings.protocol)  # --precision paper: the authors' bf16 / fp16 casts
-        if paper:
-            attrs["precision"] = "paper"
-        fusion = None
-        if settings.fuse:
-            if block_runner is not None:
-                raise DitfError("--fuse is not supported by the distributed match runner yet")
-            fusion = open_fusion(store, dataset, rows, pairs, settings.fuse, settings.pca_dim, device)
-            attrs.update(variant=settings.label, fuse=fusion.describe())
-        feature_key = (dataset.name, model, k, t)
-        max_kps = max(len(p.src_kps) for p in pairs)
-        pair_ids = [p.pair_id for p in pairs]
-        scope = prediction_scope(dataset.split, pair_ids)
-        # this group is ours alone (or this shard's) from before it is opened or recreated to its last block
-        stack.enter_context(store.predictions_lock(feature_key, settings.name, scope,
-                                                   None if part.whole else str(part)))
-        predictions = store.open_predictions(feature_key, settings.name, pair_ids, max_kps, attrs, block=BLOCK,
-                                             scope=scope, overwrite=overwrite)
-        done = predictions.done()
-        mine = set(part.blocks(len(pairs), BLOCK))
-        todo_blocks = [s for s in range(0, len(pairs), BLOCK) if s in mine and not done[s : s + BLOCK].all()]
-        matched = 0
-        if block_runner is not None:
-            matched = block_runner(todo_blocks, pairs, rows, channels)
-            todo_blocks = []
-        n_todo = sum(len(pairs[s : s + BLOCK]) for s in todo_blocks)
-        with progress_display(n_todo, f"match {settings.name}", "pair", enabled=progress) as bar:
-            in_workers = pool is not None and len(todo_blocks) > 1 and n_todo >= POOL_MIN_PAIRS
-            if in_workers:
-                needed = {key for s in todo_blocks for p in pairs[s : s + BLOCK] for key in (p.src_key, p.trg_key)}
-                recipe = WorkerBlockMatcher(str(store.path), feature_key, {key: rows[key] for key in needed}, settings,
-                                            tuple(channels), paper)
-                finished = pool.run([(s, pairs[s : s + BLOCK]) for s in todo_blocks], recipe)
-            else:
-                run_block = block_matcher(arrays, rows, settings, channels, paper, device, fusion, bar.update)
-                finished = run_blocks(todo_blocks, lambda start: run_block(pairs[start : start + BLOCK]))
-            with contextlib.closing(finished):
-                for block_start, out in finished:
-                    predictions.write(block_start, out)  # this process alone writes
-                    matched += len(out)
-                    if in_workers:
-                        bar.update(len(out))
+        if executor is None:
+            executor = stack.enter_context(local_executor(inputs.jobs, len(inputs.pairs)))
+        plan = plan_match(store, dataset, inputs, settings, stack, overwrite)
+        matched = executor.run(plan, progress)
     return MatchReport(
-        key=predictions.path, n_pairs=len(pairs), matched=matched, skipped=len(pairs) - matched, channels=channels,
-        seconds=time.perf_counter() - start, workers=min(jobs, len(todo_blocks)) if in_workers else 1,
+        key=plan.predictions.path, n_pairs=len(plan.pairs), matched=matched, skipped=len(plan.pairs) - matched,
+        channels=plan.channels, seconds=time.perf_counter() - start, workers=executor.workers,
     )

@@ -1,6 +1,6 @@
 """Bilinear taps of PyTorch's upsampling, and upsampled vectors and norms computed from them.
 
-Why a module of its own: the `dift` matcher (`matchers.py`) and the pruned argmax (`pruned.py`)
+Why a module of its own: the `dift` matcher (`dift.py`) and the pruned argmax (`pruned.py`)
 both read the upsampled map through these taps without building it, and must agree with
 ``F.interpolate(..., mode="bilinear", align_corners=False)`` bit for bit in float32.
 """

@@ -41,7 +41,8 @@ class StageReport:
 def _features(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings: MatchSettings):
     """(arrays, rows, channels, key -> variant feature) for the non-pair drivers."""
     from ..match.features import USES_CHANNELS, variant_names
-    from ..match.predict import FeatureCache, resolve_channels
+    from ..match.inputs import resolve_channels
+    from ..match.predict import FeatureCache
 
     if settings.variant not in variant_names():
         from ..validate import unknown
@@ -117,7 +118,7 @@ def _match_video(store, dataset, model, k, t, settings, overwrite, progress) -> 
 def _match_homography(store, dataset, model, k, t, settings, overwrite, progress) -> StageReport:
     from ..core.progress import progress as progress_display
     from ..match.homography import match_pair
-    from ..match.matchers import resolve_match_device
+    from ..match.device import resolve_match_device
 
     start = time.perf_counter()
     device = str(resolve_match_device(settings.device))

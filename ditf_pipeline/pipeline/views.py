@@ -225,7 +225,7 @@ def run_show(
     views = []
     if dense:
         from ..match.features import USES_CHANNELS, compute_feature
-        from ..match.predict import check_features, resolve_channels
+        from ..match.inputs import check_features, resolve_channels
 
         arrays = feature_store.open_features(data.name, model, kk, tt)
         rows = feature_store.image_rows(data.name)

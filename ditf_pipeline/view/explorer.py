@@ -261,7 +261,7 @@ class Explorer:
             if stored:
                 self._channels[key] = [int(c) for c in stored[0]]
             else:
-                from ..match.predict import resolve_channels
+                from ..match.inputs import resolve_channels
 
                 self._channels[key] = resolve_channels("auto", self._arrays(key))
         return self._channels[key]

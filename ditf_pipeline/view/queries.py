@@ -31,7 +31,8 @@ import torch
 from ..core.errors import DitfError
 # the matching rules a view can apply (stored geoaware-softN predictions are listed, not recomputed)
 from ..core.naming import PROTOCOLS
-from ..match.matchers import one_intra_op_thread, upsampled_vectors
+from ..match.taps import upsampled_vectors
+from ..match.threads import one_intra_op_thread
 
 #: the variants a view computes from the cache for every AdaLN key (the paper's ablation)
 BASE_VARIANTS = ("raw", "adaln", "adaln+cd")
