@@ -190,3 +190,59 @@ def test_a_registration_that_keeps_being_overtaken_stops_with_one_error_and_writ
         FeatureStore(url).register_images("spair", ["late"], [(4, 4)])
     assert len(tries) == feature_store._INDEX_TRIES
     assert _indexed(url) == {"first": 0}
+
+
+# ---- taking over a stale lease, and renewing one, are compare-and-swap on S3 ---------------------------
+def _lease(url: str, name: str = "index"):
+    from ditf_pipeline.store.leases import ObjectLease
+
+    backend = FeatureStore(url).backend  # each lease its own backend and file system, as two processes
+    return ObjectLease(fs=backend.fs, key=backend.key(f"{LOCKS}{name}.lease"), name=f"{url}#{name}-{id(backend)}",
+                       call=backend.call, refusal="held by another run", wait=0.0)
+
+
+def test_two_writers_that_found_one_stale_lease_cannot_both_take_it_over(s3, monkeypatch):  # noqa: F811
+    """The first reads the stale lease; the second reads it too and takes it over; then the first
+    writes its takeover, of the version both read: the server refuses it."""
+    from ditf_pipeline.store.leases import ObjectLease
+
+    url = f"{s3}/takeover-race.zarr"
+    FeatureStore(url)
+    _plant_lease(url, "index", expires_in=-5)
+    first, second = _lease(url), _lease(url)
+    read, second_took = ObjectLease._read_versioned, []
+
+    def read_then_let_the_second_in(self):
+        found = read(self)
+        if self is first and not second_took:
+            assert found is not None and found[1]["owner"] == "elsewhere:1:x"  # the stale lease, read
+            second_took.append(second._try())  # reads the same stale lease, takes it over
+        return found
+
+    monkeypatch.setattr(ObjectLease, "_read_versioned", read_then_let_the_second_in)
+    with pytest.raises(DitfError, match="^held by another run$"):
+        with first.held():
+            pass
+    assert second_took == [True]
+    assert json.loads(_fs().cat_file(second.key))["owner"] == second.owner  # the second holds it, alone
+    second._release()
+    assert not _fs().exists(second.key)
+
+
+def test_a_holder_whose_lease_was_taken_over_learns_it_at_its_next_renewal(s3, monkeypatch):  # noqa: F811
+    from ditf_pipeline.store import leases
+
+    url = f"{s3}/renewal-after-takeover.zarr"
+    FeatureStore(url)
+    first, second = _lease(url), _lease(url)
+    with first.held():
+        assert first._renew()  # renewed while it holds
+        # the first holder stalls past its lease: the second finds it stale and takes it over
+        monkeypatch.setattr(leases.ObjectLease, "_stale", staticmethod(lambda lease: True))
+        with second.held():
+            assert not first._renew()  # what its heartbeat does next: refused (If-Match its own last write)
+            assert first.lost
+            with pytest.raises(DitfError, match=r"lost the lease .* \(another writer took it over\): stopped before writing more"):
+                leases.check_held()
+            assert json.loads(_fs().cat_file(second.key))["owner"] == second.owner  # not overwritten by the renewal
+    assert not _fs().exists(second.key)  # the first did not remove the second's lease on leaving
