@@ -246,3 +246,47 @@ def test_a_holder_whose_lease_was_taken_over_learns_it_at_its_next_renewal(s3, m
                 leases.check_held()
             assert json.loads(_fs().cat_file(second.key))["owner"] == second.owner  # not overwritten by the renewal
     assert not _fs().exists(second.key)  # the first did not remove the second's lease on leaving
+
+
+# ---- a registration's claim left by a killed writer -----------------------------------------------------
+class _Killed(BaseException):
+    """What a SIGKILL is to the code after it: nothing below runs (no except, no retry)."""
+
+
+def _killed_after_the_claim(url: str, monkeypatch) -> None:
+    """A registration killed right after it claimed the index (the claim written by the same code)."""
+    from ditf_pipeline.store import feature_store
+
+    def killed(index, start, new):
+        raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(feature_store, "_append_rows", killed)
+        with pytest.raises(_Killed):
+            FeatureStore(url).register_images("spair", ["killed"], [(4, 4)])
+
+
+@pytest.mark.parametrize("keys", [["first"], ["second"], None], ids=["no-new-image", "a-new-image", "doctor-repair"])
+def test_a_claim_left_by_a_killed_registration_is_a_doctor_note_and_the_next_registration_clears_it(s3, monkeypatch, keys):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from ditf_cli.main import app
+
+    url = f"{s3}/killed-claim-{keys[0] if keys else 'repair'}.zarr"
+    FeatureStore(url).register_images("spair", ["first"], [(4, 4)])
+    _killed_after_the_claim(url, monkeypatch)
+    mark = FeatureStore(url, read_only=True).registration_mark("spair")
+    assert mark is not None and mark["pid"] == __import__("os").getpid()
+    assert _indexed(url) == {"first": 0}  # the killed registration's row was never committed
+    doctor = CliRunner().invoke(app, ["doctor", "--store", url])
+    assert doctor.exit_code == 0, doctor.output  # harmless: readers go by the committed count
+    assert "note: store: spair/images: an image registration's claim by " in doctor.output
+    assert "was never committed" in doctor.output and "doctor: 0 problem(s)" in doctor.output
+    if keys is None:
+        repaired = CliRunner().invoke(app, ["doctor", "--store", url, "--repair"])
+        assert repaired.exit_code == 0 and "cleared the registration claim of spair/images" in repaired.output
+    else:
+        FeatureStore(url).register_images("spair", keys, [(4, 4)])  # what the next extract does first
+    assert FeatureStore(url, read_only=True).registration_mark("spair") is None
+    assert "registration's claim" not in CliRunner().invoke(app, ["doctor", "--store", url]).output
+    assert _indexed(url) == ({"first": 0, "second": 1} if keys == ["second"] else {"first": 0})
