@@ -64,7 +64,6 @@ def precondition_failed(exc: BaseException) -> bool:
     return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409") or "pre-condition" in str(exc)
 
 
-
 #: how long an object-store writer's lease lasts without a heartbeat (seconds)
 LEASE_SECONDS = float(os.environ.get("DITF_LEASE_SECONDS") or 60)
 
@@ -198,7 +197,9 @@ class ObjectLease:
         """Push the expiry forward; False (and `lost` set: the next write stops, `check_held`) when
         another writer took the lease over. On S3 the renewal is If-Match our last write, so a
         takeover between a read and the renewal cannot be overwritten; elsewhere the owner is read
-        back first. Network failures raise (the heartbeat tries again)."""
+        back first. Network failures raise (the heartbeat tries again). A renewal that reached the
+        server but whose answer was lost leaves us a stale ETag: the next one is refused and the
+        writer stops, the safe side of not knowing."""
         if self.conditional:
             if self.etag is None or not self._put("renew a lease", IfMatch=self.etag):
                 self.lost = True
