@@ -190,3 +190,103 @@ def test_a_registration_that_keeps_being_overtaken_stops_with_one_error_and_writ
         FeatureStore(url).register_images("spair", ["late"], [(4, 4)])
     assert len(tries) == feature_store._INDEX_TRIES
     assert _indexed(url) == {"first": 0}
+
+
+# ---- taking over a stale lease, and renewing one, are compare-and-swap on S3 ---------------------------
+def _lease(url: str, name: str = "index"):
+    from ditf_pipeline.store.leases import ObjectLease
+
+    backend = FeatureStore(url).backend  # each lease its own backend and file system, as two processes
+    return ObjectLease(fs=backend.fs, key=backend.key(f"{LOCKS}{name}.lease"), name=f"{url}#{name}-{id(backend)}",
+                       call=backend.call, refusal="held by another run", wait=0.0)
+
+
+def test_two_writers_that_found_one_stale_lease_cannot_both_take_it_over(s3, monkeypatch):  # noqa: F811
+    """The first reads the stale lease; the second reads it too and takes it over; then the first
+    writes its takeover, of the version both read: the server refuses it."""
+    from ditf_pipeline.store.leases import ObjectLease
+
+    url = f"{s3}/takeover-race.zarr"
+    FeatureStore(url)
+    _plant_lease(url, "index", expires_in=-5)
+    first, second = _lease(url), _lease(url)
+    read, second_took = ObjectLease._read_versioned, []
+
+    def read_then_let_the_second_in(self):
+        found = read(self)
+        if self is first and not second_took:
+            assert found is not None and found[1]["owner"] == "elsewhere:1:x"  # the stale lease, read
+            second_took.append(second._try())  # reads the same stale lease, takes it over
+        return found
+
+    monkeypatch.setattr(ObjectLease, "_read_versioned", read_then_let_the_second_in)
+    with pytest.raises(DitfError, match="^held by another run$"):
+        with first.held():
+            pass
+    assert second_took == [True]
+    assert json.loads(_fs().cat_file(second.key))["owner"] == second.owner  # the second holds it, alone
+    second._release()
+    assert not _fs().exists(second.key)
+
+
+def test_a_holder_whose_lease_was_taken_over_learns_it_at_its_next_renewal(s3, monkeypatch):  # noqa: F811
+    from ditf_pipeline.store import leases
+
+    url = f"{s3}/renewal-after-takeover.zarr"
+    FeatureStore(url)
+    first, second = _lease(url), _lease(url)
+    with first.held():
+        assert first._renew()  # renewed while it holds
+        # the first holder stalls past its lease: the second finds it stale and takes it over
+        monkeypatch.setattr(leases.ObjectLease, "_stale", staticmethod(lambda lease: True))
+        with second.held():
+            assert not first._renew()  # what its heartbeat does next: refused (If-Match its own last write)
+            assert first.lost
+            with pytest.raises(DitfError, match=r"lost the lease .* \(another writer took it over\): stopped before writing more"):
+                leases.check_held()
+            assert json.loads(_fs().cat_file(second.key))["owner"] == second.owner  # not overwritten by the renewal
+    assert not _fs().exists(second.key)  # the first did not remove the second's lease on leaving
+
+
+# ---- a registration's claim left by a killed writer -----------------------------------------------------
+class _Killed(BaseException):
+    """What a SIGKILL is to the code after it: nothing below runs (no except, no retry)."""
+
+
+def _killed_after_the_claim(url: str, monkeypatch) -> None:
+    """A registration killed right after it claimed the index (the claim written by the same code)."""
+    from ditf_pipeline.store import feature_store
+
+    def killed(index, start, new):
+        raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(feature_store, "_append_rows", killed)
+        with pytest.raises(_Killed):
+            FeatureStore(url).register_images("spair", ["killed"], [(4, 4)])
+
+
+@pytest.mark.parametrize("keys", [["first"], ["second"], None], ids=["no-new-image", "a-new-image", "doctor-repair"])
+def test_a_claim_left_by_a_killed_registration_is_a_doctor_note_and_the_next_registration_clears_it(s3, monkeypatch, keys):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from ditf_cli.main import app
+
+    url = f"{s3}/killed-claim-{keys[0] if keys else 'repair'}.zarr"
+    FeatureStore(url).register_images("spair", ["first"], [(4, 4)])
+    _killed_after_the_claim(url, monkeypatch)
+    mark = FeatureStore(url, read_only=True).registration_mark("spair")
+    assert mark is not None and mark["pid"] == __import__("os").getpid()
+    assert _indexed(url) == {"first": 0}  # the killed registration's row was never committed
+    doctor = CliRunner().invoke(app, ["doctor", "--store", url])
+    assert doctor.exit_code == 0, doctor.output  # harmless: readers go by the committed count
+    assert "note: store: spair/images: an image registration's claim by " in doctor.output
+    assert "was never committed" in doctor.output and "doctor: 0 problem(s)" in doctor.output
+    if keys is None:
+        repaired = CliRunner().invoke(app, ["doctor", "--store", url, "--repair"])
+        assert repaired.exit_code == 0 and "cleared the registration claim of spair/images" in repaired.output
+    else:
+        FeatureStore(url).register_images("spair", keys, [(4, 4)])  # what the next extract does first
+    assert FeatureStore(url, read_only=True).registration_mark("spair") is None
+    assert "registration's claim" not in CliRunner().invoke(app, ["doctor", "--store", url]).output
+    assert _indexed(url) == ({"first": 0, "second": 1} if keys == ["second"] else {"first": 0})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,13 +181,28 @@ class _Audit:
             try:
                 rows = store.image_rows(ds)
                 self.ok.append(f"store: {ds}/images: {len(rows)} images indexed")
+                mark = store.registration_mark(ds)
             except DitfError as exc:
                 self.findings.append(self._damaged_index(ds, exc))
                 continue
+            if mark is not None:
+                self.findings.append(self._registration_mark(ds, mark))
             for key in store.layout.key_folders(ds):
                 if self.under_damage(key.path) or not self.fs.list(key.path):
                     continue  # an empty folder (a schema-1 lock): nothing to report
                 self.key(key)
+
+    def _registration_mark(self, ds: str, mark: dict) -> Finding:
+        """An image registration's claim that was never committed (S3): a running registration's,
+        or a killed writer's. Readers go by the committed `count`, so it hides nothing; the next
+        registration (a repair registers no image, which clears it) removes it."""
+        at = mark.get("at")
+        when = f" at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(at))}" if isinstance(at, (int, float)) else ""
+        who = f" by {mark['host']}:{mark['pid']}" if "host" in mark and "pid" in mark else ""
+        return Finding(f"store: {ds}/images: an image registration's claim{who}{when} was never committed "
+                       "(its writer is still registering, or was killed)",
+                       f"cleared the registration claim of {ds}/images",
+                       functools.partial(self.store.register_images, ds, [], []), harmless=True)
 
     def _damaged_index(self, ds: str, exc: DitfError) -> Finding:
         """The image index of `ds` cannot be read: which of its chunks, and the repair that keeps

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import random
 import time
 import uuid
@@ -76,6 +77,12 @@ _INDEX_LOCK_WAIT = 300.0
 _INDEX_TRIES = 5
 #: the group attribute a conditional registration claims the index with (`_register_conditionally`)
 _CLAIM = "registration"
+
+
+def _claim() -> dict[str, object]:
+    """A registration's claim of the image index: unique, and naming who made it when, so that a
+    mark left behind by a killed writer can be told apart and reported (`ditf doctor`)."""
+    return {"id": uuid.uuid4().hex, "host": os.uname().nodename, "pid": os.getpid(), "at": time.time()}
 
 
 def store_exists(store: str | Path) -> bool:
@@ -427,11 +434,17 @@ class FeatureStore:
                 _check_identities(group, self.path, dataset, keys, sizes, digests)
                 rows = _committed_rows(group)
                 new = _new_rows(rows, keys, sizes, digests)
+                attrs = {name: value for name, value in group.attrs.asdict().items() if name != _CLAIM}
                 if not new:
+                    if _CLAIM in group.attrs:
+                        # a mark left by a registration that never committed (its writer was killed,
+                        # or stalled past its lease): we hold the index's lease, so its claimant holds
+                        # none; clearing it (If-Match the listed version) only makes a stalled
+                        # claimant's commit fail, which then starts over
+                        group.attrs.put(attrs)
                     return rows
                 start = len(rows)
-                attrs = {name: value for name, value in group.attrs.asdict().items() if name != _CLAIM}
-                group.attrs.put({**attrs, _CLAIM: uuid.uuid4().hex})  # the claim: later commits of others fail
+                group.attrs.put({**attrs, _CLAIM: _claim()})  # the claim: later commits of others fail
                 _append_rows(group, start, new)
                 group.attrs.put({**attrs, "count": start + len(new)})  # the commit, If-Match our claim
             except Conflict:
@@ -445,6 +458,17 @@ class FeatureStore:
             return rows
         raise DitfError(f"the image index of {dataset} in {self.path} kept changing under this writer "
                         f"({_INDEX_TRIES} tries to register {len(keys)} images): rerun")
+
+    @reads("the image index")
+    def registration_mark(self, dataset: str) -> dict | None:
+        """The claim of an image registration that has not committed (S3's compare-and-swap,
+        `_register_conditionally`), or None. One that stays is the mark of a killed writer:
+        harmless (readers go by `count`), cleared by the next registration, even of no new image."""
+        group = self.group(f"{dataset}/{IMAGES}")
+        mark = None if group is None else group.attrs.get(_CLAIM)
+        if mark is None:
+            return None
+        return mark if isinstance(mark, dict) else {"id": str(mark)}
 
     @reads("the image index")
     def image_rows(self, dataset: str) -> dict[str, int]:

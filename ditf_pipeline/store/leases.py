@@ -3,8 +3,15 @@
 A lease is one object, created by a conditional put (only if absent), holding its owner (host,
 pid, a random id) and an expiry that a heartbeat thread pushes forward while the holder runs.
 Another writer is refused while the lease is live; it may take over a lease that expired (its
-holder died or hung) or whose holder is a dead process on this host. Taking over is read,
-compare, delete, conditional create: see stores/README.md for the race that remains.
+holder died or hung) or whose holder is a dead process on this host.
+
+On S3 every write of a lease is compare-and-swap, checked by the server in the write's own
+request: creation is `If-None-Match: *`, taking over a stale lease is `If-Match` the ETag of
+the stale lease as read, and a renewal is `If-Match` the ETag of the holder's own last write.
+Of two writers that found the same stale lease exactly one takes it over, and a holder whose
+lease was taken over learns it at its next renewal. Other object stores (GCS, Azure through
+fsspec) pass no such conditions: taking over there is read, compare, delete, conditional
+create, and a renewal reads the owner back first (stores/README.md names the race that remains).
 
 Lease reads and writes are not announced as store writes (`faults`): the heartbeat's timing
 would make the write counts of the crash tests depend on the clock.
@@ -24,7 +31,7 @@ from typing import Any
 from ..core.errors import DitfError
 from . import locks
 
-__all__ = ["LEASE_SECONDS", "ObjectLease", "check_held", "holder_gone", "is_live"]
+__all__ = ["LEASE_SECONDS", "ObjectLease", "check_held", "holder_gone", "is_live", "precondition_failed"]
 
 #: the leases this process holds now (`check_held` runs before every object-store write)
 _active: set[ObjectLease] = set()
@@ -45,6 +52,17 @@ def check_held(what: str = "") -> None:
         if why:
             raise DitfError(f"lost the lease {lease.key} ({why}): stopped before writing more; another writer may "
                             "hold it now: rerun (completed work is kept) once it is done")
+
+
+def precondition_failed(exc: BaseException) -> bool:
+    """Whether `exc` is the server refusing a conditional write (HTTP 412, or 409 for a
+    conditional write racing another one), as s3fs raises it."""
+    if isinstance(exc, FileExistsError):  # s3fs's translation of a failed If-None-Match
+        return True
+    cause = exc.__cause__ or exc.__context__
+    code = str(getattr(cause, "response", {}).get("Error", {}).get("Code", ""))
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409") or "pre-condition" in str(exc)
+
 
 #: how long an object-store writer's lease lasts without a heartbeat (seconds)
 LEASE_SECONDS = float(os.environ.get("DITF_LEASE_SECONDS") or 60)
@@ -88,6 +106,10 @@ class ObjectLease:
         self.ttl = LEASE_SECONDS
         self.lost = False  # the heartbeat found another owner in the lease
         self.renewed = time.monotonic()  # when the lease was last created or renewed by us
+        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        #: S3 (s3fs) passes If-Match / If-None-Match to the server: every lease write is a compare-and-swap
+        self.conditional = "s3" in protocols
+        self.etag: str | None = None  # the ETag of our last write of the lease (S3)
 
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "host": os.uname().nodename, "pid": os.getpid(),
@@ -108,16 +130,50 @@ class ObjectLease:
         # a dead process of this host: no need to wait for the expiry
         return float(lease.get("expires", 0)) < time.time() or holder_gone(lease.get("host"), lease.get("pid"))
 
-    def _create(self) -> bool:
+    def _put(self, what: str, **condition: Any) -> bool:
+        """Write our lease under `condition`; False when the server refuses it (the lease is not,
+        or no longer, the version the condition names). Failures of another kind: one error line."""
         try:
-            self.call("take a lease", self.fs.pipe_file, self.key, self._body(), mode="create")
-            return True
-        except FileExistsError:
+            written = self.call(what, self.fs.pipe_file, self.key, self._body(), **condition)
+        except FileExistsError:  # s3fs's translation of a failed If-None-Match
             return False
+        except DitfError as exc:
+            if exc.__cause__ is not None and precondition_failed(exc.__cause__):
+                return False
+            raise
+        self.etag = written.get("ETag") if isinstance(written, dict) else None
+        return True
+
+    def _create(self) -> bool:
+        return self._put("take a lease", mode="create")  # If-None-Match: * (fsspec's exclusive create)
+
+    def _read_versioned(self) -> tuple[str, dict] | None:
+        """The lease's ETag and content, the ETag read first: content read after it is that version
+        or a later one (a renewal, a takeover), which is live, so a stale content is never paired
+        with the ETag of a live lease."""
+        try:
+            etag = str(self.call("read", self.fs.info, self.key)["ETag"])
+        except FileNotFoundError:
+            return None
+        found = self._read()
+        return None if found is None else (etag, found[1])
+
+    def _take_over(self) -> bool:
+        """S3: replace the stale lease by ours only if it is still the version read (If-Match):
+        of writers that all found it stale, the server lets exactly one replace it."""
+        found = self._read_versioned()
+        if found is None:
+            return self._create()  # released meanwhile
+        etag, lease = found
+        if not self._stale(lease):
+            return False
+        return self._put("take over a stale lease", IfMatch=etag)
 
     def _try(self) -> bool:
         if self._create():
             return True
+        if self.conditional:
+            return self._take_over()
         found = self._read()
         if found is None or not self._stale(found[1]):
             return False
@@ -137,17 +193,47 @@ class ObjectLease:
             return f"not renewed for {late:.0f} s of its {self.ttl:.0f} s"
         return None
 
+    def _renew(self) -> bool:
+        """Push the expiry forward; False (and `lost` set: the next write stops, `check_held`) when
+        another writer took the lease over. On S3 the renewal is If-Match our last write, so a
+        takeover between a read and the renewal cannot be overwritten; elsewhere the owner is read
+        back first. Network failures raise (the heartbeat tries again). A renewal that reached the
+        server but whose answer was lost leaves us a stale ETag: the next one is refused and the
+        writer stops, the safe side of not knowing."""
+        if self.conditional:
+            if self.etag is None or not self._put("renew a lease", IfMatch=self.etag):
+                self.lost = True
+                return False
+        else:
+            found = self._read()
+            if found is None or found[1].get("owner") != self.owner:
+                self.lost = True
+                return False
+            self.fs.pipe_file(self.key, self._body())
+        self.renewed = time.monotonic()
+        return True
+
     def _heartbeat(self, stop: threading.Event) -> None:
         while not stop.wait(self.ttl / 3):
             try:
-                found = self._read()
-                if found is None or found[1].get("owner") != self.owner:
-                    self.lost = True  # the next write stops (`check_held`)
+                if not self._renew():
                     return
-                self.fs.pipe_file(self.key, self._body())
-                self.renewed = time.monotonic()
             except Exception:  # a transient network error: the next beat tries again (`why_lost` times it)
                 continue
+
+    def _release(self) -> None:
+        """Remove our lease, and only ours (S3: If-Match our last write; elsewhere the owner read back)."""
+        if self.lost:
+            return
+        if self.conditional and self.etag is not None:
+            bucket, name, _ = self.fs.split_path(self.key)
+            with contextlib.suppress(Exception):  # taken over meanwhile (refused), or gone: not ours to remove
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=name, IfMatch=self.etag)
+            return
+        found = self._read()
+        if found is not None and found[1].get("owner") == self.owner:
+            with contextlib.suppress(Exception):
+                self.fs.rm_file(self.key)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -178,7 +264,4 @@ class ObjectLease:
             stop.set()
             beat.join()
             locks.release(self.name)
-            found = self._read() if not self.lost else None
-            if found is not None and found[1].get("owner") == self.owner:
-                with contextlib.suppress(Exception):
-                    self.fs.rm_file(self.key)
+            self._release()

@@ -20,21 +20,13 @@ from typing import Any
 from zarr.core.buffer import Buffer
 from zarr.storage import FsspecStore
 
+from ..leases import precondition_failed  # the leases' conditional writes are refused the same way
+
 __all__ = ["ConditionalStore", "Conflict", "precondition_failed"]
 
 
 class Conflict(Exception):
     """Another writer changed (or created) an object of the node since this store listed it."""
-
-
-def precondition_failed(exc: BaseException) -> bool:
-    """Whether `exc` is the server refusing a conditional write (HTTP 412, or 409 for a
-    conditional write racing another one), as s3fs raises it."""
-    if isinstance(exc, FileExistsError):  # s3fs's translation of a failed If-None-Match
-        return True
-    cause = exc.__cause__ or exc.__context__
-    code = str(getattr(cause, "response", {}).get("Error", {}).get("Code", ""))
-    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409") or "pre-condition" in str(exc)
 
 
 class ConditionalStore(FsspecStore):
