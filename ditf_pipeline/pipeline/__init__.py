@@ -14,7 +14,7 @@ package stays cheap (`ditf score` never loads torch).
 from __future__ import annotations
 
 from .commands import (
-    DEFAULT_STORE, MatchRun, ScoreRun, check_key, check_pair_arguments, list_models, reading_store, run_ablate, run_all,
+    DEFAULT_STORE, MatchRun, ScoreRun, check_key, check_pair_arguments, extract_in_memory, list_models, reading_store, run_ablate, run_all,
     run_extract, run_match, run_score, single_key, stored_variants, writing_store,
 )
 from .compare import run_compare
@@ -26,7 +26,8 @@ from .probe import run_probe
 from .views import run_analyze, run_show
 
 __all__ = [
-    "DEFAULT_STORE", "MatchRun", "ScoreRun", "check", "check_key", "check_pair_arguments", "list_models", "run_ablate", "run_all",
+    "DEFAULT_STORE", "MatchRun", "ScoreRun", "check", "check_key", "check_pair_arguments", "extract_in_memory", "list_models",
+    "run_ablate", "run_all",
     "run_analyze", "run_compare", "run_demo", "run_export", "run_extract", "run_match", "run_pack", "run_probe",
     "run_score", "run_show", "reading_store", "single_key", "stored_variants", "writing_store",
 ]
