@@ -9,7 +9,10 @@ without the model's prompt memory, measured side by side (same machine, same run
 
 Prints the medians and their ratios to the in-memory one:
 
-    python benchmarks/bench_api_calls.py [--calls 5] [--out results.json]
+    python benchmarks/bench_api_calls.py [--calls 5] [--threads 1] [--out results.json]
+
+The three run interleaved, call by call, so a change of load on a shared machine hits them
+alike; `--threads 1` keeps torch's compute from competing with itself there.
 """
 
 from __future__ import annotations
@@ -47,9 +50,15 @@ def _per_call(model, image, calls: int, temporary_store: bool) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
+    import torch
+
     from ditf_pipeline import DiTF
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))
     remembering = DiTF.from_pretrained("tiny-flux", dtype="fp32", device="cpu")
@@ -67,6 +76,9 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "load_average_1_5_15": [round(v, 2) for v in load],
         "model": "tiny-flux fp32 cpu, 64 px, ensemble 2", "calls": args.calls,
+        "torch_threads": torch.get_num_threads(),
+        "min_s_in_memory": min(in_memory), "min_s_temporary_store": min(stored),
+        "min_s_temporary_store_without_prompt_memory": min(forgotten),
         "median_s_in_memory": statistics.median(in_memory),
         "median_s_temporary_store": statistics.median(stored),
         "median_s_temporary_store_without_prompt_memory": statistics.median(forgotten),
