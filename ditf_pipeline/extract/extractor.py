@@ -8,18 +8,18 @@ the store (`run`, committed image by image, resumable after a crash at any point
 (`run_in_memory`, for `DiTF.features()` without a store).
 
 This class orchestrates; the parts are modules of their own: `settings` (what is computed and
-how, checked), `identity` (the key's configuration and the refusal to mix two), `ensemble` (the
-seeds, the forward, the means), `inputs` (decoding ahead on a pool, digests, grouping images of
-one token grid per forward: `--batch-images`), `transfer` (host <-> device copies that never make
-the main thread wait) and `writer` (the sinks, written on a thread of their own while the next
-image computes).
+how, checked), `identity` (the key's configuration and the refusal to mix two), `store_keys`
+(pending images, keys set up under their locks, shard ownership), `prompt_memory` (prompt
+embeddings: store cache, model memory, encoders), `ensemble` (the seeds, the forward, the
+means), `inputs` (decoding ahead on a pool, digests, grouping images of one token grid per
+forward: `--batch-images`), `transfer` (host <-> device copies that never make the main thread
+wait) and `writer` (the sinks, written on a thread of their own while the next image computes).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -32,17 +32,17 @@ from ..core.keys import FeatureKey
 from ..core.shards import Shard
 from ..datasets.base import Dataset, ImageRecord, check_annotated_sizes
 from ..models.base import CompileOptions, DiTAdapter, LatentPosterior, PromptEmbedding
-from ..store.feature_store import ROWS_PER_SHARD, FeatureArrays, FeatureStore
-from ..store.schema import file_rows
+from ..store.feature_store import ROWS_PER_SHARD, FeatureStore
 from . import inputs
 from .ensemble import conditioning_variants, ensemble_means, image_seed, member_draws, stored_features
-from .identity import adaln_names, check_same_config, comparable_config, modulation_names, provenance, store_config
-from .prompt_memory import PromptMemory
+from .identity import adaln_names, modulation_names, store_config
+from .prompt_memory import embeddings_for
 from .prompts import prompts_for
 from .settings import (
     COMPILE_MODES, CUDA_BATCH_IMAGES, PRECISIONS, ExtractSettings, batch_images, check_precision, check_run,
     check_settings, compiles, default_settings,
 )
+from .store_keys import SHARD_SETUP_WAIT, open_keys, pending_records, rows_per_file
 from .transfer import HostCopies, HostCopy, upload
 from .writer import FeatureSink, MemoryFeatures, WriterThread
 
@@ -53,8 +53,6 @@ __all__ = ["COMPILE", "COMPILE_MODES", "CUDA_BATCH_IMAGES", "PRECISIONS", "SHARD
 
 #: how the blocks are compiled when --compile resolves to on (the tests swap in "aot_eager")
 COMPILE = CompileOptions()
-#: seconds a shard waits for another shard (or a whole run) setting up the same key
-SHARD_SETUP_WAIT = 600.0
 
 
 @dataclass
@@ -76,21 +74,6 @@ class ExtractReport:
             f"extract: {self.extracted} image(s) extracted, {self.skipped} already complete, "
             f"{self.seconds:.1f} s ({self.images_per_second:.2f} img/s) -> {self.store} [{', '.join(self.keys)}]"
         )
-
-
-def _rows_per_file(arrays: Mapping[tuple[int, int], FeatureArrays]) -> int:
-    """Images per file of the keys' small per-image arrays: a shard owns whole files of them.
-
-    Read from each key's `complete` array as it was created, so every shard of a key agrees on
-    ownership whatever DITF_ROWS_PER_SHARD says now.
-    """
-    sizes = {file_rows(a.group["complete"]) for a in arrays.values()}
-    if len(sizes) > 1:
-        raise DitfError("the keys of this run keep different numbers of images per file ("
-                        + ", ".join(f"{a.path}: {file_rows(a.group['complete'])}" for a in arrays.values())
-                        + "): run --shard separately for each --k / --t")
-    return sizes.pop() if sizes else ROWS_PER_SHARD
-
 
 
 class Extractor:
@@ -115,36 +98,8 @@ class Extractor:
 
     # ---- prompts ------------------------------------------------------------------------------
     def encode_prompts(self, texts: set[str]) -> dict[str, PromptEmbedding]:
-        """Embeddings for every prompt, encoding (and caching) only the missing ones.
-
-        Looked up in the store's prompt cache, then in the model's own memory (a model object
-        kept across runs, the Python API's, remembers what it encoded before); only what neither
-        holds loads the text encoders.
-        """
-        adapter = self.adapter
-        cache = None if self.store is None else self.store.prompt_cache(
-            adapter.spec.name,
-            {"source": adapter.source, "revision": adapter.revision, "dtype": str(adapter.dtype), "model": adapter.spec.name},
-        )
-        found = cache.get_many(texts) if cache is not None else {}
-        memory: PromptMemory | None = getattr(adapter, "prompt_memory", None)
-        if memory is not None:
-            for text, embedding in memory.get_many(texts - set(found)).items():
-                if cache is not None:
-                    cache.put(text, embedding)
-                found[text] = embedding
-        missing = sorted(texts - set(found))
-        if missing:
-            for text, embedding in zip(missing, adapter.encode_prompts(missing)):
-                numpy_embedding = {name: value.float().numpy() for name, value in embedding.items()}
-                if cache is not None:
-                    cache.put(text, numpy_embedding)
-                found[text] = numpy_embedding
-            adapter.release_text_encoders()
-        if memory is not None:
-            for text, embedding in found.items():
-                memory.put(text, embedding)
-        return {text: {name: torch.from_numpy(np.asarray(v)) for name, v in emb.items()} for text, emb in found.items()}
+        """Embeddings for every prompt, encoding (and caching) only the missing ones (`embeddings_for`)."""
+        return embeddings_for(self.adapter, self.store, texts)
 
     # ---- one image, or images of one grid ------------------------------------------------------
     def encode(self, pixels: np.ndarray | torch.Tensor) -> LatentPosterior:
@@ -205,7 +160,7 @@ class Extractor:
         # file per block, rewritten whole on each commit, so two shards must never share a block
         expected = inputs.expected_rows(store.image_rows(dataset.name), records)
         mine = [r for r in records if shard.owns(expected[r.key] // ROWS_PER_SHARD)]
-        pending = {r.key for r in self._pending(dataset, mine)}
+        pending = {r.key for r in pending_records(store, self.adapter, self.settings, dataset, mine)}
         # every image is decoded (a bad file fails before the index grows) and its pixels digested:
         # a name reused for other pixels is refused, never served the features of the old image
         digests = inputs.digests(records, pending, self.settings)
@@ -213,9 +168,9 @@ class Extractor:
         store.check_identities(dataset.name, keys, sizes, digests)
         rows = store.register_images(dataset.name, keys, sizes, digests)
         with contextlib.ExitStack() as locks:
-            arrays = self._open_keys(dataset, sizes, len(rows), shard, locks)
+            arrays = open_keys(store, self.adapter, self.settings, dataset, sizes, len(rows), shard, locks, COMPILE)
             # ownership follows the keys' files as created (never this run's environment)
-            block = _rows_per_file(arrays)
+            block = rows_per_file(arrays)
             mine = [r for r in records if shard.owns(rows[r.key] // block)]
             return self._run_locked(dataset, mine, rows, arrays, start_time, progress)
 
@@ -227,64 +182,6 @@ class Extractor:
         if not records:
             raise DitfError(f"dataset {dataset.name} at {dataset.root} has no images")
         return records
-
-    def _open_keys(self, dataset: Dataset, sizes, n_rows: int, shard: Shard,
-                   locks: contextlib.ExitStack) -> dict[tuple[int, int], FeatureArrays]:
-        """Every requested key set up (or checked) for `n_rows` images, its writer lock held in `locks`."""
-        adapter, settings, store = self.adapter, self.settings, self.store
-        config = store_config(adapter, settings)
-        arrays: dict[tuple[int, int], FeatureArrays] = {}
-        for t in settings.ts:
-            for k in settings.ks:
-                rows_max, cols_max, channels = adapter.feature_shape(settings.img_size, k)
-                if settings.resize != "long":  # the grid's extent follows each image's aspect ratio
-                    grids = [adapter.grid_size(w, h, settings.img_size, settings.resize) for w, h in sizes]
-                    rows_max, cols_max = max(g[0] for g in grids), max(g[1] for g in grids)
-
-                def open_key(k=k, t=t, grid_max=(rows_max, cols_max), channels=channels):
-                    try:
-                        stored = store.open_features(dataset.name, adapter.spec.name, k, t).config
-                    except DitfError:  # not set up yet
-                        stored = None
-                    return store.open_features(
-                        dataset.name, adapter.spec.name, k, t, config=comparable_config(config, stored),
-                        provenance=provenance(adapter, settings, COMPILE),
-                        n_images=n_rows, grid_max=grid_max, hidden_size=channels,
-                        modulation_names=modulation_names(adapter), adaln=adapter.has_adaln,
-                        adaln_names=adaln_names(adapter),
-                    )
-
-                if shard.whole:
-                    # one writer per key: a second extract into the same key is refused, not interleaved
-                    locks.enter_context(store.writer_lock(dataset.name, adapter.spec.name, k, t))
-                    arrays[(k, t)] = open_key()
-                else:
-                    # shards take turns only to set the key up, then write their own images side by side
-                    with store.setup_lock(dataset.name, adapter.spec.name, k, t, wait=SHARD_SETUP_WAIT):
-                        arrays[(k, t)] = open_key()
-                    locks.enter_context(store.writer_lock(dataset.name, adapter.spec.name, k, t, shard=str(shard)))
-        return arrays
-
-    def _pending(self, dataset: Dataset, records: Sequence[ImageRecord]) -> list[ImageRecord]:
-        """The records this run will decode: not yet complete in every requested key (read-only).
-
-        Also refuses a key written with other settings here, before the image index grows.
-        """
-        rows = self.store.image_rows(dataset.name)
-        config = json.loads(json.dumps(store_config(self.adapter, self.settings), default=str))
-        pending, missing_key = set(), False
-        for t in self.settings.ts:
-            for k in self.settings.ks:
-                try:
-                    arrays = self.store.open_features(dataset.name, self.adapter.spec.name, k, t)
-                except DitfError:  # key not created yet: every image is pending
-                    missing_key = True
-                    continue
-                check_same_config(str(self.store.path), arrays.path, arrays.config, config)
-                complete = arrays.complete()
-                pending.update(r.key for r in records
-                               if r.key not in rows or rows[r.key] >= len(complete) or not complete[rows[r.key]])
-        return list(records) if missing_key else [r for r in records if r.key in pending]
 
     def _run_locked(self, dataset, records, rows, arrays, start_time, progress) -> ExtractReport:
         complete = {key: array.complete() for key, array in arrays.items()}
