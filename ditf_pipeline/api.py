@@ -446,7 +446,8 @@ class DiTF:
         variants discard, "auto" (the 100x-median rule over these images), "none" or a list.
         `store`: a Zarr store to cache into and reuse (images already there are not run
         again); default none: the features are computed in memory and nothing is written (the
-        same numbers: z is rounded to float16 either way, as the store keeps it). `batch_images`, `compile`: as `ditf extract` (speed only).
+        same numbers: z is rounded to float16 either way, as the store keeps it).
+        `batch_images`, `compile`: as `ditf extract` (speed only).
         """
         value_range = _check_range(value_range)
         single = not isinstance(images, (list, tuple))
@@ -461,17 +462,18 @@ class DiTF:
         mode, texts = _prompt_plan(prompt, inputs, self.adapter.conditioned)
         if variant is None:
             variant = "adaln+cd" if self.adapter.has_adaln else "raw"
-        settings = dict(k=k_list, t=t_list, img_size=img_size, ensemble_size=ensemble_size, batch_size=batch_size,
-                        seed=seed, prompt=mode, progress=progress, resize=resize, adapter=self.adapter,
-                        batch_images=batch_images, compile=compile)
+        extract_options = dict(k=k_list, t=t_list, img_size=img_size, ensemble_size=ensemble_size,
+                               batch_size=batch_size, seed=seed, prompt=mode, progress=progress, resize=resize,
+                               adapter=self.adapter, batch_images=batch_images, compile=compile)
+        # in-memory images go to the extractor as lossless PNG files here, decoded as files are
         with tempfile.TemporaryDirectory(prefix="ditf-api-") as folder:
             records = _records(inputs, Path(folder), value_range, keys, texts)
             images = _ImageList(list({r.key: r for r in records}.values()))
             record_keys = [r.key for r in records]
             if store is None:
-                out = _in_memory_features(images, record_keys, variant, channels, settings)
+                out = _in_memory_features(images, record_keys, variant, channels, extract_options)
             else:
-                out = _stored_features(images, record_keys, variant, channels, settings, store, self.name)
+                out = _stored_features(images, record_keys, variant, channels, extract_options, store, self.name)
         if len(out) == 1:
             return next(iter(out.values()))
         return out
@@ -502,19 +504,19 @@ class DiTF:
 
 
 def _in_memory_features(images: _ImageList, record_keys: list[str], variant: str, channels: str | Sequence[int],
-                        settings: dict) -> dict[tuple[int, int], list]:
+                        extract_options: dict) -> dict[tuple[int, int], list]:
     """{(k, t): (C, h, w) maps} of `record_keys`, extracted into memory (`pipeline.extract_in_memory`) and
     read with the match stage's own `feature_maps`, as `_stored_features` reads them from a store."""
     from .match.export import feature_maps
     from .pipeline import extract_in_memory
 
-    rows, keys = extract_in_memory(dataset=images, **settings)
+    rows, by_key = extract_in_memory(dataset=images, **extract_options)
     return {key: [m.permute(2, 0, 1).contiguous() for m in feature_maps(features, rows, record_keys, variant, channels)]
-            for key, features in keys.items()}
+            for key, features in by_key.items()}
 
 
 def _stored_features(images: _ImageList, record_keys: list[str], variant: str, channels: str | Sequence[int],
-                     settings: dict, store: str | Path, model: str) -> dict[tuple[int, int], list]:
+                     extract_options: dict, store: str | Path, model: str) -> dict[tuple[int, int], list]:
     """{(k, t): (C, h, w) maps} of `record_keys`, extracted into `store` (`pipeline.run_extract`, images already
     there are not run again) and read back from it."""
     from .core.keys import FeatureKey
@@ -522,7 +524,7 @@ def _stored_features(images: _ImageList, record_keys: list[str], variant: str, c
 
     # a URL (s3://, memory://, ...) is handed on as given: a Path would fold its "//"
     store_path = str(store) if "://" in str(store) else Path(store)
-    report = run_extract(model=model, dataset=images, store=store_path, **settings)
+    report = run_extract(model=model, dataset=images, store=store_path, **extract_options)
     reader = FeatureStoreReader(store_path)
     out: dict[tuple[int, int], list] = {}
     for path in report.keys:
