@@ -1,6 +1,7 @@
 """The orchestration layer: one function per `ditf` command, shared by the command line and the API.
 
-`ditf extract` and `DiTF.features` both call `run_extract`, so the two give the same numbers by
+`ditf extract` and `DiTF.features` both call `run_extract` (or, without a store,
+`extract_in_memory`: the same settings and extractor), so they give the same numbers by
 construction: the same defaults, the same per-image seeding, the same store layout. Each
 command of `ditf_cli` parses its options, calls one function here and prints what it returns.
 Heavy modules (torch, diffusers, zarr) are imported inside the functions, so importing this

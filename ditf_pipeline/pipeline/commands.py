@@ -1,7 +1,9 @@
 """One library function per stage run, shared by the command line and the Python API.
 
-`ditf extract` and `DiTF.features` both call `run_extract`, so the two give the same numbers by
-construction: the same defaults, the same per-image seeding, the same store layout. Heavy
+`ditf extract` and `DiTF.features` both call `run_extract` (`DiTF.features` without a store
+calls `extract_in_memory`, the same settings and extractor with in-memory sinks), so they give
+the same numbers by construction: the same defaults, the same per-image seeding, the same
+store layout. Heavy
 modules (torch, diffusers, zarr) are imported inside the function, so importing this module
 stays cheap.
 """
