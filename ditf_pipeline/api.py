@@ -1,10 +1,12 @@
 """DiTF from Python: `DiTF.from_pretrained(...).features(images)` and `open_store(path).features(...)`.
 
 This is the command line's own path, not a second one: `DiTF.features` hands the images to
-`pipeline.run_extract` (what `ditf extract` calls) as an in-memory image list, into a
-temporary store or the one given, and reads each variant back with the match stage's own
-`FeatureCache` and `resolve_channels`. The same image with the same settings therefore gives
-bit-identical features here and through `ditf extract --dataset folder` (under the same key).
+`pipeline.run_extract` (what `ditf extract` calls) as an in-memory image list into the store
+given, or without `store=` to `pipeline.extract_in_memory` (the same extractor and arithmetic,
+its features kept in memory as the store would hold them, float16 z included, nothing written),
+and reads each variant back with the match stage's own `FeatureCache` and `resolve_channels`.
+The same image with the same settings therefore gives bit-identical features with and without
+a store, and through `ditf extract --dataset folder` (under the same key).
 
 Identity is content: an image's store key is a digest of its decoded pixels (`image_key`), unless
 the caller names it (`keys=`), so two images never share a row whatever their file names, and
@@ -15,7 +17,6 @@ is refused with one error line.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import tempfile
 from collections.abc import Callable, Sequence
@@ -444,8 +445,9 @@ class DiTF:
         "adaln", "adaln+cd-post", "adaln-t", "adaln-c". `channels`: channels the "+cd"
         variants discard, "auto" (the 100x-median rule over these images), "none" or a list.
         `store`: a Zarr store to cache into and reuse (images already there are not run
-        again); default a temporary one, deleted on return (the same numbers: z is stored in
-        float16 either way). `batch_images`, `compile`: as `ditf extract` (speed only).
+        again); default none: the features are computed in memory and nothing is written (the
+        same numbers: z is rounded to float16 either way, as the store keeps it).
+        `batch_images`, `compile`: as `ditf extract` (speed only).
         """
         value_range = _check_range(value_range)
         single = not isinstance(images, (list, tuple))
@@ -460,27 +462,18 @@ class DiTF:
         mode, texts = _prompt_plan(prompt, inputs, self.adapter.conditioned)
         if variant is None:
             variant = "adaln+cd" if self.adapter.has_adaln else "raw"
-        with contextlib.ExitStack() as stack:
-            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ditf-api-")))
-            records = _records(inputs, folder, value_range, keys, texts)
-            # a URL (s3://, memory://, ...) is handed on as given: a Path would fold its "//"
-            store_path = (str(store) if "://" in str(store) else Path(store)) if store is not None else folder / "features.zarr"
-            from .pipeline import run_extract
-
-            report = run_extract(
-                model=self.name, dataset=_ImageList(list({r.key: r for r in records}.values())), store=store_path,
-                k=k_list, t=t_list, img_size=img_size, ensemble_size=ensemble_size, batch_size=batch_size,
-                seed=seed, prompt=mode, progress=progress, resize=resize, adapter=self.adapter,
-                batch_images=batch_images, compile=compile,
-            )
-            reader = FeatureStoreReader(store_path)
+        extract_options = dict(k=k_list, t=t_list, img_size=img_size, ensemble_size=ensemble_size,
+                               batch_size=batch_size, seed=seed, prompt=mode, progress=progress, resize=resize,
+                               adapter=self.adapter, batch_images=batch_images, compile=compile)
+        # in-memory images go to the extractor as lossless PNG files here, decoded as files are
+        with tempfile.TemporaryDirectory(prefix="ditf-api-") as folder:
+            records = _records(inputs, Path(folder), value_range, keys, texts)
+            images = _ImageList(list({r.key: r for r in records}.values()))
             record_keys = [r.key for r in records]
-            out: dict[tuple[int, int], list] = {}
-            for path in report.keys:  # ".../k{K}/t{T}"
-                k_name, t_name = path.split("/")[-2:]
-                k_, t_ = int(k_name[1:]), int(t_name[1:])
-                maps = reader.feature_maps(API_DATASET, self.name, k_, t_, variant, record_keys, channels)
-                out[(k_, t_)] = [m.permute(2, 0, 1).contiguous() for m in maps]
+            if store is None:
+                out = _in_memory_features(images, record_keys, variant, channels, extract_options)
+            else:
+                out = _stored_features(images, record_keys, variant, channels, extract_options, store, self.name)
         if len(out) == 1:
             return next(iter(out.values()))
         return out
@@ -508,6 +501,37 @@ class DiTF:
         src, trg = (m.permute(1, 2, 0) for m in maps)
         kps = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         return make_matcher("dift").match(src, sizes[0], trg, sizes[1], kps)
+
+
+def _in_memory_features(images: _ImageList, record_keys: list[str], variant: str, channels: str | Sequence[int],
+                        extract_options: dict) -> dict[tuple[int, int], list]:
+    """{(k, t): (C, h, w) maps} of `record_keys`, extracted into memory (`pipeline.extract_in_memory`) and
+    read with the match stage's own `feature_maps`, as `_stored_features` reads them from a store."""
+    from .match.export import feature_maps
+    from .pipeline import extract_in_memory
+
+    rows, by_key = extract_in_memory(dataset=images, **extract_options)
+    return {key: [m.permute(2, 0, 1).contiguous() for m in feature_maps(features, rows, record_keys, variant, channels)]
+            for key, features in by_key.items()}
+
+
+def _stored_features(images: _ImageList, record_keys: list[str], variant: str, channels: str | Sequence[int],
+                     extract_options: dict, store: str | Path, model: str) -> dict[tuple[int, int], list]:
+    """{(k, t): (C, h, w) maps} of `record_keys`, extracted into `store` (`pipeline.run_extract`, images already
+    there are not run again) and read back from it."""
+    from .core.keys import FeatureKey
+    from .pipeline import run_extract
+
+    # a URL (s3://, memory://, ...) is handed on as given: a Path would fold its "//"
+    store_path = str(store) if "://" in str(store) else Path(store)
+    report = run_extract(model=model, dataset=images, store=store_path, **extract_options)
+    reader = FeatureStoreReader(store_path)
+    out: dict[tuple[int, int], list] = {}
+    for path in report.keys:
+        key = FeatureKey.parse(path)
+        maps = reader.feature_maps(API_DATASET, model, key.k, key.t, variant, record_keys, channels)
+        out[(key.k, key.t)] = [m.permute(2, 0, 1).contiguous() for m in maps]
+    return out
 
 
 def _image_size(image: ImageLike, value_range: tuple[float, float] | None = None) -> tuple[int, int]:

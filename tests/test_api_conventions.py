@@ -3,7 +3,7 @@
 Identity is content (same-stem files never share a row), pixel ranges are declared (DIFT's
 [-1, 1] tensors convert as declared; nothing is clipped), `prompt=""` is the empty prompt,
 per-image prompts share one store, the text encoders load once per model object, the
-temporary-store path equals the stored one, and `from_pretrained` takes what diffusers' does.
+in-memory path (no `store=`) equals the stored one, and `from_pretrained` takes what diffusers' does.
 """
 
 from __future__ import annotations
@@ -133,11 +133,36 @@ def test_text_encoders_load_once_over_five_calls():
 
 
 def test_without_store_equals_the_stored_path(model, tmp_path):
-    """Without `store=` a temporary store is used: the same code path, z rounded to float16 in both."""
+    """Without `store=` the features stay in memory: the same numbers as the stored path, z rounded to float16 in both."""
     image = Image.fromarray(_pixels(4))
     for variant in ("raw", "adaln+cd"):
         assert torch.equal(model.features(image, variant=variant, **SETTINGS)[0],
                            model.features(image, variant=variant, store=tmp_path / "s.zarr", **SETTINGS)[0])
+
+
+@pytest.mark.parametrize("variant", ["raw", "adaln", "adaln+cd", "adaln+cd-post", "adaln-t", "adaln-c"])
+def test_the_in_memory_path_is_the_stored_path_bit_for_bit(model, tmp_path, monkeypatch, variant):
+    """Several images, blocks and timesteps, every variant and "auto" channels: equal to the stored
+    path, z included as the float16 the store keeps; and nothing is written without `store=`."""
+    images = [Image.fromarray(_pixels(seed, size)) for seed, size in ((5, (48, 32)), (6, (32, 48)), (7, (48, 32)))]
+    options = {**SETTINGS, "ensemble_size": 2, "k": [0, 1], "t": [260, 500], "variant": variant}
+    stored = model.features(images, store=tmp_path / f"{variant}.zarr", **options)
+
+    import ditf_pipeline.store.feature_store as feature_store
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a store was opened without store=")
+
+    monkeypatch.setattr(feature_store.FeatureStore, "__init__", refuse)
+    in_memory = model.features(images, **options)
+    assert list(in_memory) == list(stored) == [(0, 260), (1, 260), (0, 500), (1, 500)]
+    for key, maps in stored.items():
+        assert len(in_memory[key]) == len(maps) == 3
+        for a, b in zip(in_memory[key], maps):
+            assert torch.equal(a, b)
+    if variant == "raw":  # z itself: float16 values, as the store holds them
+        z = in_memory[(1, 260)][0]
+        assert torch.equal(z, z.half().float()) and not torch.equal(z, torch.zeros_like(z))
 
 
 def test_from_pretrained_takes_a_pipeline_folder_and_hub_options(model, tmp_path):

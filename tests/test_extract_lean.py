@@ -25,6 +25,7 @@ import zarr
 from PIL import Image
 
 import ditf_pipeline.extract.extractor as extractor_module
+from ditf_pipeline.extract import ensemble, inputs
 from ditf_pipeline.datasets import get_dataset
 from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.extract.extractor import Extractor, ExtractSettings
@@ -183,7 +184,7 @@ def test_a_failed_write_is_one_error_and_the_rerun_completes(flux, folder, tmp_p
 
 
 def test_non_finite_features_are_refused_by_the_writer(flux, folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(Extractor, "_mean", lambda self, total, count: total * float("nan"))
+    monkeypatch.setattr(ensemble, "_mean", lambda total, count, precision: total * float("nan"))
     with pytest.raises(DitfError, match="non-finite features"):
         _run(flux, folder, tmp_path / "nan.zarr")
     assert not zarr.open_group(str(tmp_path / "nan.zarr"), mode="r")["folder/tiny-flux/k1/t260/complete"][:].any()
@@ -209,7 +210,7 @@ def test_groups_cut_on_grid_and_size_not_on_how_a_prompt_dict_is_ordered(flux, t
     decoded = [(type("R", (), {"key": key})(), pixels)
                for key, pixels in [("a", wide), ("b", wide), ("c", wide), ("d", tall), ("e", wide)]]
     texts = {"a": "x", "b": "y", "c": "y", "d": "x", "e": "x"}
-    groups = list(extractor._groups(decoded, texts, {"x": cached, "y": fresh}))
+    groups = list(inputs.groups(decoded, texts, {"x": cached, "y": fresh}, extractor.batch_images))
     assert [[record.key for record, _ in group] for group in groups] == [["a", "b"], ["c"], ["d"], ["e"]]
 
 

@@ -19,7 +19,7 @@ from ditf_pipeline.datasets.ade20k import CLASSES, IGNORE_INDEX, reduce_zero_lab
 from ditf_pipeline.demo import make_demo
 from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.core.images import image_size, load_rgb
-from ditf_pipeline.analysis.probe import (
+from ditf_pipeline.probe import (
     ProbeSettings,
     confusion_matrix,
     iou_from_confusion,
@@ -148,7 +148,7 @@ def test_confusion_matrix_and_iou_by_hand():
     assert m["miou"] == pytest.approx((0.25 + 0.5 + 0.5) / 3)
     assert m["aacc"] == pytest.approx(4 / 7)
     # a class predicted but never in the ground truth counts with IoU 0
-    from ditf_pipeline.analysis.probe import _summary
+    from ditf_pipeline.probe.metrics import summary as _summary
 
     summary = _summary(cm, ["a", "b", "c", "d"])  # the report: percent at full precision
     assert summary["miou"] == 100.0 * m["miou"] and summary["aacc"] == 100.0 * (4 / 7)

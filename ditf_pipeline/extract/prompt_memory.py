@@ -1,8 +1,9 @@
 """Encoded prompts kept in memory by one model object, across extract runs (the Python API).
 
-Each `DiTF.features` call is a run of its own, into a store that may be new (a temporary one
-without `store=`) and so holds no encoded prompt: without this, the text encoders (T5-XXL on
-Flux) would be loaded, run and freed on every call. The memory is bounded in bytes and drops
+Each `DiTF.features` call is a run of its own, into a store that may be new or into no store at
+all (without `store=`), and so finds no encoded prompt there: without this, the text encoders
+(T5-XXL on Flux) would be loaded, run and freed on every call. `embeddings_for` is the whole
+lookup: the store's prompt cache, this memory, then the encoders. The memory is bounded in bytes and drops
 the least recently used prompt first; it belongs to one adapter, so its encoders are the ones
 that produced every entry.
 """
@@ -11,10 +12,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["DEFAULT_PROMPT_MEMORY_BYTES", "PromptMemory"]
+if TYPE_CHECKING:
+    from ..models.base import DiTAdapter, PromptEmbedding
+    from ..store.feature_store import FeatureStore
+
+__all__ = ["DEFAULT_PROMPT_MEMORY_BYTES", "PromptMemory", "embeddings_for"]
 
 #: 256 MiB: about 30 Flux prompts (T5 512 x 4096 float32 each), thousands of tiny-model ones
 DEFAULT_PROMPT_MEMORY_BYTES = 256 * 2**20
@@ -57,3 +63,38 @@ class PromptMemory:
         while self._bytes > self.max_bytes:
             _, dropped = self._entries.popitem(last=False)
             self._bytes -= sum(value.nbytes for value in dropped.values())
+
+
+def embeddings_for(adapter: DiTAdapter, store: FeatureStore | None, texts: set[str]) -> dict[str, PromptEmbedding]:
+    """Embeddings of every text in `texts` (name -> float32 torch tensor), encoding only the missing ones.
+
+    Looked up in `store`'s prompt cache (none without a store), then in the adapter's own
+    `prompt_memory` (a model object kept across runs, the Python API's, remembers what it encoded
+    before); only what neither holds loads the text encoders, which are released afterwards.
+    Whatever is found or encoded goes into both, so the next run finds it wherever it looks.
+    """
+    import torch
+
+    cache = None if store is None else store.prompt_cache(
+        adapter.spec.name,
+        {"source": adapter.source, "revision": adapter.revision, "dtype": str(adapter.dtype), "model": adapter.spec.name},
+    )
+    found = cache.get_many(texts) if cache is not None else {}
+    memory: PromptMemory | None = getattr(adapter, "prompt_memory", None)
+    if memory is not None:
+        for text, embedding in memory.get_many(texts - set(found)).items():
+            if cache is not None:
+                cache.put(text, embedding)
+            found[text] = embedding
+    missing = sorted(texts - set(found))
+    if missing:
+        for text, embedding in zip(missing, adapter.encode_prompts(missing)):
+            numpy_embedding = {name: value.float().numpy() for name, value in embedding.items()}
+            if cache is not None:
+                cache.put(text, numpy_embedding)
+            found[text] = numpy_embedding
+        adapter.release_text_encoders()
+    if memory is not None:
+        for text, embedding in found.items():
+            memory.put(text, embedding)
+    return {text: {name: torch.from_numpy(np.asarray(v)) for name, v in emb.items()} for text, emb in found.items()}

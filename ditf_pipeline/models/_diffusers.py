@@ -1,26 +1,21 @@
-"""Loading shared by the diffusers-backed adapters.
+"""The lifecycle shared by the diffusers-backed adapters: load, place, offload, compile, release.
 
 A model is a diffusers pipeline folder (hub id or local directory, as `save_pretrained` writes
-it). The text side (tokenizers + encoders) and the DiT side (transformer + VAE) are loaded
-separately, so the text encoders can be freed before the DiT is put on the device. Tiny models
-are built from config with seeded random weights and go through the same code afterwards;
-`save_pipeline` writes them as an ordinary pipeline folder that `--weights DIR` loads back.
-
-The transformer of a folder is never loaded whole: its architecture comes from its
-`transformer/config.json`, the module is built with its parameters on the meta device, the
-block lists are cut after the deepest block asked for, and only the tensors the cut model holds
-are read from the safetensors files (`safe_open` reads tensor by tensor). Memory then grows
-with k (DiTF at Flux k = 28 needs 29 of 57 blocks). With `offload`, the blocks stay in host
-memory and `BlockStreamer` moves one at a time to the device. With `set_compile`, each forward
-runs the block lists cut after the deepest tapped block, the untapped blocks compiled one at a
-time (`_blocks_that_run`).
+it), read by `checkpoint.Checkpoint`: its transformer is never loaded whole, only the blocks up
+to the deepest one asked for (its architecture from `transformer/config.json`). The text side
+(tokenizers + encoders) and the DiT side (transformer + VAE) are loaded separately, so the text
+encoders can be freed before the DiT is put on the device. Tiny models are built from config
+with seeded random weights and go through the same code afterwards; `save_pipeline` writes them
+as an ordinary pipeline folder that `--weights DIR` loads back. With `offload`, the blocks stay
+in host memory and `BlockStreamer` moves one at a time to the device. With `set_compile`, each
+forward runs the block lists cut after the deepest tapped block, the untapped blocks compiled
+one at a time (`_blocks_that_run`). A family adds one file: its adapter subclass.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,14 +23,12 @@ from pathlib import Path
 import torch
 
 from ..core.errors import DitfError
-from .hub import looks_local, refuse_pickled
-from .hub import offline as _offline
-from .compiled import DynamicBlock
 from .base import Architecture, BlockFeatures, CompileOptions, DiTAdapter, LatentPosterior, ModelSpec, Prompts
+from .checkpoint import Checkpoint, NeverRun
+from .compiled import DynamicBlock
+from .hub import offline as _offline
 
-#: diffusers' file names of a model's weights (one file, or shards listed by an index)
-_WEIGHTS = "diffusion_pytorch_model.safetensors"
-_WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+__all__ = ["BlockStreamer", "DiffusersAdapter", "RectifiedFlowNoise", "chunk_modulation", "time_text_parts"]
 
 
 class DiffusersAdapter(DiTAdapter):
@@ -63,7 +56,7 @@ class DiffusersAdapter(DiTAdapter):
         self._transformer = None
         self._vae = None
         self._tiny_components: dict | None = None
-        self._local: str | None = None
+        self._checkpoint: Checkpoint | None = None
         self._transformer_config: dict | None = None
         #: deepest block asked for so far (the transformer holds blocks 0..this); None: all
         self._depth: int | None = None
@@ -99,40 +92,25 @@ class DiffusersAdapter(DiTAdapter):
         return Path(directory)
 
     # ---- loading ----------------------------------------------------------------------------
-    def _hub_kwargs(self) -> dict:
-        """Where and how the hub is asked: `hub_options` given, offline when HF_HUB_OFFLINE says so."""
-        options = {name: value for name, value in self.hub_options.items() if name in ("cache_dir", "token")}
-        return {**options, "local_files_only": bool(self.hub_options.get("local_files_only")) or _offline()}
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """The reader of `source` (not for tiny models), made again when `hub_options` are replaced."""
+        if self._checkpoint is None or self._checkpoint.hub_options is not self.hub_options:
+            self._checkpoint = Checkpoint(self.source, self.revision, self.hub_options, self.pipeline_cls)
+        return self._checkpoint
 
     def _from_pretrained_kwargs(self) -> dict:
         # safetensors only: pickled .bin weights would run arbitrary code when loaded
-        return {"dtype": self.dtype, "use_safetensors": True, **self._hub_kwargs()}
+        return {"dtype": self.dtype, "use_safetensors": True, **self.checkpoint.hub_kwargs()}
 
     def _check_source(self) -> None:
-        if self.source is None:
-            return
-        path = Path(self.source)
-        if looks_local(self.source):
-            if not (path / "model_index.json").is_file():
-                raise DitfError(f"--weights {self.source}: not a diffusers pipeline folder (no model_index.json)")
-            refuse_pickled(path)
+        if self.source is not None:
+            self.checkpoint.check()
 
     def _folder(self) -> str:
-        """The weights as a local pipeline folder. A hub id is fetched (or found in the cache) once,
-        safetensors only, by diffusers' pipeline downloader at --revision; every component then loads
-        from that folder. (Loading a component straight from a hub id goes through diffusers'
-        config loader, which passes huggingface_hub's deprecated `local_dir_use_symlinks` and prints
-        its warning.)"""
+        """The weights as a local pipeline folder (a hub id downloaded once: `Checkpoint.folder`)."""
         self._check_source()
-        if self._local is None:
-            if looks_local(self.source):
-                self._local = self.source
-            else:
-                self._local = str(self._load(lambda: self.pipeline_cls.download(
-                    self.source, revision=self.revision, use_safetensors=True, **self._hub_kwargs(),
-                ), "weights"))
-                refuse_pickled(self._local)
-        return self._local
+        return self._load(self.checkpoint.folder, "weights")
 
     def _load_all_from_source(self) -> dict:
         pipe = self.pipeline_cls.from_pretrained(self._folder(), **self._from_pretrained_kwargs())
@@ -152,25 +130,6 @@ class DiffusersAdapter(DiTAdapter):
             raise DitfError(f"cannot load the {what} of {self.spec.name} from {self.source}{hint}: {first}") from exc
 
     # ---- architecture -------------------------------------------------------------------------
-    def _transformer_file(self, name: str, required: bool = True) -> Path | None:
-        """A file of the transformer subfolder: local, or from the hub (cache) one file at a time."""
-        path = Path(self.source)
-        if (path / "model_index.json").is_file():
-            local = path / "transformer" / name
-            if local.is_file() or required:
-                return local
-            return None
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-        try:
-            return Path(hf_hub_download(self.source, f"transformer/{name}", revision=self.revision,
-                                        **self._hub_kwargs()))
-        except (EntryNotFoundError, LocalEntryNotFoundError):
-            if required:
-                raise
-            return None
-
     def transformer_config(self) -> dict:
         """The transformer's config as the checkpoint states it (read once; no weights loaded)."""
         if self._transformer_config is None:
@@ -178,10 +137,7 @@ class DiffusersAdapter(DiTAdapter):
                 config = dict(self._tiny()["transformer"].config)
             else:
                 self._check_source()
-                config = self._load(
-                    lambda: json.loads(self._transformer_file("config.json").read_text(encoding="utf-8")),
-                    "transformer config",
-                )
+                config = self._load(self.checkpoint.transformer_config, "transformer config")
                 expected = self.dit_classes()["transformer"].__name__
                 if config.get("_class_name") != expected:
                     raise DitfError(
@@ -287,63 +243,12 @@ class DiffusersAdapter(DiTAdapter):
         return module.to(self.device).eval().requires_grad_(False)
 
     def _load_truncated_transformer(self) -> torch.nn.Module:
-        """The transformer cut after block `_depth`, only its tensors read from the checkpoint.
-
-        Built as `from_pretrained` builds it (default dtype = the model dtype, so every tensor
-        is rounded the same way), but with the parameters on the meta device until loaded;
-        the embedders, modulation and output head stay, the blocks after the cut never exist.
-        """
-        cls = self.dit_classes()["transformer"]
-        config = self.transformer_config()
+        """The transformer cut after block `_depth` (`Checkpoint.truncated_transformer`)."""
         depth = self.num_blocks - 1 if self._depth is None else self._depth
-        with _parameters_on_meta(self.dtype):
-            model = cls.from_config(config)
-        start = 0
-        for attr, entry, _ in self.block_lists:
-            count = int(config[entry])
-            keep = min(max(depth + 1 - start, 0), count)
-            blocks = list(getattr(model, attr))[:keep]
-            if self.keep_list_lengths:
-                blocks += [NeverRun() for _ in range(count - keep)]
-            setattr(model, attr, torch.nn.ModuleList(blocks))
-            start += count
-        wanted = model.state_dict()
-        tensors = read_tensors(self._weight_files(list(wanted)), {name: t.dtype for name, t in wanted.items()})
-        try:
-            model.load_state_dict(tensors, strict=True, assign=True)
-        except RuntimeError as exc:  # a tensor whose shape the config does not predict
-            detail = " ".join(str(exc).split())[:300]
-            raise DitfError(f"the transformer weights of {self.source} do not match its config.json: {detail}") from exc
+        model = self.checkpoint.truncated_transformer(self.dit_classes()["transformer"], self.transformer_config(),
+                                                      self.block_lists, depth, self.dtype, self.keep_list_lengths)
         self._loaded_depth = depth
         return model
-
-    def _weight_files(self, names: Sequence[str]) -> dict[Path, list[str]]:
-        """{safetensors file: the wanted tensor names it holds}; only the files needed are fetched."""
-        index = self._transformer_file(_WEIGHTS_INDEX, required=False)
-        if index is not None:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            lacking = [n for n in names if n not in weight_map]
-            by_file: dict[str, list[str]] = {}
-            for name in names:
-                if name in weight_map:
-                    by_file.setdefault(weight_map[name], []).append(name)
-            files = {self._transformer_file(file): wanted for file, wanted in by_file.items()}
-        else:
-            single = self._transformer_file(_WEIGHTS, required=False)
-            if single is None or not single.is_file():
-                raise DitfError(f"{self.source}: the transformer has no {_WEIGHTS} (ditf reads safetensors weights only)")
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt", device="cpu") as handle:
-                present = set(handle.keys())
-            lacking = [n for n in names if n not in present]
-            files = {single: [n for n in names if n in present]}
-        if lacking:
-            raise DitfError(
-                f"the transformer weights of {self.source} lack {len(lacking)} tensor(s) its config.json implies, "
-                f"e.g. {lacking[0]}"
-            )
-        return files
 
     def set_compile(self, options: CompileOptions | None) -> None:
         if options is not None and self.offload:
@@ -447,88 +352,6 @@ class DiffusersAdapter(DiTAdapter):
             return stacked.unsqueeze(1).expand(len(prompts), repeat, *stacked.shape[1:]).reshape(batch, *stacked.shape[1:])
 
         return {name: rows(name) for name, value in prompts[0].items() if value.is_floating_point()}
-
-
-class NeverRun(torch.nn.Module):
-    """Stands for a block after the deepest requested one where the list must keep its length.
-
-    It holds no parameters (nothing is loaded for it) and running it is a bug: the forward ends
-    inside the deepest tapped block.
-    """
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("a DiT block after the deepest requested block was run")
-
-
-@contextlib.contextmanager
-def _parameters_on_meta(dtype: torch.dtype) -> Iterator[None]:
-    """Build modules with their parameters on the meta device (no memory, no init) and real buffers.
-
-    Buffers stay real because some are computed in `__init__` and not stored in checkpoints
-    (e.g. PixArt's sin-cos position table); every parameter is read from the checkpoint later.
-    The default dtype is the model dtype while building, as in diffusers' `from_pretrained`.
-    """
-    from diffusers.models.modeling_utils import no_init_weights
-
-    original = torch.nn.Module.register_parameter
-
-    def register(module: torch.nn.Module, name: str, param) -> None:
-        if param is not None and param.device.type != "meta":
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    previous = torch.get_default_dtype()
-    torch.nn.Module.register_parameter = register
-    torch.set_default_dtype(dtype)
-    try:
-        with no_init_weights():
-            yield
-    finally:
-        torch.nn.Module.register_parameter = original
-        torch.set_default_dtype(previous)
-
-
-#: bytes per element of safetensors' dtype names
-_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
-
-
-def read_tensors(
-    files: dict[Path, list[str]], dtypes: dict[str, torch.dtype], batch_bytes: int = 256 * 2**20
-) -> dict[str, torch.Tensor]:
-    """The named tensors only, each cast to its dtype (`safe_open` reads tensor by tensor).
-
-    Every tensor is copied out of the file mapping into its own allocation (as `from_pretrained`
-    does): a tensor left in the mapping sits at whatever offset the file gives it, and CPU
-    kernels may round the last bit differently for differently aligned weights. Mapped pages a
-    read touches count as resident until the file is closed, so it is reopened every
-    `batch_bytes`: at most one batch of source pages sits next to the copies.
-    """
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    for path, names in files.items():
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            sizes = {}
-            for name in names:
-                piece = handle.get_slice(name)
-                count = 1
-                for side in piece.get_shape():
-                    count *= side
-                sizes[name] = count * _ITEMSIZE.get(piece.get_dtype(), 1)
-        batches: list[list[str]] = [[]]
-        total = 0
-        for name in names:
-            if batches[-1] and total + sizes[name] > batch_bytes:
-                batches.append([])
-                total = 0
-            batches[-1].append(name)
-            total += sizes[name]
-        for batch in batches:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for name in batch:
-                    tensor = handle.get_tensor(name)
-                    out[name] = tensor.to(dtypes[name]) if tensor.dtype != dtypes[name] else tensor.clone()
-    return out
 
 
 class BlockStreamer:

@@ -1,6 +1,7 @@
 """The orchestration layer: one function per `ditf` command, shared by the command line and the API.
 
-`ditf extract` and `DiTF.features` both call `run_extract`, so the two give the same numbers by
+`ditf extract` and `DiTF.features` both call `run_extract` (or, without a store,
+`extract_in_memory`: the same settings and extractor), so they give the same numbers by
 construction: the same defaults, the same per-image seeding, the same store layout. Each
 command of `ditf_cli` parses its options, calls one function here and prints what it returns.
 Heavy modules (torch, diffusers, zarr) are imported inside the functions, so importing this
@@ -15,7 +16,7 @@ package stays cheap (`ditf score` never loads torch).
 from __future__ import annotations
 
 from .commands import (
-    DEFAULT_STORE, MatchRun, ScoreRun, check_key, check_pair_arguments, list_models, reading_store, run_ablate, run_all,
+    DEFAULT_STORE, MatchRun, ScoreRun, check_key, check_pair_arguments, extract_in_memory, list_models, reading_store, run_ablate, run_all,
     run_extract, run_match, run_score, single_key, stored_variants, writing_store,
 )
 from .compare import run_compare
@@ -28,7 +29,8 @@ from .view import run_view
 from .views import run_analyze, run_show
 
 __all__ = [
-    "DEFAULT_STORE", "MatchRun", "ScoreRun", "check", "check_key", "check_pair_arguments", "list_models", "run_ablate", "run_all",
+    "DEFAULT_STORE", "MatchRun", "ScoreRun", "check", "check_key", "check_pair_arguments", "extract_in_memory", "list_models",
+    "run_ablate", "run_all",
     "run_analyze", "run_compare", "run_demo", "run_export", "run_extract", "run_match", "run_pack", "run_probe",
     "run_score", "run_show", "run_view", "reading_store", "single_key", "stored_variants", "writing_store",
 ]

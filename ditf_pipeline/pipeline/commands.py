@@ -1,7 +1,9 @@
 """One library function per stage run, shared by the command line and the Python API.
 
-`ditf extract` and `DiTF.features` both call `run_extract`, so the two give the same numbers by
-construction: the same defaults, the same per-image seeding, the same store layout. Heavy
+`ditf extract` and `DiTF.features` both call `run_extract` (`DiTF.features` without a store
+calls `extract_in_memory`, the same settings and extractor with in-memory sinks), so they give
+the same numbers by construction: the same defaults, the same per-image seeding, the same
+store layout. Heavy
 modules (torch, diffusers, zarr) are imported inside the function, so importing this module
 stays cheap.
 """
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-__all__ = ["DEFAULT_STORE", "MatchRun", "ScoreRun", "check_key", "check_pair_arguments", "list_models", "reading_store",
+__all__ = ["DEFAULT_STORE", "MatchRun", "ScoreRun", "check_key", "check_pair_arguments", "extract_in_memory", "list_models", "reading_store",
            "run_ablate", "run_all", "run_extract", "run_match", "run_score", "single_key", "stored_variants", "writing_store"]
 
 if TYPE_CHECKING:
@@ -57,18 +59,69 @@ def run_extract(
     `run.batch_images` and `run.compile` change how fast, not what is computed.
     """
     from ..core.settings import split_fields
-    from ..datasets import get_dataset
-    from ..devices import default_dtype
-    from ..extract.extractor import Extractor, check_run, default_settings
-    from ..models import get_spec, load_adapter
     from ..core.shards import Shard
+    from ..extract.extractor import Extractor, check_run
+    from ..models import get_spec
     from ..store.feature_store import FeatureStore
     from ..validate import check_at_least
 
     features, run, load = split_fields(fields, features, run, load)
-    spec = adapter.spec if adapter is not None else get_spec(features.model)
+    if adapter is None:
+        get_spec(features.model)  # an unknown model is named before anything else
     part = Shard.parse(run.shard)
     check_at_least("--workers", run.workers)
+    data, settings, adapter, load = _extract_plan(dataset, data_root, split, features, run, load, adapter)
+    check_run(adapter, settings, data)  # every argument and the annotations, before the store is opened
+    if run.workers or run.scheduler:  # the same run with the images spread over dask workers
+        from ..distributed.runners import AdapterArgs, extract_distributed, shared_client
+
+        args = AdapterArgs(adapter.spec.name, load.weights, load.revision, load.dtype, run.device, load.text_device,
+                           run.offload)
+        return extract_distributed(shared_client(run.workers, run.scheduler), args, store, settings, data,
+                                   progress=progress, shard=part)
+    with FeatureStore(store) as feature_store:  # closed: the last writer consolidates the metadata
+        return Extractor(adapter, feature_store, settings).run(data, progress=progress, shard=part)
+
+
+def extract_in_memory(
+    *,
+    dataset: Dataset,
+    adapter: DiTAdapter,
+    features: FeatureSettings | None = None,
+    run: RunSettings | None = None,
+    progress: bool = False,
+    **fields,
+) -> tuple[dict[str, int], dict]:
+    """`run_extract` of an in-memory image list without a store: (row of each image key, the
+    features of each (k, t) as `extract.writer.MemoryFeatures`).
+
+    The same settings, defaults and arithmetic as `run_extract` (`DiTF.features()` without
+    `store=` computes the numbers a store would hold, float16 z included), but nothing is written
+    anywhere: no temporary store, no image index, no prompt cache on disk (the adapter's prompt
+    memory keeps the encoded prompts across calls).
+    """
+    from ..core.settings import split_fields
+    from ..extract.extractor import Extractor, check_run
+
+    features, run, load = split_fields(fields, features, run, None)
+    data, settings, adapter, _ = _extract_plan(dataset, None, None, features, run, load, adapter)
+    check_run(adapter, settings, data)
+    return Extractor(adapter, None, settings).run_in_memory(data, progress=progress)
+
+
+def _extract_plan(dataset, data_root, split, features, run, load, adapter):
+    """(dataset, `ExtractSettings`, adapter, load) of an extract: settings from what was
+    given, else the benchmark's and the model's defaults; the adapter built (no weights loaded)
+    unless given. `load.dtype` comes back resolved ("auto": bf16 for --precision paper, else the
+    device's default)."""
+    from dataclasses import replace
+
+    from ..datasets import get_dataset
+    from ..devices import default_dtype
+    from ..extract.extractor import default_settings
+    from ..models import get_spec, load_adapter
+
+    spec = adapter.spec if adapter is not None else get_spec(features.model)
     data = get_dataset(dataset, data_root, split) if isinstance(dataset, str) else dataset
     dtype = load.dtype
     if dtype == "auto":  # --precision paper: the authors' bf16 DiT, on any device
@@ -80,15 +133,7 @@ def run_extract(
     if adapter is None:  # lazy: building an adapter loads no weights yet
         adapter = load_adapter(spec.name, weights=load.weights, revision=load.revision, dtype=dtype,
                                device=run.device, text_device=load.text_device, offload=run.offload)
-    check_run(adapter, settings, data)  # every argument and the annotations, before the store is opened
-    if run.workers or run.scheduler:  # the same run with the images spread over dask workers
-        from ..distributed.runners import AdapterArgs, extract_distributed, shared_client
-
-        args = AdapterArgs(spec.name, load.weights, load.revision, dtype, run.device, load.text_device, run.offload)
-        return extract_distributed(shared_client(run.workers, run.scheduler), args, store, settings, data,
-                                   progress=progress, shard=part)
-    with FeatureStore(store) as feature_store:  # closed: the last writer consolidates the metadata
-        return Extractor(adapter, feature_store, settings).run(data, progress=progress, shard=part)
+    return data, settings, adapter, replace(load, dtype=dtype)
 
 
 def list_models() -> list:

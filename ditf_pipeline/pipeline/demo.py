@@ -78,7 +78,7 @@ def run_demo(
 
 def _demo_probe(model: str, data_root: Path, store: Path, out: Path, progress: bool, echo, note) -> None:
     """ADE20K has no match stage: extract both splits, then train and score the linear probe."""
-    from ..analysis.probe import ProbeSettings
+    from ..probe import ProbeSettings
     from ..store.feature_store import FeatureStore
     from .probe import probe_table, run_probe
 

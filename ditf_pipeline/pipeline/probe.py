@@ -12,7 +12,7 @@ from .commands import DEFAULT_STORE, single_key
 __all__ = ["ProbeRun", "probe_per_class", "probe_table", "run_probe"]
 
 if TYPE_CHECKING:
-    from ..analysis.probe import ProbeReport, ProbeSettings
+    from ..probe import ProbeReport, ProbeSettings
 
 
 @dataclass
@@ -50,7 +50,7 @@ def run_probe(
     The key follows the rule of every command: the model's default key when stored, else the
     only one, else an error listing them.
     """
-    from ..analysis.probe import ProbeSettings, run_probe as train_and_score
+    from ..probe import ProbeSettings, run_probe as train_and_score
     from ..datasets import get_dataset
     from ..store.feature_store import FeatureStore
     from ..selection import select_key
@@ -93,7 +93,7 @@ def probe_per_class(report: ProbeReport) -> str:
 def __getattr__(name: str):
     """`ProbeSettings` on first use: the probe's module imports torch, which `ditf score` never loads."""
     if name == "ProbeSettings":
-        from ..analysis.probe import ProbeSettings
+        from ..probe import ProbeSettings
 
         return ProbeSettings
     raise AttributeError(name)
