@@ -15,11 +15,10 @@ import time
 
 import torch
 
-from ..core.errors import DitfError
 from ..core.images import orientation_label
 from ..core.version import SCHEMA_VERSION, __version__
 from ..models.base import CompileOptions, DiTAdapter
-from ..store.schema import config_differences
+from ..store.schema import refuse_other_config
 from .prompts import prompt_identity
 from .settings import ExtractSettings, batch_images, compiles
 
@@ -81,10 +80,7 @@ def check_same_config(store: str, key: str, stored: dict, config: dict) -> None:
     Called before the image index grows, so a refused run leaves the store as it was (the store
     checks again when the key is opened for writing).
     """
-    differences = config_differences(stored, comparable_config(config, stored))
-    if differences:
-        raise DitfError(f"store {store} key {key} was written with another configuration ("
-                        + "; ".join(differences) + "): use another --store or the stored settings")
+    refuse_other_config(store, key, stored, comparable_config(config, stored))
 
 
 def provenance(adapter: DiTAdapter, settings: ExtractSettings, compile_options: CompileOptions) -> dict:

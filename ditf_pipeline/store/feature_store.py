@@ -52,6 +52,7 @@ from .schema import (
     ROWS_PER_SHARD,
     SCHEMA_VERSION,
     config_differences,
+    refuse_other_config,
     create_digest_array,
     create_feature_arrays,
     create_index_arrays,
@@ -548,13 +549,7 @@ class FeatureStore:
             raise DitfError(f"store {self.path} key {path} holds predictions of the features in "
                             f"{group.attrs[PREDICTIONS_OF]}: extract into another --store")
         if group is not None and "config" in group.attrs:
-            differences = config_differences(group.attrs["config"], config)
-            if differences:
-                raise DitfError(
-                    f"store {self.path} key {path} was written with another configuration ("
-                    + "; ".join(differences)
-                    + "): use another --store or the stored settings"
-                )
+            refuse_other_config(self.path, path, group.attrs["config"], config)
         if self.read_only:
             raise DitfError(f"store {self.path} is read-only")
         if group is not None and ("complete" not in group or "config" not in group.attrs):

@@ -20,6 +20,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from ..core.errors import DitfError
 from ..core.version import SCHEMA_VERSION
 
 __all__ = ["COMPRESSED", "FEATURE_DTYPES", "INDEX_CHUNK", "MODULATION_DTYPE", "PLAIN", "ROWS_PER_SHARD", "SCHEMA_VERSION",
@@ -79,6 +80,18 @@ def config_differences(stored: Mapping, wanted: Mapping) -> list[str]:
         wanted = {**wanted, "architecture": {k: v for k, v in arch_wanted.items() if k != "class"}}
     keys = sorted((set(stored) | set(wanted)) - _IGNORED_CONFIG)
     return [f"{key}: {stored.get(key)!r} -> {wanted.get(key)!r}" for key in keys if stored.get(key) != wanted.get(key)]
+
+
+def refuse_other_config(store: str, key: str, stored: Mapping, wanted: Mapping) -> None:
+    """Refuse to reuse `key` of `store` for `wanted` settings when it was written with others.
+
+    One wording for the extractor's early check (before the image index grows) and the store's
+    own check when the key is opened for writing.
+    """
+    differences = config_differences(stored, wanted)
+    if differences:
+        raise DitfError(f"store {store} key {key} was written with another configuration ("
+                        + "; ".join(differences) + "): use another --store or the stored settings")
 
 
 def root_metadata() -> bytes:
