@@ -93,14 +93,14 @@ def test_a_write_over_a_version_changed_since_it_was_listed_is_refused_by_the_se
 def test_a_registration_overtaken_by_another_starts_over_and_both_are_indexed(s3, monkeypatch):  # noqa: F811
     """Writer A claims the index and stalls before its rows; writer B registers meanwhile. A's next
     write is refused (B changed what A listed), A starts over from B's index: nobody's rows vanish."""
-    from ditf_pipeline.store import feature_store
+    from ditf_pipeline.store import image_index
 
     _without_leases(monkeypatch)
     url = f"{s3}/overtaken.zarr"
     FeatureStore(url).register_images("spair", ["first"], [(4, 4)])
     a_keys, b_keys = [f"a{i}" for i in range(20)], [f"b{i}" for i in range(20)]
     a_claimed, b_done, appends = threading.Event(), threading.Event(), []
-    append = feature_store._append_rows
+    append = image_index.append_rows
 
     def stalling_append(index, start, new):
         appends.append(new[0][0])
@@ -109,7 +109,7 @@ def test_a_registration_overtaken_by_another_starts_over_and_both_are_indexed(s3
             assert b_done.wait(60)  # A stalls here, its claim written, until B has committed
         append(index, start, new)
 
-    monkeypatch.setattr(feature_store, "_append_rows", stalling_append)
+    monkeypatch.setattr(image_index, "append_rows", stalling_append)
     results = {}
 
     def register(name, keys):
@@ -172,23 +172,23 @@ def test_writers_registering_at_once_all_end_up_in_the_index(s3, monkeypatch):  
 
 
 def test_a_registration_that_keeps_being_overtaken_stops_with_one_error_and_writes_nothing(s3, monkeypatch):  # noqa: F811
-    from ditf_pipeline.store import feature_store
+    from ditf_pipeline.store import image_index
 
     _without_leases(monkeypatch)
     url = f"{s3}/always-overtaken.zarr"
     FeatureStore(url).register_images("spair", ["first"], [(4, 4)])
     meta = f"{url[5:]}/spair/images/zarr.json"
-    append, tries = feature_store._append_rows, []
+    append, tries = image_index.append_rows, []
 
     def overtaken_append(index, start, new):
         tries.append(start)
         _fs().pipe_file(meta, _fs().cat_file(meta) + b" ")  # another writer's claim (a new version)
         append(index, start, new)
 
-    monkeypatch.setattr(feature_store, "_append_rows", overtaken_append)
+    monkeypatch.setattr(image_index, "append_rows", overtaken_append)
     with pytest.raises(DitfError, match="the image index of spair in s3://.* kept changing under this writer"):
         FeatureStore(url).register_images("spair", ["late"], [(4, 4)])
-    assert len(tries) == feature_store._INDEX_TRIES
+    assert len(tries) == image_index.INDEX_TRIES
     assert _indexed(url) == {"first": 0}
 
 
@@ -255,13 +255,13 @@ class _Killed(BaseException):
 
 def _killed_after_the_claim(url: str, monkeypatch) -> None:
     """A registration killed right after it claimed the index (the claim written by the same code)."""
-    from ditf_pipeline.store import feature_store
+    from ditf_pipeline.store import image_index
 
     def killed(index, start, new):
         raise _Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(feature_store, "_append_rows", killed)
+        patch.setattr(image_index, "append_rows", killed)
         with pytest.raises(_Killed):
             FeatureStore(url).register_images("spair", ["killed"], [(4, 4)])
 

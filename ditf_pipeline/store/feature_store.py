@@ -28,21 +28,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
-import random
-import time
-import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import zarr
 
 from ..core.errors import DitfError
 from ..core.keys import FeatureKey
-from . import leases, legacy, locks, writers
+from . import image_index, leases, legacy, locks, writers
 from .arrays import FeatureArrays, PredictionArrays
 from .backends import Backend, ReadBackend, backend_for, is_read_only, is_remote, local_beside, store_location
 from .failures import reads, reason, writes
@@ -53,13 +48,11 @@ from .schema import (
     SCHEMA_VERSION,
     config_differences,
     refuse_other_config,
-    create_digest_array,
     create_feature_arrays,
     create_index_arrays,
     create_prediction_arrays,
     jsonable,
     root_metadata,
-    writable,
 )
 from .writers import close_writers
 
@@ -73,19 +66,6 @@ __all__ = ["ROWS_PER_SHARD", "FeatureArrays", "FeatureStore", "PredictionArrays"
 #: how long a writer waits for the image index's lock (a registration appends a few rows;
 #: only a stuck writer holds it longer)
 _INDEX_LOCK_WAIT = 300.0
-#: how often a conditional registration of images starts over after another writer changed the
-#: index under it (each try re-reads it; only writers that lost their lease collide at all)
-_INDEX_TRIES = 5
-#: the group attribute a conditional registration claims the index with (`_register_conditionally`)
-_CLAIM = "registration"
-
-
-def _claim() -> dict[str, object]:
-    """A registration's claim of the image index: unique, and naming who made it when, so that a
-    mark left behind by a killed writer can be told apart and reported (`ditf doctor`)."""
-    return {"id": uuid.uuid4().hex, "host": os.uname().nodename, "pid": os.getpid(), "at": time.time()}
-
-
 def store_exists(store: str | Path) -> bool:
     """Whether a ditf store (its root zarr.json) is at `store` (a path or a URL)."""
     backend = backend_for(store_location(store))
@@ -102,69 +82,6 @@ def store_folder_exists(store: str | Path) -> bool:
 def feature_path(dataset: str, model: str, k: int, t: int) -> str:
     """The group of a feature key (see `FeatureKey.path`)."""
     return FeatureKey(dataset, model, k, t).path
-
-
-#: one image to add to the index: (key, (width, height), pixel digest)
-NewRow = tuple[str, tuple[int, int], str]
-
-
-def _committed_rows(index: zarr.Group) -> dict[str, int]:
-    """image key -> row of every committed row of the image index `index`."""
-    if "key" not in index:
-        return {}
-    count = legacy.committed_rows(index)
-    keys = index["key"][:count] if count else []
-    return {str(key): row for row, key in enumerate(keys)}
-
-
-def _identities(index: zarr.Group) -> dict[str, tuple[tuple[int, int], str]]:
-    """image key -> ((width, height), pixel digest) of every committed row of `index`."""
-    if "key" not in index:
-        return {}
-    count = legacy.committed_rows(index)
-    if not count:
-        return {}
-    keys, sizes = index["key"][:count], index["size"][:count]
-    digests = index["digest"][:count] if "digest" in index and index["digest"].shape[0] >= count else [""] * count
-    return {str(key): ((int(size[0]), int(size[1])), str(digest)) for key, size, digest in zip(keys, sizes, digests)}
-
-
-def _check_identities(index: zarr.Group, store: object, dataset: str, keys: Sequence[str],
-                      sizes: Sequence[tuple[int, int]], digests: Sequence[str] | None) -> None:
-    """`FeatureStore.check_identities` against the image index `index` of store `store`."""
-    stored = _identities(index)
-    digests = list(digests) if digests is not None else [""] * len(keys)
-    for key, size, digest in zip(keys, sizes, digests):
-        if key not in stored:
-            continue
-        (width, height), known = stored[key]
-        if (width, height) != tuple(size) or (known and digest and known != digest):
-            what = (f"stored {width}x{height}, now {size[0]}x{size[1]}" if (width, height) != tuple(size)
-                    else f"both {width}x{height}, other pixels")
-            raise DitfError(
-                f"image {key!r} of {dataset} in {store} was extracted from another image ({what}): its "
-                f"stored features are not this image's; give the new image another name or use another --store"
-            )
-
-
-def _new_rows(rows: Mapping[str, int], keys: Sequence[str], sizes: Sequence[tuple[int, int]],
-              digests: Sequence[str] | None) -> list[NewRow]:
-    """(key, size, digest) of the images not in `rows` yet, in the order given."""
-    digests = list(digests) if digests is not None else [""] * len(keys)
-    return [(key, size, digest) for key, size, digest in zip(keys, sizes, digests) if key not in rows]
-
-
-def _append_rows(index: zarr.Group, start: int, new: Sequence[NewRow]) -> None:
-    """Write `new` as rows `start`... of the image index `index` (not committed: `count` is the caller's)."""
-    if "digest" not in index:  # an index of an earlier version: the column is added
-        create_digest_array(index, int(index["key"].shape[0]))
-    key_array, size_array, digest_array = writable(index["key"]), writable(index["size"]), writable(index["digest"])
-    for array, shape in ((key_array, (start + len(new),)), (size_array, (start + len(new), 2)),
-                         (digest_array, (start + len(new),))):
-        array.resize(shape)
-    key_array[start:] = np.array([key for key, _, _ in new], dtype=object).astype(str)
-    size_array[start:] = np.array([size for _, size, _ in new], dtype="int32").reshape(-1, 2)
-    digest_array[start:] = np.array([digest for _, _, digest in new], dtype=object).astype(str)
 
 
 class FeatureStore:
@@ -380,7 +297,7 @@ class FeatureStore:
         so a name reused for other pixels is never served the old row's features. New rows are
         written past the committed `count`, then `count` is raised: a kill in between leaves
         rows that the next call simply overwrites. On S3 the registration is also a
-        compare-and-swap (`_register_conditionally`).
+        compare-and-swap (`image_index.register_conditionally`).
         """
         node = f"{dataset}/{IMAGES}"
         # waited for, so concurrent shards queue here instead of failing
@@ -392,81 +309,28 @@ class FeatureStore:
                     self.publish(staged, node)
             conditional = self._object_backend().conditional_store(node) if self.remote else None
             if conditional is not None:
-                return self._register_conditionally(dataset, node, keys, sizes, digests, conditional)
+                first = [conditional]  # each retry lists the index's versions again
+                return image_index.register_conditionally(
+                    str(self.path), dataset, keys, sizes, digests,
+                    lambda: first.pop() if first else self._object_backend().conditional_store(node))
             group = self.group(node)
             self.check_identities(dataset, keys, sizes, digests)
             rows = self.image_rows(dataset)
-            new = _new_rows(rows, keys, sizes, digests)
+            new = image_index.new_rows(rows, keys, sizes, digests)
             if new:
                 start = len(rows)
-                _append_rows(group, start, new)
+                image_index.append_rows(group, start, new)
                 group.attrs["count"] = start + len(new)  # the commit mark of these rows
                 rows.update({key: start + i for i, (key, _, _) in enumerate(new)})
             return rows
 
-    def _register_conditionally(self, dataset: str, node: str, keys: Sequence[str],
-                                sizes: Sequence[tuple[int, int]], digests: Sequence[str] | None,
-                                store: zarr.abc.store.Store) -> dict[str, int]:
-        """`register_images` on S3 as a compare-and-swap over the index's objects.
-
-        The lease keeps live writers apart, but a writer stalled past its lease (or two that
-        took over one stale lease at once) could still write the index from what it read before
-        the other's registration, and un-index the other's images. So every write of the
-        registration is conditional (`backends.conditional`): `store` knows the ETag of each
-        index object as listed before anything was read, and the server refuses a write to an
-        object changed since. The registration first claims the index by rewriting the group's
-        zarr.json with a unique `registration` mark (If-Match the listed version), then writes
-        its rows past `count` (each chunk and array metadata If-Match what it saw), and commits
-        by rewriting zarr.json with the new `count` and without the mark (If-Match its claim).
-        Of two registrations that overlap, the later claim makes the earlier's commit fail, and
-        a chunk written by the one after the other listed it fails the other's write: a commit
-        that succeeds commits rows nobody overwrote. A refused write (`Conflict`) starts over
-        from a fresh listing and reading (the rows another writer committed meanwhile are
-        merged: its keys keep its rows, ours follow), at most `_INDEX_TRIES` times.
-        """
-        from .backends.conditional import Conflict  # imported with the object backend it serves, as `backend_for` does
-
-        for attempt in range(_INDEX_TRIES):
-            if attempt:  # a fresh listing of the versions, after a pause that spreads the retries
-                time.sleep(random.uniform(0.05, 0.2) * attempt)
-                store = self._object_backend().conditional_store(node)
-            try:
-                group = zarr.open_group(store=store, mode="r+", use_consolidated=False)
-                _check_identities(group, self.path, dataset, keys, sizes, digests)
-                rows = _committed_rows(group)
-                new = _new_rows(rows, keys, sizes, digests)
-                attrs = {name: value for name, value in group.attrs.asdict().items() if name != _CLAIM}
-                if not new:
-                    if _CLAIM in group.attrs:
-                        # a mark left by a registration that never committed (its writer was killed,
-                        # or stalled past its lease): we hold the index's lease, so its claimant holds
-                        # none; clearing it (If-Match the listed version) only makes a stalled
-                        # claimant's commit fail, which then starts over
-                        group.attrs.put(attrs)
-                    return rows
-                start = len(rows)
-                group.attrs.put({**attrs, _CLAIM: _claim()})  # the claim: later commits of others fail
-                _append_rows(group, start, new)
-                group.attrs.put({**attrs, "count": start + len(new)})  # the commit, If-Match our claim
-            except Conflict:
-                continue
-            except (DitfError, OSError):
-                raise
-            except Exception as exc:  # zarr raises several types for a damaged node (as `reads` says)
-                raise DitfError(f"store {self.path}: the image index is damaged ({reason(exc)}): "
-                                "run `ditf doctor --repair`") from exc
-            rows.update({key: start + i for i, (key, _, _) in enumerate(new)})
-            return rows
-        raise DitfError(f"the image index of {dataset} in {self.path} kept changing under this writer "
-                        f"({_INDEX_TRIES} tries to register {len(keys)} images): rerun")
-
     @reads("the image index")
     def registration_mark(self, dataset: str) -> dict | None:
         """The claim of an image registration that has not committed (S3's compare-and-swap,
-        `_register_conditionally`), or None. One that stays is the mark of a killed writer:
+        `image_index.register_conditionally`), or None. One that stays is the mark of a killed writer:
         harmless (readers go by `count`), cleared by the next registration, even of no new image."""
         group = self.group(f"{dataset}/{IMAGES}")
-        mark = None if group is None else group.attrs.get(_CLAIM)
+        mark = None if group is None else group.attrs.get(image_index.CLAIM)
         if mark is None:
             return None
         return mark if isinstance(mark, dict) else {"id": str(mark)}
@@ -475,14 +339,14 @@ class FeatureStore:
     def image_rows(self, dataset: str) -> dict[str, int]:
         """image key -> row of every committed row of the dataset's index."""
         group = self.group(f"{dataset}/{IMAGES}")
-        return {} if group is None else _committed_rows(group)
+        return {} if group is None else image_index.committed_rows(group)
 
     @reads("the image index")
     def image_identities(self, dataset: str) -> dict[str, tuple[tuple[int, int], str]]:
         """image key -> ((width, height), pixel digest) of every committed row; the digest is ""
         where none was recorded (rows written before the index had the column)."""
         group = self.group(f"{dataset}/{IMAGES}")
-        return {} if group is None else _identities(group)
+        return {} if group is None else image_index.identities(group)
 
     @reads("the image index")
     def check_identities(self, dataset: str, keys: Sequence[str], sizes: Sequence[tuple[int, int]],
@@ -497,7 +361,7 @@ class FeatureStore:
         """
         group = self.group(f"{dataset}/{IMAGES}")
         if group is not None:
-            _check_identities(group, self.path, dataset, keys, sizes, digests)
+            image_index.check_identities(group, self.path, dataset, keys, sizes, digests)
 
     def image_key(self, dataset: str, row: int) -> str:
         """The key of one row (for error messages: a damaged image is named, not numbered)."""

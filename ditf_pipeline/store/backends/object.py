@@ -4,7 +4,7 @@ Object stores have single-object atomic puts but no directory rename and no lock
 published by copying its staged objects into place and writing the node's own zarr.json last (a
 node without it is absent to every reader, and the next publish clears the leftovers); a removal
 deletes that zarr.json first. Writers hold leases (`leases.ObjectLease`); on S3 the image index is
-registered by compare-and-swap (`conditional`, `FeatureStore._register_conditionally`).
+registered by compare-and-swap (`conditional`, `image_index.register_conditionally`).
 """
 
 from __future__ import annotations
