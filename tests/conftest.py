@@ -1,5 +1,6 @@
-"""Shared test setup: no hub access, ever (a hub id would otherwise cost 30 s of retries), and a
-garbage collector that does not walk the whole suite's heap on every `gc.collect()`."""
+"""Shared test setup: no hub access, ever (a hub id would otherwise cost 30 s of retries), one
+thread pool per core across pytest-xdist workers, and a garbage collector that does not walk the
+whole suite's heap on every `gc.collect()`."""
 
 import gc
 import os
@@ -35,7 +36,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
     Every extraction calls `gc.collect()` (the adapter frees its text encoders), and a full
     collection walks every tracked object: in this process that is torch, diffusers,
-    transformers and every test module imported so far, about a second per call. Freezing
+    transformers and every test module imported so far, on every call. Freezing
     moves the objects alive between modules (modules, classes, pytest's own state; the previous
     module's fixtures are already torn down) out of the collector's sight, so each collection
     walks only what the current module made. Frozen objects are still freed by reference

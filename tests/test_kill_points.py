@@ -42,7 +42,7 @@ def _fork(child) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     # Every extraction ends its prompt stage with a full `gc.collect()`: in a child of this big
-    # process that walks (and copies-on-write) the whole inherited heap, about a second per run.
+    # process that walks (and copies-on-write) the whole inherited heap, more than the run's own work.
     # Frozen, the inherited objects are out of the collector's sight; the child's own are not.
     gc.freeze()
     pid = os.fork()
@@ -57,6 +57,7 @@ def _fork(child) -> int:
             traceback.print_exc()
         finally:
             os._exit(code)
+    gc.unfreeze()  # the parent's own garbage stays collectable
     _, status = os.waitpid(pid, 0)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
@@ -98,7 +99,7 @@ class Runner:
 
 def _import_in_parent(names: list[str]) -> None:
     """Import here what a traced run imported, so the forks that follow inherit it instead of
-    each importing the CLI and the stages anew (about a third of a second per run)."""
+    each importing the CLI and the stages anew."""
     for name in names:
         if name not in sys.modules and name != "__main__":
             try:
