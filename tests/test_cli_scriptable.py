@@ -164,6 +164,7 @@ def test_run_takes_shard_and_jobs(world):
     assert "0 image(s) extracted" in result.stderr
 
 
+@pytest.mark.slow  # three `ditf run` processes, each importing torch and diffusers
 def test_run_shards_extract_their_share_and_score_once_all_are_done(tmp_path):
     """Shard 0/2 meets the other shard's missing images, shard 1/2 the missing predictions: both
     print an empty JSON result and say why on stderr; a plain run then scores."""

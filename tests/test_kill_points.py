@@ -9,12 +9,15 @@ array, every attribute but timestamps: image index, feature arrays, prompt cache
 and the score JSON must equal those of an uninterrupted run.
 
 Cost: each run is a fork of this test process (imports and the tiny model are built once, in
-the parent; `load_adapter` hands the child that prebuilt, deterministic model), so a kill
-point costs two short runs instead of two interpreter starts.
+the parent; `load_adapter` hands the child that prebuilt, deterministic model; the parent's heap
+is frozen for the garbage collector before each fork), so a kill point costs two short runs
+instead of two interpreter starts.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
 import os
 import shutil
@@ -38,6 +41,10 @@ def _fork(child) -> int:
     """Run `child()` in a forked process; its exit code, or -signal when a signal ended it."""
     sys.stdout.flush()
     sys.stderr.flush()
+    # Every extraction ends its prompt stage with a full `gc.collect()`: in a child of this big
+    # process that walks (and copies-on-write) the whole inherited heap, more than the run's own work.
+    # Frozen, the inherited objects are out of the collector's sight; the child's own are not.
+    gc.freeze()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
@@ -50,6 +57,7 @@ def _fork(child) -> int:
             traceback.print_exc()
         finally:
             os._exit(code)
+    gc.unfreeze()  # the parent's own garbage stays collectable
     _, status = os.waitpid(pid, 0)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
@@ -79,11 +87,25 @@ class Runner:
             finally:
                 if trace:
                     trace.write_text(json.dumps(counter.trace))
+                    (self.tmp / "modules.json").write_text(json.dumps(sorted(sys.modules)))
 
         code = _fork(child)
         if kill_at is not None and code == -9:
             assert marker.read_text() == str(kill_at)  # it was running, right before that write
+        if trace:
+            _import_in_parent(json.loads((self.tmp / "modules.json").read_text()))
         return code
+
+
+def _import_in_parent(names: list[str]) -> None:
+    """Import here what a traced run imported, so the forks that follow inherit it instead of
+    each importing the CLI and the stages anew."""
+    for name in names:
+        if name not in sys.modules and name != "__main__":
+            try:
+                importlib.import_module(name)
+            except ImportError:  # a module only its own package's import machinery can load
+                pass
 
 
 @pytest.fixture(scope="module")
