@@ -15,7 +15,7 @@ from ditf_pipeline.core.errors import DitfError
 from ditf_pipeline.store.feature_store import FeatureStore
 
 from test_object_store import _fs, s3  # noqa: F401 - the module's S3 server, as a fixture here
-from test_store_locks import _extract_lock, _Holder
+from test_store_locks import _extract_lock, shard_and_whole_runs_exclude_each_other
 
 LOCKS = ".ditf/locks/spair%tiny-flux%k1%t260"
 
@@ -28,25 +28,7 @@ def _plant_lease(url: str, suffix: str, expires_in: float) -> None:
 
 # ---- runs of one key: shard jobs and whole-key runs (mirrors test_store_locks) -------------------------
 def test_shard_jobs_and_a_whole_key_run_exclude_each_other_on_an_object_store(s3):  # noqa: F811
-    url = f"{s3}/runs.zarr"
-    store = FeatureStore(url)
-    shard = _Holder(url, "extract", "0/2")
-    try:
-        with pytest.raises(DitfError, match="shard jobs are extracting spair/tiny-flux/k1/t260"):
-            _extract_lock(store)  # a whole-key run while a shard job runs
-        with pytest.raises(DitfError, match="shards of another count .*--shard i/3"):
-            _extract_lock(store, "1/3")  # blocks of N=3 overlap those of N=2
-        _extract_lock(store, "1/2")  # the other shard of the same run: side by side
-    finally:
-        shard.end()
-    whole = _Holder(url, "extract")
-    try:
-        with pytest.raises(DitfError, match=r"another process is extracting spair/tiny-flux/k1/t260 .*without --shard"):
-            _extract_lock(store, "0/2")
-    finally:
-        whole.end()
-    _extract_lock(store, "0/2")
-    _extract_lock(store)
+    shard_and_whole_runs_exclude_each_other(FeatureStore(f"{s3}/runs.zarr"))
 
 
 @pytest.mark.parametrize("suffix, run", [("%whole", "0/2"), ("%shard-1-of-3", None), ("%shard-1-of-3", "0/2")])

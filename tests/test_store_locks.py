@@ -119,7 +119,11 @@ def _extract_lock(store, shard=None):
 
 
 def test_shard_jobs_and_a_whole_key_run_exclude_each_other(tmp_path):
-    store = FeatureStore(tmp_path / "s.zarr")
+    shard_and_whole_runs_exclude_each_other(FeatureStore(tmp_path / "s.zarr"))
+
+
+def shard_and_whole_runs_exclude_each_other(store: FeatureStore) -> None:
+    """The exclusion rules of one key's runs, against `store` (local here, S3 in test_object_store_locks)."""
     shard = _Holder(store.path, "extract", "0/2")
     try:
         with pytest.raises(DitfError, match="shard jobs are extracting spair/tiny-flux/k1/t260"):
