@@ -31,7 +31,8 @@ from typing import Any
 from ..core.errors import DitfError
 from . import locks
 
-__all__ = ["LEASE_SECONDS", "ObjectLease", "check_held", "holder_gone", "is_live", "precondition_failed"]
+__all__ = ["LEASE_SECONDS", "ObjectLease", "check_held", "holder_gone", "is_live", "passes_conditions",
+           "precondition_failed"]
 
 #: the leases this process holds now (`check_held` runs before every object-store write)
 _active: set[ObjectLease] = set()
@@ -62,6 +63,13 @@ def precondition_failed(exc: BaseException) -> bool:
     cause = exc.__cause__ or exc.__context__
     code = str(getattr(cause, "response", {}).get("Error", {}).get("Code", ""))
     return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409") or "pre-condition" in str(exc)
+
+
+def passes_conditions(fs: Any) -> bool:
+    """Whether fsspec's `fs` hands If-Match / If-None-Match to the server (S3 through s3fs): its
+    writes can be compare-and-swap. GCS and Azure through fsspec pass no such conditions."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in protocols
 
 
 #: how long an object-store writer's lease lasts without a heartbeat (seconds)
@@ -106,9 +114,8 @@ class ObjectLease:
         self.ttl = LEASE_SECONDS
         self.lost = False  # the heartbeat found another owner in the lease
         self.renewed = time.monotonic()  # when the lease was last created or renewed by us
-        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
         #: S3 (s3fs) passes If-Match / If-None-Match to the server: every lease write is a compare-and-swap
-        self.conditional = "s3" in protocols
+        self.conditional = passes_conditions(fs)
         self.etag: str | None = None  # the ETag of our last write of the lease (S3)
 
     def _body(self) -> bytes:

@@ -22,12 +22,17 @@ from zarr.storage import FsspecStore
 from ...core.errors import DitfError
 from .. import faults, layout
 from ..failures import reason
-from ..leases import LEASE_SECONDS, ObjectLease, holder_gone, is_live
+from ..leases import LEASE_SECONDS, ObjectLease, holder_gone, is_live, passes_conditions
 from ..backend_interface import AnnouncingStore, WriteHook
 from .conditional import ConditionalStore
 from .locations import OBJECT_SCHEMES
 
 __all__ = ["ObjectBackend"]
+
+#: fsspec options of the filesystems under zarr's stores: no listing cache (other processes write
+#: the same prefixes), no shared instance (fsspec would hand back a filesystem made earlier in this
+#: process for another endpoint or credentials)
+_ZARR_FS_OPTIONS = {"use_listings_cache": False, "skip_instance_cache": True}
 
 
 #: what a connection that never came about raises (botocore, aiohttp, the OS), by class name
@@ -129,18 +134,15 @@ class ObjectBackend:
         self.call("write", self.fs.pipe_file, self.key(rel), text.encode())
 
     def zarr_store(self, rel: str = "", read_only: bool = False) -> Store:
-        # no listing cache: other processes write the same prefixes; no shared instance: fsspec would
-        # hand back a filesystem made earlier in this process for another endpoint or credentials
-        options = {"use_listings_cache": False, "skip_instance_cache": True}
-        store: Store = faults.wrap(FsspecStore.from_url(self.where(rel), storage_options=options, read_only=read_only))
+        store: Store = faults.wrap(FsspecStore.from_url(self.where(rel), storage_options=_ZARR_FS_OPTIONS,
+                                                        read_only=read_only))
         return store if read_only or self.on_write is None else AnnouncingStore(store, self.on_write)
 
     def conditional_store(self, rel: str) -> Store | None:
         """A zarr store rooted at `rel` whose every write is compare-and-swap against the objects
         that are there now (`conditional.ConditionalStore`: the versions are listed first); None
         where the object store's fsspec backend passes no conditions (all but S3)."""
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
-        if "s3" not in protocols:
+        if not passes_conditions(self.fs):
             return None
         prefix = self.key(rel)
         try:
@@ -149,8 +151,7 @@ class ObjectBackend:
             found = {}
         versions = {name[len(prefix) + 1:]: str(info["ETag"]) for name, info in found.items()
                     if name.startswith(prefix + "/") and info.get("ETag")}
-        base = FsspecStore.from_url(self.where(rel), storage_options={"use_listings_cache": False,
-                                                                      "skip_instance_cache": True})
+        base = FsspecStore.from_url(self.where(rel), storage_options=_ZARR_FS_OPTIONS)
         store: Store = faults.wrap(ConditionalStore(fs=base.fs, path=base.path, versions=versions))
         return store if self.on_write is None else AnnouncingStore(store, self.on_write)
 
