@@ -5,6 +5,8 @@
 # Wheels for CPython 3.12 on x86-64 Linux (the GPU image's python3), no dependencies resolved:
 # each one that is missing there is named here. Run it here (with internet), then carry
 # benchmarks/wheels to the GPU machine with the working tree (it is git-ignored; ~15 MB).
+# numba is left out on purpose (llvmlite alone is ~55 MB, past what a run may carry): without it
+# the CPU side of the GPU check matches through torch's kernels (`match/kernels.py`, `available()`).
 #
 #     benchmarks/fetch_wheels.sh [PYTHON]
 set -euo pipefail

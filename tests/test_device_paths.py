@@ -102,11 +102,43 @@ def test_fake_cuda_refuses_what_cuda_refuses():
         assert torch.zeros(2, device=x.device).is_cuda and torch.cuda.is_available()
 
 
+def _cosines_at(store, data, variant: str, picks: np.ndarray) -> np.ndarray:
+    """The float64 cosine (upsampled maps, the `dift` rule) at each picked target pixel."""
+    import torch.nn.functional as F
+
+    from ditf_pipeline.match.features import VECTORS_USED, compute_feature
+
+    arrays = store.open_features(data.name, "synthetic", 2, 260)
+    rows = store.image_rows(data.name)
+
+    def upsampled(key: str, size) -> torch.Tensor:
+        z, vectors = arrays.read_image(rows[key], vectors=VECTORS_USED[variant])
+        grid = compute_feature(variant, z, vectors, [3]).double().permute(2, 0, 1)[None]
+        return F.interpolate(grid, size=(size[1], size[0]), mode="bilinear", align_corners=False)[0]
+
+    out, start = [], 0
+    for pair in data.pairs():
+        src, trg = upsampled(pair.src_key, pair.src_size), upsampled(pair.trg_key, pair.trg_size)
+        for (x, y), (px, py) in zip(pair.src_kps.astype(int), picks[start:start + len(pair.src_kps)].astype(int)):
+            s, t = src[:, y, x], trg[:, py, px]
+            out.append(float(s @ t / (s.norm() * t.norm())))
+        start += len(pair.src_kps)
+    return np.array(out)
+
+
 @pytest.mark.parametrize("variant", ["raw", "adaln+cd"])
 def test_dift_on_the_device_predicts_as_the_cpu(tmp_path, variant):
-    cpu, gpu = on_both(*build(tmp_path), variant=variant, channels="3")
-    # the device batches pairs by target (one matmul for several sources): allow a rare tie flip
-    assert (cpu == gpu).all(axis=-1).mean() > 0.97
+    store, data = build(tmp_path)
+    cpu, gpu = on_both(store, data, variant=variant, channels="3")
+    # two float32 implementations of one rule (the CPU's compiled loop, torch's kernels on the
+    # device, which also batches its matmul by target): they may only part where scores tie to
+    # float32 rounding, as along an image border past the last cell centre, where a strip of
+    # pixels has one exact score
+    same = (cpu == gpu).all(axis=-1)
+    assert same.mean() > 0.85
+    if not same.all():
+        gap = np.abs(_cosines_at(store, data, variant, cpu) - _cosines_at(store, data, variant, gpu))
+        assert (gap[~same] < 1e-5).all(), gap[~same]
 
 
 def test_paper_precision_on_the_device(tmp_path):
@@ -114,7 +146,12 @@ def test_paper_precision_on_the_device(tmp_path):
     assert (cpu == gpu).all()
 
 
-def test_fuse_on_the_device(tmp_path):
+def test_fuse_on_the_device(tmp_path, monkeypatch):
+    # this checks where fusion's tensors live; the CPU side takes torch's kernels as the device
+    # does (the compiled CPU loop's own agreement is `test_dift_on_the_device_predicts_as_the_cpu`)
+    from ditf_pipeline.match import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: False)
     cpu, gpu = on_both(*build(tmp_path), variant="raw", fuse="partner/k0/t0", pca_dim=8)
     assert (cpu == gpu).all(axis=-1).mean() > 0.97
 

@@ -339,8 +339,8 @@ def test_workers_started_early_are_stopped_when_nothing_is_left_to_match(demo_st
     started = []
 
     class SeenPool(WorkerPool):
-        def __init__(self, jobs):
-            super().__init__(jobs)
+        def __init__(self, jobs, **options):
+            super().__init__(jobs, **options)
             started.extend(process.pid for _, process in self._processes)
 
     monkeypatch.setattr(predict_module, "WorkerPool", SeenPool)

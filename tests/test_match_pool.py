@@ -102,7 +102,7 @@ def _stopped_worker(parent: subprocess.Popen) -> int:
                     cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
                 except OSError:
                     continue
-                if b"ditf_pipeline.match.pool import _worker" in cmdline:
+                if b"from ditf_pipeline.match.pool import" in cmdline:
                     os.kill(int(child), signal.SIGSTOP)
                     return int(child)
         assert parent.poll() is None, parent.communicate()

@@ -81,8 +81,8 @@ def test_ties_pick_the_first_maximum_in_row_major_order(upsample):
     assert matcher.match(src, (1, 1), trg, size, [[0, 0]]).tolist() == [[2.0, 1.0]]
 
 
-def _referee(src, src_size, trg, trg_size, kps) -> np.ndarray:
-    """Float64 everything: source vectors, matmul, F.interpolate of the dots, norms; argmax."""
+def _referee_scores(src, src_size, trg, trg_size, kps) -> torch.Tensor:
+    """Float64 everything: source vectors, matmul, F.interpolate of the dots, norms: (N, H * W)."""
     src64, trg64 = torch.as_tensor(src).double(), torch.as_tensor(trg).double()
     xs, ys = _integer_keypoints(kps, src_size)
     vectors = upsampled_vectors(src64, src_size, xs, ys)
@@ -90,11 +90,19 @@ def _referee(src, src_size, trg, trg_size, kps) -> np.ndarray:
     dots = (vectors @ trg64.reshape(h * w, d).T).reshape(-1, 1, h, w)
     tw, th = trg_size
     up = F.interpolate(dots, size=(th, tw), mode="bilinear", align_corners=False).reshape(len(xs), -1)
-    scores = up / upsampled_norms(trg64, trg_size).reshape(1, -1).clamp_min(1e-300)
-    return scores.argmax(dim=1).numpy()
+    return up / upsampled_norms(trg64, trg_size).reshape(1, -1).clamp_min(1e-300)
+
+
+def _referee(src, src_size, trg, trg_size, kps) -> np.ndarray:
+    """The float64 referee's pick: the first maximum of `_referee_scores`."""
+    return _referee_scores(src, src_size, trg, trg_size, kps).argmax(dim=1).numpy()
 
 
 def test_pruned_agrees_with_the_float64_referee_at_least_as_often_as_materialising():
+    """On maps with a maximum, the pruned pick is the referee's at least as often as the float32
+    one. Maps of one repeated vector are judged apart: every pixel scores the same to within
+    rounding there, so any pick is as right as the referee's own (which rounding decides);
+    each method must pick a pixel whose referee score is the maximum to 1e-12."""
     g = torch.Generator().manual_seed(3)
     rng = np.random.default_rng(3)
     agree = {"pruned": 0, "materialise": 0}
@@ -103,17 +111,24 @@ def test_pruned_agrees_with_the_float64_referee_at_least_as_often_as_materialisi
         (h, w), size = [((30, 40), (500, 375)), ((40, 30), (375, 500)), ((7, 5), (31, 20))][k % 3]
         maker = _smooth if k % 2 else (lambda g, h, w, c: torch.randn(h, w, c, generator=g))
         src, trg = maker(g, h, w, 256).half(), maker(g, h, w, 256).half()
-        if k % 4 == 3:
+        tied = k % 4 == 3
+        if tied:
             trg = trg[:1, :1].expand(h, w, -1).contiguous()  # all tied
         kps = np.stack([rng.integers(0, size[0], 10), rng.integers(0, size[1], 10)], 1)
-        expected = _referee(src, size, trg, size, kps)
+        scores = _referee_scores(src, size, trg, size, kps)
+        expected = scores.argmax(dim=1).numpy()
         for mode in agree:
             xy = DiftMatcher(upsample=mode).match(src, size, trg, size, kps)
-            agree[mode] += int(((xy[:, 1] * size[0] + xy[:, 0]).astype(np.int64) == expected).sum())
-        total += len(kps)
+            picks = (xy[:, 1] * size[0] + xy[:, 0]).astype(np.int64)
+            if tied:
+                best = scores.max(dim=1).values
+                got = scores[torch.arange(len(picks)), torch.from_numpy(picks)]
+                assert torch.all(best - got <= 1e-12 * best.abs()), (mode, k)
+            else:
+                agree[mode] += int((picks == expected).sum())
+        total += 0 if tied else len(kps)
     assert agree["pruned"] >= agree["materialise"], agree
-    print(agree, total)
-    assert agree["pruned"] >= 0.8 * total, agree
+    assert agree["pruned"] >= 0.95 * total, agree
 
 
 def test_upsample_method_is_checked(monkeypatch):

@@ -18,14 +18,18 @@ cosine (first maximum in row-major order, as ``torch.argmax``), in original targ
 
 The other protocol, ``geoaware``, is `geoaware.GeoAwareMatcher`; `matchers.make_matcher` picks one by name.
 
-The argmax upsamples every score map in float32 by default, as the authors' code does
-(``materialise``). ``DITF_MATCH_UPSAMPLE=pruned`` (or `DiftMatcher(upsample="pruned")`) takes the
-exact CPU method instead: float32 bounds per feature cell, float64 samples only where the maximum
-can be; it agrees with a float64 referee at least as often, but is not faster yet
-(`benchmarks/bench_pruned.py`), so it is not the default. Otherwise all arithmetic is float32, on the device the feature maps live on (the CPU by default; pass
-CUDA tensors to match on a GPU: every step stays on the device, one copy of the predictions
-comes back). Matchers are thread-safe (`ditf view` serves requests from threads; scratch buffers
-are per thread); their caches are bounded in bytes, not entries.
+The argmax evaluates every upsampled score in float32 by default, as the authors' code does
+(``materialise``): on the CPU one pixel row at a time in a compiled loop (`kernels`, numba), on
+a GPU through torch's upsampling kernel. ``DITF_MATCH_UPSAMPLE=pruned`` (or
+`DiftMatcher(upsample="pruned")`) takes the exact CPU method instead: float32 bounds per feature
+cell, float64 samples only where the maximum can be (`pruned`); it agrees with a float64 referee
+at least as often, but on flat score maps it samples most blocks and is slower
+(`benchmarks/bench_pruned.py`), so it is not the default. All other arithmetic is float32, on
+the device the feature maps live on (the CPU by default; pass CUDA tensors to match on a GPU:
+every step stays on the device, one copy of the predictions comes back). Pairs that share a
+target are matched together (`match_batch`: one matrix product for all their keypoints, on the
+CPU as on a GPU). Matchers are thread-safe (`ditf view` serves requests from threads; scratch
+buffers are per thread); their caches are bounded in bytes, not entries.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from ..core.errors import DitfError
 from ..core.naming import PROTOCOL_RULES
 from .cache import ByteLRU
 from .grids import ImageSize, as_float_grid, check_grid, check_size, integer_keypoints
-from .taps import upsampled_norms, upsampled_vectors
+from . import kernels
+from .taps import linear_taps, upsampled_norms, upsampled_vectors
 from .threads import ScratchBuffers
 
 
@@ -119,6 +124,11 @@ class DiftMatcher:
         n = len(source_vectors)
         inverse_norm = self._target_inverse_norm(trg, trg_size, trg_key).reshape(1, -1)
         dots = (source_vectors @ trg.reshape(h * w, d).T).reshape(n, 1, h, w)
+        if trg.device.type == "cpu" and kernels.available():
+            # the same float32 scores, one pixel row at a time in a compiled loop (`kernels`)
+            rows, cols = linear_taps(h, height), linear_taps(w, width)
+            return torch.from_numpy(kernels.upsampled_argmax(dots.numpy().reshape(n, h, w), rows, cols,
+                                                              inverse_norm.numpy().reshape(height, width)))
         # F.interpolate(dots, size=(height, width), mode="bilinear", align_corners=False), written
         # into this thread's score buffer (the same kernel F.interpolate calls), a few keypoints
         # at a time on the CPU: each keypoint's plane is computed alone by the kernel, so the bits
@@ -176,9 +186,12 @@ class DiftMatcher:
     ) -> list[np.ndarray]:
         """Every source of `sources` against one target: one matmul, one upsampling, one argmax.
 
-        On a GPU this is how pairs are batched (pairs sharing a target, `predict` groups them);
-        each row's score is computed exactly as `match` would, but a batched matmul may round
-        differently from a single one, so the CPU driver calls `match` per pair.
+        This is how the pair loop batches pairs sharing a target (`predict.match_pairs`), on the
+        CPU and on a GPU: the target's float32 copy and norms are made once, and one matrix product
+        of all their keypoints reads the target map once (a (10, 3072) x (3072, 1200) product runs
+        at ~38 GFLOP/s on one core, a (250, 3072) one at ~87: its cost was reading the map). Each
+        row's score is the one `match` computes; BLAS may round a batched product differently
+        from a single one (MKL on the test VM gives the same bits from two rows up).
         """
         best, counts = self.best_batch(trg_feat, trg_img_size, sources, trg_key)
         if best is None:

@@ -77,13 +77,30 @@ _BOOTSTRAP = ("import signal, sys\n"
               "from multiprocessing.connection import Connection\n"
               "conn = Connection(int(sys.argv[1]))\n"
               "try:\n"
-              "    sys.path[:] = conn.recv()\n"
+              "    sys.path[:], preload = conn.recv()\n"
               "except (EOFError, OSError):\n"
               "    sys.exit(0)  # the parent is gone already\n"
-              "from ditf_pipeline.match.pool import _worker\n"
+              "from ditf_pipeline.match.pool import _preload, _worker\n"
+              "_preload(preload)\n"
               "_worker(conn)\n")
 
 Work = tuple[Callable[[], BlockRunner], Sequence[tuple[int, Sequence]]]
+
+
+def _preload(names: Sequence[str]) -> None:
+    """Import each ``module`` (or import ``module`` and call its ``function`` for
+    ``module:function``) before the work arrives: a worker boots while its parent is still
+    starting up. A failure is left for the real import to report, with the worker's error path."""
+    import importlib
+
+    for name in names:
+        module, _, function = name.partition(":")
+        try:
+            loaded = importlib.import_module(module)
+            if function:
+                getattr(loaded, function)()
+        except Exception:  # noqa: BLE001 - reported by the work itself, which needs the same imports
+            return
 
 
 def _worker(conn: Connection, work: Work | None = None) -> None:
@@ -163,16 +180,21 @@ def _start_process() -> tuple[Connection, subprocess.Popen]:
 
 class WorkerPool:
     """`jobs` workers: a thread of this process (started by `run`) and `jobs - 1` worker
-    processes, started at once so that they boot (import torch, ~1 s) while the caller gets the
-    work ready. `run` once; `close` always (or use it as a context manager)."""
+    processes, started at once so that they boot (import torch, ~1-3.5 s; and the `preload`
+    names, see `_preload`) while the caller gets the work ready. `run` once; `close` always (or
+    use it as a context manager)."""
 
-    def __init__(self, jobs: int) -> None:
+    def __init__(self, jobs: int, preload: Sequence[str] = ()) -> None:
         self.jobs = max(1, jobs)
         self._processes: list[tuple[Connection, subprocess.Popen]] = []
         self._working: set[int] = set()  # pids of the processes that were sent work
         try:
             for _ in range(1, self.jobs):
-                self._processes.append(_start_process())
+                conn, process = _start_process()
+                self._processes.append((conn, process))
+                # this process's module path (the worker imports the same ditf) and what to import
+                # before the work arrives (`_preload`): the worker boots now, not when `run` starts
+                conn.send((list(sys.path), list(preload)))
         except BaseException:
             self.close()
             raise
@@ -221,7 +243,6 @@ class WorkerPool:
             for i in range(1, jobs):
                 try:
                     self._working.add(workers[i].pid)
-                    conns[i].send(list(sys.path))  # so that the worker imports the same ditf as this process
                     conns[i].send(work)
                 except OSError:
                     raise DitfError(_stopped(i, workers[i])) from None

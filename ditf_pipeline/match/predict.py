@@ -23,10 +23,11 @@ Why processes: worker threads (used before) share the GIL for the Python between
 of them gave 1.47x at SPair size on two cores, the pool 1.7-1.8x, close to what two fully
 independent processes reach there (`benchmarks/bench_predict.py --ceiling`, docs/benchmarks.md).
 
-On a GPU (``--device cuda``) the feature cache lives on the device (its budget sized for the
-device, maps uploaded pinned and non-blocking), the pairs of a block that share a target are
-matched in one batch (`DiftMatcher.best_batch`) and the block's results come back in one copy
-(no host wait per target); one job. `ditf_pipeline.fake_cuda` runs this path on a CPU in tests.
+The pairs of a block that share a target are matched in one batch (`DiftMatcher.best_batch`:
+one matrix product for all their keypoints), on the CPU as on a GPU. On a GPU (``--device
+cuda``) the feature cache lives on the device (its budget sized for the device, maps uploaded
+pinned and non-blocking) and the block's results come back in one copy (no host wait per
+target); one job. `ditf_pipeline.fake_cuda` runs this path on a CPU in tests.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ BLOCK = int(os.environ.get("DITF_MATCH_BLOCK") or 256)
 #: DITF_MATCH_POOL_MIN_PAIRS lowers it for tests
 POOL_MIN_PAIRS = int(os.environ.get("DITF_MATCH_POOL_MIN_PAIRS") or 512)
 
+
+#: what a worker process imports (and loads: numba's cached kernels) before its work arrives
+WORKER_PRELOAD = ("ditf_pipeline.match.predict", "ditf_pipeline.match.kernels:warm_up")
 
 #: rows of a feature map computed together by `FeatureCache` (8 x 40 x 3072 float32 = 3.9 MB)
 VARIANT_ROWS = 8
@@ -177,7 +181,8 @@ def match_pairs(pairs: Sequence[Pair], pair_features: PairFeatures, matcher, bat
                 advance: Callable[[int], object] | None = None) -> list[np.ndarray]:
     """Predictions of consecutive pairs, in order (one block, in one worker).
 
-    `batch_by_target` (GPU): pairs sharing a target go through `matcher.match_batch` together.
+    `batch_by_target`: pairs sharing a target go through `matcher.best_batch` together (one
+    matrix product; on a GPU, one host copy per block); matchers without it go pair by pair.
     Errors name the pair (a batch that fails is redone pair by pair to find it).
     """
     out: list[np.ndarray | None] = [None] * len(pairs)
@@ -239,7 +244,9 @@ def block_matcher(arrays: FeatureArrays, rows: dict[str, int], settings: MatchSe
     features = pair_feature_cache(arrays, rows, settings.variant, channels, device, budget,
                                   compute=paper_feature if paper else compute_feature)
     pair_features = features.pair if fusion is None else fusion.bind(features)
-    batch = device.type != "cpu" and fusion is None
+    # pairs sharing a target go through one matrix product (on the CPU too: one pass over the
+    # target map serves all their keypoints, and its float32 copy is made once per group)
+    batch = fusion is None
     return lambda block: match_pairs(block, pair_features, matcher, batch, advance)
 
 
@@ -324,8 +331,32 @@ def local_executor(jobs: int, n_pairs: int) -> InThreadExecutor | WorkerPoolExec
     """How this process runs a plan: `jobs` workers for at least `POOL_MIN_PAIRS` pairs (their
     processes start now, and boot while the plan is made), else this thread."""
     if jobs > 1 and n_pairs >= POOL_MIN_PAIRS:
-        return WorkerPoolExecutor(WorkerPool(jobs), POOL_MIN_PAIRS)
+        return WorkerPoolExecutor(WorkerPool(jobs, preload=WORKER_PRELOAD), POOL_MIN_PAIRS)
     return InThreadExecutor()
+
+
+def early_executor(settings: MatchSettings, n_pairs: int) -> WorkerPoolExecutor | None:
+    """The worker pool of a CPU run with several jobs, started before the rest of the start-up.
+
+    Why early: a worker is a fresh interpreter that takes ~3.5 s to import torch and ditf on the
+    2-core VM, while the whole match of an SPair-size store (3,000 pairs) takes ~9 s of one
+    core; started when matching begins, it would sit out a third of the run. Started before the
+    calling process checks its arguments, opens the store and reads the dataset, it boots
+    during that time. None when the run will not use the pool (one job, a device, ``--fuse``,
+    fewer than `POOL_MIN_PAIRS` pairs); the executor closes an unused pool as usual."""
+    if settings.fuse or n_pairs < POOL_MIN_PAIRS:
+        return None
+    jobs = 1 if settings.jobs is not None and int(settings.jobs) < 2 else int(settings.jobs or default_jobs())
+    if jobs < 2:
+        return None
+    from .device import resolve_match_device
+
+    try:
+        if resolve_match_device(settings.device).type != "cpu":
+            return None
+    except DitfError:
+        return None  # a bad --device is refused by the stage itself, with its own message
+    return local_executor(jobs, n_pairs)
 
 
 def predict(

@@ -9,14 +9,21 @@ corner dots D[i, j], D[i, j+1], D[i+1, j], D[i+1, j+1] (neighbours clamped at th
 taps are), so num <= M = max corner. Hence every score in the block is at most
 M / min|t_p| when M >= 0, and at most M / max|t_p| when M < 0.
 
-Two precisions: every D comes first from one float32 matmul, and the bound uses D plus the
-float32 error bound (d + 2) 2^-24 |s| |g_ij| (Cauchy-Schwarz on the standard dot-product error
-bound), so no rounding can prune the block that holds the maximum. The best block's corners are
-then recomputed in float64, sampled exactly, and every block whose bound reaches that score has
-its corners recomputed in float64 and all its pixels sampled: the pick is the float64 referee's
-(`benchmarks/bench_match.py`: float64 source vectors, dots, taps and samples), up to the order
-in which torch's kernel sums four taps. A block whose bound EQUALS the best is still sampled:
-it may hold an equal score at an earlier pixel, and the first maximum in row-major order wins.
+Two precisions: every D comes first from one float32 matmul (all keypoints of all pairs that
+share the target at once), and the bounds use D plus the float32 error bound
+(d + 2) 2^-24 |s| |g_ij| (Cauchy-Schwarz on the standard dot-product error bound), so no
+rounding can prune the block that holds the maximum. `pruned_argmax` then narrows the blocks in
+three vectorised steps (block bounds against a floor; samples of the float32 dots, each within a
+known distance of the truth; float64 corners and samples of the few blocks left): the pick is
+the float64 referee's (`benchmarks/bench_match.py`: float64 source vectors, dots, taps and
+samples), up to the order in which torch's kernel sums four taps. A block whose bound EQUALS
+the best is still sampled: it may hold an equal score at an earlier pixel, and the first
+maximum in row-major order wins.
+
+When it pays: on maps with a clear maximum most blocks fall at the first step. On flat maps
+(random features, or raw features whose massive channels make every cosine ~1, whose per-block
+norm dips make the bound loose) most blocks survive it and the float32 streamed argmax of
+`kernels` is faster; that is why ``materialise`` is the default and this is opt-in.
 """
 
 from __future__ import annotations
@@ -26,9 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-#: beyond this many candidate blocks for one keypoint every pixel is sampled in one pass
-DENSE_BLOCKS = 256
 
 #: relative margin of a bound, in units of its largest corner magnitude: covers the few
 #: float64 roundings of a bilinear sample (weights summing to 1 + a few ulps), far below any
@@ -66,6 +70,17 @@ class TargetBlocks:
     corners: np.ndarray  # (h * w, 4) int64 flat cells a block reads
     block_pixels: np.ndarray  # (H * W,) int32 flat pixels, grouped by block in row-major block order
     block_offsets: np.ndarray  # (h * w + 1,) int64 block b owns block_pixels[off[b]:off[b + 1]]
+    # the pixels of block row i as a padded table (pads repeat the last row and weigh 0; row_ok
+    # says which entries are real), and the same for block column j: a batch of blocks is then
+    # sampled as one (blocks, rows, columns) array, whatever the blocks' sizes
+    row_pix: np.ndarray  # (h, Ph) int64
+    row_ok: np.ndarray  # (h, Ph) bool
+    a0_pad: np.ndarray  # (h, Ph) float64 (0 at pads)
+    a1_pad: np.ndarray
+    col_pix: np.ndarray  # (w, Pw) int64
+    col_ok: np.ndarray  # (w, Pw) bool
+    b0_pad: np.ndarray  # (w, Pw) float64
+    b1_pad: np.ndarray
 
 
 def _segments(first: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +115,16 @@ def _one_cell_weights(index0, index1, weight0, weight1) -> tuple[np.ndarray, np.
     return np.where(same, 1.0, weight0), np.where(same, 0.0, weight1)
 
 
+def _padded(start: np.ndarray, end: np.ndarray, w0: np.ndarray, w1: np.ndarray):
+    """Each segment start[i]:end[i] as a row of a padded table: (pixels, valid, w0, w1)."""
+    width = max(1, int((end - start).max()))
+    offsets = np.arange(width)
+    valid = offsets[None, :] < (end - start)[:, None]
+    pixels = np.minimum(start[:, None] + offsets[None, :], np.maximum(end - 1, 0)[:, None])
+    pixels = np.minimum(pixels, len(w0) - 1)
+    return pixels, valid, np.where(valid, w0[pixels], 0.0), np.where(valid, w1[pixels], 0.0)
+
+
 def target_blocks(grid: torch.Tensor, size: tuple[int, int]) -> TargetBlocks:
     """`TargetBlocks` of a (h, w, D) float32 target map shown at `size` = (width, height)."""
     from .taps import linear_taps, upsampled_norms
@@ -123,7 +148,11 @@ def target_blocks(grid: torch.Tensor, size: tuple[int, int]) -> TargetBlocks:
     row1, col1 = rows.index1.numpy(), cols.index1.numpy()
     a0, a1 = _one_cell_weights(row0, row1, rows.weight0.numpy(), rows.weight1.numpy())
     b0, b1 = _one_cell_weights(col0, col1, cols.weight0.numpy(), cols.weight1.numpy())
+    row_pix, row_ok, a0_pad, a1_pad = _padded(y_start, y_end, a0, a1)
+    col_pix, col_ok, b0_pad, b1_pad = _padded(x_start, x_end, b0, b1)
     return TargetBlocks(
+        row_pix=row_pix, row_ok=row_ok, a0_pad=a0_pad, a1_pad=a1_pad,
+        col_pix=col_pix, col_ok=col_ok, b0_pad=b0_pad, b1_pad=b1_pad,
         norms=norms, row0=row0, row1=row1, a0=a0, a1=a1, col0=col0, col1=col1, b0=b0, b1=b1,
         y_start=y_start, y_end=y_end, x_start=x_start, x_end=x_end,
         cell_row1=np.minimum(cells_h + 1, h - 1), cell_col1=np.minimum(cells_w + 1, w - 1),
@@ -179,31 +208,129 @@ def _pixels_of(blocks: TargetBlocks, chosen: np.ndarray) -> np.ndarray:
     return np.concatenate([blocks.block_pixels[offsets[b]:offsets[b + 1]] for b in chosen])
 
 
-def pruned_argmax(vectors: torch.Tensor, target: torch.Tensor, blocks: TargetBlocks) -> np.ndarray:
-    """(N,) flat index of the first maximum score per source vector.
+def sample_blocks(corner_dots: np.ndarray, blocks: TargetBlocks, chosen: np.ndarray) -> np.ndarray:
+    """Scores of every pixel of each chosen block, (C, Ph, Pw) float64, -inf at the pads.
 
-    `vectors` (N, D) float64 source vectors; `target` the (h * w, D) float32 target map."""
+    `corner_dots` (C, 4) are the dots at each block's corners (`TargetBlocks.corners` order);
+    the arithmetic is `sample`'s, term for term: a0 (b0 D00 + b1 D01) + a1 (b0 D10 + b1 D11), over |t_p|."""
+    cells_w = blocks.cell_norms.shape[1]
+    i, j = np.divmod(chosen, cells_w)
+    b0, b1 = blocks.b0_pad[j], blocks.b1_pad[j]  # (C, Pw)
+    top = b0 * corner_dots[:, 0, None] + b1 * corner_dots[:, 1, None]
+    bottom = b0 * corner_dots[:, 2, None] + b1 * corner_dots[:, 3, None]
+    scores = blocks.a0_pad[i][:, :, None] * top[:, None, :] + blocks.a1_pad[i][:, :, None] * bottom[:, None, :]
+    scores /= blocks.norms[blocks.row_pix[i][:, :, None], blocks.col_pix[j][:, None, :]]
+    scores[~(blocks.row_ok[i][:, :, None] & blocks.col_ok[j][:, None, :])] = -np.inf
+    return scores
+
+
+def _first_pixels(scores: np.ndarray, blocks: TargetBlocks, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each block's best score and the flat image index of its first pixel holding it (rows of
+    the padded table run top to bottom and left to right, so the first maximum in the table is
+    the first in row-major order)."""
+    flat = scores.reshape(len(scores), -1)
+    at = np.argmax(flat, axis=1)
+    best = flat[np.arange(len(flat)), at]
+    i, j = np.divmod(chosen, blocks.cell_norms.shape[1])
+    row, col = np.divmod(at, blocks.col_pix.shape[1])
+    width = blocks.norms.shape[1]
+    return best, blocks.row_pix[i, row] * width + blocks.col_pix[j, col]
+
+
+#: blocks sampled together: bounds the (blocks, Ph, Pw) float64 scratch arrays (at SPair sizes a
+#: block has at most ~19 x 19 pixels: ~6 MB per array)
+SAMPLE_CHUNK = 2048
+
+
+def _sample_best(corner_dots: np.ndarray, blocks: TargetBlocks, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_first_pixels` of `sample_blocks`, a chunk of blocks at a time."""
+    best, pixel = np.empty(len(chosen)), np.empty(len(chosen), dtype=np.int64)
+    for start in range(0, len(chosen), SAMPLE_CHUNK):
+        part = slice(start, start + SAMPLE_CHUNK)
+        best[part], pixel[part] = _first_pixels(sample_blocks(corner_dots[part], blocks, chosen[part]), blocks, chosen[part])
+    return best, pixel
+
+
+def _exact_corner_dots(target: torch.Tensor, vectors: torch.Tensor, owners: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """float64 <s_owner, g_cell> for (C, 4) corner cells (a reduction per row, as `exact_dots`)."""
+    out = np.empty(cells.shape)
+    flat_cells, flat_owners = cells.reshape(-1), np.repeat(owners, cells.shape[1])
+    step = 4096  # rows converted to float64 at once (~100 MB at 3072 channels)
+    for start in range(0, len(flat_cells), step):
+        part = slice(start, start + step)
+        rows = target[torch.from_numpy(flat_cells[part])].to(torch.float64)
+        out.reshape(-1)[part] = torch.linalg.vecdot(rows, vectors[torch.from_numpy(flat_owners[part])]).numpy()
+    return out
+
+
+def _per_owner_first(owners: np.ndarray, best: np.ndarray, pixel: np.ndarray, n: int) -> np.ndarray:
+    """Per owner (keypoint) the smallest pixel among its blocks of the highest score."""
+    top = np.full(n, -np.inf)
+    np.maximum.at(top, owners, best)
+    result = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    winners = best == top[owners]
+    np.minimum.at(result, owners[winners], pixel[winners])
+    return result
+
+
+def pruned_argmax(vectors: torch.Tensor, target: torch.Tensor, blocks: TargetBlocks) -> np.ndarray:
+    """(N,) flat index of the first maximum score per source vector, all keypoints at once.
+
+    `vectors` (N, D) float64 source vectors; `target` the (h * w, D) float32 target map.
+
+    1. One float32 matmul gives every dot D up to e = (d + 2) 2^-24 |s| |g| (`block_bounds`
+       bounds each block from D + e; the best block's pixels, sampled from D - e, give a floor:
+       a score some pixel surely reaches). Blocks bounded below the floor are out.
+    2. The remaining blocks are sampled from the float32 dots: a block's best sample m is within
+       E = max corner e / its smallest |t_p| of its true best, so blocks whose m + E cannot
+       reach the highest m - E are out.
+    3. The few blocks left (the maximum's, and any too close to call) get float64 dots at their
+       corners and float64 samples of every pixel: the pick is the float64 referee's, and the
+       first pixel among equal scores wins (ties past the last cell centre are exact here).
+    Keypoints whose dots are not finite take the materialised rule (`torch.argmax` of the
+    upsampled map), which is what a NaN means there.
+    """
     h, w = blocks.cell_norms.shape
     n, d = vectors.shape
-    approx = (vectors.to(torch.float32) @ target.T).to(torch.float64).numpy().reshape(n, h, w)
+    approx32 = vectors.to(torch.float32) @ target.T
+    approx = approx32.to(torch.float64).numpy().reshape(n, h, w)
+    finite = np.isfinite(approx).reshape(n, -1).all(axis=1)
     # error of a float32 dot of float32-rounded vectors: at most (d + 2) 2^-24 |s| |g| (first order)
     slack = (d + 2) * 2.0**-24 * torch.linalg.vector_norm(vectors, dim=1).numpy()
     error = slack[:, None, None] * blocks.cell_norms
-    bounds = block_bounds(approx + error, blocks)
-    below = (approx - error).reshape(n, -1)  # lower bounds of the dots: samples of them bound scores from below
-    everything = np.arange(blocks.norms.size)
-    best = np.empty(n, dtype=np.int64)
-    for k in range(n):
-        bound = bounds[k].ravel()
-        top = int(np.argmax(bound))
-        floor, _ = sample(below[k], blocks, _pixels_of(blocks, [top]))  # <= the best score
-        candidates = np.flatnonzero(bound >= floor)
-        cells = np.unique(blocks.corners[candidates])
-        dots = approx[k].ravel().copy()
-        dots[cells] = exact_dots(target, cells, vectors[k])
-        # blocks left out keep float32 dots: their samples stay below their bound, below the best
-        pixels = everything if len(candidates) > DENSE_BLOCKS else _pixels_of(blocks, candidates)
-        best[k] = sample(dots, blocks, pixels)[1]
+    bounds = block_bounds(approx + error, blocks).reshape(n, -1)
+    keys = np.flatnonzero(finite)
+    best = np.zeros(n, dtype=np.int64)
+    if len(keys):
+        corners = blocks.corners
+        lower = (approx - error).reshape(n, -1)
+        top = np.argmax(bounds[keys], axis=1)
+        floor, _ = _sample_best(lower[keys[:, None], corners[top]], blocks, top)
+        # step 1: every (keypoint, block) whose bound reaches its keypoint's floor
+        rows, chosen = np.nonzero(bounds[keys] >= floor[:, None])
+        owners = keys[rows]
+        flat = approx.reshape(n, -1)
+        cells = corners[chosen]
+        estimate, _ = _sample_best(flat[owners[:, None], cells], blocks, chosen)
+        # step 2: E per block, plus a margin for the float64 roundings of the samples
+        corner_error = (slack[owners, None] * blocks.cell_norms.reshape(-1)[cells]).max(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            spread = corner_error / blocks.min_norm.reshape(-1)[chosen]
+            spread += BOUND_MARGIN * np.abs(flat[owners[:, None], cells]).max(axis=1) / blocks.min_norm.reshape(-1)[chosen]
+        surely = np.full(n, -np.inf)
+        np.maximum.at(surely, owners, estimate - spread)
+        close = estimate + spread >= surely[owners]
+        owners, chosen, cells = owners[close], chosen[close], cells[close]
+        # step 3: float64 at the corners of the blocks left, every pixel sampled
+        exact = _exact_corner_dots(target, vectors, owners, cells)
+        scores, pixels = _sample_best(exact, blocks, chosen)
+        best[keys] = _per_owner_first(owners, scores, pixels, n)[keys]
+    if not finite.all():
+        others = np.flatnonzero(~finite)
+        height, width = blocks.norms.shape
+        up = F.interpolate(approx32[others].reshape(len(others), 1, h, w), size=(height, width), mode="bilinear",
+                           align_corners=False).reshape(len(others), -1)
+        best[others] = torch.argmax(up / torch.from_numpy(blocks.norms).reshape(1, -1).float(), dim=1).numpy()
     return best
 
 

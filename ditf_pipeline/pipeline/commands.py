@@ -10,6 +10,7 @@ stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,12 +250,32 @@ def run_match(
     from dataclasses import replace
 
     from ..core.settings import MatchSettings
+
+    base = replace(settings or MatchSettings(), **fields)
+    data = _dataset(dataset, data_root, split)
+    with contextlib.ExitStack() as stack:
+        early = None
+        if data.task == "pairs" and not (workers or scheduler):
+            from ..match.predict import early_executor
+
+            # worker processes boot while the rest of the start-up runs (`early_executor`)
+            early = early_executor(base, len(data.pairs()))
+            if early is not None:
+                stack.enter_context(early)
+        return _run_match(base, data, model, store, k, t, variants, overwrite, progress, workers, scheduler,
+                          on_report, predictions_store, early)
+
+
+def _run_match(base, data, model, store, k, t, variants, overwrite, progress, workers, scheduler, on_report,
+               predictions_store, early) -> MatchRun:
+    """`run_match` once its dataset is read (and its worker pool, if any, started: `early`, used by
+    the first variant)."""
+    from dataclasses import replace
+
     from ..store.feature_store import FeatureStore
     from .stages import match
 
-    base = replace(settings or MatchSettings(), **fields)
     check_pair_arguments(variants, base.protocol, device=base.device, workers=workers)
-    data = _dataset(dataset, data_root, split)
     reader = FeatureStore(store, read_only=True)
     k_, t_ = check_key(reader, data, model, k, t, variants)
     variants = list(variants or stored_variants(reader, data, model, k_, t_, every=False))
@@ -268,7 +289,10 @@ def run_match(
         for variant in variants:
             chosen = replace(base, variant=variant)
             report = match(feature_store, data, model, k_, t_, chosen, overwrite=overwrite, progress=progress,
-                           client=client)
+                           client=client, executor=early)
+            if early is not None:  # the pool served the first variant; later ones start their own
+                early.__exit__(None, None, None)
+                early = None
             run.settings.append(chosen)
             run.reports.append(report)
             if on_report is not None:

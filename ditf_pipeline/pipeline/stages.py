@@ -59,8 +59,9 @@ def _features(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int,
 
 
 def match(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, settings: MatchSettings,
-          overwrite: bool = False, progress: bool = True, client=None) -> StageReport:
-    """The match stage of any benchmark (pairs: spread over a dask `client` when given)."""
+          overwrite: bool = False, progress: bool = True, client=None, executor=None) -> StageReport:
+    """The match stage of any benchmark (pairs: spread over a dask `client` when given, or run by
+    `executor`, a `match.executors` executor the caller made and closes)."""
     if dataset.task == "pairs":
         if client is not None:
             from ..distributed.runners import predict_distributed
@@ -70,7 +71,8 @@ def match(store: FeatureStore, dataset: Dataset, model: str, k: int, t: int, set
         else:
             from ..match.predict import predict
 
-            report = predict(store, dataset, model, k, t, settings, overwrite=overwrite, progress=progress)
+            report = predict(store, dataset, model, k, t, settings, overwrite=overwrite, progress=progress,
+                             executor=executor)
         return StageReport(report.key, report.n_pairs, report.matched, report.skipped, report.channels, report.seconds)
     settings.prediction_name(dataset.task)  # refuses --fuse here
     if settings.shard is not None and not Shard.parse(settings.shard).whole:
