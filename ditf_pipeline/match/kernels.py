@@ -86,13 +86,14 @@ else:  # pragma: no cover
 
 def upsampled_argmax(dots: np.ndarray, rows, cols, inverse_norm: np.ndarray) -> np.ndarray:
     """(K,) first-maximum flat pixel of each (h, w) float32 dot map upsampled to `inverse_norm`'s
-    (H, W) and scaled by it. `rows` / `cols` are the float32 `taps.LinearTaps` of the two axes."""
+    (H, W) and scaled by it. `rows` / `cols` are the float32 `taps.LinearTaps` of the two axes (torch
+    or numpy arrays)."""
     dots = np.ascontiguousarray(dots, dtype=np.float32)
     out = np.empty(len(dots), dtype=np.int64)
     if len(dots) == 0:
         return out
-    taps = [np.ascontiguousarray(t.numpy()) for t in (rows.index0, rows.index1, rows.weight0, rows.weight1,
-                                                      cols.index0, cols.index1, cols.weight0, cols.weight1)]
+    taps = [np.ascontiguousarray(np.asarray(t)) for t in (rows.index0, rows.index1, rows.weight0, rows.weight1,
+                                                          cols.index0, cols.index1, cols.weight0, cols.weight1)]
     return _kernel(dots, *taps, np.ascontiguousarray(inverse_norm, dtype=np.float32), out)
 
 
@@ -206,9 +207,12 @@ def warm_up() -> None:
     inputs: ~0.4 s from numba's disk cache, which a worker process pays while it boots."""
     if not available():
         return
-    from .taps import linear_taps
+    from types import SimpleNamespace
 
-    taps = linear_taps(2, 3)
+    # the float32 taps of 2 cells shown at 3 pixels, as `taps.linear_taps` gives them (numpy here:
+    # this module knows nothing of torch)
+    taps = SimpleNamespace(index0=np.array([0, 0, 1]), index1=np.array([1, 1, 1]),
+                           weight0=np.array([1, 0.5, 1], np.float32), weight1=np.array([0, 0.5, 0], np.float32))
     upsampled_argmax(np.zeros((1, 2, 2), np.float32), taps, taps, np.ones((3, 3), np.float32))
     neighbour_grams(np.zeros((2, 2, 4), np.float32))
     mixed_rows(np.zeros((2, 3), np.float32), np.zeros((1, 3), np.float32), np.zeros(3, np.int64),
