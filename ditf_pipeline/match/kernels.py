@@ -41,6 +41,14 @@ def available() -> bool:
     return numba is not None
 
 
+def _compiled(function, **options):
+    """`function` compiled by numba (cached on disk, without the GIL or bounds checks), or None
+    where numba is missing (callers check `available` first)."""
+    if numba is None:  # pragma: no cover - only where numba is absent
+        return None
+    return numba.njit(cache=True, nogil=True, boundscheck=False, **options)(function)
+
+
 def _upsampled_argmax(dots, row0, row1, a0, a1, col0, col1, b0, b1, inverse_norm, out):  # pragma: no cover - compiled
     """For each keypoint k: the flat index of the first maximum of upsample(dots[k]) * inverse_norm."""
     keypoints, cells_h, _ = dots.shape
@@ -78,10 +86,7 @@ def _upsampled_argmax(dots, row0, row1, a0, a1, col0, col1, b0, b1, inverse_norm
     return out
 
 
-if numba is not None:
-    _kernel = numba.njit(cache=True, nogil=True, boundscheck=False)(_upsampled_argmax)
-else:  # pragma: no cover
-    _kernel = None
+_kernel = _compiled(_upsampled_argmax)
 
 
 def upsampled_argmax(dots: np.ndarray, rows, cols, inverse_norm: np.ndarray) -> np.ndarray:
@@ -134,12 +139,9 @@ def _neighbour_grams(grid, self_dot, right, down, diagonal, anti_diagonal):  # p
                     anti_diagonal[i, j] = total
 
 
-if numba is not None:
-    # reassociation lets the sums run in vector lanes (partial sums, then added): the order of
-    # the float64 sum changes, not its accuracy
-    _grams_kernel = numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc"})(_neighbour_grams)
-else:  # pragma: no cover
-    _grams_kernel = None
+# reassociation lets the sums run in vector lanes (partial sums, then added): the order of
+# the float64 sum changes, not its accuracy
+_grams_kernel = _compiled(_neighbour_grams, fastmath={"reassoc"})
 
 
 def neighbour_grams(grid: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -164,10 +166,7 @@ def _bilinear_rows(cells, a0, a1, b0, b1, out):  # pragma: no cover - compiled
     return out
 
 
-if numba is not None:
-    _rows_kernel = numba.njit(cache=True, nogil=True, boundscheck=False)(_bilinear_rows)
-else:  # pragma: no cover
-    _rows_kernel = None
+_rows_kernel = _compiled(_bilinear_rows)
 
 
 def bilinear_rows(cells: np.ndarray, a0: np.ndarray, a1: np.ndarray, b0: np.ndarray, b1: np.ndarray) -> np.ndarray:
@@ -190,10 +189,7 @@ def _mixed_rows(row_quad, cross, rows, a0, a1, out):  # pragma: no cover - compi
     return out
 
 
-if numba is not None:
-    _mix_kernel = numba.njit(cache=True, nogil=True, boundscheck=False)(_mixed_rows)
-else:  # pragma: no cover
-    _mix_kernel = None
+_mix_kernel = _compiled(_mixed_rows)
 
 
 def mixed_rows(row_quad: np.ndarray, cross: np.ndarray, rows: np.ndarray, a0: np.ndarray, a1: np.ndarray) -> np.ndarray:
