@@ -68,8 +68,6 @@ class TargetBlocks:
     empty: np.ndarray  # (h, w) bool
     cell_norms: np.ndarray  # (h, w) float64 |g_ij| (for the float32 error bound)
     corners: np.ndarray  # (h * w, 4) int64 flat cells a block reads
-    block_pixels: np.ndarray  # (H * W,) int32 flat pixels, grouped by block in row-major block order
-    block_offsets: np.ndarray  # (h * w + 1,) int64 block b owns block_pixels[off[b]:off[b + 1]]
     # the pixels of block row i as a padded table (pads repeat the last row and weigh 0; row_ok
     # says which entries are real), and the same for block column j: a batch of blocks is then
     # sampled as one (blocks, rows, columns) array, whatever the blocks' sizes
@@ -142,7 +140,6 @@ def target_blocks(grid: torch.Tensor, size: tuple[int, int]) -> TargetBlocks:
     i1, j1 = np.minimum(cells_h + 1, h - 1), np.minimum(cells_w + 1, w - 1)
     corners = np.stack([np.add.outer(cells_h * w, cells_w), np.add.outer(cells_h * w, j1),
                         np.add.outer(i1 * w, cells_w), np.add.outer(i1 * w, j1)], axis=-1).reshape(h * w, 4)
-    owner = np.add.outer(row0 * w, col0).ravel()
     # an upper bound of |g_ij| for the float32 error bound (a float32 norm is within 1e-6 of it)
     cell_norms = torch.linalg.vector_norm(grid, dim=-1).double().numpy() * (1 + 1e-6)
     row1, col1 = rows.index1.numpy(), cols.index1.numpy()
@@ -157,8 +154,6 @@ def target_blocks(grid: torch.Tensor, size: tuple[int, int]) -> TargetBlocks:
         y_start=y_start, y_end=y_end, x_start=x_start, x_end=x_end,
         cell_row1=np.minimum(cells_h + 1, h - 1), cell_col1=np.minimum(cells_w + 1, w - 1),
         min_norm=lo, max_norm=hi, empty=~np.isfinite(lo), cell_norms=cell_norms, corners=corners,
-        block_pixels=np.argsort(owner, kind="stable").astype(np.int32),
-        block_offsets=np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=h * w))]),
     )
 
 
@@ -201,11 +196,6 @@ def sample(dots: np.ndarray, blocks: TargetBlocks, pixels: np.ndarray) -> tuple[
     scores = (blocks.a0[y] * top + blocks.a1[y] * bottom) / blocks.norms.ravel()[pixels]
     best = scores.max()
     return float(best), int(pixels[scores == best].min())
-
-
-def _pixels_of(blocks: TargetBlocks, chosen: np.ndarray) -> np.ndarray:
-    offsets = blocks.block_offsets
-    return np.concatenate([blocks.block_pixels[offsets[b]:offsets[b + 1]] for b in chosen])
 
 
 def sample_blocks(corner_dots: np.ndarray, blocks: TargetBlocks, chosen: np.ndarray) -> np.ndarray:
