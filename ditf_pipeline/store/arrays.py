@@ -18,18 +18,10 @@ from zarr.core.sync import sync
 from ..core.errors import DitfError
 from . import legacy
 from .failures import reason, writes
+from .file_rows import FileRows, chunk_exists
 from .schema import FEATURE_DTYPES, MODULATION_DTYPE, file_key, jsonable, writable
 
 __all__ = ["FeatureArrays", "PredictionArrays", "chunk_exists"]
-
-
-def chunk_exists(array: zarr.Array, row: int) -> bool:
-    """Whether the file holding `row` (its chunk, or its shard) was written (a missing one would
-    read as fill values). A schema-1 array may skip chunks equal to the fill value: there a
-    missing chunk is taken as written."""
-    if not legacy.writes_every_chunk(array):
-        return True
-    return bool(sync(array.store_path.store.exists(file_key(array, row))))
 
 
 @dataclass
@@ -39,6 +31,11 @@ class FeatureArrays:
     group: zarr.Group
     path: str
     image_key: Callable[[int], str] | None = field(default=None, repr=False)
+    #: opened arrays and recently read shards of the small arrays, for `read_image`
+    _rows: FileRows = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._rows = FileRows(self.group)
 
     @property
     def n_images(self) -> int:
@@ -80,6 +77,7 @@ class FeatureArrays:
 
     def grow(self, n_images: int) -> None:
         """More rows; `complete` last, so its length never exceeds any other array's."""
+        self._rows.clear()
         for name in ["pre_adaln", "grid", *self.modulation_names, "complete"]:
             array = self.group[name]
             if array.shape[0] != n_images:
@@ -99,6 +97,7 @@ class FeatureArrays:
         capacity = self.group["pre_adaln"].shape[1:3]
         if rows > capacity[0] or cols > capacity[1]:
             raise DitfError(f"feature grid {rows}x{cols} exceeds the store's {capacity[0]}x{capacity[1]} for {self.path}")
+        self._rows.clear()  # a rewritten row must not be read from a shard cached before
         padded = np.zeros(self.group["pre_adaln"].shape[1:], dtype=np.float16)
         padded[:rows, :cols] = pre_adaln
         writable(self.group["pre_adaln"])[row] = padded
@@ -109,6 +108,7 @@ class FeatureArrays:
 
     def clear_complete(self, rows: Iterable[int]) -> None:
         """Un-commit images (the doctor's repair of a damaged image): the next extract redoes them."""
+        self._rows.clear()
         complete = writable(self.group["complete"])
         for row in rows:
             complete[int(row)] = False
@@ -163,7 +163,7 @@ class FeatureArrays:
     def _read_row(self, name: str, row: int, selection: tuple = ()) -> np.ndarray:
         """One image's slice of one array; a missing or damaged chunk is an error naming both."""
         try:
-            array = self.group[name]
+            array = self._rows.array(name)
             if not chunk_exists(array, row):
                 raise DitfError(f"store: {self.path}: the {name} chunk of committed image {self.name_of(row)} is missing; "
                                 "run `ditf doctor --repair`, then rerun `ditf extract`")
@@ -174,11 +174,19 @@ class FeatureArrays:
             raise DitfError(f"store: {self.path}: the {name} chunk of image {self.name_of(row)} is damaged ({reason(exc)}); "
                             "run `ditf doctor --repair`, then rerun `ditf extract`") from exc
 
+    def _small_row(self, name: str, row: int, written: Callable[[np.ndarray], bool]) -> np.ndarray:
+        """Row `row` of a small per-image array from its shard read whole (`FileRows`); a row
+        that is not `written` there (a fill value), or a shard that cannot be read whole, is read
+        alone, as ever, with its own error."""
+        value = self._rows.row(name, row)
+        return value if value is not None and written(value) else self._read_row(name, row)
+
     def read_image(self, row: int, vectors: Iterable[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(pre_adaln of the valid grid, float16 (rows, cols, D); modulation name -> (D,)).
 
         `vectors` names the AdaLN vectors to read (default: all stored); a variant needs at most
-        two, and each is a read of its own.
+        two. The commit flag, grid and vectors come from their shards, each read once for the
+        images that share it (`FileRows`); the features are one chunk per image.
 
         Raises
         ------
@@ -186,20 +194,23 @@ class FeatureArrays:
             When the image is not committed, or one of its chunks is missing or damaged.
         """
         try:
-            committed = bool(self.group["complete"][row])
+            committed = bool(self._small_row("complete", row, bool))
+        except DitfError:
+            raise
         except Exception as exc:
             raise DitfError(f"store: {self.path}: array complete is damaged ({reason(exc)}): run `ditf doctor --repair`") from exc
         if not committed:
             raise DitfError(f"image {self.name_of(row)} of {self.path} is not extracted yet: run `ditf extract`")
-        rows, cols = (int(v) for v in self._read_row("grid", row))
-        capacity = self.group["pre_adaln"].shape[1:3]
+        rows, cols = (int(v) for v in self._small_row("grid", row, lambda grid: bool(np.all(grid > 0))))
+        features = self._rows.array("pre_adaln")
+        capacity = features.shape[1:3]
         if not (0 < rows <= capacity[0] and 0 < cols <= capacity[1]):
             raise DitfError(f"store: {self.path}: the grid of image {self.name_of(row)} is damaged ({rows}x{cols}); "
                             "run `ditf doctor --repair`")
         pre_adaln = self._read_row("pre_adaln", row, (slice(0, rows), slice(0, cols)))
         wanted = None if vectors is None else set(vectors)
         names = [n for n in self.modulation_names if wanted is None or n in wanted]
-        modulation = {name: self._read_row(name, row) for name in names}
+        modulation = {name: self._small_row(name, row, lambda vector: not np.isnan(vector).all()) for name in names}
         for name, vector in modulation.items():
             if np.isnan(vector).all():  # the NaN fill: this image's chunk is absent from its shard
                 raise DitfError(f"store: {self.path}: the {name} vector of committed image {self.name_of(row)} is missing; "
