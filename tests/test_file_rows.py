@@ -3,14 +3,12 @@ time (`store/file_rows.py`), and still sees what a per-row read sees: rows commi
 rewritten rows."""
 
 import numpy as np
-import pytest
 import zarr
 
 from ditf_pipeline.store.feature_store import FeatureStore
 
-pytestmark = pytest.mark.fast
-
 N_IMAGES = 40  # two shards of 32 rows
+
 
 def _image(i: int, names) -> tuple[np.ndarray, dict]:
     rows, cols = 1 + i % 3, 1 + i % 2
