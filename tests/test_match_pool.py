@@ -2,9 +2,9 @@
 when a worker fails or dies, no orphan when the parent dies, no re-run of the calling script.
 (The same bits as one job, and a worker's error as one job's: `test_match_parallel.py`.)
 
-The CLI tests (a worker killed, `ditf` killed, Ctrl-C) freeze the worker process with SIGSTOP
-as soon as it exists, so nothing depends on timing: its block cannot come back until the test
-decides what happens next.
+The CLI tests (a worker killed, `ditf` killed, Ctrl-C) have the worker process stop itself
+(SIGSTOP) when its first block arrives (`pool.PAUSE_ENV`), so nothing depends on timing: its
+block cannot come back until the test decides what happens next.
 """
 
 from __future__ import annotations
@@ -69,9 +69,11 @@ COMMON = ["--model", "tiny-flux", "--dataset", "spair", "--k", "1", "--t", "260"
 MATCH = ["match", *COMMON, "--variant", "adaln+cd", "--device", "cpu", "--quiet"]
 
 
-def _ditf(args) -> subprocess.Popen:
-    """`ditf ARGS` in its own process group (as a shell runs a command: a Ctrl-C reaches that group)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DITF_MATCH_BLOCK": "1", "DITF_MATCH_POOL_MIN_PAIRS": "1"}
+def _ditf(args, pause: bool = False) -> subprocess.Popen:
+    """`ditf ARGS` in its own process group (as a shell runs a command: a Ctrl-C reaches that group);
+    with `pause`, its worker process stops itself when its first block arrives (`pool.PAUSE_ENV`)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DITF_MATCH_BLOCK": "1", "DITF_MATCH_POOL_MIN_PAIRS": "1",
+           **({pool.PAUSE_ENV: "1"} if pause else {})}
     return subprocess.Popen([sys.executable, "-m", "ditf_cli.main", *map(str, args)], env=env, process_group=0,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -94,20 +96,24 @@ def _ends(pid: int) -> bool:
 
 
 def _stopped_worker(parent: subprocess.Popen) -> int:
-    """The match worker process of `parent`, frozen with SIGSTOP as soon as it exists."""
+    """The match worker process of `parent`, once it has stopped itself with its first block in
+    flight (`pool.PAUSE_ENV`: it cannot finish that block until the test decides what happens)."""
+    worker = None
     for _ in range(6000):
-        for task in Path(f"/proc/{parent.pid}/task").glob("*"):
-            for child in (task / "children").read_text().split() if (task / "children").exists() else []:
-                try:
-                    cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if b"from ditf_pipeline.match.pool import" in cmdline:
-                    os.kill(int(child), signal.SIGSTOP)
-                    return int(child)
+        if worker is None:
+            for task in Path(f"/proc/{parent.pid}/task").glob("*"):
+                for child in (task / "children").read_text().split() if (task / "children").exists() else []:
+                    try:
+                        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                    except OSError:
+                        continue
+                    if b"from ditf_pipeline.match.pool import" in cmdline:
+                        worker = int(child)
+        if worker is not None and _state(worker) == "T":
+            return worker
         assert parent.poll() is None, parent.communicate()
         time.sleep(0.01)
-    raise AssertionError("no worker process appeared")
+    raise AssertionError("no worker process stopped with a block")
 
 
 def _done_blocks(store: Path) -> int:
@@ -153,7 +159,7 @@ def _match_with_a_frozen_worker(extracted, name: str) -> tuple[Path, subprocess.
     tmp, root, store, _ = extracted
     work = tmp / f"{name}.zarr"
     shutil.copytree(store, work)
-    parent = _ditf([*MATCH, "--data-root", root, "--store", work, "--jobs", "2"])
+    parent = _ditf([*MATCH, "--data-root", root, "--store", work, "--jobs", "2"], pause=True)
     worker = _stopped_worker(parent)
     _wait_for_written_blocks(work, parent)
     return work, parent, worker
@@ -233,3 +239,55 @@ def test_ctrl_c_is_one_line_and_stops_the_workers(extracted):
     rerun = _ditf([*MATCH, "--data-root", root, "--store", work, "--jobs", "2"])
     assert rerun.wait(timeout=600) == 0, rerun.communicate()
     assert differences(snapshot(work), reference) == []
+
+
+# ---- workers that boot late --------------------------------------------------------------------------------
+def test_a_worker_still_booting_holds_up_nothing(tmp_path, monkeypatch):
+    """Worker 0 (this process's thread) starts at once; a worker process gets work only once it
+    has booted, so one that never finishes booting leaves every block to the others (before,
+    the parent handed it work and blocks up front and waited for them: this test hung)."""
+    (tmp_path / "slow_boot.py").write_text("import time\n\ndef hang():\n    time.sleep(3600)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    workers = pool.WorkerPool(2, preload=("slow_boot:hang",))
+    process = workers._processes[0][1]
+    blocks = [(i, [i]) for i in range(6)]
+    results = dict(workers.run(blocks, lambda: (lambda block: [10 * p for p in block])))
+    assert results == {i: [10 * i] for i in range(6)}
+    assert process.poll() is not None  # killed while still booting: it was never sent work
+
+
+def test_match_starts_its_worker_processes_before_reading_the_dataset(tmp_path, monkeypatch):
+    from ditf_pipeline.pipeline import commands
+
+    started = []
+    monkeypatch.setattr(pool.WorkerPool, "__init__", lambda self, jobs, preload=(): started.append((jobs, preload)))
+    monkeypatch.setattr(pool.WorkerPool, "close", lambda self: None)
+
+    def dataset(*args):
+        assert started, "the dataset was read before the worker processes were started"
+        raise DitfError("stop here")
+
+    monkeypatch.setattr(commands, "_dataset", dataset)
+    with pytest.raises(DitfError, match="stop here"):
+        commands.run_match(model="tiny-flux", dataset="spair", data_root=tmp_path, jobs=2, device="cpu")
+    assert started and started[0][0] == 2 and "ditf_pipeline.match.kernels:warm_up" in started[0][1]
+
+
+@pytest.mark.parametrize("settings", [dict(jobs=1), dict(jobs=2, fuse="dinov2"), dict(jobs=2, device="cuda")])
+def test_no_early_workers_for_a_run_that_cannot_use_them(settings):
+    from ditf_pipeline.core.settings import MatchSettings
+    from ditf_pipeline.match.early import early_pool
+
+    assert early_pool(MatchSettings(**settings)) is None
+
+
+def test_early_workers_of_a_small_run_are_stopped_at_once():
+    from ditf_pipeline.core.settings import MatchSettings
+    from ditf_pipeline.match.early import early_pool
+    from ditf_pipeline.match.predict import POOL_MIN_PAIRS, early_executor
+
+    settings = MatchSettings(jobs=2, device="cpu")
+    workers = early_pool(settings)
+    process = workers._processes[0][1]
+    assert early_executor(settings, POOL_MIN_PAIRS - 1, workers) is None
+    assert process.poll() is not None  # killed while booting: too few pairs to repay it

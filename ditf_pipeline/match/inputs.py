@@ -7,7 +7,6 @@ of them needs the feature cache, the matchers' drivers or the executors.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,14 +22,7 @@ from ..validate import unknown
 from .device import resolve_match_device
 from .features import MASSIVE_RATIO, ChannelMeans, check_variant_applies, variant_names
 from .matchers import make_matcher
-
-
-def default_jobs() -> int:
-    """The cores this process may run on (``--jobs`` default)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+from .pool import default_jobs
 
 
 def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list[int]:

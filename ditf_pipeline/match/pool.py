@@ -21,8 +21,10 @@ line), and nothing is left behind to clean up.
 
 Worker 0 is a thread of the calling process (ready at once, with everything imported; the
 calling process only waits and writes otherwise), workers 1.. are fresh interpreters
-(`python -c`, each takes about a second to import torch) that receive the work over their
-pipe. Not multiprocessing's "fork": the parent's threads (zarr's event loop) must not be
+(`python -c`, each takes ~2.5 s of a core to import torch and ditf and load the compiled
+kernels) started before the caller's own start-up (`early.py`); each says when it has booted
+and only then receives the work and its first block over its pipe, so worker 0 never waits
+for a worker still booting, and a run too short to use one never does. Not multiprocessing's "fork": the parent's threads (zarr's event loop) must not be
 forked. Not its "spawn" either: spawn re-imports the caller's main script in every worker, so
 a script without an ``if __name__ == "__main__":`` guard would run its own top level again
 there (an `--overwrite` included) before failing. These workers import only ditf, so a
@@ -38,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -48,6 +51,14 @@ from multiprocessing.connection import Connection, wait
 from ..core.errors import DitfError
 
 BlockRunner = Callable[[Sequence], list]
+
+
+def default_jobs() -> int:
+    """The cores this process may run on (``--jobs`` default)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 class Spans:
@@ -80,8 +91,9 @@ _BOOTSTRAP = ("import signal, sys\n"
               "    sys.path[:], preload = conn.recv()\n"
               "except (EOFError, OSError):\n"
               "    sys.exit(0)  # the parent is gone already\n"
-              "from ditf_pipeline.match.pool import _preload, _worker\n"
+              "from ditf_pipeline.match.pool import _preload, _ready, _worker\n"
               "_preload(preload)\n"
+              "_ready(conn)\n"
               "_worker(conn)\n")
 
 Work = tuple[Callable[[], BlockRunner], Sequence[tuple[int, Sequence]]]
@@ -103,16 +115,31 @@ def _preload(names: Sequence[str]) -> None:
             return
 
 
+#: for the tests of a worker killed or interrupted with a block in flight: set, worker 0 starts
+#: only once every worker process has its first block, and a worker process stops itself
+#: (SIGSTOP) when that block arrives, so the test acts on it without racing
+PAUSE_ENV = "DITF_MATCH_WORKER_PAUSE"
+
+
+def _ready(conn: Connection) -> None:
+    """Tell the parent this worker has booted: it sends the work only then, so that it never
+    waits on a pipe that a booting worker does not read yet (`_serve`)."""
+    with contextlib.suppress(OSError):
+        conn.send(("ready", None, None))
+
+
 def _worker(conn: Connection, work: Work | None = None) -> None:
     """A worker: receive the work (a process) or take it (the thread), then match the blocks
     whose indices arrive until None, or until the parent is gone (EOF on the pipe, or a broken
     pipe when sending)."""
+    in_process = work is None  # a worker process (its work comes over the pipe), not worker 0
     try:
         if work is None:
             try:
                 work = conn.recv()
             except (EOFError, OSError):
                 return
+        pause = in_process and bool(os.environ.get(PAUSE_ENV))
         make_runner, blocks = work
         run_block = make_runner()
         while True:
@@ -122,6 +149,9 @@ def _worker(conn: Connection, work: Work | None = None) -> None:
                 return
             if index is None:
                 return
+            if pause:
+                pause = False
+                os.kill(os.getpid(), signal.SIGSTOP)
             start, block = blocks[index]
             result = run_block(block)
             try:
@@ -240,13 +270,16 @@ class WorkerPool:
             thread_started = True
             conns = [parent_end, *(conn for conn, _ in self._processes[: jobs - 1])]
             workers = [thread, *(process for _, process in self._processes[: jobs - 1])]
-            for i in range(1, jobs):
+
+            def send_work(i: int) -> None:
+                """Worker i (a process) has booted: its work now, its first block next."""
                 try:
                     self._working.add(workers[i].pid)
                     conns[i].send(work)
                 except OSError:
                     raise DitfError(_stopped(i, workers[i])) from None
-            yield from _serve(conns, workers, len(blocks))
+
+            yield from _serve(conns, workers, len(blocks), send_work)
         finally:
             parent_end.close()  # worker 0 (a daemon thread) sees it after its block in flight and ends
             if not thread_started:
@@ -254,15 +287,22 @@ class WorkerPool:
             self.close()
 
 
-def _serve(conns: list[Connection], workers: list, n_blocks: int) -> Iterator[tuple[int, list]]:
+def _serve(conns: list[Connection], workers: list, n_blocks: int,
+           send_work: Callable[[int], None]) -> Iterator[tuple[int, list]]:
     """Hand out block indices one at a time per worker and yield the results as they come.
 
     One at a time, so that at the end every block not yet started can still go to whichever
-    worker is free (the next index goes out as soon as a result arrives).
+    worker is free (the next index goes out as soon as a result arrives). Worker 0 (this
+    process's thread) starts at once; a worker process gets its work (`send_work`) and first
+    block when it says it has booted (`_ready`). Sending the work earlier made this process
+    wait on the pipe of a worker still importing torch (the work is ~1 MB of pairs, the pipe
+    holds 64 kB) while worker 0 waited for its first block: 1.5-2 s of nothing on the 2-core VM.
+    A worker that has not booted when the blocks run out is never sent any.
     """
     spans = Spans(n_blocks, len(conns))
     owner = {conn: i for i, conn in enumerate(conns)}
     busy: set[Connection] = set()  # workers with a block in flight
+    booting = set(conns[1:])  # worker processes not ready yet
 
     def hand_out(i: int) -> None:
         """The worker's next block, or None once there is none (it then stops)."""
@@ -271,10 +311,11 @@ def _serve(conns: list[Connection], workers: list, n_blocks: int) -> Iterator[tu
         if index is not None:
             busy.add(conns[i])
 
-    for i in range(len(conns)):
-        hand_out(i)
-    while busy:
-        for conn in wait(list(busy)):
+    hold_worker_0 = bool(os.environ.get(PAUSE_ENV)) and bool(booting)  # see PAUSE_ENV
+    if not hold_worker_0:
+        hand_out(0)
+    while busy or hold_worker_0:  # worker 0 is busy until no block is left to start (it steals the others')
+        for conn in wait([*busy, *booting]):
             i = owner[conn]
             try:
                 kind, start, payload = conn.recv()
@@ -284,6 +325,14 @@ def _serve(conns: list[Connection], workers: list, n_blocks: int) -> Iterator[tu
                 if start == "ditf":
                     raise DitfError(payload)
                 raise RuntimeError(f"match worker {i} failed:\n{payload}")
+            if kind == "ready":
+                booting.discard(conn)
+                send_work(i)
+                hand_out(i)
+                if hold_worker_0 and not booting:
+                    hold_worker_0 = False
+                    hand_out(0)
+                continue
             busy.discard(conn)
             hand_out(i)
             yield start, payload

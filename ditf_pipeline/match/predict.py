@@ -54,6 +54,7 @@ from ..core.settings import FEATURE_CACHE_BYTES, MatchSettings
 from .paper import PaperDiftMatcher, paper_feature, paper_matching
 from .executors import Executor, InThreadExecutor, WorkerPoolExecutor, run_blocks  # noqa: F401  (run_blocks: re-exported)
 from .plan import MatchPlan
+from .early import WORKER_PRELOAD
 from .pool import BlockRunner, WorkerPool
 from ..store.feature_store import FeatureArrays, FeatureStore, prediction_scope
 
@@ -67,7 +68,6 @@ POOL_MIN_PAIRS = int(os.environ.get("DITF_MATCH_POOL_MIN_PAIRS") or 512)
 
 
 #: what a worker process imports (and loads: numba's cached kernels) before its work arrives
-WORKER_PRELOAD = ("ditf_pipeline.match.predict", "ditf_pipeline.match.kernels:warm_up")
 
 #: rows of a feature map computed together by `FeatureCache` (8 x 40 x 3072 float32 = 3.9 MB)
 VARIANT_ROWS = 8
@@ -335,28 +335,24 @@ def local_executor(jobs: int, n_pairs: int) -> InThreadExecutor | WorkerPoolExec
     return InThreadExecutor()
 
 
-def early_executor(settings: MatchSettings, n_pairs: int) -> WorkerPoolExecutor | None:
-    """The worker pool of a CPU run with several jobs, started before the rest of the start-up.
+def early_executor(settings: MatchSettings, n_pairs: int, pool: WorkerPool | None) -> WorkerPoolExecutor | None:
+    """The executor of `pool` (started by `early.early_pool` before the start-up) when the run
+    will use it; else None, with the pool closed (its processes killed while still booting).
 
-    Why early: a worker is a fresh interpreter that takes ~3.5 s to import torch and ditf on the
-    2-core VM, while the whole match of an SPair-size store (3,000 pairs) takes ~9 s of one
-    core; started when matching begins, it would sit out a third of the run. Started before the
-    calling process checks its arguments, opens the store and reads the dataset, it boots
-    during that time. None when the run will not use the pool (one job, a device, ``--fuse``,
-    fewer than `POOL_MIN_PAIRS` pairs); the executor closes an unused pool as usual."""
-    if settings.fuse or n_pairs < POOL_MIN_PAIRS:
-        return None
-    jobs = 1 if settings.jobs is not None and int(settings.jobs) < 2 else int(settings.jobs or default_jobs())
-    if jobs < 2:
+    The checks `early_pool` could not make: at least `POOL_MIN_PAIRS` pairs, and a device that
+    is the CPU ("auto" may have found CUDA)."""
+    if pool is None:
         return None
     from .device import resolve_match_device
 
     try:
-        if resolve_match_device(settings.device).type != "cpu":
-            return None
+        on_cpu = resolve_match_device(settings.device).type == "cpu"
     except DitfError:
-        return None  # a bad --device is refused by the stage itself, with its own message
-    return local_executor(jobs, n_pairs)
+        on_cpu = False  # a bad --device is refused by the stage itself, with its own message
+    if not on_cpu or n_pairs < POOL_MIN_PAIRS:
+        pool.close()
+        return None
+    return WorkerPoolExecutor(pool, POOL_MIN_PAIRS)
 
 
 def predict(

@@ -252,14 +252,21 @@ def run_match(
     from ..core.settings import MatchSettings
 
     base = replace(settings or MatchSettings(), **fields)
-    data = _dataset(dataset, data_root, split)
     with contextlib.ExitStack() as stack:
+        pool = None
+        if not (workers or scheduler):
+            from ..match.early import early_pool
+
+            # worker processes boot while the rest of the start-up runs (`match/early.py`)
+            pool = early_pool(base)
+            if pool is not None:
+                stack.enter_context(pool)
+        data = _dataset(dataset, data_root, split)
         early = None
-        if data.task == "pairs" and not (workers or scheduler):
+        if pool is not None:
             from ..match.predict import early_executor
 
-            # worker processes boot while the rest of the start-up runs (`early_executor`)
-            early = early_executor(base, len(data.pairs()))
+            early = early_executor(base, len(data.pairs()) if data.task == "pairs" else 0, pool)
             if early is not None:
                 stack.enter_context(early)
         return _run_match(base, data, model, store, k, t, variants, overwrite, progress, workers, scheduler,
