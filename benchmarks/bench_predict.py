@@ -27,7 +27,7 @@ variant comes first: numba compiles the CPU kernels on a first run (~2 s) and lo
 disk cache after, wall clock for each --jobs, and the peak RSS of
 the largest process (one worker). Reads, checksums, channel detection and variants count.
 
-    python benchmarks/bench_predict.py --process [--scale 0.25] [--jobs 1,2] [--variants raw,adaln+cd] [--json PATH]
+    python benchmarks/bench_predict.py --process [--scale 0.25] [--jobs 1,2] [--variants raw,adaln+cd] [--repeat 3] [--json PATH]
 
 `--ceiling` also runs, per variant, two independent one-job processes at the same time, each on
 one contiguous half of the pairs: the best a 2-job run could do on this machine (nothing
@@ -240,14 +240,23 @@ def process_mode(args, data: SyntheticPairs, store: Path, root: Path) -> dict:
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         for jobs in [int(j) for j in args.jobs.split(",")]:
             for name, code in codes:
-                with FeatureStore(store) as opened:  # every run detects (and stores) the channels itself
-                    opened.open_features(data.name, "flux", 28, 260).group.attrs.pop("massive_channels", None)
                 command = [*ditf, "match", "-m", "flux", "-d", "spair", "--data-root", str(root), "-s", str(store),
                            "--k", "28", "--t", "260", "-v", variant, "--jobs", str(jobs), "--device", "cpu", "-q"]
+
+                def full_run() -> dict:
+                    with FeatureStore(store) as opened:  # every run detects (and stores) the channels itself
+                        opened.open_features(data.name, "flux", 28, 260).group.attrs.pop("massive_channels", None)
+                    return run_process([*command, "--overwrite"], code)
+
                 if (name, variant) not in warmed:  # numba compiles the CPU kernels once, then loads them from its disk cache
-                    run_process([*command, "--overwrite"], code)
+                    full_run()
                     warmed.add((name, variant))
-                full = run_process([*command, "--overwrite"], code)
+                # the median of --repeat runs (CPU and wall each): one run on this VM varies by ~10 %
+                fulls = [full_run() for _ in range(args.repeat)]
+                full = {"cpu_s": float(np.median([r["cpu_s"] for r in fulls])),
+                        "wall_s": float(np.median([r["wall_s"] for r in fulls])),
+                        "peak_rss_mib": max(r["peak_rss_mib"] for r in fulls),
+                        "wall_s_runs": [r["wall_s"] for r in fulls], "cpu_s_runs": [r["cpu_s"] for r in fulls]}
                 # everything is done: start-up, parsing and checks only; the median of three, as one
                 # start-up varies by ~0.5 s on this VM (0.15 ms per pair at this scale)
                 startups = sorted((run_process(command, code) for _ in range(3)), key=lambda r: r["cpu_s"])
@@ -291,6 +300,7 @@ def main() -> None:
     parser.add_argument("--ceiling", action="store_true", help="also two independent 1-job halves at once")
     parser.add_argument("--process", action="store_true", help="the whole `ditf match` process (see above)")
     parser.add_argument("--module", action="store_true", help="--process: run `python -m ditf_cli.main`, not `ditf`")
+    parser.add_argument("--repeat", type=int, default=1, help="--process: timed runs per (variant, jobs, code), the median kept")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="--process: also run the ditf_pipeline package of this folder (an older checkout), side by side")
     parser.add_argument("--one", nargs=3, metavar=("STORE", "VARIANT", "JOBS"), help=argparse.SUPPRESS)
@@ -311,7 +321,7 @@ def main() -> None:
         print(f"store: {len(data.images)} images, {len(data.pairs())} pairs ({time.perf_counter() - start:.0f} s to build)")
         if args.process:
             result = {"machine": args.machine, "date": datetime.date.today().isoformat(), "scale": args.scale,
-                      "images": len(data.images), "pairs": len(data.pairs()), "protocol": "dift",
+                      "images": len(data.images), "pairs": len(data.pairs()), "protocol": "dift", "repeat": args.repeat,
                       "load_average_at_start": list(os.getloadavg()),
                       **process_mode(args, data, store, Path(tmp) / "SPair-71k"),
                       "load_average_at_end": list(os.getloadavg())}
