@@ -14,6 +14,13 @@ from .app import app, handle_sigterm
 
 
 def main() -> None:
+    """The `ditf` command: `run` it, then end the process at once (`_exit_now`)."""
+    _exit_now(run())
+
+
+def run() -> object:
+    """The command in ``sys.argv`` from start to end, every write included; its exit code (an
+    int, None for 0, or a message), as ``SystemExit`` carries it."""
     from ditf_pipeline.pipeline.process import command_process
 
     handle_sigterm()  # SIGTERM (SLURM's time limit) ends like Ctrl-C: resume hint, exit 143
@@ -21,7 +28,8 @@ def main() -> None:
         with command_process():  # memory arenas; the last writer of a store consolidates its metadata
             app()
     except SystemExit as done:  # typer ends every command this way, failed or not
-        _exit_now(done.code)
+        return done.code
+    return 0
 
 
 def _exit_now(code: object) -> None:
@@ -30,11 +38,13 @@ def _exit_now(code: object) -> None:
     Why: tearing down torch, zarr, numba and ditf module by module costs ~1 s of CPU on the 2-core
     VM after every command (`python -c "import ditf_pipeline.match.predict"`: 2.5-3.0 s, the same
     ending in os._exit: 1.8-2.0 s), a fifth of a quick `ditf match`. Everything that must happen
-    at exit still does: the exit handlers (logging's flush, temporary folders, zarr's loop) run,
-    and both output streams are flushed, before ``os._exit``.
+    at exit still does: threads that are not daemons are joined, the exit handlers (logging's
+    flush, temporary folders, zarr's loop) run, and both output streams are flushed, before
+    ``os._exit``.
     """
     import atexit
     import os
+    import threading
 
     if code is None:
         status = 0
@@ -43,6 +53,11 @@ def _exit_now(code: object) -> None:
     else:  # sys.exit("message"): the message on stderr, status 1
         print(code, file=sys.stderr)
         status = 1
+    # what the interpreter's own exit does first, in its order: join the threads that are not
+    # daemons (and the thread pools that registered with threading), then the exit handlers
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -73,7 +73,7 @@ class Runner:
         def child() -> None:
             import ditf_pipeline.models as models
             import ditf_pipeline.match.predict as predict
-            from ditf_cli.main import main
+            from ditf_cli.main import run
             from ditf_pipeline.store import faults
 
             os.environ["DITF_KILL_MARKER"] = str(marker)
@@ -83,7 +83,9 @@ class Runner:
             sys.stdout = sys.stderr = open(self.tmp / "child.log", "a")
             try:
                 sys.argv = ["ditf", *map(str, args)]
-                main()  # the real entry point: its closing write (consolidated metadata) is a kill point too
+                # the real entry point but for its last step (os._exit, which would skip this `finally`):
+                # its closing write (consolidated metadata) is a kill point too
+                sys.exit(run())
             finally:
                 if trace:
                     trace.write_text(json.dumps(counter.trace))
