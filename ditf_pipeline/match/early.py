@@ -1,6 +1,6 @@
 """The worker processes of a CPU match, started before anything heavy is imported.
 
-Why: a worker is a fresh interpreter that takes ~3.5 s of a core to import torch, ditf and the
+Why: a worker is a fresh interpreter that takes ~2.5 s of a core to import torch, ditf and the
 compiled kernels on the 2-core VM, and the calling process itself spends ~3 s starting up
 (importing torch, parsing the dataset's pair files, opening the store) before its first pair.
 Started when matching begins, a worker would sit out a third of an SPair-size run (~9 s of one

@@ -22,7 +22,7 @@ from ..validate import unknown
 from .device import resolve_match_device
 from .features import MASSIVE_RATIO, ChannelMeans, check_variant_applies, variant_names
 from .matchers import make_matcher
-from .pool import default_jobs
+from .early import planned_jobs
 
 
 def resolve_channels(spec: str, arrays: FeatureArrays, sample: int = 32) -> list[int]:
@@ -112,5 +112,5 @@ def open_inputs(store: FeatureStore, dataset: Dataset, model: str, k: int, t: in
     check_variant_applies(settings.variant, bool(arrays.modulation_names))
     # one job on a GPU (the device is the parallel part) and with --fuse (its partner's cache is
     # opened in this process, not in the workers)
-    jobs = 1 if device.type != "cpu" or settings.fuse else max(1, int(settings.jobs or default_jobs()))
+    jobs = 1 if device.type != "cpu" or settings.fuse else planned_jobs(settings)
     return MatchInputs((dataset.name, model, k, t), arrays, rows, list(pairs), device, jobs, part)

@@ -24,8 +24,8 @@ calling process only waits and writes otherwise), workers 1.. are fresh interpre
 (`python -c`, each takes ~2.5 s of a core to import torch and ditf and load the compiled
 kernels) started before the caller's own start-up (`early.py`); each says when it has booted
 and only then receives the work and its first block over its pipe, so worker 0 never waits
-for a worker still booting, and a run too short to use one never does. Not multiprocessing's "fork": the parent's threads (zarr's event loop) must not be
-forked. Not its "spawn" either: spawn re-imports the caller's main script in every worker, so
+for a worker still booting, and a run too short to use one never does. Not multiprocessing's
+"fork": the parent's threads (zarr's event loop) must not be forked. Not its "spawn" either: spawn re-imports the caller's main script in every worker, so
 a script without an ``if __name__ == "__main__":`` guard would run its own top level again
 there (an `--overwrite` included) before failing. These workers import only ditf, so a
 script needs no such guard. Each runs in its own process group: a terminal's Ctrl-C reaches

@@ -46,7 +46,7 @@ from ..datasets.base import Dataset, Pair
 from ..core.errors import DitfError
 from .features import USES_CHANNELS, VECTORS_USED, ChannelMeans, compute_feature  # noqa: F401  (ChannelMeans: re-exported)
 from .fusion import PairFusion, parse_fuse
-from .inputs import MatchInputs, check_features, default_jobs, open_inputs, resolve_channels  # noqa: F401  (re-exported)
+from .inputs import MatchInputs, check_features, open_inputs, resolve_channels  # noqa: F401  (re-exported)
 from .cache import ByteLRU
 from .dift import split_pixels
 from .matchers import make_matcher
@@ -66,8 +66,6 @@ BLOCK = int(os.environ.get("DITF_MATCH_BLOCK") or 256)
 #: DITF_MATCH_POOL_MIN_PAIRS lowers it for tests
 POOL_MIN_PAIRS = int(os.environ.get("DITF_MATCH_POOL_MIN_PAIRS") or 512)
 
-
-#: what a worker process imports (and loads: numba's cached kernels) before its work arrives
 
 #: rows of a feature map computed together by `FeatureCache` (8 x 40 x 3072 float32 = 3.9 MB)
 VARIANT_ROWS = 8

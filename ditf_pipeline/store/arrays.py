@@ -202,8 +202,7 @@ class FeatureArrays:
         if not committed:
             raise DitfError(f"image {self.name_of(row)} of {self.path} is not extracted yet: run `ditf extract`")
         rows, cols = (int(v) for v in self._small_row("grid", row, lambda grid: bool(np.all(grid > 0))))
-        features = self._rows.array("pre_adaln")
-        capacity = features.shape[1:3]
+        capacity = self._rows.array("pre_adaln").shape[1:3]
         if not (0 < rows <= capacity[0] and 0 < cols <= capacity[1]):
             raise DitfError(f"store: {self.path}: the grid of image {self.name_of(row)} is damaged ({rows}x{cols}); "
                             "run `ditf doctor --repair`")
